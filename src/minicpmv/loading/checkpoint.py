@@ -1,0 +1,334 @@
+"""Find, check and load MiniCPM-V checkpoints (safetensors only, single file or sharded).
+
+``resolve_checkpoint`` maps a local directory or a Hugging Face repo id to a local directory
+(downloading only data files: json, safetensors, txt, tokenizer model, jinja; never ``.py`` or
+pickle ``.bin``). ``load_model`` builds the model on the meta device and materialises every
+parameter straight from the safetensors files in the requested dtype and device, so no second
+full copy of the weights is ever made. Loading is strict: every checkpoint tensor must fill a
+parameter, every parameter must be filled and shapes must agree, otherwise a typed error lists
+the offending keys. Python files shipped with a checkpoint are never imported. This module
+does not tokenize, build processors or run the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import (
+    CheckpointError,
+    ConfigError,
+    MissingWeightsError,
+    OfflineError,
+    ShapeMismatchError,
+    UnexpectedWeightsError,
+    UnsafeCheckpointError,
+)
+from ..modeling.vlm import MiniCPMV
+from ..versions import VersionSpec, detect_version, get_version
+
+log = logging.getLogger(__name__)
+
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_MAX_LISTED = 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Locating checkpoints and configs
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path_or_repo_id: str | Path, *, revision: str | None = None) -> Path:
+    """A local checkpoint directory for a directory path or a Hugging Face repo id."""
+    p = Path(path_or_repo_id).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"{p} is a file; pass the checkpoint directory that contains it")
+    text = str(path_or_repo_id)
+    if not _REPO_ID.match(text) or text.startswith((".", "~")) or "//" in text:
+        raise CheckpointError(f"{text!r} is neither an existing directory nor a Hugging Face repo id")
+    return _download(text, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError as e:  # pragma: no cover - declared dependency
+        raise CheckpointError(f"{repo_id!r} is not a local directory and huggingface_hub is missing") from e
+    try:
+        local = snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS)
+    except LocalEntryNotFoundError as e:
+        raise OfflineError(
+            f"cannot download {repo_id!r}: the Hugging Face Hub is unreachable or offline mode is on "
+            "(HF_HUB_OFFLINE) and the repo is not in the local cache; connect, or pass a local "
+            "checkpoint directory"
+        ) from e
+    except GatedRepoError as e:
+        raise CheckpointError(f"{repo_id!r} is gated: accept its licence on the Hub and log in") from e
+    except RevisionNotFoundError as e:
+        raise CheckpointError(f"revision {revision!r} of {repo_id!r} does not exist") from e
+    except RepositoryNotFoundError as e:
+        raise CheckpointError(f"Hugging Face repo {repo_id!r} not found (or private)") from e
+    except (OSError, ValueError) as e:
+        raise OfflineError(f"cannot download {repo_id!r}: {e}") from e
+    log.info("checkpoint %s resolved to %s", repo_id, local)
+    return Path(local)
+
+
+def read_config(path: str | Path, *, version: str | None = None) -> tuple[dict[str, Any], VersionSpec]:
+    """The raw config.json of a checkpoint directory and the release it belongs to (from its
+    ``version`` field, or forced with ``version=``, e.g. for a config that lacks the field)."""
+    cfg_path = Path(path) / "config.json"
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"no config.json in {Path(path)}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{cfg_path} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{cfg_path} must hold a JSON object")
+    return raw, (get_version(version) if version is not None else detect_version(raw))
+
+
+def model_config(path: str | Path, *, version: str | None = None) -> ModelConfig:
+    """The typed ModelConfig of a checkpoint directory (version-dependent parsing)."""
+    raw, spec = read_config(path, version=version)
+    return ModelConfig.from_hf_dict(raw, family=spec.llm_family, temporal=spec.temporal_resampler)
+
+
+# ---------------------------------------------------------------------------------------------
+# Meta-device models
+# ---------------------------------------------------------------------------------------------
+
+
+def build_on_meta(cfg: ModelConfig) -> MiniCPMV:
+    """The model with every parameter on the meta device (no memory allocated)."""
+    with torch.device("meta"):
+        return MiniCPMV(cfg)
+
+
+def count_parameters(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts per component (llm, vpm, resampler) and total, shared weights once."""
+    model = build_on_meta(cfg)
+    out = {
+        name: sum(p.numel() for p in getattr(model, name).parameters())
+        for name in ("llm", "vpm", "resampler")
+    }
+    out["total"] = sum(p.numel() for p in model.parameters())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight files
+# ---------------------------------------------------------------------------------------------
+
+
+def weight_files(path: Path) -> dict[str, Path]:
+    """Map every tensor key to the safetensors file that holds it (index, single file, or all
+    ``*.safetensors`` of the directory). Raises for pickle-only or weightless directories."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        return _from_index(index)
+    single = path / SINGLE_FILE
+    files = [single] if single.is_file() else sorted(path.glob("*.safetensors"))
+    if not files:
+        unsafe = sorted(f.name for f in path.iterdir() if f.suffix in _UNSAFE_SUFFIXES)
+        if unsafe:
+            raise UnsafeCheckpointError(
+                f"{path} holds only pickle weights ({', '.join(unsafe[:5])}); minicpmv loads "
+                "safetensors only, because unpickling can run arbitrary code. Convert the "
+                "checkpoint to safetensors (e.g. with safetensors.torch.save_file) first"
+            )
+        raise CheckpointError(f"no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors file in {path}")
+    keys: dict[str, Path] = {}
+    for f in files:
+        for k in _file_keys(f):
+            if k in keys:
+                raise CheckpointError(f"tensor {k!r} is stored in both {keys[k].name} and {f.name}")
+            keys[k] = f
+    return keys
+
+
+def _from_index(index: Path) -> dict[str, Path]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
+    shards = {name: index.parent / name for name in set(weight_map.values())}
+    missing = sorted(name for name, f in shards.items() if not f.is_file())
+    if missing:
+        raise CheckpointError(f"shard file(s) listed in {index.name} are missing: {', '.join(missing)}")
+    keys: dict[str, Path] = {}
+    for name, f in sorted(shards.items()):
+        stored = set(_file_keys(f))
+        listed = {k for k, v in weight_map.items() if v == name}
+        absent = sorted(listed - stored)
+        if absent:
+            raise CheckpointError(
+                f"{index.name} lists {len(absent)} tensor(s) in {name} that the file lacks: "
+                f"{_short(absent)}"
+            )
+        keys.update({k: f for k in listed})
+    return keys
+
+
+def _open(f: Path) -> Any:
+    try:
+        return safe_open(str(f), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read safetensors file {f}: {e} (truncated or corrupted?)") from e
+
+
+def _file_keys(f: Path) -> list[str]:
+    return list(_open(f).keys())
+
+
+def _short(keys: Iterable[str]) -> str:
+    keys = list(keys)
+    head = ", ".join(keys[:_MAX_LISTED])
+    return head + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _param_slots(model: nn.Module) -> dict[str, list[tuple[nn.Module, str, bool]]]:
+    """Canonical key -> every (module, attribute, is_param) that holds it (tied weights share)."""
+    slots: dict[str, list[tuple[nn.Module, str, bool]]] = {}
+    seen: dict[int, str] = {}
+    for mod_name, mod in model.named_modules():
+        items = [(n, t, True) for n, t in mod._parameters.items() if t is not None]
+        items += [
+            (n, t, False) for n, t in mod._buffers.items()
+            if t is not None and n not in mod._non_persistent_buffers_set
+        ]
+        for name, tensor, is_param in items:
+            key = f"{mod_name}.{name}" if mod_name else name
+            canon = seen.setdefault(id(tensor), key)
+            slots.setdefault(canon, []).append((mod, name, is_param))
+            if canon != key:
+                slots.setdefault(key, [])  # alias: may appear in the checkpoint, not required
+    return slots
+
+
+def _check_keys(slots: dict[str, list], aliases: set[str], stored: dict[str, Path]) -> None:
+    required = set(slots) - aliases
+    missing = sorted(required - set(stored))
+    unexpected = sorted(set(stored) - set(slots))
+    if missing:
+        extra = ""
+        if unexpected:
+            extra = f"; the checkpoint also has {len(unexpected)} unused tensor(s): {_short(unexpected)}"
+        raise MissingWeightsError(
+            f"{len(missing)} parameter(s) have no tensor in the checkpoint: {_short(missing)}{extra}"
+        )
+    if unexpected:
+        raise UnexpectedWeightsError(
+            f"the checkpoint holds {len(unexpected)} tensor(s) that no parameter uses: {_short(unexpected)}"
+        )
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    config: ModelConfig | None = None,
+) -> MiniCPMV:
+    """Build a MiniCPMV from a local checkpoint directory (safetensors only, strict)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    ignored = sorted(f.name for f in path.glob("*.py"))
+    if ignored:
+        log.info("ignoring Python files in %s (never imported): %s", path, ", ".join(ignored))
+    cfg = config if config is not None else model_config(path)
+    stored = weight_files(path)
+    model = build_on_meta(cfg)
+    slots = _param_slots(model)
+    aliases = {k for k, v in slots.items() if not v}
+    _check_keys(slots, aliases, stored)
+    _check_shapes(model, stored)
+    _materialise(slots, stored, dtype=dtype, device=torch.device(device))
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"tensors left unmaterialised after loading: {_short(leftover)}")
+    model.eval()
+    log.info("loaded %s (%d tensors) as %s on %s", path, len(stored), dtype, device)
+    return model
+
+
+def _check_shapes(model: nn.Module, stored: dict[str, Path]) -> None:
+    expected = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
+    by_file: dict[Path, list[str]] = {}
+    for k, f in stored.items():
+        by_file.setdefault(f, []).append(k)
+    for f, keys in by_file.items():
+        handle = _open(f)
+        for k in keys:
+            want = tuple(expected[k].shape)
+            got = tuple(handle.get_slice(k).get_shape())
+            if got != want:
+                raise ShapeMismatchError(
+                    f"tensor {k!r} in {f.name} has shape {list(got)} but the model expects {list(want)}"
+                )
+
+
+def _materialise(
+    slots: dict[str, list[tuple[nn.Module, str, bool]]],
+    stored: dict[str, Path],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    by_file: dict[Path, list[str]] = {}
+    for k, f in stored.items():
+        if slots.get(k):
+            by_file.setdefault(f, []).append(k)
+    for f, keys in by_file.items():
+        handle = _open(f)
+        for k in keys:
+            try:
+                t = handle.get_tensor(k)
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"cannot read tensor {k!r} from {f}: {e}") from e
+            target = dtype if t.is_floating_point() else t.dtype
+            t = t.to(device=device, dtype=target)
+            _assign(slots[k], t)
+
+
+def _assign(holders: list[tuple[nn.Module, str, bool]], t: torch.Tensor) -> None:
+    """Put ``t`` into every holder; tied parameters end up sharing one Parameter object."""
+    param: nn.Parameter | None = None
+    for mod, name, is_param in holders:
+        if is_param:
+            if param is None:
+                param = nn.Parameter(t, requires_grad=mod._parameters[name].requires_grad)
+            mod._parameters[name] = param
+        else:
+            mod._buffers[name] = t
