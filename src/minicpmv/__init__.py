@@ -1,0 +1,48 @@
+"""minicpmv: run MiniCPM-V checkpoints natively (no trust_remote_code).
+
+Public API: ``load(path_or_repo_id, dtype=..., device=...)`` returns a ``ChatModel`` with the
+official ``chat(msgs, ...)``; ``ChatSession`` keeps a conversation's history, encoded images and
+KV cache. Importing this package is cheap: torch and the model code load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    CheckpointError,
+    ContextLengthError,
+    ImageError,
+    InputError,
+    MiniCPMVError,
+    PlaceholderMismatchError,
+    UnknownVersionError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load", "ChatModel", "ChatSession", "MiniCPMVError", "InputError", "ImageError",
+    "CheckpointError", "ContextLengthError", "PlaceholderMismatchError", "UnknownVersionError",
+    "__version__",
+]
+
+if TYPE_CHECKING:
+    from .api import load
+    from .engine.chat import ChatModel
+    from .engine.session import ChatSession
+
+_LAZY = {
+    "load": ("minicpmv.api", "load"),
+    "ChatModel": ("minicpmv.engine.chat", "ChatModel"),
+    "ChatSession": ("minicpmv.engine.session", "ChatSession"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'minicpmv' has no attribute {name!r}")

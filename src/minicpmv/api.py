@@ -1,0 +1,78 @@
+"""Public entry points: ``load()`` a checkpoint into a ``ChatModel``.
+
+``load`` resolves a local directory or a Hugging Face repo id, reads the version from
+config.json, loads the safetensors weights strictly in the requested dtype/device and builds the
+processor from the checkpoint's tokenizer and preprocessor files. It never imports or executes
+code found in the checkpoint. Chatting itself lives in ``engine/chat.py`` and
+``engine/session.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, ProcessorConfig
+from .engine.chat import ChatModel
+from .errors import ConfigError, InputError
+from .loading.checkpoint import load_model, read_config, resolve_checkpoint
+from .processing.processor import Processor
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'bf16' / 'float32' / torch.float16 ... → torch.dtype (InputError for anything else)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise InputError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[key]
+
+
+def check_consistency(cfg: ModelConfig, pcfg: ProcessorConfig) -> None:
+    """The official chat() asserts these config/preprocessor pairs agree (spec §8.2 step 7)."""
+    pairs = {
+        "query_num / image_feature_size": (cfg.query_num, pcfg.image_feature_size),
+        "patch_size": (cfg.slice.patch_size, pcfg.slice.patch_size),
+        "use_image_id": (cfg.use_image_id, pcfg.use_image_id),
+        "slice_config.max_slice_nums / max_slice_nums": (cfg.slice.max_slice_nums, pcfg.slice.max_slice_nums),
+    }
+    bad = [f"{k}: config.json has {a!r}, preprocessor_config.json has {b!r}" for k, (a, b) in pairs.items() if a != b]
+    if bad:
+        raise ConfigError("inconsistent checkpoint configuration: " + "; ".join(bad))
+
+
+def load(
+    path_or_repo_id: str | Path,
+    *,
+    dtype: str | torch.dtype = "bfloat16",
+    device: str | torch.device = "cpu",
+    version: str | None = None,
+    revision: str | None = None,
+) -> ChatModel:
+    """Load an official MiniCPM-V checkpoint (local directory or hub repo id).
+
+    ``version`` forces a version from the table instead of the config's ``version`` field.
+    """
+    path = resolve_checkpoint(str(path_or_repo_id), revision=revision)
+    raw, spec = read_config(path, version=version)
+    torch_dtype = parse_dtype(dtype)
+    cfg = ModelConfig.from_hf_dict(raw, family=spec.llm_family, temporal=spec.temporal_resampler)
+    model = load_model(path, dtype=torch_dtype, device=torch.device(device), config=cfg)
+    model.eval()
+    processor = Processor.from_dir(path, spec, default_cfg=ProcessorConfig.from_model_config(cfg))
+    check_consistency(cfg, processor.cfg)
+    log.info("loaded MiniCPM-V %s from %s (%s, %s)", spec.name, path, torch_dtype, device)
+    return ChatModel(model, processor, spec, cfg, path=str(path))

@@ -1,0 +1,175 @@
+"""The ``minicpmv`` command line: chat, inspect, conformance.
+
+Thin: it parses arguments, calls the public API and prints. All behaviour lives in the library.
+Errors of the library (``MiniCPMVError``) become a one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import MiniCPMVError
+
+log = logging.getLogger("minicpmv")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", required=True, help="checkpoint directory or Hugging Face repo id")
+    p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16 (default bfloat16)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minicpmv", description="Run MiniCPM-V checkpoints natively.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    chat = sub.add_parser("chat", help="ask a question about images (streams the answer)")
+    _add_model_args(chat)
+    chat.add_argument("question", nargs="?", help="the question (omit with -i)")
+    chat.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    chat.add_argument("--system", default="", help="system prompt")
+    chat.add_argument("--think", action="store_true", help="enable thinking mode (4.5)")
+    chat.add_argument("-i", "--interactive", action="store_true", help="multi-turn session on the terminal")
+    chat.add_argument("--greedy", action="store_true", help="greedy decoding instead of the official sampling")
+    chat.add_argument("--beam", action="store_true", help="the official non-sampling mode (beam search, 3 beams)")
+    chat.add_argument("--max-new-tokens", type=int, default=512)
+    chat.add_argument("--max-slice-nums", type=int, default=None)
+    chat.add_argument("--temperature", type=float, default=None)
+    chat.add_argument("--top-p", type=float, default=None)
+    chat.add_argument("--top-k", type=int, default=None)
+    chat.add_argument("--seed", type=int, default=None)
+
+    ins = sub.add_parser("inspect", help="print version, parameter counts and memory estimate")
+    ins.add_argument("path", help="checkpoint directory (weights are not needed)")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+
+    conf = sub.add_parser("conformance", help="run golden-vector cases against the reference outputs")
+    conf.add_argument("cases", nargs="+", type=Path, help="case directories (or directories of cases)")
+    conf.add_argument("--checkpoint", type=Path, default=None, help="default: CASE_DIR/../_checkpoint")
+    return parser
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
+    if args.greedy:
+        kw.update(sampling=False, num_beams=1, repetition_penalty=1.0)
+    elif args.beam:
+        kw.update(sampling=False)
+    for name in ("temperature", "top_p", "top_k", "seed"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    return kw
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .api import load
+    from .engine.session import ChatSession
+    from .processing.image import load_image
+
+    if not args.interactive and not args.question:
+        raise MiniCPMVError("give a question, or -i for an interactive session")
+    images = [load_image(p) for p in args.image]
+    model = load(args.model, dtype=args.dtype, device=args.device)
+    session = ChatSession(
+        model, system_prompt=args.system, enable_thinking=args.think,
+        max_slice_nums=args.max_slice_nums, **_generation_kwargs(args),
+    )
+    first: list[Any] = [*images, args.question] if args.question else list(images)
+    if args.question:
+        _print_stream(session.ask(first, stream=True))
+        first = []
+    if args.interactive:
+        _interactive(session, first)
+    return 0
+
+
+def _print_stream(chunks: Any) -> None:
+    for chunk in chunks:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _interactive(session: Any, pending_images: list[Any]) -> None:
+    from .processing.image import load_image
+
+    sys.stderr.write("Interactive chat. ':image PATH' attaches an image, ':reset' clears, ':quit' exits.\n")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        if line in (":quit", ":q", ":exit"):
+            break
+        if line == ":reset":
+            session.reset()
+            continue
+        if line.startswith(":image "):
+            try:
+                pending_images.append(load_image(line[7:].strip()))
+            except MiniCPMVError as e:
+                sys.stderr.write(f"error: {e}\n")
+            continue
+        _print_stream(session.ask([*pending_images, line], stream=True))
+        pending_images = []
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .loading.inspect import inspect_checkpoint
+
+    info = inspect_checkpoint(Path(args.path))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"checkpoint   {info['path']}")
+    print(f"version      MiniCPM-V {info['version']} ({info['llm_family']} backbone)")
+    print(f"dtype        {info['dtype']}")
+    for name, n in info["parameters"].items():
+        print(f"params       {name:<10} {n:>15,d}")
+    for dtype, gib in info["memory_gib"].items():
+        print(f"memory       {dtype:<10} {gib:>12.2f} GiB (weights only)")
+    print(f"weights      {'present' if info['has_weights'] else 'absent (config only)'}")
+    return 0
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from .api import load
+    from .conformance import expand_case_dirs, run_cases
+
+    cases = expand_case_dirs(args.cases)
+    results = run_cases(
+        cases,
+        checkpoint=args.checkpoint,
+        loader=lambda p: load(p, dtype="float32"),
+        report=lambda r: print(r.line(), flush=True),
+    )
+    failed = [r for r in results if not r.ok]
+    n_cases = len({r.case for r in results})
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed ({n_cases} cases)")
+    return 0 if not failed and results else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"chat": cmd_chat, "inspect": cmd_inspect, "conformance": cmd_conformance}
+    try:
+        return handlers[args.command](args)
+    except MiniCPMVError as e:
+        print(f"minicpmv: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,268 @@
+"""Conformance harness: run golden-vector cases and compare every stage with the reference.
+
+A case directory holds ``inputs/`` (msgs.json, params.json, images) and ``expected/``
+(meta.json, tensors.safetensors, slices/*.png) in the format documented in
+``tests/data/conformance/README.md``. ``run_case`` loads the checkpoint in float32, feeds the
+inputs through our processor, vision tower, resampler, embedding merge and generator, and
+returns one ``StageResult`` per stage. This module is a tool on top of the public API; nothing
+in the library imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.numpy import load_file
+
+from .engine.chat import ChatModel, normalise_msgs
+from .engine.compat import official_generation_params
+from .engine.generate import generate_steps
+from .engine.kv_cache import KVCache
+from .errors import MiniCPMVError
+from .modeling.vision_siglip import pack_slices
+
+log = logging.getLogger(__name__)
+
+TOL_TENSOR = 1e-4  # vision, resampler, logits (fp32), see the vectors' README
+TOL_SUM = 1e-3  # column / row sums
+RTOL_PIXEL_STATS = 1e-9
+
+
+@dataclass
+class StageResult:
+    case: str
+    stage: str
+    ok: bool
+    max_err: float | None = None
+    tol: float | None = None
+    note: str = ""
+
+    def line(self) -> str:
+        status = "PASS" if self.ok else "FAIL"
+        err = "" if self.max_err is None else f" max_abs_err={self.max_err:.3g} (tol {self.tol:g})"
+        note = f"  {self.note}" if self.note else ""
+        return f"{status}  {self.case:<34} {self.stage:<14}{err}{note}"
+
+
+def _exact(case: str, stage: str, got: Any, want: Any) -> StageResult:
+    ok = got == want
+    note = "" if ok else f"expected {str(want)[:120]!r}, got {str(got)[:120]!r}"
+    return StageResult(case, stage, ok, note=note)
+
+
+def _close(case: str, stage: str, got: np.ndarray, want: np.ndarray, tol: float) -> StageResult:
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    if got.shape != want.shape:
+        return StageResult(case, stage, False, note=f"shape {got.shape} != expected {want.shape}")
+    err = float(np.max(np.abs(got - want))) if got.size else 0.0
+    return StageResult(case, stage, err <= tol, err, tol)
+
+
+def load_case_msgs(case_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """msgs.json with image items turned into PIL images; and params.json."""
+    params = json.loads((case_dir / "inputs" / "params.json").read_text())
+    raw = json.loads((case_dir / "inputs" / "msgs.json").read_text())
+
+    def conv(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for m in messages:
+            items: list[Any] = []
+            for it in m["content"]:
+                if it["type"] == "image":
+                    with Image.open(case_dir / it["file"]) as im:
+                        items.append(im.convert("RGB"))
+                else:
+                    items.append(it["text"])
+            out.append({"role": m["role"], "content": items})
+        return out
+
+    msgs = [conv(c) for c in raw] if params.get("batched") else conv(raw)
+    return msgs, params
+
+
+class CaseRunner:
+    """Runs all stages of one case against a loaded fp32 ChatModel."""
+
+    def __init__(self, chat_model: ChatModel, case_dir: Path) -> None:
+        self.cm = chat_model
+        self.dir = case_dir
+        self.name = f"{case_dir.parent.name}/{case_dir.name}"
+        self.meta = json.loads((case_dir / "expected" / "meta.json").read_text())
+        self.t = load_file(str(case_dir / "expected" / "tensors.safetensors"))
+        self.msgs, self.params = load_case_msgs(case_dir)
+        kw = dict(self.params.get("chat_kwargs") or {})
+        self.system_prompt = kw.pop("system_prompt", "")
+        self.enable_thinking = bool(kw.pop("enable_thinking", False))
+        self.proc_kwargs = dict(
+            system_prompt=self.system_prompt,
+            max_slice_nums=kw.pop("max_slice_nums", None),
+            use_image_id=kw.pop("use_image_id", None),
+            temporal_ids=kw.pop("temporal_ids", None),
+            enable_thinking=self.enable_thinking if self.cm.version.supports_thinking else None,
+        )
+        if kw:
+            raise MiniCPMVError(f"{self.name}: unknown chat_kwargs {sorted(kw)}")
+
+    def run(self) -> Iterator[StageResult]:
+        conversations, _ = normalise_msgs(self.msgs, None)
+        inputs = self.cm.processor(conversations, **self.proc_kwargs)
+        yield from self._prompt_stages(inputs)
+        yield from self._pixel_stages(inputs)
+        with torch.inference_mode():
+            features = self.cm.encode_features(inputs)
+            yield from self._vision_stages(inputs, features)
+            batch = self.cm.prepare_from(inputs, features)
+            yield _exact(self.name, "attention_mask", batch.attention_mask.tolist(),
+                         self.t["attention_mask"].tolist())
+            e = batch.inputs_embeds.double()
+            yield _close(self.name, "embeds", torch.stack([e.sum(-1), e.abs().sum(-1)]).numpy(),
+                         np.stack([self.t["embeds_rowsum"], self.t["embeds_rowabssum"]]), TOL_SUM)
+            yield from self._greedy_stages(batch)
+            if self.params.get("beam_kwargs"):
+                yield from self._beam_stage(batch)
+
+    def _prompt_stages(self, inputs: Any) -> Iterator[StageResult]:
+        m = self.meta
+        yield _exact(self.name, "template", inputs.prompts, m["chat_template_prompts"])
+        yield _exact(self.name, "expanded", inputs.expanded_prompts, m["expanded_prompts"])
+        ids = inputs.input_ids
+        want = [list(row) for row in m["input_ids"]]
+        got = [[0] * (len(w) - len(g)) + list(g) for g, w in zip(ids, want, strict=True)]
+        yield _exact(self.name, "input_ids", got, want)
+        pads = [len(w) - len(g) for g, w in zip(ids, want, strict=True)]
+        bounds = [[[s + p, e + p] for s, e in b] for b, p in zip(inputs.image_bounds, pads, strict=True)]
+        yield _exact(self.name, "image_bound", bounds, m["image_bound"])
+        yield _exact(self.name, "tgt_sizes", [[list(s) for s in ts] for ts in inputs.tgt_sizes], m["tgt_sizes"])
+        if m.get("temporal_ids_from_processor") is not None:
+            yield _exact(self.name, "temporal_ids", inputs.temporal_ids, m["temporal_ids_from_processor"])
+
+    def _pixel_stages(self, inputs: Any) -> Iterator[StageResult]:
+        slices = [s for conv in inputs.slices for s in conv]
+        bad = []
+        for k, (_, _, w, h) in enumerate(self.meta["slice_index"]):
+            with Image.open(self.dir / "expected" / "slices" / f"slice_{k:03d}.png") as im:
+                want = np.asarray(im.convert("RGB"))
+            got = np.asarray(slices[k]) if k < len(slices) else None
+            if got is None or got.shape != want.shape or not np.array_equal(got, want):
+                bad.append(k)
+        if len(slices) != len(self.meta["slice_index"]):
+            bad.append(f"count {len(slices)} != {len(self.meta['slice_index'])}")
+        yield StageResult(self.name, "slices", not bad, note=f"mismatching slices {bad}" if bad else "")
+        flat = [p for conv in inputs.pixel_values for p in conv]
+        if not flat:
+            return
+        stats = np.array([_pixel_stats(p) for p in flat])
+        want = self.t["pixel_values_stats"]
+        ok = stats.shape == want.shape and np.allclose(stats, want, rtol=RTOL_PIXEL_STATS, atol=0)
+        err = float(np.max(np.abs(stats - want))) if stats.shape == want.shape else None
+        yield StageResult(self.name, "pixel_values", ok, err, RTOL_PIXEL_STATS, note="(rtol)")
+
+    def _vision_stages(self, inputs: Any, features: list[torch.Tensor | None]) -> Iterator[StageResult]:
+        flat = [torch.from_numpy(p) for conv in inputs.pixel_values for p in conv]
+        if not flat:
+            return
+        sizes = torch.tensor([s for conv in inputs.tgt_sizes for s in conv], dtype=torch.long)
+        padded, mask = pack_slices(flat, sizes)  # [S, 3, P, Lmax*P], [S, 1, Lmax]
+        vpm = self.cm.model.vpm
+        vis = vpm(padded.to(self.cm.model.dtype), mask, sizes)  # [S, Lmax, Dv]
+        worst = 0.0
+        colsum = []
+        for s in range(len(flat)):
+            rows = torch.from_numpy(self.t[f"vpm_rows_{s:03d}"])
+            got = vis[s, rows].double().numpy()
+            worst = max(worst, float(np.max(np.abs(got - self.t[f"vpm_out_{s:03d}"]))))
+            n = int(sizes[s, 0] * sizes[s, 1])
+            colsum.append(vis[s, :n].double().sum(0).numpy())
+        yield StageResult(self.name, "vision", worst <= TOL_TENSOR, worst, TOL_TENSOR)
+        yield _close(self.name, "vision_colsum", np.stack(colsum), self.t["vpm_colsum"], TOL_SUM)
+        feats = torch.cat([f for f in features if f is not None]).double()  # [N, Q, D]
+        rows = torch.from_numpy(self.t["resampler_rows"])
+        yield _close(self.name, "resampler", feats[:, rows].numpy(), self.t["resampler_out_sel"], TOL_TENSOR)
+        sums = np.concatenate([feats.sum(1).numpy(), feats.sum(2).numpy()], axis=1)
+        want = np.concatenate([self.t["resampler_colsum"], self.t["resampler_rowsum"]], axis=1)
+        yield _close(self.name, "resampler_sums", sums, want, TOL_SUM)
+
+    def _gen_params(self, kwargs: dict[str, Any]) -> Any:
+        kw = dict(kwargs)
+        sampling = kw.pop("sampling", True)
+        return official_generation_params(
+            self.cm.version, sampling=sampling, enable_thinking=self.enable_thinking,
+            max_new_tokens=kw.pop("max_new_tokens", 2048), min_new_tokens=kw.pop("min_new_tokens", 0),
+            eos_token_ids=self.cm.terminator_ids(), overrides=kw,
+        )
+
+    def _greedy_stages(self, batch: Any) -> Iterator[StageResult]:
+        params = self._gen_params(self.params["greedy_kwargs"])
+        cache = KVCache.for_model(self.cm.model, batch.input_ids.shape[0])
+        tokens, logits = [], []
+        for step in generate_steps(self.cm.model, batch.inputs_embeds, batch.attention_mask, params, cache):
+            tokens.append(step.tokens)
+            logits.append(step.logits)
+        got_ids = torch.stack(tokens, 1)  # [B, n]
+        want_ids = self.t["greedy_ids"]
+        n = got_ids.shape[1]
+        want_logits = self.t["step_logits"][:, :n]
+        yield _close(self.name, "logits", torch.stack(logits, 1).numpy(), want_logits, TOL_TENSOR)
+        padded = np.zeros_like(want_ids)
+        padded[:, :n] = got_ids.numpy()[:, : want_ids.shape[1]]
+        yield _exact(self.name, "greedy_ids", padded.tolist(), want_ids.tolist())
+        answers = [self.cm.postprocess(r) for r in got_ids.tolist()]
+        prefix = self.cm.version.thinking_prefix if self.enable_thinking else ""
+        want = self.meta["greedy_answer"]
+        got: Any = [prefix + a for a in answers]
+        yield _exact(self.name, "greedy_text", got if isinstance(want, list) else got[0], want)
+
+    def _beam_stage(self, batch: Any) -> Iterator[StageResult]:
+        params = self._gen_params(self.params["beam_kwargs"])
+        rows = self.cm.generate_ids(batch, params)
+        want = self.t["beam_ids"].tolist()
+        got = [list(r) + [0] * (len(w) - len(r)) for r, w in zip(rows, want, strict=True)]
+        yield _exact(self.name, "beam_ids", got, want)
+
+
+def _pixel_stats(p: np.ndarray) -> list[float]:
+    x = p.astype(np.float64)
+    w = (np.arange(p.size) % 97).reshape(p.shape)
+    return [float(x.sum()), float((x * x).sum()), float((x * w).sum()), float(p.size)]
+
+
+def run_cases(
+    case_dirs: list[Path],
+    *,
+    checkpoint: Path | None = None,
+    loader: Callable[[Path], ChatModel],
+    report: Callable[[StageResult], None] = lambda r: None,
+) -> list[StageResult]:
+    """Run every case; models are loaded once per checkpoint directory."""
+    models: dict[Path, ChatModel] = {}
+    results: list[StageResult] = []
+    for case in case_dirs:
+        ckpt = (checkpoint or case / ".." / "_checkpoint").resolve()
+        if ckpt not in models:
+            models[ckpt] = loader(ckpt)
+        for r in CaseRunner(models[ckpt], case).run():
+            results.append(r)
+            report(r)
+    return results
+
+
+def expand_case_dirs(paths: list[Path]) -> list[Path]:
+    """A path may be a case directory or a version directory holding cases."""
+    out: list[Path] = []
+    for p in paths:
+        if (p / "inputs").is_dir() and (p / "expected").is_dir():
+            out.append(p)
+        elif p.is_dir():
+            out.extend(sorted(c for c in p.iterdir() if (c / "inputs").is_dir() and (c / "expected").is_dir()))
+        else:
+            raise MiniCPMVError(f"{p} is neither a conformance case nor a directory of cases")
+    return out

@@ -1,0 +1,164 @@
+"""ChatModel.chat on the tiny checkpoints: batching, caching, streaming, thinking, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import minicpmv
+from minicpmv.engine.chat import build_attention_mask, left_pad
+from minicpmv.errors import ContextLengthError, InputError, PlaceholderMismatchError
+
+from .conftest import case_image
+
+GREEDY = dict(sampling=False, num_beams=1, repetition_penalty=1.0, max_new_tokens=12)
+
+
+def _convs(version: str):
+    img_a = case_image(version, "single_448")
+    img_b = case_image(version, "multi_image_2", 1)
+    return [
+        [{"role": "user", "content": [img_a, "What is shown here?"]}],
+        [{"role": "user", "content": ["Tell me a story about the sea."]}],
+        [{"role": "user", "content": [img_b, "Describe it.", img_a, "And compare."]}],
+    ]
+
+
+def _version(cm) -> str:
+    return cm.version.name
+
+
+def test_batched_equals_single(model):
+    convs = _convs(_version(model))
+    batched = model.chat(convs, **GREEDY)
+    single = [model.chat(c, **GREEDY) for c in convs]
+    assert batched == single
+
+
+def test_batched_beam_equals_single(model):
+    convs = _convs(_version(model))[:2]
+    kw = dict(sampling=False, max_new_tokens=8)
+    assert model.chat(convs, **kw) == [model.chat(c, **kw) for c in convs]
+
+
+def _greedy_without_cache(cm, conv, n):
+    """Reference loop: recompute the whole sequence every step (no KV cache)."""
+    batch = cm.prepare([conv])
+    embeds, mask = batch.inputs_embeds, batch.attention_mask
+    out = []
+    for _ in range(n):
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        logits = cm.model.forward(embeds, pos, mask, cache=None, last_only=True)
+        tok = int(logits[0, -1].argmax())
+        out.append(tok)
+        embeds = torch.cat([embeds, cm.model.embed_tokens(torch.tensor([[tok]]))], dim=1)
+        mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+    return out
+
+
+def test_cached_equals_uncached(model):
+    conv = _convs(_version(model))[0]
+    params = dict(GREEDY, max_new_tokens=10, min_new_tokens=10)
+    with torch.inference_mode():
+        batch = model.prepare([conv])
+        from minicpmv.engine.compat import official_generation_params
+
+        p = official_generation_params(
+            model.version, sampling=False, enable_thinking=False, max_new_tokens=10, min_new_tokens=10,
+            eos_token_ids=model.terminator_ids(), overrides={"num_beams": 1, "repetition_penalty": 1.0})
+        cached = model.generate_ids(batch, p)[0]
+        uncached = _greedy_without_cache(model, conv, 10)
+    assert params["max_new_tokens"] == 10
+    assert cached == uncached
+
+
+def test_stream_matches_non_stream(model):
+    conv = _convs(_version(model))[1]
+    full = model.chat(conv, **GREEDY)
+    chunks = list(model.chat(conv, stream=True, **GREEDY))
+    assert all(isinstance(c, str) for c in chunks)
+    assert "".join(chunks).strip() == full
+
+
+def test_thinking_prefix_45(model45):
+    conv = [{"role": "user", "content": ["Why is the sky blue?"]}]
+    ans = model45.chat(conv, enable_thinking=True, **GREEDY)
+    assert ans.startswith("<think>\n")
+    chunks = list(model45.chat(conv, enable_thinking=True, stream=True, **GREEDY))
+    assert chunks[: len("<think>\n")] == list("<think>\n")
+
+
+def test_thinking_rejected_on_26(model26):
+    with pytest.raises(InputError, match="thinking"):
+        model26.chat([{"role": "user", "content": ["hi"]}], enable_thinking=True)
+
+
+def test_seeded_sampling_is_reproducible(model):
+    conv = _convs(_version(model))[1]
+    a = model.chat(conv, max_new_tokens=8, seed=7)
+    b = model.chat(conv, max_new_tokens=8, seed=7)
+    assert a == b
+
+
+def test_bang_quirk_switch(model26):
+    conv = [{"role": "user", "content": ["Stop right there ! Now ! Go"]}]
+    ids = model26.processor([conv]).input_ids[0]
+    assert 0 in ids  # a lone "!" is token 0
+    padded, pads = left_pad([ids])
+    on = build_attention_mask(padded, pads, mask_bang_token=True)
+    off = build_attention_mask(padded, pads, mask_bang_token=False)
+    assert int(on.sum()) < int(off.sum()) == len(ids)
+    # both modes run; the official mode is the default
+    assert isinstance(model26.chat(conv, mask_bang_token=False, **GREEDY), str)
+
+
+def test_image_argument_goes_first(model26):
+    img = case_image("2.6", "single_448")
+    a = model26.chat('[{"role": "user", "content": "What is it?"}]', image=img, **GREEDY)
+    b = model26.chat([{"role": "user", "content": [img, "What is it?"]}], **GREEDY)
+    assert a == b
+
+
+@pytest.mark.parametrize(
+    "msgs,err",
+    [
+        ([], InputError),
+        ("not json", InputError),
+        ([{"role": "assistant", "content": "hi"}], InputError),
+        ([{"role": "user", "content": [3.5]}], InputError),
+        ([{"role": "user", "content": ["(<image>./</image>) what?"]}], PlaceholderMismatchError),
+        ([{"role": "user"}], InputError),
+    ],
+)
+def test_bad_messages(model26, msgs, err):
+    with pytest.raises(err):
+        model26.chat(msgs, **GREEDY)
+
+
+def test_prompt_longer_than_context(model26):
+    img = case_image("2.6", "single_448")
+    with pytest.raises(ContextLengthError):
+        model26.chat([{"role": "user", "content": [img, "x"]}], max_inp_length=40, **GREEDY)
+    long_text = "word " * (model26.config.text.max_position_embeddings + 10)
+    with pytest.raises(ContextLengthError, match="context"):
+        model26.chat([{"role": "user", "content": [long_text]}], max_inp_length=10**6, **GREEDY)
+
+
+def test_unknown_version(tmp_path):
+    import json
+    import shutil
+
+    from .conftest import CONF
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(CONF / "2.6" / "_checkpoint", ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["version"] = 3.1
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(minicpmv.UnknownVersionError, match="2.6, 4.5"):
+        minicpmv.load(ckpt, dtype="float32")
+
+
+def test_missing_image_file(model26, tmp_path):
+    with pytest.raises(minicpmv.ImageError):
+        model26.chat([{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "nope.png")}, "hi"]}])
