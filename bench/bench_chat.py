@@ -54,10 +54,11 @@ def build(config_path: Path, tokenizer_dir: Path, layers: int | None, dtype: tor
     cfg = ModelConfig.from_hf_dict(raw, family=spec.llm_family, temporal=spec.temporal_resampler)
     if layers:
         cfg = cfg.with_text_layers(layers)
-    torch.manual_seed(0)
-    model = MiniCPMV(cfg)
+    with torch.device("meta"):
+        model = MiniCPMV(cfg)
+    model = model.to(dtype).to_empty(device="cpu")  # allocate directly in the target dtype
     random_init(model)
-    model = model.to(dtype).eval()
+    model.eval()
     return ChatModel(model, Processor.from_dir(tokenizer_dir, spec), spec, cfg)
 
 

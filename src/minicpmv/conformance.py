@@ -148,7 +148,7 @@ class CaseRunner:
     def _pixel_stages(self, inputs: Any) -> Iterator[StageResult]:
         slices = [s for conv in inputs.slices for s in conv]
         bad = []
-        for k, (_, _, w, h) in enumerate(self.meta["slice_index"]):
+        for k in range(len(self.meta["slice_index"])):
             with Image.open(self.dir / "expected" / "slices" / f"slice_{k:03d}.png") as im:
                 want = np.asarray(im.convert("RGB"))
             got = np.asarray(slices[k]) if k < len(slices) else None

@@ -75,6 +75,9 @@ class VersionSpec:
     # answers of thinking mode are prefixed with this text (non-stream and stream)
     thinking_prefix: str = "<think>\n"
     processor_temporal_ids: bool = False
+    # transformers release whose beam search the reference vectors came from (their beam search
+    # stops and pads differently; see engine/generate.py)
+    hf_beam_compat: str = "4.55"
     unverified: bool = False  # no reference vectors exist for this version
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -102,6 +105,7 @@ VERSIONS: MappingProxyType = _frozen(
             sampling_preset=_frozen(_SAMPLING_26),
             thinking_sampling_preset=_frozen(_SAMPLING_26),
             beam_preset=_frozen(_BEAM),
+            hf_beam_compat="4.44",
         ),
         "4.5": VersionSpec(
             name="4.5",

@@ -22,8 +22,17 @@ EOS_A, EOS_B = 256, 257  # "<|im_end|>", "<|endoftext|>" of the byte tokenizer
 class TinyCausalLM(torch.nn.Module):
     """Random causal transformer: absolute position table, GQA attention, MLP, RMS norms."""
 
-    def __init__(self, vocab: int = 300, hidden: int = 32, layers: int = 2, heads: int = 4,
-                 kv_heads: int = 2, head_dim: int = 8, max_pos: int = 256, seed: int = 0) -> None:
+    def __init__(
+        self,
+        vocab: int = 300,
+        hidden: int = 32,
+        layers: int = 2,
+        heads: int = 4,
+        kv_heads: int = 2,
+        head_dim: int = 8,
+        max_pos: int = 256,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
 
@@ -34,13 +43,22 @@ class TinyCausalLM(torch.nn.Module):
         self.vocab_size = vocab
         self.embed = w(vocab, hidden, scale=1.0)
         self.pos = w(max_pos, hidden, scale=0.5)
-        self.wq = torch.nn.ParameterList([w(hidden, heads * head_dim, scale=hidden**-0.5) for _ in range(layers)])
-        self.wk = torch.nn.ParameterList([w(hidden, kv_heads * head_dim, scale=hidden**-0.5) for _ in range(layers)])
-        self.wv = torch.nn.ParameterList([w(hidden, kv_heads * head_dim, scale=hidden**-0.5) for _ in range(layers)])
-        self.wo = torch.nn.ParameterList([w(heads * head_dim, hidden, scale=(heads * head_dim) ** -0.5)
-                                          for _ in range(layers)])
+        self.wq = torch.nn.ParameterList(
+            [w(hidden, heads * head_dim, scale=hidden**-0.5) for _ in range(layers)]
+        )
+        self.wk = torch.nn.ParameterList(
+            [w(hidden, kv_heads * head_dim, scale=hidden**-0.5) for _ in range(layers)]
+        )
+        self.wv = torch.nn.ParameterList(
+            [w(hidden, kv_heads * head_dim, scale=hidden**-0.5) for _ in range(layers)]
+        )
+        self.wo = torch.nn.ParameterList(
+            [w(heads * head_dim, hidden, scale=(heads * head_dim) ** -0.5) for _ in range(layers)]
+        )
         self.w1 = torch.nn.ParameterList([w(hidden, 4 * hidden, scale=hidden**-0.5) for _ in range(layers)])
-        self.w2 = torch.nn.ParameterList([w(4 * hidden, hidden, scale=(4 * hidden) ** -0.5) for _ in range(layers)])
+        self.w2 = torch.nn.ParameterList(
+            [w(4 * hidden, hidden, scale=(4 * hidden) ** -0.5) for _ in range(layers)]
+        )
         self.head = w(hidden, vocab, scale=3.0 * hidden**-0.5)
         self.position_log: list[torch.Tensor] = []
         self.mask_log: list[torch.Tensor] = []
@@ -165,3 +183,12 @@ def byte_tokenizer() -> ByteTokenizer:
 @pytest.fixture(scope="session")
 def tiny_lm_cls() -> type[TinyCausalLM]:
     return TinyCausalLM
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """These models are tiny: intra-op threading only adds contention (seconds on a busy box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,12 +14,14 @@ COMPATS = ("4.44", "4.55")
 
 def _hand_model(history_lm_cls):
     # next-token probabilities; tokens a=0, b=1, c=2, eos=3
-    probs = torch.tensor([
-        [0.10, 0.45, 0.30, 0.15],  # after a
-        [0.10, 0.13, 0.17, 0.60],  # after b
-        [0.12, 0.50, 0.10, 0.28],  # after c (the prompt)
-        [0.25, 0.25, 0.25, 0.25],
-    ])
+    probs = torch.tensor(
+        [
+            [0.10, 0.45, 0.30, 0.15],  # after a
+            [0.10, 0.13, 0.17, 0.60],  # after b
+            [0.12, 0.50, 0.10, 0.28],  # after c (the prompt)
+            [0.25, 0.25, 0.25, 0.25],
+        ]
+    )
     return history_lm_cls(probs.log())
 
 
@@ -52,7 +54,9 @@ def _table_model(history_lm_cls, seed: int, hist_seed: int | None = None):
     g = torch.Generator().manual_seed(seed)
     table = torch.randn(8, 8, generator=g) * 2
     table[:, -2:] += 1.0
-    hist = None if hist_seed is None else torch.randn(5, 8, generator=torch.Generator().manual_seed(hist_seed))
+    hist = (
+        None if hist_seed is None else torch.randn(5, 8, generator=torch.Generator().manual_seed(hist_seed))
+    )
     return history_lm_cls(table, hist)
 
 
@@ -73,21 +77,34 @@ HF_BATCH = {
     22: ([[4, 1, 5, 2, 6], [2, 6, 0, 0, 0]], [[4, 1, 5, 2, 7], [2, 7, 6, 6, 6]]),
     29: ([[1, 1, 1, 6], [0, 6, 0, 0]], [[1, 1, 1, 6], [0, 7, 6, 6]]),
     31: ([[1, 1, 3, 4, 6], [6, 0, 0, 0, 0]], [[1, 1, 3, 4, 7], [7, 6, 6, 6, 6]]),
-    21: ([[4, 5, 5, 5, 5, 5, 5, 5], [6, 0, 0, 0, 0, 0, 0, 0]], [[4, 5, 5, 5, 5, 5, 5, 5], [7, 6, 6, 6, 6, 6, 6, 6]]),
+    21: (
+        [[4, 5, 5, 5, 5, 5, 5, 5], [6, 0, 0, 0, 0, 0, 0, 0]],
+        [[4, 5, 5, 5, 5, 5, 5, 5], [7, 6, 6, 6, 6, 6, 6, 6]],
+    ),
 }
 
 
 def _chat_params(compat: str, n: int) -> GenerationParams:
-    return GenerationParams(max_new_tokens=n, num_beams=3, repetition_penalty=1.2, eos_token_ids=(6, 7),
-                            pad_token_id=0, hf_compat=compat)
+    return GenerationParams(
+        max_new_tokens=n,
+        num_beams=3,
+        repetition_penalty=1.2,
+        eos_token_ids=(6, 7),
+        pad_token_id=0,
+        hf_compat=compat,
+    )
 
 
 @pytest.mark.parametrize("seed", sorted(HF_SINGLE))
 @pytest.mark.parametrize("compat", COMPATS)
 def test_matches_recorded_transformers_single(history_lm_cls, seed: int, compat: str) -> None:
     model = _table_model(history_lm_cls, seed)
-    out = beam_search(model, model.embed_tokens(torch.tensor([[1, 2]])), torch.ones(1, 2, dtype=torch.long),
-                      _chat_params(compat, 10))
+    out = beam_search(
+        model,
+        model.embed_tokens(torch.tensor([[1, 2]])),
+        torch.ones(1, 2, dtype=torch.long),
+        _chat_params(compat, 10),
+    )
     assert out == [HF_SINGLE[seed][COMPATS.index(compat)]]
 
 
@@ -138,10 +155,13 @@ def test_beam_with_transformer_static_and_dynamic_cache(tiny_lm_cls, compat: str
         model.head[:, 256:258] += 0.6
     ids = torch.tensor([[0, 0, 10, 11, 12], [13, 14, 0, 15, 16]])
     mask = (ids != 0).long()
-    params = GenerationParams(max_new_tokens=10, num_beams=3, repetition_penalty=1.2, eos_token_ids=(256, 257),
-                              hf_compat=compat)
+    params = GenerationParams(
+        max_new_tokens=10, num_beams=3, repetition_penalty=1.2, eos_token_ids=(256, 257), hf_compat=compat
+    )
     dyn = beam_search(model, model.embed_tokens(ids), mask, params)
-    static = beam_search(model, model.embed_tokens(ids), mask, params, cache=KVCache.for_model(model, 2, capacity=20))
+    static = beam_search(
+        model, model.embed_tokens(ids), mask, params, cache=KVCache.for_model(model, 2, capacity=20)
+    )
     assert dyn == static
 
 
@@ -152,7 +172,8 @@ def test_beam_min_new_tokens(history_lm_cls) -> None:
     model = history_lm_cls(table)
     embeds = model.embed_tokens(torch.tensor([[2, 3]]))
     for compat in COMPATS:
-        params = GenerationParams(max_new_tokens=6, num_beams=2, eos_token_ids=(5,), min_new_tokens=3,
-                                  hf_compat=compat)
+        params = GenerationParams(
+            max_new_tokens=6, num_beams=2, eos_token_ids=(5,), min_new_tokens=3, hf_compat=compat
+        )
         out = beam_search(model, embeds, torch.ones(1, 2, dtype=torch.long), params)[0]
         assert 5 not in out[:3] and out[3] == 5

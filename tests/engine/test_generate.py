@@ -21,7 +21,7 @@ def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
+        ids[i, width - len(r) :] = torch.tensor(r)
     return ids, (ids != 0).long()  # the reference's mask: id 0 is invisible
 
 
@@ -59,8 +59,9 @@ def test_cached_generation_matches_full_recompute(tiny_lm, static: bool) -> None
 def test_static_and_dynamic_cache_agree(tiny_lm) -> None:
     ids, mask = _left_pad([[11, 12, 13], [14, 15, 16, 17, 18]])
     a_tok, a_log = _run(tiny_lm, ids, mask, cache=KVCache.for_model(tiny_lm, 2), repetition_penalty=1.3)
-    b_tok, b_log = _run(tiny_lm, ids, mask, cache=KVCache.for_model(tiny_lm, 2, capacity=20),
-                        repetition_penalty=1.3)
+    b_tok, b_log = _run(
+        tiny_lm, ids, mask, cache=KVCache.for_model(tiny_lm, 2, capacity=20), repetition_penalty=1.3
+    )
     assert torch.equal(a_tok, b_tok)
     assert torch.allclose(a_log, b_log, atol=1e-5)
 
@@ -164,8 +165,15 @@ def test_continuing_from_a_cached_prefix(tiny_lm) -> None:
     full_mask = (full != 0).long()
     cache = KVCache.for_model(tiny_lm, 1)
     pre = torch.tensor([prefix])
-    list(generate_tokens(tiny_lm, tiny_lm.embed_tokens(pre), (pre != 0).long(),
-                         GenerationParams(max_new_tokens=1), cache=cache))
+    list(
+        generate_tokens(
+            tiny_lm,
+            tiny_lm.embed_tokens(pre),
+            (pre != 0).long(),
+            GenerationParams(max_new_tokens=1),
+            cache=cache,
+        )
+    )
     assert cache.get_seq_length() == len(prefix)  # the sampled token is not fed back
     _, cont = _run(tiny_lm, torch.tensor([suffix]), full_mask, cache=cache, max_new_tokens=5)
     _, fresh = _run(tiny_lm, full, full_mask, max_new_tokens=5)
@@ -176,8 +184,15 @@ def test_continuing_from_a_cached_prefix(tiny_lm) -> None:
 
 def test_seeded_sampling_is_reproducible_and_matches_global_rng(tiny_lm) -> None:
     ids, mask = _left_pad([[30, 31, 32], [33, 34]])
-    kw = dict(do_sample=True, temperature=1.3, top_k=40, top_p=0.95, repetition_penalty=1.05,
-              max_new_tokens=12, eos_token_ids=())
+    kw = dict(
+        do_sample=True,
+        temperature=1.3,
+        top_k=40,
+        top_p=0.95,
+        repetition_penalty=1.05,
+        max_new_tokens=12,
+        eos_token_ids=(),
+    )
     a, _ = _run(tiny_lm, ids, mask, seed=7, **kw)
     b, _ = _run(tiny_lm, ids, mask, seed=7, **kw)
     c, _ = _run(tiny_lm, ids, mask, seed=8, **kw)
@@ -189,13 +204,19 @@ def test_seeded_sampling_is_reproducible_and_matches_global_rng(tiny_lm) -> None
 # Recorded with transformers 4.44.2 and 4.55.0 (identical) on the same HistoryLM, prompt and
 # settings, after torch.manual_seed(1234); eos = (10, 11), pad = 0, max_new_tokens = 12.
 HF_SAMPLING = {
-    "sample_chat26": (dict(do_sample=True, temperature=0.7, top_k=5, top_p=0.8, repetition_penalty=1.05),
-                      [[7, 11, 0], [4, 9, 10]]),
+    "sample_chat26": (
+        dict(do_sample=True, temperature=0.7, top_k=5, top_p=0.8, repetition_penalty=1.05),
+        [[7, 11, 0], [4, 9, 10]],
+    ),
     "sample_think": (dict(do_sample=True, temperature=0.7, top_k=50), [[7, 11, 0], [4, 7, 11]]),
-    "sample_hot": (dict(do_sample=True, temperature=1.5, top_p=0.5, min_new_tokens=4),
-                   [[7, 2, 8, 2, 8, 8, 4, 7, 3, 8, 4, 7], [4, 4, 7, 3, 10, 0, 0, 0, 0, 0, 0, 0]]),
-    "greedy_rep": (dict(repetition_penalty=1.3, min_new_tokens=3),
-                   [[7, 2, 8, 4, 9, 4, 1, 8, 1, 1, 8, 1], [4, 6, 1, 1, 8, 1, 1, 8, 1, 1, 8, 1]]),
+    "sample_hot": (
+        dict(do_sample=True, temperature=1.5, top_p=0.5, min_new_tokens=4),
+        [[7, 2, 8, 2, 8, 8, 4, 7, 3, 8, 4, 7], [4, 4, 7, 3, 10, 0, 0, 0, 0, 0, 0, 0]],
+    ),
+    "greedy_rep": (
+        dict(repetition_penalty=1.3, min_new_tokens=3),
+        [[7, 2, 8, 4, 9, 4, 1, 8, 1, 1, 8, 1], [4, 6, 1, 1, 8, 1, 1, 8, 1, 1, 8, 1]],
+    ),
 }
 
 
@@ -205,20 +226,29 @@ def test_matches_recorded_transformers_output(history_lm_cls, case: str) -> None
     model = history_lm_cls(torch.randn(12, 12, generator=g) * 1.5, torch.randn(5, 12, generator=g))
     ids = torch.tensor([[0, 3, 1, 4], [2, 0, 5, 9]])
     kw, expected = HF_SAMPLING[case]
-    tokens, _ = _run(model, ids, (ids != 0).long(), max_new_tokens=12, eos_token_ids=(10, 11), seed=1234, **kw)
+    tokens, _ = _run(
+        model, ids, (ids != 0).long(), max_new_tokens=12, eos_token_ids=(10, 11), seed=1234, **kw
+    )
     assert tokens.tolist() == expected
 
 
 @pytest.mark.parametrize(
     "kw",
     [
-        dict(max_new_tokens=0), dict(max_new_tokens=4, min_new_tokens=-1),
-        dict(max_new_tokens=4, temperature=0.0), dict(max_new_tokens=4, temperature=float("nan")),
-        dict(max_new_tokens=4, top_k=-1), dict(max_new_tokens=4, top_p=1.5),
-        dict(max_new_tokens=4, repetition_penalty=0.0), dict(max_new_tokens=4, num_beams=0),
-        dict(max_new_tokens=4, num_beams=3, do_sample=True), dict(max_new_tokens=4, early_stopping="soon"),
-        dict(max_new_tokens=4, eos_token_ids=(-1,)), dict(max_new_tokens=4, pad_token_id=-2),
-        dict(max_new_tokens=4, seed=1.5), dict(max_new_tokens=4, hf_compat="4.30"),
+        dict(max_new_tokens=0),
+        dict(max_new_tokens=4, min_new_tokens=-1),
+        dict(max_new_tokens=4, temperature=0.0),
+        dict(max_new_tokens=4, temperature=float("nan")),
+        dict(max_new_tokens=4, top_k=-1),
+        dict(max_new_tokens=4, top_p=1.5),
+        dict(max_new_tokens=4, repetition_penalty=0.0),
+        dict(max_new_tokens=4, num_beams=0),
+        dict(max_new_tokens=4, num_beams=3, do_sample=True),
+        dict(max_new_tokens=4, early_stopping="soon"),
+        dict(max_new_tokens=4, eos_token_ids=(-1,)),
+        dict(max_new_tokens=4, pad_token_id=-2),
+        dict(max_new_tokens=4, seed=1.5),
+        dict(max_new_tokens=4, hf_compat="4.30"),
         dict(max_new_tokens=True),
     ],
 )
@@ -234,4 +264,8 @@ def test_shape_errors(tiny_lm) -> None:
     with pytest.raises(InputError):
         list(generate_tokens(tiny_lm, torch.zeros(1, 3, 32), torch.ones(1, 4), params))
     with pytest.raises(InputError):
-        list(generate_tokens(tiny_lm, torch.zeros(1, 3, 32), None, GenerationParams(max_new_tokens=2, num_beams=2)))
+        list(
+            generate_tokens(
+                tiny_lm, torch.zeros(1, 3, 32), None, GenerationParams(max_new_tokens=2, num_beams=2)
+            )
+        )

@@ -101,8 +101,15 @@ def test_process_scores_order_and_skips() -> None:
     scores = torch.tensor([[2.0, -1.0, 0.5, 1.5, 0.1]])
     gen = torch.tensor([[0]])
     out = process_scores(
-        scores, gen, repetition_penalty_value=2.0, min_new_tokens=3, eos_ids=(4,),
-        do_sample=True, temperature_value=0.5, top_k=3, top_p=1.0,
+        scores,
+        gen,
+        repetition_penalty_value=2.0,
+        min_new_tokens=3,
+        eos_ids=(4,),
+        do_sample=True,
+        temperature_value=0.5,
+        top_k=3,
+        top_p=1.0,
     )
     # penalty: 2 -> 1; eos 4 -> -inf; /0.5 -> [2, -2, 1, 3, -inf]; top-3 keeps 3, 2, 1
     assert torch.equal(out, torch.tensor([[2.0, -INF, 1.0, 3.0, -INF]]))

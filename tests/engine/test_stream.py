@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minicpmv.engine.stream import StopMatcher, StreamDecoder, TextEvent
 from minicpmv.errors import InputError
@@ -103,3 +105,20 @@ def test_stop_matcher_earliest_match_and_overlaps() -> None:
     assert m.push("b!") == ("", "aab")
     with pytest.raises(InputError):
         StopMatcher([""])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.lists(st.integers(0, 257), max_size=40),
+    chunking=st.sampled_from(["token", "word"]),
+    sizes=st.lists(st.integers(1, 4), min_size=1, max_size=5),
+)
+def test_any_byte_stream_concatenates_to_full_decode(byte_tokenizer, data, chunking, sizes) -> None:
+    dec = StreamDecoder(byte_tokenizer.decode, chunking=chunking)
+    out, i, k = [], 0, 0
+    while i < len(data):
+        n = sizes[k % len(sizes)]
+        out.append(dec.feed(data[i : i + n]))
+        i, k = i + n, k + 1
+    out.append(dec.flush())
+    assert "".join(out) == byte_tokenizer.decode(data)

@@ -230,7 +230,7 @@ class ChatModel:
             cache = KVCache.for_model(self.model, batch.input_ids.shape[0])
         if params.num_beams > 1:
             return beam_search(self.model, batch.inputs_embeds, batch.attention_mask, params, cache=cache)
-        steps = [t for t in generate_tokens(self.model, batch.inputs_embeds, batch.attention_mask, params, cache=cache)]
+        steps = list(generate_tokens(self.model, batch.inputs_embeds, batch.attention_mask, params, cache=cache))
         if not steps:
             return [[] for _ in range(batch.input_ids.shape[0])]
         return torch.stack(steps, dim=1).tolist()  # [B, steps]
@@ -251,7 +251,10 @@ class ChatModel:
             with torch.inference_mode():
                 batch = self.prepare(conversations, mask_bang_token=False, **proc_kwargs)
                 cache = KVCache.for_model(self.model, 1)
-                decoder = StreamDecoder(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
+                # word-boundary chunks, like the reference's TextIteratorStreamer
+                decoder = StreamDecoder(
+                    lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False), chunking="word"
+                )
                 for step in generate_tokens(
                     self.model, batch.inputs_embeds, batch.attention_mask, params, cache=cache
                 ):

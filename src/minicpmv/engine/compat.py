@@ -76,4 +76,5 @@ def official_generation_params(
         eos_token_ids=tuple(eos_token_ids),
         pad_token_id=0,
         seed=extras.get("seed"),
+        hf_compat=version.hf_beam_compat,
     )

@@ -304,26 +304,33 @@ class _LegacyBeams:
     def step(
         self, top_s: torch.Tensor, top_t: torch.Tensor, src: torch.Tensor, seqs: torch.Tensor, step: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-        nb, eos = self.nb, set(self.p.eos_token_ids)
-        scores = torch.zeros(self.batch, nb, dtype=top_s.dtype, device=top_s.device)
-        tokens = torch.full((self.batch, nb), self.p.pad_token_id, dtype=torch.long, device=top_s.device)
-        rows = (torch.arange(self.batch, device=top_s.device)[:, None] * nb).repeat(1, nb)  # [B, nb]
+        nb, eos, dev = self.nb, set(self.p.eos_token_ids), top_s.device
+        cand_s, cand_t, cand_src = top_s.tolist(), top_t.tolist(), src.tolist()  # python floats/ints
+        prev = seqs.tolist()
+        scores = [[0.0] * nb for _ in range(self.batch)]
+        tokens = [[self.p.pad_token_id] * nb for _ in range(self.batch)]
+        rows = [[b * nb] * nb for b in range(self.batch)]
         for b in range(self.batch):
             if self.done[b]:
                 continue
             filled = 0
             for rank in range(self.keep):
-                tok, row = int(top_t[b, rank]), b * nb + int(src[b, rank])
+                tok, row = cand_t[b][rank], b * nb + cand_src[b][rank]
                 if tok in eos:
                     if rank < nb:
-                        self._add(b, seqs[row].tolist(), float(top_s[b, rank]), step + 1)
+                        self._add(b, list(prev[row]), cand_s[b][rank], step + 1)
                 else:
-                    scores[b, filled], tokens[b, filled], rows[b, filled] = top_s[b, rank], tok, row
+                    scores[b][filled], tokens[b][filled], rows[b][filled] = cand_s[b][rank], tok, row
                     filled += 1
                 if filled == nb:
                     break
-            self.done[b] = self.done[b] or self._is_done(b, float(top_s[b].max()), step + 1)
-        return scores.view(-1), tokens.view(-1), rows.view(-1), all(self.done)
+            self.done[b] = self.done[b] or self._is_done(b, max(cand_s[b]), step + 1)
+        return (
+            torch.tensor(scores, dtype=top_s.dtype, device=dev).view(-1),
+            torch.tensor(tokens, dtype=torch.long, device=dev).view(-1),
+            torch.tensor(rows, dtype=torch.long, device=dev).view(-1),
+            all(self.done),
+        )
 
     def finalize(self, seqs: torch.Tensor, beam_scores: torch.Tensor) -> list[list[int]]:
         for b in range(self.batch):
