@@ -45,7 +45,7 @@ def random_init(model: torch.nn.Module, seed: int = 0) -> None:
                 p.fill_(1.0 if "norm" in name or name.endswith(".weight") else 0.0)
             else:
                 fan_in = p.shape[-1] if p.dim() == 2 else int(np.prod(p.shape[1:]))
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) / fan_in**0.5)
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype).div_(fan_in**0.5))
 
 
 def build(config_path: Path, tokenizer_dir: Path, layers: int | None, dtype: torch.dtype) -> ChatModel:

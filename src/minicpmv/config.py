@@ -194,47 +194,8 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], *, family: str, temporal: bool) -> ModelConfig:
         """Parse an official config.json. ``family``/``temporal`` come from the version table."""
-        where = "config.json"
-        if d.get("rope_scaling") not in (None, {}):
-            raise ConfigError(f"{where}: rope_scaling={d['rope_scaling']!r} is not supported")
-        if d.get("use_sliding_window"):
-            raise ConfigError(f"{where}: use_sliding_window=true is not supported")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"{where}: hidden_act={d['hidden_act']!r} is not supported (only silu)")
-        hidden = int(_req(d, "hidden_size", where))
-        heads = int(_req(d, "num_attention_heads", where))
-        text = TextConfig(
-            family=family,
-            hidden_size=hidden,
-            intermediate_size=int(_req(d, "intermediate_size", where)),
-            num_hidden_layers=int(_req(d, "num_hidden_layers", where)),
-            num_attention_heads=heads,
-            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(d.get("head_dim") or hidden // heads),
-            vocab_size=int(_req(d, "vocab_size", where)),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(d.get("rope_theta", 10000.0)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
-            attention_bias=bool(d.get("attention_bias", family == "qwen2")),
-            qk_norm=family == "qwen3",
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=d.get("eos_token_id"),
-        )
-        vd = dict(d.get("vision_config") or {})
-        vision = VisionConfig(
-            hidden_size=int(vd.get("hidden_size", 1152)),
-            intermediate_size=int(vd.get("intermediate_size", 4304)),
-            num_hidden_layers=int(vd.get("num_hidden_layers", 27)),
-            num_attention_heads=int(vd.get("num_attention_heads", 16)),
-            patch_size=int(vd.get("patch_size", 14)),
-            image_size=int(vd.get("image_size", 980)),
-            layer_norm_eps=float(vd.get("layer_norm_eps", 1e-6)),
-            hidden_act=str(vd.get("hidden_act", "gelu_pytorch_tanh")),
-            num_channels=int(vd.get("num_channels", 3)),
-        )
-        if vision.hidden_act != "gelu_pytorch_tanh":
-            raise ConfigError(f"{where}: vision hidden_act={vision.hidden_act!r} is not supported")
+        text = _text_config(d, family)
+        vision = _vision_config(d)
         query_num = int(d.get("query_num", 64))
         sd = dict(d.get("slice_config") or {})
         # The official config class copies vision_config.patch_size over the top-level value.
@@ -246,19 +207,12 @@ class ModelConfig:
         )
         resampler = ResamplerConfig(
             query_num=query_num,
-            embed_dim=hidden,
+            embed_dim=text.hidden_size,
             kv_dim=vision.hidden_size,
-            num_heads=max(hidden // 128, 1),
+            num_heads=max(text.hidden_size // 128, 1),
             temporal=temporal,
         )
-        known = _IGNORED_KEYS | {
-            "version", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-            "intermediate_size", "num_hidden_layers", "vocab_size", "rms_norm_eps", "rope_theta",
-            "max_position_embeddings", "attention_bias", "vision_config", "query_num",
-            "slice_config", "slice_mode", "use_image_id", "vision_batch_size",
-            "drop_vision_last_layer", "batch_3d_resampler", "patch_size",
-        }
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - _KNOWN_KEYS)
         if unknown:
             log.debug("config.json keys not used by minicpmv: %s", unknown)
         return cls(
@@ -277,3 +231,60 @@ class ModelConfig:
             quantization=d.get("quantization_config"),
             raw=d,
         )
+
+
+_KNOWN_KEYS = _IGNORED_KEYS | {
+    "version", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "intermediate_size", "num_hidden_layers", "vocab_size", "rms_norm_eps", "rope_theta",
+    "max_position_embeddings", "attention_bias", "vision_config", "query_num",
+    "slice_config", "slice_mode", "use_image_id", "vision_batch_size",
+    "drop_vision_last_layer", "batch_3d_resampler", "patch_size",
+}
+
+
+def _text_config(d: dict[str, Any], family: str) -> TextConfig:
+    where = "config.json"
+    if d.get("rope_scaling") not in (None, {}):
+        raise ConfigError(f"{where}: rope_scaling={d['rope_scaling']!r} is not supported")
+    if d.get("use_sliding_window"):
+        raise ConfigError(f"{where}: use_sliding_window=true is not supported")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{where}: hidden_act={d['hidden_act']!r} is not supported (only silu)")
+    hidden = int(_req(d, "hidden_size", where))
+    heads = int(_req(d, "num_attention_heads", where))
+    return TextConfig(
+        family=family,
+        hidden_size=hidden,
+        intermediate_size=int(_req(d, "intermediate_size", where)),
+        num_hidden_layers=int(_req(d, "num_hidden_layers", where)),
+        num_attention_heads=heads,
+        num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+        head_dim=int(d.get("head_dim") or hidden // heads),
+        vocab_size=int(_req(d, "vocab_size", where)),
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(d.get("rope_theta", 10000.0)),
+        max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+        attention_bias=bool(d.get("attention_bias", family == "qwen2")),
+        qk_norm=family == "qwen3",
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=d.get("eos_token_id"),
+    )
+
+
+def _vision_config(d: dict[str, Any]) -> VisionConfig:
+    vd = dict(d.get("vision_config") or {})
+    vision = VisionConfig(
+        hidden_size=int(vd.get("hidden_size", 1152)),
+        intermediate_size=int(vd.get("intermediate_size", 4304)),
+        num_hidden_layers=int(vd.get("num_hidden_layers", 27)),
+        num_attention_heads=int(vd.get("num_attention_heads", 16)),
+        patch_size=int(vd.get("patch_size", 14)),
+        image_size=int(vd.get("image_size", 980)),
+        layer_norm_eps=float(vd.get("layer_norm_eps", 1e-6)),
+        hidden_act=str(vd.get("hidden_act", "gelu_pytorch_tanh")),
+        num_channels=int(vd.get("num_channels", 3)),
+    )
+    if vision.hidden_act != "gelu_pytorch_tanh":
+        raise ConfigError(f"config.json: vision hidden_act={vision.hidden_act!r} is not supported")
+    return vision
