@@ -3,7 +3,8 @@
 ``load_image`` opens a PIL image, path, bytes or binary file object, fully decodes it (so
 truncated files are caught here, not later) and returns it in RGB; every failure is an
 ``ImageError``. ``make_slices`` applies a ``SlicePlan`` with Pillow's BICUBIC resize on the
-uint8 image and row-major crops (spec §6.3). ``to_patches`` normalises a slice in float32 and
+uint8 image (pass order pinned to Pillow 13's, see ``resize_bicubic``) and row-major crops
+(spec §6.3). ``to_patches`` normalises a slice in float32 and
 lays its 14x14 patches side by side (spec §6.4-6.5), bit-exact with the reference.
 
 Slicing decisions live in ``slicing.py``; placeholder text in ``placeholders.py``. numpy and
@@ -124,6 +125,23 @@ def load_image(src: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     return rgb
 
 
+def resize_bicubic(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Pillow BICUBIC resize with Pillow 13's pass order, whatever Pillow is installed.
+
+    Pillow resizes in two 8-bit passes. Up to 12.x it always ran the horizontal pass first;
+    13.0 (which produced the reference vectors) runs the vertical pass first when the height
+    shrinks by more than twice as many pixels as the width. The order changes rounding (up to
+    about 12 levels on a few pixels), so we make it explicit: a vertical-only resize followed by
+    a horizontal-only one is bit-identical to one vertical-first call, since each pass stores
+    8-bit values in between either way.
+    """
+    w, h = size
+    dh, dw = img.height - h, img.width - w
+    if dh > 0 and dh > 2 * dw:
+        img = img.resize((img.width, h), Image.Resampling.BICUBIC)
+    return img.resize((w, h), Image.Resampling.BICUBIC)
+
+
 def make_slices(img: Image.Image, plan: SlicePlan) -> list[Image.Image]:
     """Resized slices of ``img`` per ``plan``: the source/overview first, then tiles row-major."""
     if img.size != plan.image_size:
@@ -131,11 +149,11 @@ def make_slices(img: Image.Image, plan: SlicePlan) -> list[Image.Image]:
                          f"{plan.image_size[0]}x{plan.image_size[1]}")
     if img.mode != "RGB":
         img = img.convert("RGB")
-    slices = [img.resize(plan.source_size, Image.Resampling.BICUBIC)]
+    slices = [resize_bicubic(img, plan.source_size)]
     tile = plan.tile_size
     if plan.grid is None or plan.refine_size is None or tile is None:
         return slices
-    refined = img.resize(plan.refine_size, Image.Resampling.BICUBIC)
+    refined = resize_bicubic(img, plan.refine_size)
     cols, rows = plan.grid
     tw, th = tile
     for r in range(rows):
