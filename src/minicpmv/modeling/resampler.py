@@ -178,6 +178,10 @@ class Resampler(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
 
+    def queries(self) -> torch.Tensor:
+        """The attention queries [Q, D]: ``ln_q(query)``."""
+        return self.ln_q(self.query)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -203,7 +207,7 @@ class Resampler(nn.Module):
         key = kv + self.pos_embed_2d(sizes, lmax, device).to(dtype)  # [B, Lmax, D]
         lens_t = torch.tensor(lens, device=device)  # [B]
         valid = torch.arange(lmax, device=device)[None, :] < lens_t[:, None]  # [B, Lmax]
-        q = self.ln_q(self.query)  # [Q, D]
+        q = self.queries()  # [Q, D]
         if groups is None:
             out = self.attn(q, key, kv, valid)  # [B, Q, D]
         else:
@@ -216,6 +220,23 @@ class Resampler(nn.Module):
             valid_g = (valid[idx] & slot_ok[:, :, None]).reshape(g, n * lmax)  # [G, n*Lmax]
             out = self.attn(q, key_g, val_g, valid_g)  # [G, Q, D]
         return self.ln_post(out) @ self.proj  # [N, Q, D]
+
+
+class QueryPosResampler(Resampler):
+    """MiniCPM-V 2.0's resampler (spec 2.0 §2.4): the 2D variant plus a stored [Q, D] position
+    table ``pos_embed`` (an 8x8 sin-cos grid in the official checkpoint) added to the queries."""
+
+    def __init__(self, cfg: ResamplerConfig) -> None:
+        super().__init__(cfg)
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.query_num, cfg.embed_dim))
+
+    def queries(self) -> torch.Tensor:
+        return self.ln_q(self.query) + self.pos_embed  # [Q, D]
+
+
+def build_resampler(cfg: ResamplerConfig) -> Resampler:
+    """The resampler variant ``cfg`` describes."""
+    return QueryPosResampler(cfg) if cfg.query_pos_embed else Resampler(cfg)
 
 
 def _sizes_list(tgt_sizes: TgtSizes) -> list[tuple[int, int]]:

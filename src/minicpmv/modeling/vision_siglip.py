@@ -223,6 +223,30 @@ class SiglipVisionTransformer(nn.Module):
         x = self.encoder(x, mask)  # [B, Lmax, Dv]
         return self.post_layernorm(x)  # [B, Lmax, Dv]
 
+    def position_sizes(self, sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The (rows, cols) patch grid the position lookup sees for each slice: the real one."""
+        return sizes
+
+    def encode_slices(
+        self, pixel_values: Sequence[torch.Tensor], tgt_sizes: TgtSizes, *, batch_size: int = 16
+    ) -> torch.Tensor:
+        """Slices [3, P, L*P] (any dtype/device) + tgt_sizes [S, 2] -> features [S, Lmax, Dv].
+
+        All slices are right-padded to one Lmax and run in chunks of ``batch_size`` (padded
+        patches masked as keys); rows past a slice's h*w patches are garbage.
+        """
+        sizes = _sizes_list(tgt_sizes)
+        weight = self.embeddings.patch_embedding.weight
+        slices = [pv.to(device=weight.device, dtype=weight.dtype) for pv in pixel_values]
+        padded, mask = pack_slices(slices, sizes)  # [S, 3, P, Lmax*P], [S, 1, Lmax]
+        pos = self.position_sizes(sizes)
+        step = max(int(batch_size), 1)
+        chunks = [
+            self(padded[i : i + step], mask[i : i + step], pos[i : i + step])  # [s, Lmax, Dv]
+            for i in range(0, padded.shape[0], step)
+        ]
+        return torch.cat(chunks) if len(chunks) > 1 else chunks[0]  # [S, Lmax, Dv]
+
     def encode_grouped(
         self, pixel_values: Sequence[torch.Tensor], tgt_sizes: TgtSizes, *, max_batch: int = 16
     ) -> torch.Tensor:

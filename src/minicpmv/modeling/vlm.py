@@ -1,10 +1,13 @@
-"""The top-level MiniCPM-V module: LLM backbone + SigLIP vision tower + resampler (spec §1, §9.1).
+"""The top-level MiniCPM-V / MiniCPM-o module: LLM backbone + vision tower + resampler (+ audio).
 
-``MiniCPMV`` owns the three checkpoint children (``llm``, ``vpm``, ``resampler``), turns image
-slices into LLM-width features (``encode_images``), merges them into the token embeddings at the
-placeholder positions (``embed``) and runs the LLM (``forward``). It does not tokenize, slice
-images, build prompts, sample tokens or load weights (see ``processing``, ``engine``,
-``loading``).
+``MiniCPMV`` owns the checkpoint children (``llm``, ``vpm``, ``resampler``; for MiniCPM-o also
+``apm`` + ``audio_projection_layer`` and, kept but not run, ``tts``), turns image slices into
+LLM-width features (``encode_images``) and audio features into LLM rows (``encode_audio``),
+merges them into the token embeddings at the placeholder positions (``embed``) and runs the LLM
+(``forward``). Which backbone, vision tower and resampler variant are built is data of the
+config (``ModelConfig.text.family``, ``vision_tower``, ``resampler.query_pos_embed``). It does
+not tokenize, slice images, build prompts, sample tokens or load weights (see ``processing``,
+``engine``, ``loading``).
 """
 
 from __future__ import annotations
@@ -12,27 +15,58 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import InputError, PlaceholderMismatchError
+from ..errors import ConfigError, FeatureNotAvailableError, InputError, PlaceholderMismatchError
+from .audio_whisper import (
+    AudioProjector,
+    WhisperEncoder,
+    audio_token_count,
+    conv_output_frames,
+    encoder_attention_mask,
+    pad_segments,
+)
 from .layers import KVCacheProtocol
 from .llm import build_backbone
-from .resampler import Resampler
-from .vision_siglip import SiglipVisionTransformer, pack_slices
+from .resampler import build_resampler
+from .tts_weights import OpaqueWeights
+from .vision_idefics2 import Idefics2VisionTransformer
+from .vision_siglip import SiglipVisionTransformer
+from .vision_siglip_timm import TimmSiglipVisionTransformer
 
 Bounds = Sequence[Sequence[tuple[int, int]]]
 
+# ModelConfig.vision_tower -> the ``vpm`` class (each has ``encode_slices``)
+VISION_TOWERS: dict[str, type[nn.Module]] = {
+    "navit": SiglipVisionTransformer,
+    "idefics2": Idefics2VisionTransformer,
+    "timm_siglip": TimmSiglipVisionTransformer,
+}
+
 
 class MiniCPMV(nn.Module):
-    """MiniCPM-V 2.6 / 4.5 model; parameter names equal the official checkpoint keys."""
+    """MiniCPM-V / MiniCPM-o model of any release; parameter names equal the checkpoint keys."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
         self.llm = build_backbone(cfg.text)
-        self.vpm = SiglipVisionTransformer(cfg.vision, cfg.vision_layers_used)
-        self.resampler = Resampler(cfg.resampler)
+        tower = VISION_TOWERS.get(cfg.vision_tower)
+        if tower is None:
+            raise ConfigError(f"vision tower {cfg.vision_tower!r} is not implemented; known: {sorted(VISION_TOWERS)}")
+        self.vpm = tower(cfg.vision, cfg.vision_layers_used)
+        self.resampler = build_resampler(cfg.resampler)
+        if cfg.audio is not None:
+            self.apm = WhisperEncoder(cfg.audio)
+            self.audio_projection_layer = AudioProjector(cfg.audio.projector_in_dim, cfg.text.hidden_size)
+        if cfg.tts:
+            self.tts = OpaqueWeights()
+
+    def opaque_children(self) -> dict[str, OpaqueWeights]:
+        """Checkpoint prefixes whose tensors are kept without being run (filled by the loader)."""
+        return {"tts.": self.tts} if self.config.tts else {}
 
     # -- properties used by the engine ---------------------------------------------------------
 
@@ -84,29 +118,44 @@ class MiniCPMV(nn.Module):
         """
         if len(pixel_values) == 0:
             raise InputError("encode_images needs at least one slice")
-        vis_w = self.vpm.embeddings.patch_embedding.weight
         tgt = torch.as_tensor(tgt_sizes, dtype=torch.long)
         if tgt.dim() != 2 or tgt.shape != (len(pixel_values), 2):
             raise InputError(
                 f"tgt_sizes must be [{len(pixel_values)}, 2] for {len(pixel_values)} slices, "
                 f"got {tuple(tgt.shape)}"
             )
-        slices = [pv.to(device=vis_w.device, dtype=vis_w.dtype) for pv in pixel_values]
-        padded, mask = pack_slices(slices, tgt)  # [S, 3, P, Lmax*P], [S, 1, Lmax]
-        step = max(int(self.config.vision_batch_size), 1)
-        chunks = [
-            self.vpm(padded[i : i + step], mask[i : i + step], tgt[i : i + step])  # [s, Lmax, Dv]
-            for i in range(0, padded.shape[0], step)
-        ]
-        feats = torch.cat(chunks) if len(chunks) > 1 else chunks[0]  # [S, Lmax, Dv]
+        feats = self.vpm.encode_slices(pixel_values, tgt, batch_size=self.config.vision_batch_size)
         return self.resampler(feats, tgt, temporal_ids)  # [N, Q, H]
+
+    # -- audio path (MiniCPM-o) ----------------------------------------------------------------
+
+    def audio_hidden(self, segments: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+        """Log-mel segments [n_mels, F_i] -> encoder last hidden state [n, ceil(Fmax/2), d] and F_i.
+
+        All segments run as one zero-padded batch with the reference's mask (see audio_whisper).
+        """
+        audio = self.config.audio
+        if audio is None:
+            raise FeatureNotAvailableError("this checkpoint has no audio encoder (init_audio / audio_config)")
+        w = self.apm.conv1.weight
+        batch, frames = pad_segments([s.to(device=w.device, dtype=w.dtype) for s in segments])
+        chunk = int(audio.chunk_length * 50) if audio.chunk_input else -1
+        mask = encoder_attention_mask(frames, conv_output_frames(max(frames)), chunk)  # [n,1,T,T]
+        return self.apm(batch, mask), frames  # [n, T, d]
+
+    def encode_audio(self, segments: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Log-mel segments [n_mels, F_i] -> LLM rows per segment [T_i, H] (projected, pooled)."""
+        hidden, frames = self.audio_hidden(segments)  # [n, T, d]
+        step = self.config.audio.pool_step  # type: ignore[union-attr]
+        emb = self.audio_projection_layer(hidden)  # [n, T, H]
+        pooled = F.avg_pool1d(emb.transpose(1, 2), step, step).transpose(1, 2)  # [n, T//step, H]
+        return [pooled[i, : audio_token_count(f, step)] for i, f in enumerate(frames)]
 
     # -- embeddings ----------------------------------------------------------------------------
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings [..., H] (no scaling, as Qwen2/Qwen3)."""
-        emb = self.llm.model.embed_tokens
-        return emb(ids.to(emb.weight.device))
+        """Embeddings [..., H] of tokens fed during decoding (the backbone applies any scaling)."""
+        return self.llm.embed_input_ids(ids)
 
     def embed(
         self,
@@ -120,7 +169,7 @@ class MiniCPMV(nn.Module):
         order, the rows ``concat(range(s, e) for (s, e) in bounds[b])``. Out-of-place, so
         gradients flow to both the token embeddings and the features.
         """
-        emb = self.embed_tokens(input_ids)  # [B, T, H]
+        emb = self.llm.embed_prompt_ids(input_ids)  # [B, T, H]
         if len(features) != emb.shape[0] or len(bounds) != emb.shape[0]:
             raise InputError(
                 f"embed got {len(features)} feature entries and {len(bounds)} bound lists for a "

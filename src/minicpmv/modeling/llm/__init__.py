@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from ...config import TextConfig
 from ...errors import ConfigError
+from .llama import LlamaForCausalLM
+from .minicpm import MiniCPMForCausalLM
 from .qwen2 import DecoderForCausalLM, Qwen2ForCausalLM
 from .qwen3 import Qwen3ForCausalLM
 
 BACKBONES: dict[str, type[DecoderForCausalLM]] = {
     "qwen2": Qwen2ForCausalLM,
     "qwen3": Qwen3ForCausalLM,
+    "llama": LlamaForCausalLM,
+    "minicpm": MiniCPMForCausalLM,
 }
 
 
@@ -23,4 +27,7 @@ def build_backbone(cfg: TextConfig) -> DecoderForCausalLM:
     return cls(cfg)
 
 
-__all__ = ["BACKBONES", "DecoderForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "build_backbone"]
+__all__ = [
+    "BACKBONES", "DecoderForCausalLM", "LlamaForCausalLM", "MiniCPMForCausalLM", "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM", "build_backbone",
+]

@@ -59,11 +59,13 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """``model.*`` of the checkpoint: embed_tokens, layers, norm (+ the parameter-free RoPE)."""
 
-    def __init__(self, cfg: TextConfig, *, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(
+        self, cfg: TextConfig, *, qkv_bias: bool, qk_norm: bool, layer_cls: type[DecoderLayer] = DecoderLayer
+    ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, qkv_bias=qkv_bias, qk_norm=qk_norm) for i in range(cfg.num_hidden_layers)
+            layer_cls(cfg, i, qkv_bias=qkv_bias, qk_norm=qk_norm) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
@@ -91,16 +93,31 @@ class DecoderModel(nn.Module):
 class DecoderForCausalLM(nn.Module):
     """Qwen-style causal LM over ``inputs_embeds``; ``forward`` returns float32 logits."""
 
-    def __init__(self, cfg: TextConfig, *, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(
+        self, cfg: TextConfig, *, qkv_bias: bool, qk_norm: bool, layer_cls: type[DecoderLayer] = DecoderLayer
+    ) -> None:
         super().__init__()
         self.config = cfg
-        self.model = DecoderModel(cfg, qkv_bias=qkv_bias, qk_norm=qk_norm)
+        self.model = DecoderModel(cfg, qkv_bias=qkv_bias, qk_norm=qk_norm, layer_cls=layer_cls)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
+
+    def embed_input_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of token ids the model is fed during decoding: ids [...] -> [..., H]."""
+        emb = self.model.embed_tokens
+        return emb(ids.to(emb.weight.device))
+
+    def embed_prompt_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of prompt text rows before image features are merged in (same by default)."""
+        return self.embed_input_ids(ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [..., H] -> float32 logits [..., V]."""
+        return self.lm_head(hidden).float()
 
     def forward_hidden(
         self,
@@ -125,7 +142,7 @@ class DecoderForCausalLM(nn.Module):
         h = self.forward_hidden(inputs_embeds, position_ids, attention_mask, cache)  # [B, T, H]
         if last_only:
             h = h[:, -1:]  # [B, 1, H]
-        return self.lm_head(h).float()  # [B, T or 1, V]
+        return self.logits(h)  # [B, T or 1, V]
 
 
 class Qwen2ForCausalLM(DecoderForCausalLM):
