@@ -18,7 +18,7 @@ RANKS = {
     "errors": 0, "config": 0, "versions": 0,
     "processing": 1, "modeling": 2, "loading": 3, "engine": 4,
     "api": 5, "__init__": 5,
-    "conformance": 6, "cli": 6, "serve": 6, "ui": 6, "train": 6, "quant": 3,
+    "conformance": 6, "conformance_npz": 6, "cli": 6, "serve": 6, "ui": 6, "train": 6, "quant": 3,
 }
 
 

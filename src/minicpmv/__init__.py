@@ -10,13 +10,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    AudioError,
     CheckpointError,
     ContextLengthError,
+    FeatureNotAvailableError,
     ImageError,
     InputError,
     MiniCPMVError,
     PlaceholderMismatchError,
     UnknownVersionError,
+    VideoError,
 )
 
 __version__ = "0.1.0"
@@ -24,6 +27,8 @@ __version__ = "0.1.0"
 __all__ = [
     "load", "ChatModel", "ChatSession", "MiniCPMVError", "InputError", "ImageError",
     "CheckpointError", "ContextLengthError", "PlaceholderMismatchError", "UnknownVersionError",
+    "Video", "load_video", "VideoError",
+    "AudioError", "FeatureNotAvailableError", "load_wav",
     "__version__",
 ]
 
@@ -31,11 +36,16 @@ if TYPE_CHECKING:
     from .api import load
     from .engine.chat import ChatModel
     from .engine.session import ChatSession
+    from .processing.audio import load_wav
+    from .processing.video import Video, load_video
 
 _LAZY = {
     "load": ("minicpmv.api", "load"),
     "ChatModel": ("minicpmv.engine.chat", "ChatModel"),
     "ChatSession": ("minicpmv.engine.session", "ChatSession"),
+    "Video": ("minicpmv.processing.video", "Video"),
+    "load_video": ("minicpmv.processing.video", "load_video"),
+    "load_wav": ("minicpmv.processing.audio", "load_wav"),
 }
 
 

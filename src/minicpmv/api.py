@@ -9,6 +9,7 @@ code found in the checkpoint. Chatting itself lives in ``engine/chat.py`` and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -69,10 +70,12 @@ def load(
     path = resolve_checkpoint(str(path_or_repo_id), revision=revision)
     raw, spec = read_config(path, version=version)
     torch_dtype = parse_dtype(dtype)
-    cfg = ModelConfig.from_hf_dict(raw, family=spec.llm_family, temporal=spec.temporal_resampler)
+    cfg = ModelConfig.from_hf_dict(raw, **spec.config_kwargs())
     model = load_model(path, dtype=torch_dtype, device=torch.device(device), config=cfg)
     model.eval()
     processor = Processor.from_dir(path, spec, default_cfg=ProcessorConfig.from_model_config(cfg))
+    if cfg.audio is not None:  # audio placeholders follow config.json's audio_chunk_length
+        processor.audio_cfg = dataclasses.replace(processor.audio_cfg, chunk_seconds=cfg.audio.chunk_length)
     check_consistency(cfg, processor.cfg)
     log.info("loaded MiniCPM-V %s from %s (%s, %s)", spec.name, path, torch_dtype, device)
     return ChatModel(model, processor, spec, cfg, path=str(path))

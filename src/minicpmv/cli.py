@@ -33,6 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     chat.add_argument("question", nargs="?", help="the question (omit with -i)")
     chat.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    chat.add_argument("--audio", action="append", default=[],
+                      help="16 kHz mono PCM WAV clip (repeatable; MiniCPM-o checkpoints)")
+    chat.add_argument("--video", action="append", default=[],
+                      help="video file (repeatable; needs the [video] extra); sampled as the model card does")
+    chat.add_argument("--fps", type=float, default=None,
+                      help="video: frames sampled per second of video (default: the model card's, 2.6: 1, 4.5: 5)")
+    chat.add_argument("--max-frames", type=int, default=None,
+                      help="video: at most this many frames (2.6, default 64) / frame groups (4.5, default 180)")
+    chat.add_argument("--packing", type=int, default=None,
+                      help="video (4.5): force this many frames per 3D-resampler group (1..6)")
+    chat.add_argument("--max-inp-length", type=int, default=None,
+                      help="prompt token limit (default: the official one; with --video: the model's context)")
     chat.add_argument("--system", default="", help="system prompt")
     chat.add_argument("--think", action="store_true", help="enable thinking mode (4.5)")
     chat.add_argument("-i", "--interactive", action="store_true", help="multi-turn session on the terminal")
@@ -52,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     conf = sub.add_parser("conformance", help="run golden-vector cases against the reference outputs")
     conf.add_argument("cases", nargs="+", type=Path, help="case directories (or directories of cases)")
     conf.add_argument("--checkpoint", type=Path, default=None, help="default: CASE_DIR/../_checkpoint")
+
+    ui = sub.add_parser("ui", help="local web UI: chat with images in the browser (needs the [ui] extra)")
+    _add_model_args(ui)
+    ui.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    ui.add_argument("--max-new-tokens", type=int, default=1024, help="initial value of the page's slider")
+
+    from .serve.config import add_serve_arguments  # no FastAPI import: just the flags
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the [serve] extra)")
+    _add_model_args(srv)
+    add_serve_arguments(srv)
     return parser
 
 
@@ -75,18 +99,69 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if not args.interactive and not args.question:
         raise MiniCPMVError("give a question, or -i for an interactive session")
     images = [load_image(p) for p in args.image]
+    audios = _audios(args.audio)
+    videos = _videos(args)
     model = load(args.model, dtype=args.dtype, device=args.device)
     session = ChatSession(
         model, system_prompt=args.system, enable_thinking=args.think,
-        max_slice_nums=args.max_slice_nums, **_generation_kwargs(args),
+        max_slice_nums=args.max_slice_nums, max_inp_length=_max_inp_length(args, model, bool(videos)),
+        **_generation_kwargs(args),
     )
-    first: list[Any] = [*images, args.question] if args.question else list(images)
+    media: list[Any] = [*images, *audios, *videos]
+    first: list[Any] = [*media, args.question] if args.question else media
     if args.question:
         _print_stream(session.ask(first, stream=True))
         first = []
     if args.interactive:
-        _interactive(session, first)
+        _interactive(session, first, _video_options(args))
     return 0
+
+
+def _video_options(args: argparse.Namespace) -> dict[str, Any]:
+    names = {"fps": "fps", "max_frames": "max_frames", "packing": "packing"}
+    return {key: getattr(args, attr) for key, attr in names.items() if getattr(args, attr) is not None}
+
+
+def _videos(args: argparse.Namespace) -> list[Any]:
+    """--video files as Video items (probed now, so a bad file fails before the model loads)."""
+    from .processing.video import Video
+
+    options = _video_options(args)
+    if options and not args.video and not args.interactive:
+        raise MiniCPMVError("--fps, --max-frames and --packing apply to --video")
+    videos = [Video(p, **options) for p in args.video]
+    for v in videos:
+        v.info()
+    return videos
+
+
+def _max_inp_length(args: argparse.Namespace, model: Any, has_video: bool) -> int | None:
+    """With a video, the prompt may use the model's whole context (less the answer's tokens)."""
+    if args.max_inp_length is not None or not has_video:
+        return args.max_inp_length
+    return max(model.config.text.max_position_embeddings - args.max_new_tokens, 1)
+
+
+def _attach_video(session: Any, path: str, options: dict[str, Any]) -> Any:
+    from .processing.video import Video
+
+    video = Video(path, **options)
+    video.info()
+    if session.max_inp_length is None:
+        context = session.model.config.text.max_position_embeddings
+        session.max_inp_length = max(context - session.generation.get("max_new_tokens", 2048), 1)
+    return video
+
+
+def _audios(paths: list[str]) -> list[Any]:
+    """--audio WAV files as checked waveforms (a bad file fails before the model loads)."""
+    from .processing.audio import AudioFeatureConfig, check_waveform, load_wav
+
+    out = []
+    for p in paths:
+        data, rate = load_wav(p)
+        out.append(check_waveform(data, rate, AudioFeatureConfig(), p))
+    return out
 
 
 def _print_stream(chunks: Any) -> None:
@@ -96,10 +171,11 @@ def _print_stream(chunks: Any) -> None:
     sys.stdout.write("\n")
 
 
-def _interactive(session: Any, pending_images: list[Any]) -> None:
+def _interactive(session: Any, pending_images: list[Any], video_options: dict[str, Any] | None = None) -> None:
     from .processing.image import load_image
 
-    sys.stderr.write("Interactive chat. ':image PATH' attaches an image, ':reset' clears, ':quit' exits.\n")
+    sys.stderr.write("Interactive chat. ':image PATH' attaches an image, ':video PATH' a video, ':reset' clears, "
+                     "':quit' exits.\n")
     while True:
         try:
             line = input("> ").strip()
@@ -118,6 +194,12 @@ def _interactive(session: Any, pending_images: list[Any]) -> None:
             except MiniCPMVError as e:
                 sys.stderr.write(f"error: {e}\n")
             continue
+        if line.startswith(":video "):
+            try:
+                pending_images.append(_attach_video(session, line[7:].strip(), video_options or {}))
+            except MiniCPMVError as e:
+                sys.stderr.write(f"error: {e}\n")
+            continue
         _print_stream(session.ask([*pending_images, line], stream=True))
         pending_images = []
 
@@ -130,7 +212,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"checkpoint   {info['path']}")
-    print(f"version      MiniCPM-V {info['version']} ({info['llm_family']} backbone)")
+    unverified = "  [unverified: no reference vectors]" if info.get("unverified") else ""
+    title = info.get("title") or f"MiniCPM-V {info['version']}"
+    print(f"version      {title} ({info['llm_family']} backbone){unverified}")
     print(f"dtype        {info['dtype']}")
     for name, n in info["parameters"].items():
         print(f"params       {name:<10} {n:>15,d}")
@@ -157,11 +241,29 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return 0 if not failed and results else 1
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from .ui import launch
+
+    launch(args.model, port=args.port, host=args.host, dtype=args.dtype, device=args.device,
+           max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+    from .serve.config import config_from_args
+
+    serve(config_from_args(args), host=args.host, port=args.port,
+          log_level="info" if args.verbose else "warning")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"chat": cmd_chat, "inspect": cmd_inspect, "conformance": cmd_conformance}
+    handlers = {"chat": cmd_chat, "inspect": cmd_inspect, "conformance": cmd_conformance, "ui": cmd_ui,
+                "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except MiniCPMVError as e:

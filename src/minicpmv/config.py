@@ -48,6 +48,10 @@ class TextConfig:
     hidden_act: str = "silu"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # MiniCPM (2.0) µP scalars; None where the config has none (read by modeling/llm/<family>.py)
+    scale_emb: float | None = None
+    scale_depth: float | None = None
+    dim_model_base: int | None = None
 
 
 @dataclass(frozen=True)
@@ -78,8 +82,30 @@ class ResamplerConfig:
     kv_dim: int  # = vision hidden size
     num_heads: int  # = embed_dim // 128 in every official release
     temporal: bool = False  # 4.5: 3D resampler with temporal position embedding + frame groups
+    query_pos_embed: bool = False  # 2.0: a stored [Q, D] position table added to the queries
     max_size: tuple[int, int] = (70, 70)
     max_temporal_size: int = 72000
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """MiniCPM-o audio input: Whisper-style encoder (``audio_config``) + projector + pooling."""
+
+    d_model: int = 1024
+    encoder_layers: int = 24
+    encoder_attention_heads: int = 16
+    encoder_ffn_dim: int = 4096
+    num_mel_bins: int = 80
+    max_source_positions: int = 1500
+    layer_norm_eps: float = 1e-5  # torch LayerNorm default, as WhisperEncoder
+    pool_step: int = 2  # audio_pool_step: AvgPool1d kernel and stride
+    chunk_length: float = 1.0  # audio_chunk_length in seconds: encoder block mask and placeholders
+    chunk_input: bool = True  # config "chunk_input": the encoder uses the chunk block mask
+
+    @property
+    def projector_in_dim(self) -> int:
+        """Input width of ``audio_projection_layer`` (the reference uses encoder_ffn_dim // 4)."""
+        return self.encoder_ffn_dim // 4
 
 
 @dataclass(frozen=True)
@@ -167,6 +193,9 @@ class ModelConfig:
     vision_batch_size: int = 16
     drop_vision_last_layer: bool = False
     batch_3d_resampler: bool = True
+    vision_tower: str = "navit"  # "navit" | "idefics2" | "timm_siglip" (from the version table)
+    audio: AudioConfig | None = None  # MiniCPM-o: audio encoder present (init_audio)
+    tts: bool = False  # MiniCPM-o: TTS weights present (init_tts); kept, not run
     torch_dtype: str = "bfloat16"
     quantization: dict[str, Any] | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -181,7 +210,7 @@ class ModelConfig:
         return replace(self, text=replace(self.text, num_hidden_layers=n))
 
     @classmethod
-    def from_file(cls, path: str | Path, *, family: str, temporal: bool) -> ModelConfig:
+    def from_file(cls, path: str | Path, *, family: str, temporal: bool, **options: Any) -> ModelConfig:
         p = Path(path)
         try:
             d = json.loads(p.read_text(encoding="utf-8"))
@@ -189,15 +218,20 @@ class ModelConfig:
             raise ConfigError(f"no config.json at {p}") from e
         except json.JSONDecodeError as e:
             raise ConfigError(f"{p} is not valid JSON: {e}") from e
-        return cls.from_hf_dict(d, family=family, temporal=temporal)
+        return cls.from_hf_dict(d, family=family, temporal=temporal, **options)
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], *, family: str, temporal: bool) -> ModelConfig:
-        """Parse an official config.json. ``family``/``temporal`` come from the version table."""
+    def from_hf_dict(
+        cls, d: dict[str, Any], *, family: str, temporal: bool, vision_tower: str = "navit",
+        resampler_query_pos: bool = False,
+    ) -> ModelConfig:
+        """Parse an official config.json. The keyword arguments come from the version table
+        (``VersionSpec.config_kwargs()``): backbone family, resampler and vision-tower variant."""
         text = _text_config(d, family)
-        vision = _vision_config(d)
+        vision = _timm_vision_config(d) if vision_tower == "timm_siglip" else _vision_config(d)
         query_num = int(d.get("query_num", 64))
-        sd = dict(d.get("slice_config") or {})
+        # 2.0 keeps the slicing fields at the top level instead of in slice_config
+        sd = dict(d.get("slice_config") or {k: d[k] for k in ("max_slice_nums", "scale_resolution") if k in d})
         # The official config class copies vision_config.patch_size over the top-level value.
         slice_cfg = SliceConfig(
             max_slice_nums=int(sd.get("max_slice_nums", 1)),
@@ -211,7 +245,10 @@ class ModelConfig:
             kv_dim=vision.hidden_size,
             num_heads=max(text.hidden_size // 128, 1),
             temporal=temporal,
+            query_pos_embed=resampler_query_pos,
         )
+        if d.get("init_vision") is False:
+            raise ConfigError("config.json: init_vision=false (no vision tower) is not supported")
         unknown = sorted(set(d) - _KNOWN_KEYS)
         if unknown:
             log.debug("config.json keys not used by minicpmv: %s", unknown)
@@ -227,6 +264,10 @@ class ModelConfig:
             # The official config class defaults this to True when the key is absent.
             drop_vision_last_layer=bool(d.get("drop_vision_last_layer", True)),
             batch_3d_resampler=bool(d.get("batch_3d_resampler", True)),
+            vision_tower=vision_tower,
+            audio=_audio_config(d),
+            # the MiniCPM-o config class defaults init_tts to true
+            tts=d.get("tts_config") is not None and bool(d.get("init_tts", True)),
             torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "bfloat16"),
             quantization=d.get("quantization_config"),
             raw=d,
@@ -239,6 +280,9 @@ _KNOWN_KEYS = _IGNORED_KEYS | {
     "max_position_embeddings", "attention_bias", "vision_config", "query_num",
     "slice_config", "slice_mode", "use_image_id", "vision_batch_size",
     "drop_vision_last_layer", "batch_3d_resampler", "patch_size",
+    "scale_emb", "scale_depth", "dim_model_base", "vision_encoder", "tiny_vision_overrides",
+    "max_slice_nums", "scale_resolution", "audio_config", "audio_pool_step", "audio_chunk_length",
+    "init_audio", "init_vision", "init_tts", "tts_config", "chunk_input",
 }
 
 
@@ -265,6 +309,9 @@ def _text_config(d: dict[str, Any], family: str) -> TextConfig:
         rope_theta=float(d.get("rope_theta", 10000.0)),
         max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
         attention_bias=bool(d.get("attention_bias", family == "qwen2")),
+        scale_emb=_opt_float(d, "scale_emb"),
+        scale_depth=_opt_float(d, "scale_depth"),
+        dim_model_base=None if d.get("dim_model_base") is None else int(d["dim_model_base"]),
         qk_norm=family == "qwen3",
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         bos_token_id=d.get("bos_token_id"),
@@ -288,3 +335,65 @@ def _vision_config(d: dict[str, Any]) -> VisionConfig:
     if vision.hidden_act != "gelu_pytorch_tanh":
         raise ConfigError(f"config.json: vision hidden_act={vision.hidden_act!r} is not supported")
     return vision
+
+
+def _opt_float(d: dict[str, Any], key: str) -> float | None:
+    return None if d.get(key) is None else float(d[key])
+
+
+# timm model names used by MiniCPM-V 2.0 -> (embed_dim, depth, num_heads, mlp_ratio, patch, img_size)
+_TIMM_TOWERS: dict[str, tuple[int, int, int, float, int, int]] = {
+    "vit_so400m_patch14_siglip_384": (1152, 27, 16, 3.7362, 14, 384),
+}
+
+
+def _timm_vision_config(d: dict[str, Any]) -> VisionConfig:
+    """2.0: the tower is named by a timm model (``vision_encoder``); its shape is fixed by the name.
+
+    ``tiny_vision_overrides`` ({embed_dim, depth, num_heads}, not an official field) shrinks it for
+    test checkpoints the way timm keyword overrides do (the MLP ratio stays the registry's).
+    """
+    name = str(_req(d, "vision_encoder", "config.json")).split(".")[0]
+    if name not in _TIMM_TOWERS:
+        raise ConfigError(
+            f"config.json: vision_encoder {d['vision_encoder']!r} is not supported; known: {sorted(_TIMM_TOWERS)}"
+        )
+    dim, depth, heads, mlp_ratio, patch, img = _TIMM_TOWERS[name]
+    over = dict(d.get("tiny_vision_overrides") or {})
+    unknown = sorted(set(over) - {"embed_dim", "depth", "num_heads"})
+    if unknown:
+        raise ConfigError(f"config.json: tiny_vision_overrides has unsupported keys {unknown}")
+    dim = int(over.get("embed_dim", dim))
+    return VisionConfig(
+        hidden_size=dim,
+        intermediate_size=int(dim * mlp_ratio),
+        num_hidden_layers=int(over.get("depth", depth)),
+        num_attention_heads=int(over.get("num_heads", heads)),
+        patch_size=patch,
+        image_size=img,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",  # timm's default: exact (erf) GELU
+    )
+
+
+def _audio_config(d: dict[str, Any]) -> AudioConfig | None:
+    """MiniCPM-o: the Whisper encoder settings, or None without ``audio_config`` / init_audio=false."""
+    ad = d.get("audio_config")
+    if ad is None or not d.get("init_audio", True):
+        return None
+    if not isinstance(ad, dict):
+        raise ConfigError("config.json: audio_config must be an object")
+    act = ad.get("activation_function", "gelu")
+    if act != "gelu":
+        raise ConfigError(f"config.json: audio_config.activation_function={act!r} is not supported (only gelu)")
+    return AudioConfig(
+        d_model=int(ad.get("d_model", 1024)),
+        encoder_layers=int(ad.get("encoder_layers", 24)),
+        encoder_attention_heads=int(ad.get("encoder_attention_heads", 16)),
+        encoder_ffn_dim=int(ad.get("encoder_ffn_dim", 4096)),
+        num_mel_bins=int(ad.get("num_mel_bins", 80)),
+        max_source_positions=int(ad.get("max_source_positions", 1500)),
+        pool_step=int(d.get("audio_pool_step", 2)),
+        chunk_length=float(d.get("audio_chunk_length", 1.0)),
+        chunk_input=bool(d.get("chunk_input", True)),
+    )

@@ -2,10 +2,11 @@
 
 A case directory holds ``inputs/`` (msgs.json, params.json, images) and ``expected/``
 (meta.json, tensors.safetensors, slices/*.png) in the format documented in
-``tests/data/conformance/README.md``. ``run_case`` loads the checkpoint in float32, feeds the
-inputs through our processor, vision tower, resampler, embedding merge and generator, and
-returns one ``StageResult`` per stage. This module is a tool on top of the public API; nothing
-in the library imports it.
+``tests/data/conformance/README.md``; cases with ``expected/tensors.npz`` (2.0, 2.5,
+o2.6) are run by ``conformance_npz.NpzCaseRunner`` instead (``make_runner`` picks).
+``run_case`` loads the checkpoint in float32, feeds the inputs through our processor, vision
+tower, resampler, embedding merge and generator, and returns one ``StageResult`` per stage.
+This module is a tool on top of the public API; nothing in the library imports it.
 """
 
 from __future__ import annotations
@@ -235,6 +236,14 @@ def _pixel_stats(p: np.ndarray) -> list[float]:
     return [float(x.sum()), float((x * x).sum()), float((x * w).sum()), float(p.size)]
 
 
+def make_runner(chat_model: ChatModel, case_dir: Path) -> Any:
+    """The runner for the case's vector format: ``tensors.safetensors`` (2.6 / 4.5) or
+    ``tensors.npz`` (2.0 / 2.5 / o2.6, see ``conformance_npz``)."""
+    from .conformance_npz import NpzCaseRunner, is_npz_case
+
+    return NpzCaseRunner(chat_model, case_dir) if is_npz_case(case_dir) else CaseRunner(chat_model, case_dir)
+
+
 def run_cases(
     case_dirs: list[Path],
     *,
@@ -249,7 +258,7 @@ def run_cases(
         ckpt = (checkpoint or case / ".." / "_checkpoint").resolve()
         if ckpt not in models:
             models[ckpt] = loader(ckpt)
-        for r in CaseRunner(models[ckpt], case).run():
+        for r in make_runner(models[ckpt], case).run():
             results.append(r)
             report(r)
     return results

@@ -52,6 +52,14 @@ class ImageError(InputError):
     """An image is missing, unreadable, truncated or too large."""
 
 
+class VideoError(InputError):
+    """A video is missing, unreadable, corrupt, empty or uses a codec that cannot be decoded."""
+
+
+class AudioError(InputError):
+    """An audio clip has the wrong sample rate, dtype or shape, is too long, or is unreadable."""
+
+
 class PlaceholderMismatchError(InputError):
     """The number of image placeholders does not match the number of images / features."""
 
@@ -70,3 +78,7 @@ class TemplateError(MiniCPMVError):
 
 class FeatureNotAvailableError(MiniCPMVError, NotImplementedError):
     """The checkpoint supports a feature that this package does not implement yet."""
+
+
+class OverloadedError(MiniCPMVError):
+    """The batch engine's queue is full (or it is shutting down); retry the request later."""

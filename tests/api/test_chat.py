@@ -155,7 +155,7 @@ def test_unknown_version(tmp_path):
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["version"] = 3.1
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(minicpmv.UnknownVersionError, match="2.6, 4.5"):
+    with pytest.raises(minicpmv.UnknownVersionError, match="2.6, o2.6, 4.0, 4.5"):
         minicpmv.load(ckpt, dtype="float32")
 
 

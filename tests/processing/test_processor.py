@@ -301,6 +301,8 @@ def test_literal_markers_in_text(real45_processor: Processor, text: str) -> None
 
 def test_unknown_item_and_first_role(real45_processor: Processor) -> None:
     with pytest.raises(InputError, match="unsupported"):
+        real45_processor([[{"role": "user", "content": ["q", {"type": "hologram", "hologram": "v.holo"}]}]])
+    with pytest.raises(InputError, match="does not exist"):  # video items are supported (tests/video)
         real45_processor([[{"role": "user", "content": ["q", {"type": "video", "video": "v.mp4"}]}]])
     with pytest.raises(InputError, match="first message"):
         real45_processor([[{"role": "assistant", "content": "q"}]])

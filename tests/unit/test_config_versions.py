@@ -69,9 +69,9 @@ def test_version_lookup(value, name):
     assert get_version(value).name == name
 
 
-@pytest.mark.parametrize("value", [2.0, "4.0", "banana", 3])
+@pytest.mark.parametrize("value", [1.0, "4.1", "banana", 3])
 def test_unknown_versions_list_known_ones(value):
-    with pytest.raises(UnknownVersionError, match="known versions: 2.6, 4.5"):
+    with pytest.raises(UnknownVersionError, match="known versions: 2.0, 2.5, 2.6, o2.6, 4.0, 4.5"):
         get_version(value)
 
 
@@ -81,7 +81,7 @@ def test_missing_version_field():
 
 
 def test_table_is_data():
-    assert {v.llm_family for v in VERSIONS.values()} == {"qwen2", "qwen3"}
+    assert {v.llm_family for v in VERSIONS.values()} == {"qwen2", "qwen3", "llama", "minicpm"}
     assert VERSIONS["4.5"].supports_thinking and not VERSIONS["2.6"].supports_thinking
     assert VERSIONS["2.6"].sampling_preset["repetition_penalty"] == 1.05
     assert VERSIONS["4.5"].sampling_preset["repetition_penalty"] == 1.03

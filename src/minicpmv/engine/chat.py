@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
-from ..errors import ContextLengthError, InputError
+from ..errors import ContextLengthError, FeatureNotAvailableError, InputError
 from ..processing.processor import ModelInputs, Processor
 from ..versions import VersionSpec
 from .compat import official_generation_params
@@ -130,6 +130,23 @@ class ChatModel:
             n = len(conv)
             out.append(torch.stack(found[start : start + n]) if n else None)  # [n, Q, H]
             start += n
+        return self._append_audio(inputs, out)
+
+    def _append_audio(self, inputs: ModelInputs, feats: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """MiniCPM-o: each conversation's audio rows [T, H] after its image rows (flattened to
+        [n*Q + T, H]), in the order of ``image_bounds + audio_bounds``. All clips of the batch are
+        encoded together, as the reference does."""
+        audio = getattr(inputs, "audio_features", None) or []
+        if not any(audio):
+            return feats
+        rows = self.model.encode_audio([torch.from_numpy(a) for conv in audio for a in conv])  # [T_i, H]
+        out: list[torch.Tensor | None] = []
+        k = 0
+        for b, f in enumerate(feats):
+            n = len(audio[b])
+            parts = ([f.reshape(-1, f.shape[-1])] if f is not None else []) + list(rows[k : k + n])
+            k += n
+            out.append(torch.cat([t.to(parts[0].dtype) for t in parts]) if parts else None)  # [rows, H]
         return out
 
     def prepare(
@@ -150,8 +167,12 @@ class ChatModel:
                 "shorten the conversation or use fewer/smaller images (max_slice_nums)"
             )
         ids = ids.to(self.device)
+        # 2.0 / 2.5 call generate() without an attention mask: no id-0 quirk there
+        mask_bang_token = mask_bang_token and self.version.prompt_masks_id0
         mask = build_attention_mask(ids, pads, mask_bang_token=mask_bang_token)
-        bounds = [[(s + pad, e + pad) for s, e in inputs.image_bounds[b]] for b, pad in enumerate(pads)]
+        audio_bounds = getattr(inputs, "audio_bounds", None) or [[] for _ in pads]
+        bounds = [[(s + pad, e + pad) for s, e in [*inputs.image_bounds[b], *audio_bounds[b]]]
+                  for b, pad in enumerate(pads)]
         embeds = self.model.embed(ids, features, bounds)  # [B, T, H]
         return PreparedBatch(inputs, ids, mask, embeds, pads)
 
@@ -163,7 +184,8 @@ class ChatModel:
             ids = ids[1:]
         if ids and ids[-1] in self.terminator_ids():
             ids = ids[:-1]
-        return self.tokenizer.decode(ids, skip_special_tokens=False).strip()
+        text = _strip_all(self.tokenizer.decode(ids, skip_special_tokens=False), self.version.strip_from_answer)
+        return text.strip() if self.version.strip_answer else text
 
     # ------------------------------------------------------------------ chat
     def chat(
@@ -182,15 +204,25 @@ class ChatModel:
         temporal_ids: Any = None,
         enable_thinking: bool = False,
         mask_bang_token: bool = True,
+        use_tts_template: bool = False,
+        generate_audio: bool = False,
         **gen_kwargs: Any,
     ) -> str | list[str] | Iterator[str]:
         """Answer one conversation (a list of messages) or a batch (a list of conversations).
 
         Keyword arguments follow the official ``MiniCPMV.chat``; ``mask_bang_token=False`` turns
         off the reference's id-0 quirk (spec §16.1). Extra generation kwargs are merged like the
-        reference does (see ``compat.py``); ``seed`` makes sampling reproducible.
+        reference does (see ``compat.py``); ``seed`` makes sampling reproducible. MiniCPM-o:
+        ``msgs`` may hold audio clips (16 kHz mono numpy arrays or ``{"type": "audio", ...}``),
+        ``use_tts_template`` selects the speech template, and ``generate_audio=True`` raises
+        ``FeatureNotAvailableError`` (speech output is not implemented).
         """
         conversations, batched = normalise_msgs(msgs, image)
+        if generate_audio:
+            raise FeatureNotAvailableError(
+                f"speech output (generate_audio=True) is not available yet for {self.version.title}: the TTS "
+                "weights load but are not run; call chat() without generate_audio to get the text answer"
+            )
         if enable_thinking and not self.version.supports_thinking:
             raise InputError(f"MiniCPM-V {self.version.name} has no thinking mode (enable_thinking=True)")
         params = official_generation_params(
@@ -210,6 +242,8 @@ class ChatModel:
             enable_thinking=enable_thinking if self.version.supports_thinking else None,
             max_length=max_inp_length,
         )
+        if use_tts_template:
+            proc_kwargs["use_tts_template"] = True
         if stream:
             if batched:
                 raise InputError("stream=True supports a single conversation, not a batch")
@@ -243,7 +277,7 @@ class ChatModel:
         enable_thinking: bool,
     ) -> Iterator[str]:
         terminators = set(self.terminator_ids())
-        term_text = [self.tokenizer.id_to_token(t) for t in terminators]
+        term_text = [self.tokenizer.id_to_token(t) for t in terminators] + list(self.version.strip_from_answer)
 
         def run() -> Iterator[str]:
             if enable_thinking:

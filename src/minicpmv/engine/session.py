@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..processing.video import resolve_video_items
 from .chat import ChatModel, PreparedBatch, normalise_msgs
 from .compat import official_generation_params
 from .features import FeatureCache
@@ -40,6 +41,7 @@ class ChatSession:
         enable_thinking: bool = False,
         mask_bang_token: bool = True,
         feature_cache: FeatureCache | None = None,
+        max_inp_length: int | None = None,
         **generation: Any,
     ) -> None:
         if enable_thinking and not model.version.supports_thinking:
@@ -51,6 +53,7 @@ class ChatSession:
         self.use_image_id = use_image_id
         self.enable_thinking = enable_thinking
         self.mask_bang_token = mask_bang_token
+        self.max_inp_length = max_inp_length  # None: the version's default (chat()'s max_inp_length)
         self.generation = generation
         self.features = feature_cache if feature_cache is not None else FeatureCache()
         self._cache: KVCache | None = None
@@ -86,6 +89,7 @@ class ChatSession:
 
     def _with_user_turn(self, content: Any) -> list[dict[str, Any]]:
         items = content if isinstance(content, list) else [content]
+        items = resolve_video_items(items)  # Video objects keep their decoded frames across turns
         conversation = self.history + [{"role": "user", "content": items}]
         normalise_msgs(conversation, None)  # validates the message shapes
         return conversation
@@ -109,6 +113,7 @@ class ChatSession:
             max_slice_nums=self.max_slice_nums,
             use_image_id=self.use_image_id,
             enable_thinking=self.enable_thinking if self.model.version.supports_thinking else None,
+            max_length=self.max_inp_length,
         )
         features = self.model.encode_features(inputs, self.features)
         return self.model.prepare_from(inputs, features, mask_bang_token=self.mask_bang_token)

@@ -113,7 +113,7 @@ def read_config(path: str | Path, *, version: str | None = None) -> tuple[dict[s
 def model_config(path: str | Path, *, version: str | None = None) -> ModelConfig:
     """The typed ModelConfig of a checkpoint directory (version-dependent parsing)."""
     raw, spec = read_config(path, version=version)
-    return ModelConfig.from_hf_dict(raw, family=spec.llm_family, temporal=spec.temporal_resampler)
+    return ModelConfig.from_hf_dict(raw, **spec.config_kwargs())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,11 +128,11 @@ def build_on_meta(cfg: ModelConfig) -> MiniCPMV:
 
 
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts per component (llm, vpm, resampler) and total, shared weights once."""
+    """Parameter counts per component (llm, vpm, resampler, audio parts) and total, shared weights once."""
     model = build_on_meta(cfg)
-    out = {
-        name: sum(p.numel() for p in getattr(model, name).parameters())
-        for name in ("llm", "vpm", "resampler")
+    out = {  # llm, vpm, resampler (+ apm, audio_projection_layer); kept TTS weights are not counted
+        name: n for name, child in model.named_children()
+        if (n := sum(p.numel() for p in child.parameters())) or name in ("llm", "vpm", "resampler")
     }
     out["total"] = sum(p.numel() for p in model.parameters())
     return out
@@ -270,6 +270,7 @@ def load_model(
     cfg = config if config is not None else model_config(path)
     stored = weight_files(path)
     model = build_on_meta(cfg)
+    _adopt_opaque(model, stored)
     slots = _param_slots(model)
     aliases = {k for k, v in slots.items() if not v}
     _check_keys(slots, aliases, stored)
@@ -281,6 +282,34 @@ def load_model(
     model.eval()
     log.info("loaded %s (%d tensors) as %s on %s", path, len(stored), dtype, device)
     return model
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _adopt_opaque(model: nn.Module, stored: dict[str, Path]) -> None:
+    """Give the model's kept-but-not-run parts (MiniCPM-o ``tts``) one slot per checkpoint key."""
+    children = model.opaque_children() if hasattr(model, "opaque_children") else {}
+    for prefix, holder in children.items():
+        keys = sorted(k for k in stored if k.startswith(prefix))
+        if not keys:
+            raise MissingWeightsError(
+                f"config.json enables '{prefix.rstrip('.')}' (init_tts with a tts_config) but the checkpoint "
+                f"has no '{prefix}*' tensors; set \"init_tts\": false in config.json to load without it"
+            )
+        shapes = {}
+        for k in keys:
+            view = _open(stored[k]).get_slice(k)
+            dtype = _ST_DTYPES.get(view.get_dtype())
+            if dtype is None:
+                raise CheckpointError(f"tensor {k!r} has unsupported dtype {view.get_dtype()}")
+            shapes[k[len(prefix):]] = (tuple(view.get_shape()), dtype)
+        holder.adopt(shapes)
+        log.info("kept %d '%s*' tensors that minicpmv does not run", len(keys), prefix)
 
 
 def _check_shapes(model: nn.Module, stored: dict[str, Path]) -> None:

@@ -18,13 +18,17 @@ _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 def inspect_checkpoint(path: Path) -> dict[str, Any]:
     """A JSON-able summary of the checkpoint at ``path`` (a directory with config.json)."""
     raw, spec = read_config(path)
-    cfg = ModelConfig.from_hf_dict(raw, family=spec.llm_family, temporal=spec.temporal_resampler)
+    cfg = ModelConfig.from_hf_dict(raw, **spec.config_kwargs())
     counts = count_parameters(cfg)
     total = counts["total"]
     has_weights = any(path.glob("*.safetensors"))
     return {
         "path": str(path),
         "version": spec.name,
+        "title": spec.title,
+        "vision_tower": cfg.vision_tower,
+        "audio": cfg.audio is not None,
+        "tts_weights": cfg.tts,
         "llm_family": spec.llm_family,
         "dtype": cfg.torch_dtype,
         "parameters": counts,

@@ -9,6 +9,9 @@ a ``tojson`` filter that keeps non-ASCII characters.
 PIL images, plus ``{"type": "text"|"image", ...}`` dicts) into plain ``{role, content: str}``
 messages with ``(<image>./</image>)`` tags, and the list of images in order. Unlike the
 reference, content items of unknown types are refused (InputError) instead of silently dropped.
+A video item (``Video`` or ``{"type": "video", "video": ...}``) becomes its sampled frames, one
+tag per frame joined with "\n" exactly like frames passed as images (the official recipes);
+``flatten_conversation`` also reports where each video's frames sit (``VideoSpan``).
 
 This module does not expand placeholders or tokenize (see ``processor.py``).
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NoReturn
 
@@ -26,7 +30,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 
 from ..errors import InputError, TemplateError
+from ..versions import VideoPolicy
 from .image import load_image
+from .video import Video, VideoFrames, as_video
 
 IMAGE_TAG = "(<image>./</image>)"
 ALLOWED_ROLES = ("user", "assistant")
@@ -108,19 +114,55 @@ def _check_message(i: int, msg: Any) -> tuple[str, Any]:
     return role, msg["content"]
 
 
-def _dict_item(item: dict[str, Any], where: str) -> str | Image.Image:
+@dataclass
+class VideoSpan:
+    """Where one video's sampled frames sit in the conversation's image list."""
+
+    start: int  # index of its first frame among all images of the conversation
+    video: VideoFrames
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.video.frames)
+
+
+@dataclass
+class FlatConversation:
+    """``flatten_conversation`` output: template messages, all images in tag order, video spans."""
+
+    messages: list[dict[str, str]]
+    images: list[Image.Image] = field(default_factory=list)
+    videos: list[VideoSpan] = field(default_factory=list)
+
+
+def _dict_item(item: dict[str, Any], where: str) -> str | Image.Image | Video:
     kind = item.get("type")
     if kind == "text" and isinstance(item.get("text"), str):
         return item["text"]
     if kind == "image" and item.get("image") is not None:
         return load_image(item["image"])
+    if kind == "video":
+        video = as_video(item)
+        assert video is not None
+        return video
     raise InputError(
         f"{where}: unsupported content item {item!r:.100}; use a string, a PIL image, "
-        "{'type': 'text', 'text': str} or {'type': 'image', 'image': PIL image | path | bytes}"
+        "{'type': 'text', 'text': str}, {'type': 'image', 'image': PIL image | path | bytes} or "
+        "{'type': 'video', 'video': path | file | frames}"
     )
 
 
-def _flatten_content(content: Any, where: str, images: list[Image.Image]) -> str:
+def _add_video(video: Video, where: str, out: FlatConversation, policy: VideoPolicy | None) -> list[str]:
+    if policy is None:
+        raise InputError(f"{where}: this model has no video recipe, so video items are not supported; "
+                         "pass the frames as images instead")
+    frames = video.expand(policy)
+    out.videos.append(VideoSpan(len(out.images), frames))
+    out.images.extend(frames.frames)
+    return [IMAGE_TAG] * len(frames.frames)
+
+
+def _flatten_content(content: Any, where: str, out: FlatConversation, policy: VideoPolicy | None) -> str:
     items = [content] if isinstance(content, str) else content
     if not isinstance(items, (list, tuple)):
         raise InputError(f"{where}: content must be a string or a list, got {type(content).__name__}")
@@ -132,28 +174,31 @@ def _flatten_content(content: Any, where: str, images: list[Image.Image]) -> str
             value = load_image(item)
         else:
             value = item
-        if isinstance(value, Image.Image):
-            images.append(value)
+        if isinstance(value, Video):
+            parts.extend(_add_video(value, where, out, policy))
+        elif isinstance(value, Image.Image):
+            out.images.append(value)
             parts.append(IMAGE_TAG)
         elif isinstance(value, str):
             parts.append(value)
         else:
             raise InputError(
                 f"{where}: unsupported content item of type {type(value).__name__}; "
-                "use strings, PIL images or {'type': 'text'|'image', ...} dicts"
+                "use strings, PIL images, minicpmv.Video or {'type': 'text'|'image'|'video', ...} dicts"
             )
     return "\n".join(parts)
 
 
-def flatten_messages(
-    msgs: Any, *, image: Image.Image | None = None, system_prompt: str = ""
-) -> tuple[list[dict[str, str]], list[Image.Image]]:
-    """chat()'s message assembly (spec §8.2 steps 2-4).
+def flatten_conversation(
+    msgs: Any, *, image: Image.Image | None = None, system_prompt: str = "",
+    video_policy: VideoPolicy | None = None,
+) -> FlatConversation:
+    """chat()'s message assembly (spec §8.2 steps 2-4), videos expanded under ``video_policy``.
 
     ``msgs`` (a list or its JSON text) is not modified: new message dicts are built. ``image``
     is put before the text of the first message, which must then be a string. Returns the
-    ``{role, content}`` messages for the template and the conversation's images (RGB), in
-    the order of their ``(<image>./</image>)`` tags.
+    ``{role, content}`` messages for the template, the conversation's images (RGB) in the
+    order of their ``(<image>./</image>)`` tags (video frames included) and the video spans.
     """
     messages = _parse_messages(msgs)
     if image is not None:
@@ -164,13 +209,22 @@ def flatten_messages(
                 "put the image inside the message content instead"
             )
         messages[0] = {**first, "content": [image, first["content"]]}
-    out: list[dict[str, str]] = []
-    images: list[Image.Image] = []
+    out = FlatConversation(messages=[])
     for i, msg in enumerate(messages):
         role, content = _check_message(i, msg)
-        out.append({"role": role, "content": _flatten_content(content, f"message {i}", images)})
+        text = _flatten_content(content, f"message {i}", out, video_policy)
+        out.messages.append({"role": role, "content": text})
     if system_prompt:
         if not isinstance(system_prompt, str):
             raise InputError(f"system_prompt must be a string, got {type(system_prompt).__name__}")
-        out.insert(0, {"role": "system", "content": system_prompt})
-    return out, images
+        out.messages.insert(0, {"role": "system", "content": system_prompt})
+    return out
+
+
+def flatten_messages(
+    msgs: Any, *, image: Image.Image | None = None, system_prompt: str = "",
+    video_policy: VideoPolicy | None = None,
+) -> tuple[list[dict[str, str]], list[Image.Image]]:
+    """``flatten_conversation`` as (template messages, images)."""
+    flat = flatten_conversation(msgs, image=image, system_prompt=system_prompt, video_policy=video_policy)
+    return flat.messages, flat.images

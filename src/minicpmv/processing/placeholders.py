@@ -5,10 +5,16 @@ grid part (rows joined by "\\n", each row cols x ``<slice><unk>*Q</slice>``) fro
 ``SlicePlan``. ``placeholder_token_count`` predicts how many tokens that text encodes to (every
 marker is one token, each digit of the image index is one token, each row break one token).
 
-It does not decide slicing (``slicing.py``), split prompts or tokenize (``processor.py``).
+``wrapped_placeholder`` is the 2.0 / 2.5 form (one ``<slice>`` pair around all slices, no image
+ids); ``PLACEHOLDER_SCHEMES`` maps ``VersionSpec.placeholder_scheme`` to the renderer and the
+markers that delimit feature rows. It does not decide slicing (``slicing.py``), split prompts or
+tokenize (``processor.py``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..config import ProcessorConfig
 from ..errors import InputError
@@ -59,3 +65,43 @@ def placeholder_token_count(plan: SlicePlan, query_num: int, image_index: int | 
     if image_index is not None:
         count += 2 + len(str(image_index))
     return count
+
+
+def wrapped_placeholder(plan: SlicePlan, cfg: ProcessorConfig, *, image_index: int | None = None) -> str:
+    """2.0 / 2.5 placeholder (spec 2.0 §2.6): every image and slice is ``<image><unk>*Q</image>``;
+    the slices follow the source image inside ONE ``<slice>...</slice>`` pair, rows joined by
+    "\\n". These releases have no image ids, so ``image_index`` is ignored."""
+    _check_index(image_index)
+    one = cfg.im_start + cfg.unk * cfg.image_feature_size + cfg.im_end
+    if plan.grid is None or not cfg.slice.slice_mode:
+        return one
+    cols, rows = plan.grid
+    return one + cfg.slice_start + "\n".join(one * cols for _ in range(rows)) + cfg.slice_end
+
+
+@dataclass(frozen=True)
+class PlaceholderScheme:
+    """How a release writes image placeholders and which markers delimit feature runs."""
+
+    name: str
+    render: Callable[..., str]  # (plan, cfg, *, image_index) -> text
+    slice_markers_bound_features: bool  # <slice>/</slice> open/close a run of <unk> rows
+
+    def start_markers(self, cfg: ProcessorConfig) -> tuple[str, ...]:
+        return (cfg.im_start, cfg.slice_start) if self.slice_markers_bound_features else (cfg.im_start,)
+
+    def end_markers(self, cfg: ProcessorConfig) -> tuple[str, ...]:
+        return (cfg.im_end, cfg.slice_end) if self.slice_markers_bound_features else (cfg.im_end,)
+
+
+PLACEHOLDER_SCHEMES: dict[str, PlaceholderScheme] = {
+    "per_slice": PlaceholderScheme("per_slice", image_placeholder, True),  # 2.6, o2.6, 4.0, 4.5
+    "wrapped": PlaceholderScheme("wrapped", wrapped_placeholder, False),  # 2.0, 2.5
+}
+
+
+def placeholder_scheme(name: str) -> PlaceholderScheme:
+    """The scheme named by ``VersionSpec.placeholder_scheme``."""
+    if name not in PLACEHOLDER_SCHEMES:
+        raise InputError(f"unknown placeholder scheme {name!r}; known: {sorted(PLACEHOLDER_SCHEMES)}")
+    return PLACEHOLDER_SCHEMES[name]

@@ -8,6 +8,12 @@ gets a placeholder (the text before a skipped frame is ``.strip()``-ed, as in th
 slices are emitted group -> slice index -> frame, and one temporal id list is output per
 (group, slice index); without ``temporal_ids`` 4.5 outputs ``[-1]`` per slice.
 
+Video items (``Video`` / ``{"type": "video"}``) are expanded by ``flatten_conversation`` into
+their sampled frames; the frames are sliced with the video's ``max_slice_nums`` and placed
+without image ids (video override, else the call's explicit value, else the version's
+``VideoPolicy``), and on 4.5 the recipe's frame groups become the temporal ids (other images of
+the same conversation get ``[-1]``, as without temporal ids).
+
 Deliberate difference from the reference: when truncation to ``max_length`` would cut into or
 drop an image placeholder, a ContextLengthError is raised instead of silently producing
 inputs whose image features no longer fit (text-only truncation is kept, with a warning).
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +45,10 @@ from ..errors import (
     TokenizerError,
 )
 from ..versions import VersionSpec
-from .chat_template import IMAGE_TAG, ChatTemplate, flatten_messages
+from .audio import AudioFeatureConfig, audio_token_count, clip_features, expand_audio_tags, extract_audio
+from .chat_template import IMAGE_TAG, ChatTemplate, FlatConversation, flatten_conversation
 from .image import image_content_hash, make_slices, to_patches
-from .placeholders import image_placeholder
+from .placeholders import image_placeholder, placeholder_scheme
 from .slicing import SlicePlan, plan_slices
 from .tokenizer import Tokenizer
 
@@ -63,6 +71,10 @@ class ModelInputs:
     expanded_prompts: list[str]  # the text that was tokenized
     slices: list[list[Image.Image]] = field(default_factory=list)  # per pixel_values entry
     image_hashes: list[list[str]] = field(default_factory=list)  # per image, message order
+    # MiniCPM-o: log-mel segments [n_mels, frames] (30-s pieces of every clip, message order) and
+    # the [start, end) rows of the audio placeholder groups; empty lists without audio
+    audio_features: list[list[np.ndarray]] = field(default_factory=list)
+    audio_bounds: list[list[Bound]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -164,6 +176,10 @@ class _Options:
     use_image_id: bool
     enable_thinking: bool | None
     max_length: int
+    slice_nums_given: int | None = None  # the call's explicit values (video frames follow them)
+    image_id_given: bool | None = None
+    tts_template: bool = False  # o2.6 use_tts_template (also implied by audio in the messages)
+    chunk_input: bool = True  # o2.6: audio placeholders in 1-s groups
 
 
 @dataclass
@@ -177,12 +193,17 @@ class _Conversation:
     temporal: list[list[int]]
     slices: list[Image.Image]
     hashes: list[str]
+    audio_features: list[np.ndarray] = field(default_factory=list)
+    audio_bounds: list[Bound] = field(default_factory=list)
 
 
 def expand_placeholders(
-    prompt: str, plans: list[SlicePlan], groups: list[range], cfg: ProcessorConfig, use_image_id: bool
+    prompt: str, plans: list[SlicePlan], groups: list[range], cfg: ProcessorConfig,
+    use_image_id: bool | Sequence[bool], render: Any = image_placeholder,
 ) -> str:
-    """Replace the k-th image tag by image k's placeholder (empty for skipped video frames)."""
+    """Replace the k-th image tag by image k's placeholder (empty for skipped video frames).
+
+    ``use_image_id`` is one flag for all images or one per image."""
     chunks = prompt.split(IMAGE_TAG)
     if len(chunks) - 1 != len(plans):
         raise PlaceholderMismatchError(
@@ -190,13 +211,14 @@ def expand_placeholders(
             "given; do not type the tag in message text, pass images as content items"
         )
     skipped = {i for frames in groups for i in frames if i != frames.start}
+    with_ids = [use_image_id] * len(plans) if isinstance(use_image_id, bool) else list(use_image_id)
     parts = []
     for k, plan in enumerate(plans):
         if k in skipped:
             parts.append(chunks[k].strip())
             continue
         parts.append(chunks[k])
-        parts.append(image_placeholder(plan, cfg, image_index=k if use_image_id else None))
+        parts.append(render(plan, cfg, image_index=k if with_ids[k] else None))
     parts.append(chunks[-1])
     return "".join(parts)
 
@@ -205,15 +227,18 @@ class Processor:
     """Turns conversations into ``ModelInputs`` for one checkpoint (tokenizer + template + cfg)."""
 
     def __init__(self, tokenizer: Tokenizer, template: ChatTemplate | str, version: VersionSpec,
-                 cfg: ProcessorConfig | None = None) -> None:
+                 cfg: ProcessorConfig | None = None, audio_cfg: AudioFeatureConfig | None = None) -> None:
         self.tokenizer = tokenizer
         self.template = template if isinstance(template, ChatTemplate) else ChatTemplate(template)
         self.version = version
         self.cfg = cfg if cfg is not None else ProcessorConfig()
         if not self.cfg.slice.slice_mode:
             raise FeatureNotAvailableError("preprocessor_config.json slice_mode=false is not supported")
-        self._start_ids = {self._marker_id(self.cfg.im_start), self._marker_id(self.cfg.slice_start)}
-        self._end_ids = {self._marker_id(self.cfg.im_end), self._marker_id(self.cfg.slice_end)}
+        self.scheme = placeholder_scheme(version.placeholder_scheme)
+        self._start_ids = {self._marker_id(t) for t in self.scheme.start_markers(self.cfg)}
+        self._end_ids = {self._marker_id(t) for t in self.scheme.end_markers(self.cfg)}
+        self.audio_cfg = audio_cfg if audio_cfg is not None else AudioFeatureConfig()
+        self.audio_template = ChatTemplate(version.audio_chat_template) if version.audio_chat_template else None
 
     def _marker_id(self, token: str) -> int:
         idx = self.tokenizer.token_to_id(token)
@@ -232,7 +257,8 @@ class Processor:
         if source is None:
             log.info("%s has no chat template; using the built-in %s template", root, version.name)
             source = version.fallback_chat_template
-        return cls(tokenizer, ChatTemplate(source), version, cfg)
+        audio_cfg = _read_audio_config(root / "preprocessor_config.json") if version.audio_input else None
+        return cls(tokenizer, ChatTemplate(source), version, cfg, audio_cfg)
 
     # ------------------------------------------------------------------ call
     def __call__(
@@ -245,14 +271,19 @@ class Processor:
         temporal_ids: Any = None,
         enable_thinking: bool | None = None,
         max_length: int | None = None,
+        use_tts_template: bool = False,
+        chunk_input: bool = True,
     ) -> ModelInputs:
-        """Process a batch of official-format conversations (each a list of messages)."""
+        """Process a batch of official-format conversations (each a list of messages).
+
+        ``use_tts_template`` / ``chunk_input`` are MiniCPM-o's (speech template; 1-s audio groups)."""
         if not isinstance(conversations, (list, tuple)) or not conversations:
             raise InputError("conversations must be a non-empty list of message lists")
         if isinstance(conversations[0], dict):
             raise InputError("conversations must be a list of conversations (each a list of messages); "
                              "wrap a single conversation in a list: processor([msgs])")
         opts = self._options(system_prompt, max_slice_nums, use_image_id, enable_thinking, max_length)
+        opts.tts_template, opts.chunk_input = bool(use_tts_template), bool(chunk_input)
         if temporal_ids is not None and not self.version.temporal_resampler:
             raise InputError(f"temporal_ids are not supported by MiniCPM-V {self.version.name}")
         per_conv = split_temporal_ids(temporal_ids, len(conversations))
@@ -273,14 +304,19 @@ class Processor:
             use_image_id=self.cfg.use_image_id if use_image_id is None else bool(use_image_id),
             enable_thinking=enable_thinking,
             max_length=int(length),
+            slice_nums_given=max_slice_nums,
+            image_id_given=use_image_id,
         )
 
-    def render(self, messages: list[dict[str, str]], enable_thinking: bool | None = None) -> str:
-        """The chat-template text, called as chat() calls apply_chat_template."""
+    def render(self, messages: list[dict[str, str]], enable_thinking: bool | None = None,
+               audio: bool = False) -> str:
+        """The chat-template text, called as chat() calls apply_chat_template (``audio``: the
+        release's audio template, o2.6's speech framing)."""
         kwargs: dict[str, Any] = dict(self.tokenizer.special_tokens_map)
         if self.version.supports_thinking:
             kwargs["enable_thinking"] = bool(enable_thinking)  # chat() always passes it (False)
-        return self.template.render(messages, add_generation_prompt=True, **kwargs)
+        template = self.audio_template if audio and self.audio_template is not None else self.template
+        return template.render(messages, add_generation_prompt=True, **kwargs)
 
     def _plan(self, img: Image.Image, max_slice_nums: int) -> SlicePlan:
         s = self.cfg.slice
@@ -288,13 +324,20 @@ class Processor:
                            scale_resolution=s.scale_resolution, patch_size=s.patch_size)
 
     def _one(self, conv: Any, opts: _Options, groups: list[list[int]] | None, index: int) -> _Conversation:
-        messages, images = flatten_messages(conv, system_prompt=opts.system_prompt)
-        prompt = self.render(messages, opts.enable_thinking)
-        plans = [self._plan(img, opts.max_slice_nums) for img in images]
+        conv, clips, system = self._split_inputs(conv, opts.system_prompt, index)
+        flat = flatten_conversation(conv, system_prompt=system, video_policy=self.version.video)
+        images = flat.images
+        self._check_image_count(len(images), index)
+        prompt = self.render(flat.messages, opts.enable_thinking, audio=bool(clips) or opts.tts_template)
+        slice_nums, with_ids = self._media_settings(flat, opts)
+        plans = [self._plan(img, n) for img, n in zip(images, slice_nums, strict=True)]
+        groups = self._video_groups(flat, groups, index)
         frames = _frame_groups(groups, plans, index)
-        expanded = expand_placeholders(prompt, plans, frames, self.cfg, opts.use_image_id)
+        expanded = expand_placeholders(prompt, plans, frames, self.cfg, with_ids, self.scheme.render)
+        if clips:
+            expanded = expand_audio_tags(expanded, clips, self.audio_cfg, chunked=opts.chunk_input)
         order = [(i, s) for fr in frames for s in range(plans[fr.start].num_slices) for i in fr]
-        ids = self._truncate(self.tokenizer.encode(expanded), opts.max_length, index)
+        ids = self._truncate(self.tokenizer.encode(expanded), opts.max_length, index, _video_hint(flat))
         bounds = self.image_bounds(ids, expected=sum(plans[fr.start].num_slices for fr in frames))
         cut = [make_slices(img, plan) for img, plan in zip(images, plans, strict=True)]
         cfg, s = self.cfg, self.cfg.slice
@@ -309,10 +352,95 @@ class Processor:
             temporal=_temporal_output(groups, frames, plans),
             slices=slices,
             hashes=[image_content_hash(img) for img in images],
+            audio_features=[seg for clip in clips for seg in clip_features(clip, self.audio_cfg)],
+            audio_bounds=self.audio_bounds(ids, clips, index),
         )
 
+    # ------------------------------------------------------------------ older releases, audio
+    def _split_inputs(self, conv: Any, system_prompt: str, index: int) -> tuple[Any, list[np.ndarray], str]:
+        """Audio items out of the messages (o2.6), a leading system message into the system
+        prompt (o2.6), and the version's system-prompt and audio rules."""
+        if isinstance(conv, str):
+            try:
+                conv = json.loads(conv)
+            except json.JSONDecodeError as e:
+                raise InputError(f"conversation {index} is a string but not valid JSON: {e}") from e
+        if not isinstance(conv, (list, tuple)):
+            return conv, [], system_prompt  # flatten_conversation reports the error
+        conv, clips = extract_audio(list(conv), self.audio_cfg)
+        if clips and not self.version.audio_input:
+            raise InputError(f"{self.version.title} does not take audio input; use a MiniCPM-o checkpoint")
+        first = conv[0] if conv else None
+        if self.version.system_role_in_msgs and isinstance(first, dict) and first.get("role") == "system":
+            if system_prompt:
+                raise InputError("give the system prompt as a system message or as system_prompt=..., not both")
+            system_prompt = _system_text(first.get("content"), index)
+            conv = conv[1:]
+        if system_prompt and not self.version.system_prompt:
+            raise InputError(f"{self.version.title} has no system prompt; put instructions in the user message")
+        return conv, clips, system_prompt
+
+    def _check_image_count(self, n: int, index: int) -> None:
+        limit = self.version.max_images
+        if limit is not None and n > limit:
+            raise InputError(
+                f"conversation {index} has {n} images but {self.version.title} accepts at most {limit} "
+                "per conversation; ask about one image at a time"
+            )
+
+    def audio_bounds(self, ids: list[int], clips: list[np.ndarray], index: int) -> list[Bound]:
+        """[start, end) of each audio placeholder group, checked against the clips' token counts."""
+        if not clips:
+            return []
+        cfg = self.audio_cfg
+        start, end = self._marker_id(cfg.audio_start), self._marker_id(cfg.audio_end)
+        starts = [i + 1 for i, t in enumerate(ids) if t == start]
+        ends = [i for i, t in enumerate(ids) if t == end]
+        want = sum(audio_token_count(c.shape[0], cfg) for c in clips)
+        got = sum(e - s for s, e in zip(starts, ends, strict=False))
+        if len(starts) != len(ends) or got != want:
+            raise PlaceholderMismatchError(
+                f"conversation {index}: the prompt's audio placeholders hold {got} positions "
+                f"({len(starts)} opening / {len(ends)} closing markers) but the audio needs {want}; "
+                f"was the prompt truncated, or does the text contain {cfg.audio_start!r}?"
+            )
+        return list(zip(starts, ends, strict=True))
+
+    def _media_settings(self, flat: FlatConversation, opts: _Options) -> tuple[list[int], list[bool]]:
+        """max_slice_nums and use_image_id per image (video frames: see the module docstring)."""
+        slice_nums = [opts.max_slice_nums] * len(flat.images)
+        with_ids = [opts.use_image_id] * len(flat.images)
+        policy = self.version.video
+        for span in flat.videos:
+            v, n = span.video, span.stop - span.start
+            s = next(x for x in (v.max_slice_nums, opts.slice_nums_given, policy.max_slice_nums) if x is not None)
+            u = next(x for x in (v.use_image_id, opts.image_id_given, policy.use_image_id) if x is not None)
+            slice_nums[span.start : span.stop] = [int(s)] * n
+            with_ids[span.start : span.stop] = [bool(u)] * n
+        return slice_nums, with_ids
+
+    def _video_groups(self, flat: FlatConversation, groups: list[list[int]] | None,
+                      index: int) -> list[list[int]] | None:
+        """4.5: the videos' frame groups, ``[-1]`` for every other image; else ``groups``."""
+        if not flat.videos or not self.version.temporal_resampler:
+            return groups
+        if groups is not None:
+            raise InputError(
+                f"conversation {index}: temporal_ids cannot be combined with video items (the video "
+                "recipe sets them); pass the frames as images to give your own temporal_ids"
+            )
+        out: list[list[int]] = []
+        pos = 0
+        for span in flat.videos:
+            out.extend([-1] for _ in range(pos, span.start))
+            n = span.stop - span.start
+            out.extend(list(g) for g in (span.video.temporal_ids or [[-1]] * n))
+            pos = span.stop
+        out.extend([-1] for _ in range(pos, len(flat.images)))
+        return out
+
     # ------------------------------------------------------------------ ids and bounds
-    def _truncate(self, ids: list[int], max_length: int, index: int) -> list[int]:
+    def _truncate(self, ids: list[int], max_length: int, index: int, hint: str | None = None) -> list[int]:
         if len(ids) <= max_length:
             return ids
         spans = self._raw_bounds(ids)
@@ -321,8 +449,8 @@ class Processor:
             raise ContextLengthError(
                 f"conversation {index}: the prompt is {len(ids)} tokens but max_length is "
                 f"{max_length}, and truncating would cut {len(cut)} of its {len(spans)} image "
-                "placeholder block(s); shorten the text, use fewer images or a lower "
-                "max_slice_nums, or raise max_length"
+                "placeholder block(s); "
+                + (hint or "shorten the text, use fewer images or a lower max_slice_nums, or raise max_length")
             )
         log.warning("conversation %d: prompt of %d tokens truncated to max_length=%d (text only)",
                     index, len(ids), max_length)
@@ -367,7 +495,17 @@ class Processor:
             expanded_prompts=[r.expanded for r in results],
             slices=[r.slices for r in results],
             image_hashes=[r.hashes for r in results],
+            audio_features=[r.audio_features for r in results],
+            audio_bounds=[r.audio_bounds for r in results],
         )
+
+
+def _video_hint(flat: FlatConversation) -> str | None:
+    if not flat.videos:
+        return None
+    n = sum(span.stop - span.start for span in flat.videos)
+    return (f"its video(s) give {n} frames: lower the video's max_frames or fps, or its max_slice_nums "
+            "(CLI: --max-frames, --fps, --max-slice-nums), or raise max_inp_length")
 
 
 def _temporal_output(groups: list[list[int]] | None, frames: list[range],
@@ -377,6 +515,25 @@ def _temporal_output(groups: list[list[int]] | None, frames: list[range],
         return [[-1] for fr in frames for _ in range(plans[fr.start].num_slices)]
     return [list(g) for g, fr in zip(groups, frames, strict=True)
             for _ in range(plans[fr.start].num_slices)]
+
+
+def _system_text(content: Any, index: int) -> str:
+    """A system message's content (string, or strings / audio tags joined with "\n")."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)) and all(isinstance(c, str) for c in content):
+        return "\n".join(content)
+    raise InputError(f"conversation {index}: a system message may hold text and audio only")
+
+
+def _read_audio_config(path: Path) -> AudioFeatureConfig:
+    if not path.is_file():
+        return AudioFeatureConfig()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} cannot be read as JSON: {e}") from e
+    return AudioFeatureConfig.from_hf_dict(data if isinstance(data, dict) else {})
 
 
 def _read_processor_config(path: Path, default: ProcessorConfig | None) -> ProcessorConfig:

@@ -8,9 +8,12 @@ prefix space or regex; BPE without unk/dropout; ByteLevel decoder) and adds the 
 Special-token names (bos/eos/pad/unk), ``add_bos_token`` and the chat template come from
 ``tokenizer_config.json`` (falling back to ``special_tokens_map.json``, ``chat_template.jinja``).
 
-``encode`` adds no BOS/EOS for these tokenizers (their post-processor adds nothing) and matches
-special-token strings in the text; ``decode`` does no clean-up of spaces. This module does not
-render chat templates or expand image placeholders (``chat_template.py``, ``processor.py``).
+``encode`` adds what the tokenizer.json post-processor adds (nothing for Qwen; the BOS for
+Llama 3, which is why 2.5 prompts start with two BOS tokens) and matches special-token strings in
+the text; ``decode`` cleans up spaces before punctuation only when tokenizer_config.json sets
+``clean_up_tokenization_spaces`` (2.5). A checkpoint with only ``tokenizer.model`` (2.0) gets a
+``SentencePieceTokenizer`` (``tokenizer_sp.py``). This module does not render chat templates or
+expand image placeholders (``chat_template.py``, ``processor.py``).
 """
 
 from __future__ import annotations
@@ -19,14 +22,21 @@ import json
 import logging
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _HFTokenizer
 
 from ..errors import TokenizerError
 
+if TYPE_CHECKING:
+    from .tokenizer_sp import SentencePieceTokenizer
+
 log = logging.getLogger(__name__)
+
+# transformers' clean_up_tokenization: spaces removed before punctuation and English contractions
+_CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+             (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 # Pre-tokenizer split pattern of Qwen2/Qwen3 (digits one by one, letters with an optional
 # leading non-letter, punctuation runs with trailing newlines, whitespace runs).
@@ -184,8 +194,10 @@ class Tokenizer:
         special_tokens: dict[str, str | None] | None = None,
         chat_template: str | None = None,
         add_bos_token: bool = False,
+        clean_up_spaces: bool = False,
     ) -> None:
         self._tok = backend
+        self.clean_up_spaces = clean_up_spaces
         names = dict(special_tokens or {})
         self.bos_token: str | None = names.get("bos_token")
         self.eos_token: str | None = names.get("eos_token")
@@ -204,11 +216,17 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_dir(cls, path: str | Path) -> Tokenizer:
+    def from_dir(cls, path: str | Path) -> Tokenizer | SentencePieceTokenizer:
         """Load from a checkpoint directory (see module docstring for the file precedence)."""
         root = Path(path)
         if not root.is_dir():
             raise TokenizerError(f"tokenizer directory {root} does not exist")
+        if (root / "tokenizer.model").is_file() and not any(
+            (root / f).is_file() for f in ("tokenizer.json", "vocab.json")
+        ):
+            from .tokenizer_sp import SentencePieceTokenizer
+
+            return SentencePieceTokenizer.from_dir(root)
         tcfg = _read_json(root / "tokenizer_config.json", required=False) or {}
         smap = _read_json(root / "special_tokens_map.json", required=False) or {}
         where = str(root / "tokenizer_config.json")
@@ -222,6 +240,7 @@ class Tokenizer:
             special_tokens=names,
             chat_template=_read_chat_template(root, tcfg),
             add_bos_token=bool(tcfg.get("add_bos_token", False)),
+            clean_up_spaces=bool(tcfg.get("clean_up_tokenization_spaces", False)),
         )
 
     @staticmethod
@@ -252,8 +271,12 @@ class Tokenizer:
         return list(self._tok.encode(text, add_special_tokens=True).ids)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        """Text of ``ids`` (no clean-up of spaces around punctuation)."""
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        """Text of ``ids`` (spaces cleaned up only if the checkpoint asks for it)."""
+        text = self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        if self.clean_up_spaces:
+            for old, new in _CLEANUPS:
+                text = text.replace(old, new)
+        return text
 
     def decode_bytes(self, ids: list[int], skip_special_tokens: bool = False) -> bytes:
         """Raw UTF-8 bytes of ``ids``, possibly ending inside a multi-byte character.
