@@ -1,0 +1,43 @@
+"""OpenAI-compatible HTTP server (``minicpmv serve``; needs the ``[serve]`` extra).
+
+``create_app(ServerConfig(...))`` (in ``app.py``) builds a FastAPI app serving
+``POST /v1/chat/completions`` (text, images, video, streaming, thinking), ``GET /v1/models`` and
+``GET /health`` on top of the continuous-batching ``engine.batch.BatchEngine``. Importing this
+package loads neither FastAPI nor a model; ``serve`` runs uvicorn.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .app import create_app
+    from .config import ServerConfig
+
+__all__ = ["create_app", "ServerConfig", "serve"]
+
+
+def serve(config: Any, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run the server with uvicorn until interrupted."""
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ImportError as e:
+        from ..errors import MiniCPMVError
+
+        raise MiniCPMVError(f"the server needs the [serve] extra: pip install 'minicpmv[serve]' ({e})") from e
+
+    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "create_app":
+        from .app import create_app
+
+        return create_app
+    if name == "ServerConfig":
+        from .config import ServerConfig
+
+        return ServerConfig
+    raise AttributeError(f"module 'minicpmv.serve' has no attribute {name!r}")

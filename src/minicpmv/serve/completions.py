@@ -1,0 +1,199 @@
+"""The chat-completions pipeline behind the route: prepare, run, answer (JSON or SSE).
+
+``prepare`` validates and converts the request (``convert.py``), fetches and decodes its media
+(``media.py``; decoding and the processor run in worker threads, never on the event loop) and
+builds the engine's inputs and sampling options. ``complete`` collects a whole answer;
+``stream`` yields server-sent events (one ``chat.completion.chunk`` per text delta, a final
+chunk per choice with its ``finish_reason``, an optional usage chunk, then ``data: [DONE]``).
+Errors after a stream has started are sent as an ``{"error": ...}`` event before ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..engine.batch import BatchEvent, SamplingOptions
+from ..errors import MiniCPMVError
+from ..processing.image import load_image
+from ..processing.processor import ModelInputs
+from .convert import RequestPlan, plan_request, resolved_conversation, sampling_options
+from .errors import APIError, from_library_error, internal_error
+from .media import fetch_media
+from .output import ChoiceText
+from .runtime import Disconnected, Handle, ServerState
+from .schemas import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+
+_NO_TRUNCATION = 2**31  # the processor must never cut a prompt: too long is an error here
+
+
+@dataclass
+class Prepared:
+    plan: RequestPlan
+    inputs: ModelInputs
+    options: SamplingOptions
+
+
+async def _load_media(state: ServerState, plan: RequestPlan) -> None:
+    payloads = await asyncio.gather(*(fetch_media(ref.url, state.media) for ref in plan.media))
+    for ref, data in zip(plan.media, payloads, strict=True):
+        if ref.kind == "image":
+            ref.value = await asyncio.to_thread(load_image, data, max_pixels=state.config.max_pixels)
+        else:
+            ref.value = video_item(state, data)
+
+
+def video_item(state: ServerState, data: bytes) -> dict[str, Any]:
+    """The processor's video content item for the bytes of a ``video_url``: the model card's
+    recipe, with at most ``max_video_frames`` frames (4.5: frame groups x packing)."""
+    policy = state.model.version.video
+    if policy is None:
+        raise APIError(400, f"MiniCPM-V {state.model.version.name} has no video support", code="unsupported",
+                       param="messages")
+    per_entry = policy.max_packing if policy.recipe == "packed" else 1
+    max_frames = max(1, min(policy.max_frames, state.config.max_video_frames // per_entry))
+    return {"type": "video", "video": data, "max_frames": max_frames}
+
+
+async def prepare(state: ServerState, body: ChatCompletionRequest) -> Prepared:
+    """Request -> processor output and sampling options (raises APIError / library errors)."""
+    version = state.model.version
+    plan = plan_request(body, state.defaults, supports_thinking=version.supports_thinking,
+                        vocab_size=state.model.config.text.vocab_size, max_images=state.config.max_images)
+    await _load_media(state, plan)
+    inputs = await asyncio.to_thread(
+        state.model.processor, [resolved_conversation(plan)], system_prompt=plan.system_prompt,
+        enable_thinking=plan.enable_thinking if version.supports_thinking else None,
+        max_length=_NO_TRUNCATION,
+    )
+    _check_frames(state, inputs)
+    options = sampling_options(plan, len(inputs.input_ids[0]), state.engine.max_model_len)
+    return Prepared(plan, inputs, options)
+
+
+def _check_frames(state: ServerState, inputs: ModelInputs) -> None:
+    images = len(inputs.image_hashes[0]) if inputs.image_hashes else 0
+    limit = state.config.max_images + state.config.max_video_frames
+    if images > limit:
+        raise APIError(400, f"the request holds {images} images and video frames, over this server's "
+                       f"limit of {limit}", code="too_many_images", param="messages")
+
+
+def _event_error(event: BatchEvent, request_id: str) -> APIError:
+    err = event.error
+    if isinstance(err, MiniCPMVError):
+        return from_library_error(err)
+    return internal_error(request_id)
+
+
+class _Answer:
+    """Per-request accumulation of choices, finish reasons and token counts."""
+
+    def __init__(self, state: ServerState, prep: Prepared, handle: Handle) -> None:
+        tok = state.model.tokenizer
+        self.handle = handle
+        self.thinking = prep.plan.enable_thinking
+        self.texts = [
+            ChoiceText(lambda ids: tok.decode(ids, skip_special_tokens=False), skip_ids=state.hidden_ids,
+                       stops=prep.plan.stops, thinking=self.thinking)
+            for _ in range(prep.plan.n)
+        ]
+        self.finish: list[str | None] = [None] * prep.plan.n
+        self.prompt_tokens = len(prep.inputs.input_ids[0])
+
+    def apply(self, event: BatchEvent) -> tuple[str, str]:
+        """Feed one event; return the (reasoning, content) text it released."""
+        if event.error is not None or event.finish_reason == "error":
+            raise _event_error(event, self.handle.request_id)
+        text = self.texts[event.index]
+        r, c = text.feed(event.token_id) if event.token_id is not None else ("", "")
+        if text.stopped and event.finish_reason is None:
+            self.handle.cancel_choice(event.index)
+        if event.finish_reason is not None:
+            r2, c2 = text.finish()
+            r, c = r + r2, c + c2
+            self.finish[event.index] = self._reason(event, text)
+        return r, c
+
+    @staticmethod
+    def _reason(event: BatchEvent, text: ChoiceText) -> str:
+        if text.stopped:
+            return "stop"
+        if event.finish_reason == "cancelled":
+            raise APIError(503, "the request was cancelled (the server is shutting down)", code="unavailable",
+                           retry_after=5)
+        return str(event.finish_reason)
+
+    def usage(self) -> Usage:
+        done = sum(t.completion_tokens for t in self.texts)
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=done, total_tokens=self.prompt_tokens + done)
+
+
+async def complete(
+    state: ServerState, prep: Prepared, handle: Handle, response_id: str, disconnected: Disconnected
+) -> ChatCompletion | None:
+    """The whole answer, or None when the client went away."""
+    answer = _Answer(state, prep, handle)
+    async for event in handle.events(disconnected):
+        answer.apply(event)
+    if not handle.done:
+        return None
+    choices = []
+    for i, text in enumerate(answer.texts):
+        reasoning, content = text.texts(answer.thinking)
+        choices.append(Choice(index=i, message=AssistantMessage(content=content, reasoning_content=reasoning),
+                              finish_reason=answer.finish[i]))
+    return ChatCompletion(id=response_id, model=state.name, choices=choices, usage=answer.usage())
+
+
+def _sse(payload: dict[str, Any] | ChatCompletionChunk) -> str:
+    if isinstance(payload, ChatCompletionChunk):
+        data = payload.model_dump_json(exclude_none=True)
+    else:
+        data = json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+async def stream(
+    state: ServerState, prep: Prepared, handle: Handle, response_id: str, include_usage: bool
+) -> AsyncIterator[str]:
+    """Server-sent events of one request (see the module docstring)."""
+    created = int(time.time())
+
+    def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+        return _sse(ChatCompletionChunk(id=response_id, created=created, model=state.name, choices=choices,
+                                        usage=usage))
+
+    answer = _Answer(state, prep, handle)
+    for i in range(prep.plan.n):
+        yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+    try:
+        async for event in handle.events():
+            r, c = answer.apply(event)
+            if r or c:
+                delta = Delta(reasoning_content=r or None, content=c or None)
+                yield chunk([ChunkChoice(index=event.index, delta=delta)])
+            if event.finish_reason is not None:
+                yield chunk([ChunkChoice(index=event.index, delta=Delta(), finish_reason=answer.finish[event.index])])
+        if include_usage:
+            yield chunk([], usage=answer.usage())
+    except APIError as e:
+        log.info("stream %s ended with an error: %s", response_id, e.message)
+        yield _sse(e.body())
+    yield "data: [DONE]\n\n"
