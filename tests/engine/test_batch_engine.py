@@ -31,23 +31,6 @@ from minicpmv.errors import ContextLengthError, InputError, OverloadedError
 CONF = Path(__file__).resolve().parents[1] / "data" / "conformance"
 
 
-@pytest.fixture(scope="module")
-def model26():
-    import minicpmv
-
-    return minicpmv.load(CONF / "2.6" / "_checkpoint", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def model45():
-    import minicpmv
-
-    return minicpmv.load(CONF / "4.5" / "_checkpoint", dtype="float32")
-
-
-@pytest.fixture(params=["2.6", "4.5"])
-def model(request, model26, model45):
-    return model26 if request.param == "2.6" else model45
 
 
 def _image(seed: int, size: tuple[int, int] = (300, 200)) -> Image.Image:

@@ -76,19 +76,6 @@ class LiveServer:
         raise AssertionError(f"server did not become idle: {info}")
 
 
-@pytest.fixture(scope="session")
-def model26():
-    import minicpmv
-
-    return minicpmv.load(CONF / "2.6" / "_checkpoint", dtype="float32")
-
-
-@pytest.fixture(scope="session")
-def model45():
-    import minicpmv
-
-    return minicpmv.load(CONF / "4.5" / "_checkpoint", dtype="float32")
-
 
 @pytest.fixture(scope="module")
 def server45(model45):

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import av
 import numpy as np
-import pytest
 from PIL import Image
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -61,16 +60,3 @@ def write_video(path: Path, frames: int | list[np.ndarray], fps: float | Fractio
             c.mux(p)
     return path
 
-
-@pytest.fixture(scope="session")
-def model26():
-    import minicpmv
-
-    return minicpmv.load(CONF / "2.6" / "_checkpoint", dtype="float32")
-
-
-@pytest.fixture(scope="session")
-def model45():
-    import minicpmv
-
-    return minicpmv.load(CONF / "4.5" / "_checkpoint", dtype="float32")
