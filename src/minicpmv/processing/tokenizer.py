@@ -184,7 +184,38 @@ def _byte_decoder() -> dict[str, int]:
     return {ch: b for b, ch in mapping.items()}
 
 
-class Tokenizer:
+class SpecialTokenIds:
+    """Ids of the named special tokens, for any tokenizer with ``token_to_id`` and the names."""
+
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+
+    def token_to_id(self, token: str) -> int | None:
+        raise NotImplementedError
+
+    def _id_of(self, token: str | None) -> int | None:
+        return None if token is None else self.token_to_id(token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._id_of(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._id_of(self.eos_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._id_of(self.pad_token)
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._id_of(self.unk_token)
+
+
+class Tokenizer(SpecialTokenIds):
     """A loaded tokenizer plus the special-token names and chat template of its checkpoint."""
 
     def __init__(
@@ -306,25 +337,6 @@ class Tokenizer:
 
     def id_to_token(self, idx: int) -> str | None:
         return self._tok.id_to_token(int(idx))
-
-    def _id_of(self, token: str | None) -> int | None:
-        return None if token is None else self._tok.token_to_id(token)
-
-    @property
-    def bos_token_id(self) -> int | None:
-        return self._id_of(self.bos_token)
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self._id_of(self.eos_token)
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self._id_of(self.pad_token)
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self._id_of(self.unk_token)
 
     @property
     def vocab_size(self) -> int:

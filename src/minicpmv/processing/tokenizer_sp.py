@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TokenizerError
+from .tokenizer import SpecialTokenIds
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def _read(path: Path) -> dict[str, Any]:
     return data
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(SpecialTokenIds):
     """A ``tokenizer.model`` plus the added/special tokens of tokenizer_config.json."""
 
     def __init__(self, model_file: Path, tcfg: dict[str, Any], smap: dict[str, Any]) -> None:
@@ -145,25 +146,6 @@ class SentencePieceTokenizer:
     def id_to_token(self, idx: int) -> str | None:
         idx = int(idx)
         return self._sp.id_to_piece(idx) if 0 <= idx < self._sp.get_piece_size() else None
-
-    def _id_of(self, token: str | None) -> int | None:
-        return None if token is None else self.token_to_id(token)
-
-    @property
-    def bos_token_id(self) -> int | None:
-        return self._id_of(self.bos_token)
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self._id_of(self.eos_token)
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self._id_of(self.pad_token)
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self._id_of(self.unk_token)
 
     @property
     def vocab_size(self) -> int:
