@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the [serve] extra)")
     _add_model_args(srv)
     add_serve_arguments(srv)
+
+    from .train.cli_args import add_export_arguments, add_finetune_arguments  # no torch import
+
+    add_finetune_arguments(sub.add_parser("finetune", help="LoRA / full fine-tuning on official-format data"))
+    add_export_arguments(sub.add_parser("export", help="merge a LoRA adapter into a complete checkpoint"))
     return parser
 
 
@@ -258,12 +263,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .train.cli_args import cmd_finetune as run
+
+    return run(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .train.cli_args import cmd_export as run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     handlers = {"chat": cmd_chat, "inspect": cmd_inspect, "conformance": cmd_conformance, "ui": cmd_ui,
-                "serve": cmd_serve}
+                "serve": cmd_serve, "finetune": cmd_finetune, "export": cmd_export}
     try:
         return handlers[args.command](args)
     except MiniCPMVError as e:

@@ -1,0 +1,92 @@
+"""Command-line flags of ``minicpmv finetune`` / ``minicpmv export`` and their handlers.
+
+Importing this module is cheap (no torch, no peft): ``cli.py`` adds the flags at start-up, and
+the handlers import the trainer only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", required=True, help="base checkpoint directory or Hugging Face repo id")
+    p.add_argument("--data", required=True, help="training data: JSON list in the official fine-tuning format")
+    p.add_argument("--eval-data", default=None, help="held-out data in the same format (loss reported at the end)")
+    p.add_argument("--output", "-o", required=True, help="output directory (checkpoint, adapter/, checkpoints/)")
+    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-targets", default=DEFAULT_TARGETS, help="comma-separated module names inside the LLM")
+    for part, default in (("vision", False), ("resampler", False), ("llm", True)):
+        p.add_argument(f"--tune-{part}", action=argparse.BooleanOptionalAction, default=default,
+                       help=f"train the {part} weights (default {'on' if default else 'off'})")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute LLM layers in backward")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--batch-size", type=int, default=1, help="samples per micro-batch and process")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=2048, help="token limit; longer samples are cut in text "
+                   "only, or skipped if the cut would fall in an image")
+    p.add_argument("--max-skip-ratio", type=float, default=0.05, help="fail if a larger share is skipped")
+    p.add_argument("--max-slice-nums", type=int, default=None)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: none)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--export-dtype", default="bfloat16", help="dtype of the exported checkpoint")
+    p.add_argument("--show-sample", action="store_true", help="print the first sample with its label mask")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--exit-after-step", type=int, default=None, help=argparse.SUPPRESS)  # crash test hook
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", required=True, help="base checkpoint directory")
+    p.add_argument("--adapter", required=True, help="PEFT adapter directory (OUTPUT/adapter of finetune)")
+    p.add_argument("--output", "-o", required=True, help="directory of the merged checkpoint")
+    p.add_argument("--merge-lora", action="store_true", required=True, help="fold the LoRA weights in")
+    p.add_argument("--dtype", default="bfloat16", help="dtype of the exported checkpoint")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .model import TuneSpec
+    from .trainer import TrainConfig, train
+
+    tune = TuneSpec(lora=not args.full, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                    lora_dropout=args.lora_dropout,
+                    targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+                    tune_vision=args.tune_vision, tune_resampler=args.tune_resampler, tune_llm=args.tune_llm,
+                    grad_checkpointing=args.grad_checkpointing)
+    cfg = TrainConfig(model=args.model, data=args.data, output=args.output, eval_data=args.eval_data, tune=tune,
+                      epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay,
+                      warmup_steps=args.warmup_steps, max_length=args.max_length,
+                      max_skip_ratio=args.max_skip_ratio, max_slice_nums=args.max_slice_nums,
+                      precision=args.precision, save_every=args.save_every, resume=args.resume, seed=args.seed,
+                      device=args.device, export_dtype=args.export_dtype, progress=not args.no_progress,
+                      exit_after_step=args.exit_after_step)
+    result = train(cfg, show_sample=print if args.show_sample else None)
+    last = max(result.losses, default=None)
+    if last is not None:
+        sys.stderr.write(f"step {last}: loss {result.losses[last]:.4f}; skipped {result.stats.skipped} of "
+                         f"{result.stats.total} samples\n")
+    if result.eval_loss is not None:
+        sys.stderr.write(f"eval loss {result.eval_loss:.4f}\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .trainer import export_merged
+
+    out = export_merged(args.model, args.adapter, args.output, dtype=args.dtype)
+    print(out)
+    return 0
