@@ -171,11 +171,12 @@ def test_truncated_file_fails_cleanly(clips):
 
 
 def test_corrupt_stream_data(tmp_path):
-    data = bytearray(write_video(tmp_path / "h264.mkv", 120, 25).read_bytes())
-    for i in range(2000, len(data) - 64, 7):
-        data[i] ^= 0x5A
-    with pytest.raises(VideoError, match="could not be decoded|corrupt"):
-        load_video(bytes(data), "2.6")
+    # MPEG-4 packets labelled as H.264: the container and index are intact, every packet is
+    # garbage to the decoder. (Random bit flips are not a stable test: FFmpeg conceals some.)
+    data = write_video(tmp_path / "mpeg4.avi", 120, 25, codec="mpeg4").read_bytes()
+    assert b"FMP4" in data
+    with pytest.raises(VideoError, match="could not be decoded"):
+        load_video(data.replace(b"FMP4", b"H264"), "2.6")
 
 
 @pytest.mark.parametrize("ext,codec,match", [("avi", "mpeg4", "no frames"), ("mkv", "libx264", "empty or truncated")])
