@@ -16,9 +16,28 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, MiniCPMVError
 
 log = logging.getLogger(__name__)
+
+
+def read_json_object(
+    path: Path, *, error: type[MiniCPMVError] = ConfigError, what: str = ""
+) -> dict[str, Any] | None:
+    """The JSON object stored at ``path``; None if there is no such file.
+
+    Unreadable files, invalid JSON and non-object documents raise ``error`` naming the file
+    (``what`` prefixes the path in the message, e.g. "tokenizer file ").
+    """
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{what}{path} cannot be read as JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise error(f"{what}{path} must hold a JSON object")
+    return data
 
 
 def _req(d: dict[str, Any], key: str, where: str) -> Any:

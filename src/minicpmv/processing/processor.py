@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..config import ProcessorConfig
+from ..config import ProcessorConfig, read_json_object
 from ..errors import (
     ConfigError,
     ContextLengthError,
@@ -537,13 +537,8 @@ def _read_audio_config(path: Path) -> AudioFeatureConfig:
 
 
 def _read_processor_config(path: Path, default: ProcessorConfig | None) -> ProcessorConfig:
-    if not path.is_file():
+    data = read_json_object(path)
+    if data is None:
         log.info("no %s; using default preprocessing settings", path.name)
         return default if default is not None else ProcessorConfig()
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path} cannot be read as JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
     return ProcessorConfig.from_hf_dict(data)

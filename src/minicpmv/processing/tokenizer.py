@@ -18,7 +18,6 @@ expand image placeholders (``chat_template.py``, ``processor.py``).
 
 from __future__ import annotations
 
-import json
 import logging
 from functools import lru_cache
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _HFTokenizer
 
+from ..config import read_json_object
 from ..errors import TokenizerError
 
 if TYPE_CHECKING:
@@ -45,21 +45,13 @@ QWEN2_SPLIT_REGEX = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-_SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
+SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
 def _read_json(path: Path, *, required: bool) -> dict[str, Any] | None:
-    if not path.is_file():
-        if required:
-            raise TokenizerError(f"tokenizer file {path} is missing")
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"tokenizer file {path} cannot be read as JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise TokenizerError(f"tokenizer file {path} must hold a JSON object")
-    return data
+    if required and not path.is_file():
+        raise TokenizerError(f"tokenizer file {path} is missing")
+    return read_json_object(path, error=TokenizerError, what="tokenizer file ")
 
 
 def _token_content(value: Any) -> str | None:
@@ -214,6 +206,18 @@ class SpecialTokenIds:
     def unk_token_id(self) -> int | None:
         return self._id_of(self.unk_token)
 
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The set special-token names, as templates receive them."""
+        return {n: v for n in SPECIAL_NAMES if (v := getattr(self, n)) is not None}
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
 
 class Tokenizer(SpecialTokenIds):
     """A loaded tokenizer plus the special-token names and chat template of its checkpoint."""
@@ -240,7 +244,7 @@ class Tokenizer(SpecialTokenIds):
         self._added_ids = frozenset(added)
         self.special_ids: frozenset[int] = frozenset(i for i, t in added.items() if t.special)
         self._byte_level = isinstance(backend.decoder, decoders.ByteLevel)
-        for name in _SPECIAL_NAMES:
+        for name in SPECIAL_NAMES:
             value = getattr(self, name)
             if value is not None and backend.token_to_id(value) is None:
                 raise TokenizerError(f"{name} {value!r} is not in the vocabulary")
@@ -263,7 +267,7 @@ class Tokenizer(SpecialTokenIds):
         where = str(root / "tokenizer_config.json")
         backend = cls._load_backend(root, tcfg, where)
         names = {}
-        for name in _SPECIAL_NAMES:
+        for name in SPECIAL_NAMES:
             value = tcfg[name] if name in tcfg else smap.get(name)
             names[name] = _token_content(value)
         return cls(
@@ -342,14 +346,6 @@ class Tokenizer(SpecialTokenIds):
     def vocab_size(self) -> int:
         """Number of ids including added tokens (``len(tokenizer)`` in transformers)."""
         return self._tok.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def special_tokens_map(self) -> dict[str, str]:
-        """The set special-token names, as templates receive them."""
-        return {n: v for n in _SPECIAL_NAMES if (v := getattr(self, n)) is not None}
-
-    def __len__(self) -> int:
-        return self.vocab_size
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r})"

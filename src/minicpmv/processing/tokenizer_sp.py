@@ -12,18 +12,17 @@ engine use. Needs the ``sentencepiece`` package (extra ``minicpmv[legacy]``).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
 from typing import Any
 
+from ..config import read_json_object
 from ..errors import TokenizerError
-from .tokenizer import SpecialTokenIds
+from .tokenizer import SPECIAL_NAMES, SpecialTokenIds
 
 log = logging.getLogger(__name__)
 
-_SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
 def _content(value: Any) -> str | None:
@@ -35,15 +34,7 @@ def _content(value: Any) -> str | None:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"tokenizer file {path} cannot be read as JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise TokenizerError(f"tokenizer file {path} must hold a JSON object")
-    return data
+    return read_json_object(path, error=TokenizerError, what="tokenizer file ") or {}
 
 
 class SentencePieceTokenizer(SpecialTokenIds):
@@ -61,7 +52,7 @@ class SentencePieceTokenizer(SpecialTokenIds):
             self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
         except (OSError, RuntimeError) as e:
             raise TokenizerError(f"{model_file} is not a valid SentencePiece model: {e}") from e
-        names = {n: _content(tcfg[n] if n in tcfg else smap.get(n)) for n in _SPECIAL_NAMES}
+        names = {n: _content(tcfg[n] if n in tcfg else smap.get(n)) for n in SPECIAL_NAMES}
         self.bos_token, self.eos_token = names["bos_token"], names["eos_token"]
         self.pad_token, self.unk_token = names["pad_token"], names["unk_token"]
         self.add_bos_token = bool(tcfg.get("add_bos_token", True))
@@ -150,13 +141,6 @@ class SentencePieceTokenizer(SpecialTokenIds):
     @property
     def vocab_size(self) -> int:
         return max(self._sp.get_piece_size(), max(self._added.values(), default=-1) + 1)
-
-    @property
-    def special_tokens_map(self) -> dict[str, str]:
-        return {n: v for n in _SPECIAL_NAMES if (v := getattr(self, n)) is not None}
-
-    def __len__(self) -> int:
-        return self.vocab_size
 
     def __repr__(self) -> str:
         return f"SentencePieceTokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r})"

@@ -12,13 +12,12 @@ parameters to rule. Nothing here loads a model.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..config import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +66,8 @@ class GenerationDefaults:
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> GenerationDefaults:
         """Read ``generation_config.json`` of a checkpoint directory (defaults if absent)."""
-        file = Path(path) / "generation_config.json"
-        if not file.is_file():
-            return cls()
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{file} cannot be read as JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{file} must hold a JSON object")
-        return cls.from_dict(data)
+        data = read_json_object(Path(path) / "generation_config.json")
+        return cls() if data is None else cls.from_dict(data)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationDefaults:
