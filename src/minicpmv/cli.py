@@ -77,10 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(srv)
     add_serve_arguments(srv)
 
-    from .train.cli_args import add_export_arguments, add_finetune_arguments  # no torch import
+    from .train.cli_args import add_demo_arguments, add_export_arguments, add_finetune_arguments  # no torch
 
     add_finetune_arguments(sub.add_parser("finetune", help="LoRA / full fine-tuning on official-format data"))
     add_export_arguments(sub.add_parser("export", help="merge a LoRA adapter into a complete checkpoint"))
+    add_demo_arguments(sub.add_parser("train-demo", help="train the small demo model from scratch on synthetic data"))
     return parser
 
 
@@ -275,12 +276,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_train_demo(args: argparse.Namespace) -> int:
+    from .train.cli_args import cmd_train_demo as run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     handlers = {"chat": cmd_chat, "inspect": cmd_inspect, "conformance": cmd_conformance, "ui": cmd_ui,
-                "serve": cmd_serve, "finetune": cmd_finetune, "export": cmd_export}
+                "serve": cmd_serve, "finetune": cmd_finetune, "export": cmd_export,
+                "train-demo": cmd_train_demo}
     try:
         return handlers[args.command](args)
     except MiniCPMVError as e:

@@ -90,3 +90,42 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_merged(args.model, args.adapter, args.output, dtype=args.dtype)
     print(out)
     return 0
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", "-o", required=True, help="run directory (data/, init/, final/, report.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--stage1-steps", type=int, default=None, help="vision pretraining steps")
+    p.add_argument("--train-images", type=int, default=None, help="images in the question-training split")
+    p.add_argument("--eval-images", type=int, default=None, help="images in the held-out split")
+    p.add_argument("--stage2-epochs", type=int, default=None, help="epochs over the question-training split")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any other recipe setting (see minicpmv.train.demo.DemoConfig)")
+
+
+def cmd_train_demo(args: argparse.Namespace) -> int:
+    import json
+
+    from .demo import DemoConfig, run
+
+    cfg = DemoConfig(output=args.output, seed=args.seed, device=args.device, threads=args.threads)
+    for name in ("stage1_steps", "train_images", "eval_images", "stage2_epochs"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if not hasattr(cfg, key) or key == "output":
+            raise SystemExit(f"minicpmv train-demo: unknown setting {key!r} in --set")
+        current = getattr(cfg, key)
+        if isinstance(current, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"minicpmv train-demo: --set {key} takes true or false, not {value!r}")
+            setattr(cfg, key, value.lower() in ("true", "1"))
+        else:
+            setattr(cfg, key, type(current)(value) if current is not None else int(value))
+    report = run(cfg)
+    print(json.dumps({"heldout": report["heldout"], "times": report["times"],
+                      "weights_sha256": report["weights_sha256"]}, indent=2))
+    return 0
