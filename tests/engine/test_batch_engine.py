@@ -308,3 +308,19 @@ def test_row_step_probes_linear_layers():
     assert row_step(torch.nn.Sequential(torch.nn.Linear(8, 8)), 1) == 1
     assert row_step(torch.nn.Sequential(_RowCountSensitive(8, 8)), 8) == 4
     assert row_step(torch.nn.Sequential(_RowCountSensitive(8, 8)), 6) == 6  # 4 and 6 rows round differently
+
+
+def test_same_image_in_a_later_request_is_not_encoded_again(model26, monkeypatch):
+    engine = BatchEngine(model26, max_batch_size=2, max_model_len=1024)
+    calls = []
+    real = model26.model.encode_images
+    monkeypatch.setattr(model26.model, "encode_images", lambda *a, **k: calls.append(1) or real(*a, **k))
+    conv = [{"role": "user", "content": [_image(7), "What is it?"]}]
+    first, first_logits = _run_alone(engine, model26, conv, SamplingOptions(max_new_tokens=6))
+    assert len(calls) == 1
+    again, again_logits = _run_alone(engine, model26, conv, SamplingOptions(max_new_tokens=6))
+    assert len(calls) == 1 and engine.features.hits > 0  # served from the engine's feature cache
+    assert again == first and all(torch.equal(a, b) for a, b in zip(again_logits, first_logits, strict=True))
+    _run_alone(engine, model26, [{"role": "user", "content": [_image(8), "And this?"]}],
+               SamplingOptions(max_new_tokens=2))
+    assert len(calls) == 2  # a different image is encoded

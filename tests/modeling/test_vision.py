@@ -175,3 +175,33 @@ def test_bfloat16_runs_close_to_float32() -> None:
     n = int(c.tgt_sizes[0, 0] * c.tgt_sizes[0, 1])
     err = (out[0, :n].float() - ref[0, :n]).abs().mean() / ref[0, :n].abs().mean()
     assert torch.isfinite(out[0, :n].float()).all() and err < 0.05
+
+
+def test_encode_slices_runs_each_patch_count_unpadded_and_unmasked(monkeypatch) -> None:
+    c = load_case("2.6", "multi_image_2")  # slices of several patch counts
+    vpm = vision_tower("2.6")
+    lens = (c.tgt_sizes[:, 0] * c.tgt_sizes[:, 1]).tolist()
+    assert len(set(lens)) > 1
+    calls: list[tuple[int, int, bool]] = []
+    real = vpm.forward
+
+    def spy(pixel_values, patch_attention_mask, tgt_sizes):
+        calls.append((pixel_values.shape[0], pixel_values.shape[-1] // 14, bool(patch_attention_mask.all())))
+        return real(pixel_values, patch_attention_mask, tgt_sizes)
+
+    monkeypatch.setattr(vpm, "forward", spy)
+    with torch.no_grad():
+        out = vpm.encode_slices(c.pixels, c.tgt_sizes, batch_size=16)  # [S, Lmax, Dv]
+    assert sorted((b, n) for b, n, _ in calls) == sorted((lens.count(n), n) for n in set(lens))
+    assert all(unmasked for _, _, unmasked in calls)
+    padded = vision_features("2.6", "multi_image_2")
+    for s, n in enumerate(lens):
+        torch.testing.assert_close(out[s, :n], padded[s, :n], atol=1e-5, rtol=1e-5)
+        assert not out[s, n:].any()
+
+
+def test_embeddings_output_is_contiguous() -> None:
+    vpm = vision_tower("2.6")
+    with torch.no_grad():
+        x = vpm.embeddings(torch.zeros(2, 3, 14, 6 * 14), [(2, 3), (3, 2)])  # [2, 6, Dv]
+    assert x.is_contiguous()

@@ -55,6 +55,7 @@ import torch
 from ..errors import ContextLengthError, InputError, MiniCPMVError, OverloadedError
 from ..processing.processor import ModelInputs
 from .chat import ChatModel, PreparedBatch
+from .features import FeatureCache
 from .generate import prefill_positions
 from .sampling import greedy_choice, process_scores, sample_choice
 
@@ -327,6 +328,7 @@ class BatchEngine:
         max_queue: int = 256,
         batch_invariant: bool = True,
         prefill_budget: int = 8192,
+        feature_cache: FeatureCache | None = None,
     ) -> None:
         limit = model.config.text.max_position_embeddings
         capacity = min(limit, 4096) if max_model_len is None else int(max_model_len)
@@ -345,6 +347,7 @@ class BatchEngine:
         self.prefill_budget = prefill_budget
         self.eos_ids = tuple(model.terminator_ids())
         self.stats = EngineStats()
+        self.features = feature_cache if feature_cache is not None else FeatureCache()  # engine thread only
         self._cache = _SlotCache(self.lm, max_batch_size, capacity)
         self.row_step = row_step(self.lm, max_batch_size) if batch_invariant else 1
         self._rows: dict[int, _Row] = {}  # slot -> row (engine thread only)
@@ -501,7 +504,7 @@ class BatchEngine:
         else:
             if len(req.inputs) != 1:
                 raise InputError(f"a batch request holds one conversation, got {len(req.inputs)}")
-            features = self.chat_model.encode_features(req.inputs)
+            features = self.chat_model.encode_features(req.inputs, self.features)  # same image: no re-encode
             prep = self.chat_model.prepare_from(req.inputs, features, mask_bang_token=req.mask_bang_token)
         if prep.inputs_embeds.shape[0] != 1:
             raise InputError(f"a batch request holds one conversation, got {prep.inputs_embeds.shape[0]}")

@@ -4,7 +4,9 @@
 LLM width through one cross-attention from learned queries. Position embeddings (2D sin-cos
 over the slice's patch grid, plus for 4.5 a 1D temporal sin-cos per slice) are added to the
 KEYS only. With ``temporal_ids`` (4.5), consecutive slices are grouped (one group per
-``temporal_ids`` entry) and each group is compressed jointly into one ``[Q, D]`` block.
+``temporal_ids`` entry) and each group is compressed jointly into one ``[Q, D]`` block. When
+every entry is one slice (images, with or without temporal ids), slices with equal patch counts
+run together over their real rows only, so padded rows cost no projection or attention work.
 
 Parameter names equal the checkpoint's ``resampler.*`` keys without the prefix. The sin-cos
 tables are computed in float32 numpy exactly as the reference (float32 products matter for
@@ -203,14 +205,15 @@ class Resampler(nn.Module):
             log.debug("temporal_ids ignored: this resampler has no temporal embedding")
         groups = _check_temporal_ids(temporal_ids, b) if use_temporal else None
 
-        kv = self.ln_kv(self.kv_proj(x))  # [B, Lmax, D]
-        key = kv + self.pos_embed_2d(sizes, lmax, device).to(dtype)  # [B, Lmax, D]
-        lens_t = torch.tensor(lens, device=device)  # [B]
-        valid = torch.arange(lmax, device=device)[None, :] < lens_t[:, None]  # [B, Lmax]
         q = self.queries()  # [Q, D]
-        if groups is None:
-            out = self.attn(q, key, kv, valid)  # [B, Q, D]
+        if groups is None or all(len(g) == 1 for g in groups):  # one slice per entry (images)
+            flat_ids = None if groups is None else [g[0] for g in groups]
+            out = self._attend_by_length(q, x, sizes, flat_ids)  # [B, Q, D]
         else:
+            kv = self.ln_kv(self.kv_proj(x))  # [B, Lmax, D]
+            key = kv + self.pos_embed_2d(sizes, lmax, device).to(dtype)  # [B, Lmax, D]
+            lens_t = torch.tensor(lens, device=device)  # [B]
+            valid = torch.arange(lmax, device=device)[None, :] < lens_t[:, None]  # [B, Lmax]
             flat = [t for g in groups for t in g]
             key = key + self.temporal_embed(flat, device).to(dtype)[:, None, :]  # [B, Lmax, D]
             idx, slot_ok = _group_index([len(g) for g in groups], device)  # [G, n], [G, n]
@@ -220,6 +223,39 @@ class Resampler(nn.Module):
             valid_g = (valid[idx] & slot_ok[:, :, None]).reshape(g, n * lmax)  # [G, n*Lmax]
             out = self.attn(q, key_g, val_g, valid_g)  # [G, Q, D]
         return self.ln_post(out) @ self.proj  # [N, Q, D]
+
+    def _attend_by_length(
+        self, q: torch.Tensor, x: torch.Tensor, sizes: list[tuple[int, int]], temporal: list[int] | None
+    ) -> torch.Tensor:
+        """One slice per entry: slices with equal patch counts attend together over their real
+        rows only (no projection or attention work on padded rows) -> [B, Q, D] in input order.
+        ``temporal``: one temporal id per slice (-1: none), or None."""
+        by_len: dict[int, list[int]] = {}
+        for i, (h, w) in enumerate(sizes):
+            by_len.setdefault(h * w, []).append(i)
+        if len(by_len) == 1:
+            return self._attend_rows(q, x[:, : sizes[0][0] * sizes[0][1]], sizes, temporal)  # [B, Q, D]
+        parts = []
+        for n, idx in by_len.items():
+            index = torch.tensor(idx, device=x.device)
+            ids = None if temporal is None else [temporal[i] for i in idx]
+            parts.append((index, self._attend_rows(q, x[index, :n], [sizes[i] for i in idx], ids)))  # [b, Q, D]
+        out = parts[0][1].new_empty(x.shape[0], *parts[0][1].shape[1:])  # [B, Q, D]
+        for index, part in parts:
+            out[index] = part
+        return out
+
+    def _attend_rows(
+        self, q: torch.Tensor, x: torch.Tensor, sizes: list[tuple[int, int]], temporal: list[int] | None
+    ) -> torch.Tensor:
+        """Slices whose n = h*w rows are all real: x [b, n, Dv] -> [b, Q, D]."""
+        b, n = x.shape[0], x.shape[1]
+        kv = self.ln_kv(self.kv_proj(x))  # [b, n, D]
+        key = kv + self.pos_embed_2d(sizes, n, x.device).to(kv.dtype)  # [b, n, D]
+        if temporal is not None and any(t != -1 for t in temporal):
+            key = key + self.temporal_embed(temporal, x.device).to(kv.dtype)[:, None, :]  # [b, n, D]
+        valid = torch.ones(b, n, dtype=torch.bool, device=x.device)  # [b, n]
+        return self.attn(q, key, kv, valid)  # [b, Q, D]
 
 
 class QueryPosResampler(Resampler):
