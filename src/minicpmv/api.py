@@ -19,6 +19,7 @@ from .config import ModelConfig, ProcessorConfig
 from .engine.chat import ChatModel
 from .errors import ConfigError, InputError
 from .loading.checkpoint import load_model, read_config, resolve_checkpoint
+from .modeling.quant import QuantSpec
 from .processing.processor import Processor
 
 log = logging.getLogger(__name__)
@@ -62,16 +63,30 @@ def load(
     device: str | torch.device = "cpu",
     version: str | None = None,
     revision: str | None = None,
+    vision_dtype: str | torch.dtype | None = None,
+    quantize: str | None = None,
+    group_size: int | None = None,
 ) -> ChatModel:
     """Load an official MiniCPM-V checkpoint (local directory or hub repo id).
 
     ``version`` forces a version from the table instead of the config's ``version`` field.
+    ``vision_dtype`` runs the vision tower and resampler in another dtype than the LLM (e.g.
+    ``dtype="bfloat16", vision_dtype="float32"``); default: ``dtype``.
+    ``quantize="int8"`` / ``"int4"`` quantizes the LLM linear layers (weight-only; int4 in groups of
+    ``group_size`` input columns, default 128) while loading; a checkpoint written by
+    ``minicpmv quantize`` loads quantized without it. bf16 LLM layers on CPU are prepacked for
+    oneDNN (faster decoding; not for training or moving the model afterwards).
     """
     path = resolve_checkpoint(str(path_or_repo_id), revision=revision)
     raw, spec = read_config(path, version=version)
     torch_dtype = parse_dtype(dtype)
     cfg = ModelConfig.from_hf_dict(raw, **spec.config_kwargs())
-    model = load_model(path, dtype=torch_dtype, device=torch.device(device), config=cfg)
+    vdtype = parse_dtype(vision_dtype) if vision_dtype is not None else None
+    qspec = QuantSpec.parse(quantize, group_size) if quantize is not None else None
+    if qspec is None and group_size is not None:
+        raise InputError("group_size applies only with quantize='int4'")
+    model = load_model(path, dtype=torch_dtype, device=torch.device(device), config=cfg, vision_dtype=vdtype,
+                       quantize=qspec, prepack=True)
     model.eval()
     processor = Processor.from_dir(path, spec, default_cfg=ProcessorConfig.from_model_config(cfg))
     if cfg.audio is not None:  # audio placeholders follow config.json's audio_chunk_length

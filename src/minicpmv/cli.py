@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("cases", nargs="+", type=Path, help="case directories (or directories of cases)")
     conf.add_argument("--checkpoint", type=Path, default=None, help="default: CASE_DIR/../_checkpoint")
 
+    qz = sub.add_parser("quantize", help="write a weight-only int8 / int4 copy of a checkpoint")
+    qz.add_argument("--model", "-m", required=True, help="float checkpoint directory or Hugging Face repo id")
+    qz.add_argument("--to", required=True, choices=["int8", "int4"], help="weight format of the LLM linear layers")
+    qz.add_argument("--output", "-o", required=True, type=Path, help="new checkpoint directory (must not exist)")
+    qz.add_argument("--group-size", type=int, default=None, help="int4: input columns per scale (32/64/128/256; 128)")
+    qz.add_argument("--no-lm-head", action="store_true", help="keep lm_head in the checkpoint's float dtype")
+
     ui = sub.add_parser("ui", help="local web UI: chat with images in the browser (needs the [ui] extra)")
     _add_model_args(ui)
     ui.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
@@ -247,6 +254,16 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return 0 if not failed and results else 1
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .loading.quantized import quantize_checkpoint
+
+    info = quantize_checkpoint(args.model, args.output, args.to, group_size=args.group_size,
+                               lm_head=not args.no_lm_head)
+    print(f"wrote {args.output}: {info['layers']} layers quantized ({info['spec']}), "
+          f"{info['bytes'] / 2**20:.1f} MiB in {info['shards']} file(s)")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from .ui import launch
 
@@ -287,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     handlers = {"chat": cmd_chat, "inspect": cmd_inspect, "conformance": cmd_conformance, "ui": cmd_ui,
-                "serve": cmd_serve, "finetune": cmd_finetune, "export": cmd_export,
+                "serve": cmd_serve, "finetune": cmd_finetune, "export": cmd_export, "quantize": cmd_quantize,
                 "train-demo": cmd_train_demo}
     try:
         return handlers[args.command](args)

@@ -112,3 +112,25 @@ def test_for_model_picks_variant(tiny_lm) -> None:
     assert isinstance(static, StaticKVCache) and static.capacity == 32 and static.batch_size == 2
     k, _ = static.update(0, *(torch.zeros(2, tiny_lm.num_kv_heads, 3, tiny_lm.head_dim),) * 2)
     assert k.shape == (2, tiny_lm.num_kv_heads, 3, tiny_lm.head_dim)
+
+
+def test_cache_made_in_inference_mode_grows_from_another_thread() -> None:
+    """A streamed session turn may be resumed by a web-UI worker thread outside inference_mode."""
+    import threading
+
+    cache = KVCache(1)
+    with torch.inference_mode():
+        cache.update(0, torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4))
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            k, _ = cache.update(0, torch.full((1, 2, 1, 4), 2.0), torch.full((1, 2, 1, 4), 2.0))
+            assert k.shape[2] == 4 and float(k[0, 0, 3, 0]) == 2.0
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert not errors, errors

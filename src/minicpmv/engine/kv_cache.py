@@ -1,7 +1,9 @@
 """Key/value caches for incremental decoding.
 
-``KVCache`` grows per-layer tensors by concatenation; ``StaticKVCache`` preallocates a buffer of
-fixed capacity, writes new entries in place and hands out views. Both implement the duck-typed
+``KVCache`` keeps one buffer per layer with spare capacity, grown geometrically (so a decode step
+copies only its own keys, not the whole history as ``torch.cat`` would); ``StaticKVCache``
+preallocates a buffer of fixed capacity. Both write new entries in place and hand out views of
+the filled part. Both implement the duck-typed
 protocol the attention layers use (``update(layer_idx, k, v) -> (k_all, v_all)`` with shapes
 ``[B, n_kv, T, hd]`` and ``get_seq_length()``), plus the bookkeeping generation needs: row
 reordering for beam search (``reorder``), changing the batch (``select_rows``), truncation
@@ -13,22 +15,28 @@ never builds attention masks or positions (the engine does).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 
 from ..errors import ContextLengthError, InputError
 
+_GROW_MIN = 256  # positions added at least when a dynamic cache grows
+
 
 class KVCache:
-    """Dynamic cache: one (k, v) pair per layer, each ``[B, n_kv, T, hd]``, grown with ``cat``."""
+    """Dynamic cache: per layer a buffer ``[B, n_kv, capacity, hd]`` of which the first
+    ``get_seq_length(layer)`` positions are filled; it grows by half (at least ``_GROW_MIN``
+    positions) when an update does not fit."""
 
     def __init__(self, num_layers: int) -> None:
         if num_layers < 1:
             raise InputError(f"a KV cache needs at least one layer, got num_layers={num_layers}")
         self.num_layers = num_layers
-        self._k: list[torch.Tensor | None] = [None] * num_layers
-        self._v: list[torch.Tensor | None] = [None] * num_layers
+        self._kbuf: list[torch.Tensor | None] = [None] * num_layers
+        self._vbuf: list[torch.Tensor | None] = [None] * num_layers
+        self._len = [0] * num_layers
 
     @classmethod
     def for_model(cls, model: Any, batch_size: int, capacity: int | None = None) -> KVCache:
@@ -42,27 +50,50 @@ class KVCache:
 
     # -- protocol used by the attention layers ---------------------------------------------
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``k``, ``v`` ([B, n_kv, T_new, hd]) to layer ``layer_idx``; return the full tensors."""
+        """Append ``k``, ``v`` ([B, n_kv, T_new, hd]) to layer ``layer_idx``; return views of the
+        whole cached sequence ([B, n_kv, T_old+T_new, hd])."""
         self._check_layer(layer_idx)
-        old_k, old_v = self._k[layer_idx], self._v[layer_idx]
-        if old_k is None or old_v is None:
-            self._k[layer_idx], self._v[layer_idx] = k, v
+        start = self._len[layer_idx]
+        end = start + k.shape[2]
+        kbuf, vbuf = self._kbuf[layer_idx], self._vbuf[layer_idx]
+        if kbuf is None or vbuf is None or end > kbuf.shape[2]:
+            kbuf, vbuf = self._reserve(layer_idx, k, end)
         else:
-            _check_compatible(old_k, k)
-            self._k[layer_idx] = torch.cat([old_k, k], dim=2)  # [B, n_kv, T_old+T_new, hd]
-            self._v[layer_idx] = torch.cat([old_v, v], dim=2)
-        return self._k[layer_idx], self._v[layer_idx]  # type: ignore[return-value]
+            _check_compatible(kbuf, k)
+        # A buffer made under inference_mode may be written later from a thread (or a resumed
+        # generator) that is not in it, e.g. a streamed session turn served by a web UI worker.
+        with torch.inference_mode(kbuf.is_inference()):
+            kbuf[:, :, start:end] = k  # [B, n_kv, T_new, hd]
+            vbuf[:, :, start:end] = v
+        self._len[layer_idx] = end
+        return kbuf[:, :, :end], vbuf[:, :, :end]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Number of cached positions in ``layer_idx`` (layer 0 by default, as HF does)."""
-        k = self._k[layer_idx]
-        return 0 if k is None else int(k.shape[2])
+        return self._len[layer_idx]
+
+    def _reserve(self, layer_idx: int, k: torch.Tensor, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffers of layer ``layer_idx`` with room for ``needed`` positions (filled part kept)."""
+        old_k, old_v = self._kbuf[layer_idx], self._vbuf[layer_idx]
+        if old_k is not None:
+            _check_compatible(old_k, k)
+        have = 0 if old_k is None else old_k.shape[2]
+        cap = max(needed, have + max(have // 2, _GROW_MIN))
+        shape = (k.shape[0], k.shape[1], cap, k.shape[3])
+        kbuf = torch.empty(shape, dtype=k.dtype, device=k.device)  # [B, n_kv, cap, hd]
+        vbuf = torch.empty(shape, dtype=k.dtype, device=k.device)
+        n = self._len[layer_idx]
+        if old_k is not None and old_v is not None and n:
+            kbuf[:, :, :n] = old_k[:, :, :n]
+            vbuf[:, :, :n] = old_v[:, :, :n]
+        self._kbuf[layer_idx], self._vbuf[layer_idx] = kbuf, vbuf
+        return kbuf, vbuf
 
     # -- bookkeeping -----------------------------------------------------------------------
     @property
     def batch_size(self) -> int | None:
         """Rows held, or None while the cache is empty."""
-        k = self._k[0]
+        k = self._kbuf[0]
         return None if k is None else int(k.shape[0])
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -77,25 +108,23 @@ class KVCache:
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep rows ``rows`` (any length, repeats allowed) in that order, e.g. to expand beams."""
         for i in range(self.num_layers):
-            k, v = self._k[i], self._v[i]
+            k, v = self._kbuf[i], self._vbuf[i]
             if k is not None and v is not None:
                 idx = rows.to(k.device)
-                self._k[i], self._v[i] = k.index_select(0, idx), v.index_select(0, idx)
+                self._kbuf[i], self._vbuf[i] = k.index_select(0, idx), v.index_select(0, idx)
 
     def crop(self, n: int) -> None:
         """Drop every cached position >= ``n``."""
         if n < 0:
             raise InputError(f"cannot crop a KV cache to a negative length ({n})")
-        for i in range(self.num_layers):
-            k, v = self._k[i], self._v[i]
-            if k is not None and v is not None and k.shape[2] > n:
-                self._k[i], self._v[i] = k[:, :, :n], v[:, :, :n]
+        self._len = [min(length, n) for length in self._len]
 
     def clone(self) -> KVCache:
-        """An independent copy (tensors copied)."""
-        out = KVCache(self.num_layers)
-        out._k = [None if t is None else t.clone() for t in self._k]
-        out._v = [None if t is None else t.clone() for t in self._v]
+        """An independent copy (filled positions copied; capacity kept)."""
+        out = copy.copy(self)
+        out._kbuf = [None if t is None else t.clone() for t in self._kbuf]
+        out._vbuf = [None if t is None else t.clone() for t in self._vbuf]
+        out._len = list(self._len)
         return out
 
     def _check_layer(self, layer_idx: int) -> None:
@@ -104,7 +133,8 @@ class KVCache:
 
 
 class StaticKVCache(KVCache):
-    """Preallocated cache of ``capacity`` positions; ``update`` writes in place and returns views."""
+    """Preallocated cache of ``capacity`` positions; an update beyond it raises
+    ``ContextLengthError`` instead of growing."""
 
     def __init__(
         self,
@@ -126,54 +156,23 @@ class StaticKVCache(KVCache):
         shape = (batch_size, num_kv_heads, capacity, head_dim)
         self._kbuf = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self._vbuf = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self._len = [0] * num_layers
 
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k``, ``v`` ([B, n_kv, T_new, hd]) after the cached positions; return views."""
-        self._check_layer(layer_idx)
-        kbuf, vbuf = self._kbuf[layer_idx], self._vbuf[layer_idx]
+    def _reserve(self, layer_idx: int, k: torch.Tensor, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        kbuf = self._kbuf[layer_idx]
+        assert kbuf is not None
         if k.shape[0] != kbuf.shape[0] or k.shape[1] != kbuf.shape[1] or k.shape[3] != kbuf.shape[3]:
             raise InputError(
                 f"static cache holds [B={kbuf.shape[0]}, n_kv={kbuf.shape[1]}, hd={kbuf.shape[3]}] "
                 f"but got k of shape {tuple(k.shape)}"
             )
-        start, end = self._len[layer_idx], self._len[layer_idx] + k.shape[2]
-        if end > self.capacity:
-            raise ContextLengthError(
-                f"static KV cache capacity {self.capacity} exceeded ({end} positions needed); "
-                "allocate a larger cache or shorten the prompt / max_new_tokens"
-            )
-        kbuf[:, :, start:end] = k  # [B, n_kv, T_new, hd]
-        vbuf[:, :, start:end] = v
-        self._len[layer_idx] = end
-        return kbuf[:, :, :end], vbuf[:, :, :end]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._len[layer_idx]
+        raise ContextLengthError(
+            f"static KV cache capacity {self.capacity} exceeded ({needed} positions needed); "
+            "allocate a larger cache or shorten the prompt / max_new_tokens"
+        )
 
     @property
     def batch_size(self) -> int:
-        return int(self._kbuf[0].shape[0])
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        for i in range(self.num_layers):
-            idx = rows.to(self._kbuf[i].device)
-            self._kbuf[i] = self._kbuf[i].index_select(0, idx)  # [len(rows), n_kv, cap, hd]
-            self._vbuf[i] = self._vbuf[i].index_select(0, idx)
-
-    def crop(self, n: int) -> None:
-        if n < 0:
-            raise InputError(f"cannot crop a KV cache to a negative length ({n})")
-        self._len = [min(length, n) for length in self._len]
-
-    def clone(self) -> StaticKVCache:
-        out = StaticKVCache.__new__(StaticKVCache)
-        out.num_layers, out.capacity = self.num_layers, self.capacity
-        out._k, out._v = [None] * self.num_layers, [None] * self.num_layers
-        out._kbuf = [t.clone() for t in self._kbuf]
-        out._vbuf = [t.clone() for t in self._vbuf]
-        out._len = list(self._len)
-        return out
+        return int(self._kbuf[0].shape[0])  # type: ignore[union-attr]
 
 
 def _check_compatible(old: torch.Tensor, new: torch.Tensor) -> None:

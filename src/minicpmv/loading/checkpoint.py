@@ -2,12 +2,17 @@
 
 ``resolve_checkpoint`` maps a local directory or a Hugging Face repo id to a local directory
 (downloading only data files: json, safetensors, txt, tokenizer model, jinja; never ``.py`` or
-pickle ``.bin``). ``load_model`` builds the model on the meta device and materialises every
-parameter straight from the safetensors files in the requested dtype and device, so no second
-full copy of the weights is ever made. Loading is strict: every checkpoint tensor must fill a
-parameter, every parameter must be filled and shapes must agree, otherwise a typed error lists
-the offending keys. Python files shipped with a checkpoint are never imported. This module
-does not tokenize, build processors or run the model.
+pickle ``.bin``). ``load_model`` builds the model on the meta device (nothing is allocated, no
+float32 staging) and materialises every parameter straight from the safetensors files in the
+requested dtype and device, so no second full copy of the weights is ever made: a tensor stored
+in the target dtype (bf16 checkpoint loaded as bf16, on CPU) *is* a view of the memory-mapped
+file (zero copy; pages are read on first use and shared with the page cache), and a tensor that
+needs a conversion or another device is read with plain file I/O into a temporary of its own
+size and converted, so no mapped pages of converted tensors stay resident. ``vision_dtype``
+materialises the vision tower and resampler in another dtype than the LLM. Loading is strict:
+every checkpoint tensor must fill a parameter, every parameter must be filled and shapes must
+agree, otherwise a typed error lists the offending keys. Python files shipped with a checkpoint
+are never imported. This module does not tokenize, build processors or run the model.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +38,10 @@ from ..errors import (
     UnexpectedWeightsError,
     UnsafeCheckpointError,
 )
+from ..modeling.quant import QuantSpec
 from ..modeling.vlm import MiniCPMV
 from ..versions import VersionSpec, detect_version, get_version
+from .quantized import LoadPlan, check_request, check_stored_tensors, install_layout, stored_spec
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,7 @@ INDEX_FILE = "model.safetensors.index.json"
 _UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _MAX_LISTED = 20
+VISION_PREFIXES = ("vpm.", "resampler.")  # what ``vision_dtype`` applies to
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,8 +267,18 @@ def load_model(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     config: ModelConfig | None = None,
+    vision_dtype: torch.dtype | None = None,
+    quantize: QuantSpec | None = None,
+    prepack: bool = False,
 ) -> MiniCPMV:
-    """Build a MiniCPMV from a local checkpoint directory (safetensors only, strict)."""
+    """Build a MiniCPMV from a local checkpoint directory (safetensors only, strict).
+
+    Floating-point tensors get ``dtype`` (``vision_dtype``, when given, for the vision tower
+    ``vpm.*`` and the ``resampler.*``); integer tensors keep their stored dtype.
+    A checkpoint whose config.json records a ``quantization_config`` loads its quantized layers
+    as ``QuantLinear``; ``quantize`` quantizes a float checkpoint's LLM linear layers while
+    loading; ``prepack`` prepacks the remaining bf16 LLM linear layers for oneDNN (CPU).
+    """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
@@ -269,13 +287,22 @@ def load_model(
         log.info("ignoring Python files in %s (never imported): %s", path, ", ".join(ignored))
     cfg = config if config is not None else model_config(path)
     stored = weight_files(path)
+    qspec = stored_spec(cfg)
+    check_request(qspec, quantize)
     model = build_on_meta(cfg)
     _adopt_opaque(model, stored)
+    if qspec is not None:
+        install_layout(model, qspec, dtype)
+        check_stored_tensors(model, stored, qspec)
     slots = _param_slots(model)
     aliases = {k for k, v in slots.items() if not v}
     _check_keys(slots, aliases, stored)
     _check_shapes(model, stored)
-    _materialise(slots, stored, dtype=dtype, device=torch.device(device))
+    plan = LoadPlan.build(model, slots, stored, quantize=None if qspec else quantize, prepack=prepack,
+                          dtype=dtype, device=torch.device(device))
+    dtypes = {prefix: vision_dtype for prefix in VISION_PREFIXES} if vision_dtype is not None else {}
+    _materialise(slots, stored, dtype=dtype, device=torch.device(device), dtypes=dtypes, handlers=plan.handlers)
+    plan.finish(model)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise CheckpointError(f"tensors left unmaterialised after loading: {_short(leftover)}")
@@ -334,21 +361,68 @@ def _materialise(
     *,
     dtype: torch.dtype,
     device: torch.device,
+    dtypes: dict[str, torch.dtype] | None = None,
+    handlers: dict[str, Callable[[torch.Tensor], None]] | None = None,
 ) -> None:
+    """Fill every slot, file by file: zero-copy mmap views where nothing changes, else a
+    read + convert of that one tensor (peak extra memory: the largest converted tensor).
+    A key with a handler (quantized or repacked while loading) is read privately, in its stored
+    dtype, and given to the handler instead of a slot."""
     by_file: dict[Path, list[str]] = {}
     for k, f in stored.items():
         if slots.get(k):
             by_file.setdefault(f, []).append(k)
     for f, keys in by_file.items():
         handle = _open(f)
+        reader: _TensorReader | None = None
         for k in keys:
+            stored_dtype = _ST_DTYPES.get(handle.get_slice(k).get_dtype())
+            want = next((d for p, d in (dtypes or {}).items() if k.startswith(p)), dtype)
+            target = want if stored_dtype is None or stored_dtype.is_floating_point else stored_dtype
+            handler = (handlers or {}).get(k) if stored_dtype is not None else None
             try:
-                t = handle.get_tensor(k)
-            except (SafetensorError, OSError) as e:
+                if handler is not None:  # private read: no mapped pages of a repacked tensor stay resident
+                    reader = reader or _TensorReader(f)
+                    t = reader.read(k, stored_dtype)
+                elif stored_dtype is None or (target == stored_dtype and device.type == "cpu"):
+                    t = handle.get_tensor(k).to(device=device, dtype=target)  # a view of the mapped file
+                else:
+                    reader = reader or _TensorReader(f)
+                    t = reader.read(k, stored_dtype).to(device=device, dtype=target)
+            except (SafetensorError, OSError, ValueError) as e:
                 raise CheckpointError(f"cannot read tensor {k!r} from {f}: {e}") from e
-            target = dtype if t.is_floating_point() else t.dtype
-            t = t.to(device=device, dtype=target)
-            _assign(slots[k], t)
+            if handler is not None:
+                handler(t)
+            else:
+                _assign(slots[k], t)
+        if reader is not None:
+            reader.close()
+
+
+class _TensorReader:
+    """Reads single tensors of one safetensors file with plain file I/O (no memory map), so the
+    source bytes of a converted tensor live only in a temporary of that tensor's size."""
+
+    def __init__(self, f: Path) -> None:
+        self.file = open(f, "rb")  # noqa: SIM115 - closed by close()
+        n = int.from_bytes(self.file.read(8), "little")
+        self.data_start = 8 + n
+        self.header: dict[str, Any] = json.loads(self.file.read(n))
+
+    def read(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        entry = self.header[key]
+        begin, end = (int(v) for v in entry["data_offsets"])
+        shape = [int(v) for v in entry["shape"]]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        buf = bytearray(end - begin)
+        self.file.seek(self.data_start + begin)
+        if self.file.readinto(buf) != len(buf):
+            raise CheckpointError(f"tensor {key!r} is truncated in {self.file.name}")
+        return torch.frombuffer(buf, dtype=dtype).view(shape)  # shares buf; freed after the cast
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _assign(holders: list[tuple[nn.Module, str, bool]], t: torch.Tensor) -> None:

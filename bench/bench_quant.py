@@ -1,0 +1,354 @@
+"""Weight-only quantization benchmark (issue 8): quality on the conformance cases, decode speed.
+
+Three parts, each printed as a table (``--part`` picks one):
+
+- ``micro``: one linear layer at batch 1 (Qwen3-8B / MiniCPM-V 4.5 shapes), bf16, against a pure
+  read of the same bytes in the same run: plain ``F.linear``, ``torch.mv``, the oneDNN-prepacked
+  weight (what ``minicpmv.load`` uses for bf16 on CPU), int8 and int4 (group 32/64/128) kernels.
+  Printed as GB/s of weight bytes and as speed-ups over ``F.linear``; plus a prefill-sized batch.
+- ``quality``: every 2.6 / 4.5 conformance case (tiny random-weight checkpoints), greedy
+  reference tokens fed back (teacher forcing) through the bf16 model and each quantized model;
+  top-1 agreement with bf16 over all steps and the max |logit difference|.
+- ``speed``: a perf-size LLM (4.5 dims, ``--layers`` layers, random weights, text-only prompt of
+  random embeddings) decoded with the real engine in bf16 (plain and prepacked), int8 and int4;
+  tokens/s as ratios to prepacked bf16 (the default path) and to plain bf16, and each as a ratio
+  to its memory-bandwidth ceiling (bytes streamed per token / read bandwidth measured in the run).
+  Each variant is built from the same bf16 weights and measured in ``--rounds`` interleaved rounds
+  (best round kept): the machine is shared, compare numbers within one run only.
+
+Examples:
+  python bench/bench_quant.py                       # all parts (several minutes, ~6 GB at peak)
+  python bench/bench_quant.py --part quality
+  python bench/bench_quant.py --part speed --layers 4 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "tests" / "data" / "conformance"
+REAL_45 = ROOT / "tests" / "data" / "real-4.5" / "release" / "config.json"
+QUALITY_FORMATS = [("int8", None, True), ("int8", None, False), ("int4", 32, True), ("int4", 64, True),
+                   ("int4", 128, True), ("int4", 64, False)]
+
+
+def _best_time(fn: Callable[[], Any], reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def read_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """Best bytes/s of full reductions over a buffer much larger than the caches."""
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    return max(nbytes / _best_time(lambda: buf.sum(), reps), nbytes / _best_time(lambda: buf.amax(), reps))
+
+
+# ------------------------------------------------------------------------------------ micro
+
+
+def micro(reps: int) -> None:
+    from minicpmv.modeling.quant import PackedLinear, QuantLinear, QuantSpec
+
+    bw = read_bandwidth()
+    print(f"\n== micro: one linear layer, batch 1, bf16, {torch.get_num_threads()} threads; "
+          f"read bandwidth {bw / 1e9:.1f} GB/s")
+    shapes = [("gate/up 4096->12288", 4096, 12288), ("down 12288->4096", 12288, 4096),
+              ("lm_head 4096->151748", 4096, 151748)]
+    for label, k, n in shapes:
+        g = torch.Generator().manual_seed(0)
+        lin = nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(n, k, generator=g).div_(k**0.5))
+        w, x = lin.weight.detach(), torch.randn(1, k, generator=g).to(torch.bfloat16)
+        nbytes = w.numel() * 2
+        packed = PackedLinear(lin)
+        cands: dict[str, Callable[[], Any]] = {
+            "read (int8 amax of the same bytes)": lambda w=w: w.view(torch.int8).amax(),
+            "F.linear (plain bf16)": lambda w=w, x=x: F.linear(x, w),
+            "torch.mv": lambda w=w, x=x: torch.mv(w, x[0]),
+            "oneDNN prepacked (load default)": lambda m=packed, x=x: m(x),
+        }
+        for fmt, gs in (("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)):
+            q = QuantLinear.from_float(w, None, QuantSpec.parse(fmt, gs), dtype=torch.bfloat16)
+            cands[f"{fmt}{'' if gs is None else f' g{gs}'} ({q.kind})"] = lambda q=q, x=x: q(x)
+        times = {name: _best_time(fn, reps) for name, fn in cands.items()}
+        base = times["F.linear (plain bf16)"]
+        print(f"-- {label}: {nbytes / 1e6:.0f} MB of bf16 weights")
+        for name, t in times.items():
+            print(f"   {name:<38} {t * 1e3:8.2f} ms  {nbytes / t / 1e9:6.1f} GB/s-of-bf16  "
+                  f"{base / t:5.2f}x F.linear")
+        del cands, times
+        gc.collect()
+
+
+# ------------------------------------------------------------------------------------ quality
+
+
+def _cases(version: str) -> list[Path]:
+    return sorted(p for p in (CONF / version).iterdir()
+                  if (p / "expected" / "tensors.safetensors").is_file() and (p / "inputs").is_dir())
+
+
+def _teacher_forced_logits(cm: Any, case: Path) -> tuple[torch.Tensor, list[int]]:
+    """Logits [B, n, V] at each reference greedy step, and each row's number of valid steps."""
+    from minicpmv.conformance import CaseRunner
+    from minicpmv.engine.chat import normalise_msgs
+    from minicpmv.engine.generate import prefill_positions
+
+    runner = CaseRunner(cm, case)
+    conversations, _ = normalise_msgs(runner.msgs, None)
+    inputs = cm.processor(conversations, **runner.proc_kwargs)
+    with torch.inference_mode():
+        batch = cm.prepare_from(inputs, cm.encode_features(inputs))
+        ref = torch.from_numpy(runner.t["greedy_ids"]).long()  # [B, n]
+        b, t = batch.attention_mask.shape
+        n = ref.shape[1]
+        embeds = torch.cat([batch.inputs_embeds, cm.model.embed_tokens(ref[:, :-1])], dim=1)  # [B, T+n-1, H]
+        mask = torch.cat([batch.attention_mask, torch.ones(b, n - 1, dtype=torch.long)], dim=1)
+        logits = cm.model(embeds, prefill_positions(mask), mask, last_only=False)[:, t - 1 :]  # [B, n, V]
+    eos = set(cm.terminator_ids())
+    lengths = []
+    for row in ref.tolist():
+        stop = next((i for i, tok in enumerate(row) if tok in eos), len(row) - 1)
+        lengths.append(stop + 1)
+    return logits.float(), lengths
+
+
+def quality() -> None:
+    import minicpmv
+
+    print("\n== quality: teacher-forced greedy reference steps, quantized vs bf16 (tiny checkpoints)")
+    print(f"{'format':<34} {'version':<8} {'cases':>5} {'steps':>6} {'top-1 agree':>12} {'max|dlogit|':>12}")
+    for version in ("2.6", "4.5"):
+        ckpt, cases = CONF / version / "_checkpoint", _cases(version)
+        base = minicpmv.load(ckpt, dtype="bfloat16")
+        ref = {c.name: _teacher_forced_logits(base, c) for c in cases}
+        margins = torch.cat([_margins(lb, lengths) for lb, lengths in ref.values()])
+        print(f"-- {version}: {100 * float((margins < 0.1).float().mean()):.0f}% of the bf16 steps have a top-2 "
+              f"logit margin < 0.1 (random weights: near ties), median margin {float(margins.median()):.3f}")
+        variants: list[tuple[str, Callable[[], Any]]] = [
+            ("fp32 (noise floor: bf16 vs fp32)", lambda ckpt=ckpt: minicpmv.load(ckpt, dtype="float32"))]
+        for fmt, gs, head in QUALITY_FORMATS:
+            label = f"{fmt}{'' if gs is None else f' g{gs}'}{'' if head else ' (lm_head bf16)'}"
+            variants.append((label, lambda ckpt=ckpt, fmt=fmt, gs=gs, head=head: minicpmv.load(
+                ckpt, dtype="bfloat16", quantize=fmt, group_size=gs) if head else _no_head(ckpt, fmt, gs)))
+        for label, make in variants:
+            cm = make()
+            agree = total = 0
+            worst = 0.0
+            for c in cases:
+                (lb, lengths), (lq, _) = ref[c.name], _teacher_forced_logits(cm, c)
+                for row, n in enumerate(lengths):
+                    a, q = lb[row, :n], lq[row, :n]
+                    agree += int((a.argmax(-1) == q.argmax(-1)).sum())
+                    total += n
+                    worst = max(worst, float((a - q).abs().max()))
+            print(f"{label:<34} {version:<8} {len(cases):>5} {total:>6} {100 * agree / total:>11.2f}% {worst:>12.4f}")
+
+
+def _margins(logits: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    top = torch.cat([logits[row, :n] for row, n in enumerate(lengths)]).topk(2, dim=-1).values  # [steps, 2]
+    return top[:, 0] - top[:, 1]
+
+
+def _no_head(ckpt: Path, fmt: str, gs: int | None) -> Any:
+    """``load(quantize=...)`` quantizes lm_head too; this variant keeps it in bf16."""
+    import minicpmv
+    from minicpmv.modeling.quant import quantize_model
+
+    cm = minicpmv.load(ckpt, dtype="bfloat16")
+    quantize_model(cm.model, fmt, gs, lm_head=False)
+    return cm
+
+
+# ------------------------------------------------------------------------------------ speed
+
+
+def _perf_llm(layers: int) -> nn.Module:
+    """The 4.5 LLM at real width with ``layers`` layers, random bf16 weights (plain nn.Linear); the
+    embedding table is a zero-stride view (decode reads one row; it costs no memory)."""
+    from minicpmv.config import ModelConfig
+    from minicpmv.modeling.vlm import MiniCPMV
+    from minicpmv.versions import detect_version
+
+    raw = json.loads(REAL_45.read_text())
+    spec = detect_version(raw)
+    cfg = ModelConfig.from_hf_dict(raw, **spec.config_kwargs()).with_text_layers(layers)
+    with torch.device("meta"):
+        model = MiniCPMV(cfg)
+    g = torch.Generator().manual_seed(0)
+    llm = model.llm
+    for name, p in list(llm.named_parameters()):
+        mod_name, _, attr = name.rpartition(".")
+        mod = llm.get_submodule(mod_name)
+        if name == "model.embed_tokens.weight":
+            t = (torch.randn(1, p.shape[1], generator=g) * 0.02).to(torch.bfloat16).expand(*p.shape)
+        elif p.dim() == 1:
+            t = torch.ones(p.shape, dtype=torch.bfloat16)
+        else:
+            t = torch.randn(p.shape, generator=g, dtype=torch.bfloat16).div_(p.shape[1] ** 0.5)
+        mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
+    for child in ("vpm", "resampler"):  # never run; drop the meta modules
+        setattr(model, child, nn.Identity())
+    return model.eval()
+
+
+def _sets_for(variant: str) -> tuple[str, str]:
+    """Variant name -> (decoder-layer weight set, lm_head weight set)."""
+    if variant == "bf16 plain F.linear":
+        return "plain", "plain"
+    if variant == "bf16 prepacked":
+        return "packed", "packed"
+    fmt, _, rest = variant.partition(" ")
+    layers = fmt + (f" {rest.split()[0]}" if rest.startswith("g") else "")
+    return layers, ("packed" if "lm_head bf16" in variant else layers)
+
+
+def _build_set(kind: str, packed: dict[str, nn.Module], names: list[str]) -> dict[str, nn.Module]:
+    """Modules of weight set ``kind`` for ``names``, quantized from the prepacked bf16 layers."""
+    from minicpmv.modeling.quant import QuantLinear, QuantSpec
+
+    fmt, _, gs = kind.partition(" ")
+    spec = QuantSpec.parse(fmt, int(gs[1:]) if gs else None)
+    out: dict[str, nn.Module] = {}
+    for n in names:
+        w = packed[n].weight.to_dense()
+        out[n] = QuantLinear.from_float(w, None, spec, dtype=torch.bfloat16)
+        del w
+    return out
+
+
+def _decode_steps(model: nn.Module, cache: Any, prompt: int, tokens: int) -> list[float]:
+    """Seconds per decode step for ``tokens`` steps after the first ``prompt`` cached positions."""
+    from minicpmv.engine.generate import GenerationParams, generate_steps
+
+    cache.crop(prompt)
+    emb = model.embed_tokens(torch.zeros(1, 1, dtype=torch.long))  # [1, 1, H]
+    params = GenerationParams(max_new_tokens=tokens + 1, min_new_tokens=tokens + 1)
+    steps = []
+    with torch.inference_mode():
+        it = generate_steps(model, emb, None, params, cache)
+        next(it)
+        t = time.perf_counter()
+        for _ in it:
+            now = time.perf_counter()
+            steps.append(now - t)
+            t = now
+    return steps
+
+
+def _install(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    from minicpmv.modeling.quant import replace_module
+
+    for n, m in modules.items():
+        replace_module(model, n, m)
+
+
+def _streamed_bytes(model: nn.Module) -> int:
+    llm = model.llm
+    embed = llm.model.embed_tokens.weight
+    return sum(t.nbytes for t in [*llm.parameters(), *llm.buffers()] if t is not embed)
+
+
+def speed(layers: int, rounds: int, prompt: int, tokens: int, variants: list[str]) -> None:
+    """Two interleaved phases (plain vs prepacked bf16; then prepacked vs quantized), so that at
+    most two full weight copies live at once; steps of every variant alternate round by round
+    over one shared prompt cache, and each variant's median step time is reported."""
+    from minicpmv.engine.generate import prefill_positions
+    from minicpmv.engine.kv_cache import KVCache
+    from minicpmv.modeling.quant import PackedLinear
+
+    model = _perf_llm(layers)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    head = [n for n in names if n.endswith("lm_head")]
+    body = [n for n in names if n not in head]
+    sets: dict[str, dict[str, nn.Module]] = {"plain": {n: model.get_submodule(n) for n in names}}
+    sets["packed"] = {n: PackedLinear(m) for n, m in sets["plain"].items()}
+    g = torch.Generator().manual_seed(1)
+    emb = (torch.randn(1, prompt, model.hidden_size, generator=g) * 0.02).to(torch.bfloat16)
+    cache = KVCache.for_model(model, 1)
+    _install(model, sets["packed"])
+    with torch.inference_mode():
+        mask = torch.ones(1, prompt, dtype=torch.long)
+        model(emb, prefill_positions(mask), mask, cache=cache)
+    steps: dict[str, list[float]] = {v: [] for v in variants}
+    streamed: dict[str, int] = {}
+    bws: list[float] = []
+    phases = [[v for v in variants if v in ("bf16 plain F.linear", "bf16 prepacked")],
+              [v for v in variants if v != "bf16 plain F.linear"]]
+    for i, phase in enumerate(phases):
+        if i == 1:
+            del sets["plain"]
+            gc.collect()
+            for v in phase:
+                for kind, subset in zip(_sets_for(v), (body, head), strict=True):
+                    key = f"{kind}:{'head' if subset is head else 'body'}"
+                    if kind not in ("plain", "packed") and key not in sets:
+                        sets[key] = _build_set(kind, sets["packed"], subset)
+        for _ in range(rounds):
+            bws.append(read_bandwidth(reps=2))
+            for v in phase:
+                kb, kh = _sets_for(v)
+                _install(model, {n: (sets[kb] if kb in sets else sets[f"{kb}:body"])[n] for n in body})
+                _install(model, {n: (sets[kh] if kh in sets else sets[f"{kh}:head"])[n] for n in head})
+                streamed[v] = _streamed_bytes(model)
+                steps[v] += _decode_steps(model, cache, prompt, tokens)
+    bw = statistics.median(bws)
+    print(f"\n== speed: decode, MiniCPM-V 4.5 LLM dims, {layers} layers, random weights, {prompt}-token "
+          f"text prompt, {torch.get_num_threads()} threads, {rounds} interleaved rounds x {tokens} tokens per "
+          f"variant (median step); read bandwidth {bw / 1e9:.1f} GB/s (median of rounds)")
+    rate = {v: 1.0 / statistics.median(steps[v]) for v in variants}
+    ref, plain = rate.get("bf16 prepacked"), rate.get("bf16 plain F.linear")
+    print(f"{'variant':<28} {'MB/token':>9} {'tok/s':>7} {'ceiling':>8} {'of ceil':>8} {'x bf16':>7} {'x plain':>8}")
+    for v in variants:
+        nbytes = streamed[v]
+        ceiling = bw / nbytes
+        rel = f"{rate[v] / ref:7.2f}" if ref else "      -"
+        relp = f"{rate[v] / plain:8.2f}" if plain else "       -"
+        print(f"{v:<28} {nbytes / 1e6:9.0f} {rate[v]:7.2f} {ceiling:8.2f} {rate[v] / ceiling:7.0%} {rel} {relp}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["all", "micro", "quality", "speed"], default="all")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=4, help="speed: LLM layers at real width")
+    ap.add_argument("--rounds", type=int, default=4, help="speed: interleaved rounds per variant")
+    ap.add_argument("--prompt", type=int, default=512, help="speed: prompt positions before decoding")
+    ap.add_argument("--tokens", type=int, default=8, help="speed: decoded tokens per variant and round")
+    ap.add_argument("--reps", type=int, default=7, help="micro: timed repetitions")
+    ap.add_argument("--variants", default="bf16 plain F.linear,bf16 prepacked,int8,int8 lm_head bf16,"
+                    "int4 g128,int4 g128 lm_head bf16,int4 g32",
+                    help="speed: comma-separated variants")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, python {sys.version.split()[0]}")
+    if args.part in ("all", "micro"):
+        micro(args.reps)
+    if args.part in ("all", "quality"):
+        quality()
+    if args.part in ("all", "speed"):
+        speed(args.layers, args.rounds, args.prompt, args.tokens, [v.strip() for v in args.variants.split(",")])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

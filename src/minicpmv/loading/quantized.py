@@ -1,0 +1,316 @@
+"""Load-time weight formats: quantized checkpoints, on-the-fly quantization, bf16 prepacking, and
+``minicpmv quantize`` (writing a quantized checkpoint directory).
+
+``checkpoint.load_model`` calls ``LoadPlan.build`` after its strict key/shape checks on the float
+model. The plan swaps the affected layers of the meta model (``QuantLinear`` for quantized ones)
+and returns per-key handlers that consume tensors read with plain file I/O (so the pages of
+repacked tensors are never left mapped), then ``finish`` packs every layer for its kernel. The
+format of a quantized checkpoint is recorded in config.json (``quantization_config``, see
+``modeling/quant.py``) and never inferred from file names; tensors that disagree with it raise a
+``CheckpointError`` naming the group size / bit width they imply. This module does not run models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import CheckpointError, InputError
+from ..modeling.quant import (
+    PackedLinear,
+    QuantLinear,
+    QuantSpec,
+    can_prepack,
+    check_quantizable,
+    quant_targets,
+    quantize_weight,
+    replace_module,
+    storage_shapes,
+)
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[torch.Tensor], None]
+_ST_NAMES = {"I8": torch.int8, "U8": torch.uint8}
+
+
+def stored_spec(cfg: ModelConfig) -> QuantSpec | None:
+    """The weight format recorded in config.json, or None for a float checkpoint."""
+    return None if cfg.quantization is None else QuantSpec.from_config(cfg.quantization)
+
+
+def check_request(stored: QuantSpec | None, requested: QuantSpec | None) -> None:
+    """A quantized checkpoint loads as it is: asking for another format is an error."""
+    if stored is not None and requested is not None and requested != stored:
+        raise InputError(
+            f"the checkpoint is already quantized ({stored.describe()}); load it without quantize=, "
+            f"or quantize the original float checkpoint to {requested.describe()}"
+        )
+
+
+@dataclass
+class LoadPlan:
+    """Per-key handlers for ``_materialise`` and the final packing step of one load."""
+
+    handlers: dict[str, Handler] = field(default_factory=dict)
+    quantized: list[str] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls, model: nn.Module, slots: dict[str, list[tuple[nn.Module, str, bool]]],
+        stored: dict[str, Path], *, quantize: QuantSpec | None, prepack: bool, dtype: torch.dtype,
+        device: torch.device,
+    ) -> LoadPlan:
+        """Plan quantize-on-load (float checkpoint + ``quantize``) and bf16 prepacking of the
+        remaining LLM linear layers (``prepack``) for a float meta ``model`` whose keys checked out."""
+        plan = cls()
+        plan._read_int4_privately(slots, device)
+        if quantize is not None:
+            plan._quantize_on_load(model, quantize, dtype, device)
+        if prepack and can_prepack(dtype, device):
+            plan._prepack(model, slots)
+        return plan
+
+    def _quantize_on_load(self, model: nn.Module, spec: QuantSpec, dtype: torch.dtype, device: torch.device) -> None:
+        self.quantized = quant_targets(model, spec)
+        for name in self.quantized:
+            check_quantizable(name, model.get_submodule(name).in_features, spec)
+        for name in self.quantized:
+            old = model.get_submodule(name)
+            new = QuantLinear(old.in_features, old.out_features, spec, bias=old.bias is not None, dtype=dtype,
+                              device="meta")
+            replace_module(model, name, new)
+            pending: dict[str, Any] = {"bias": None, "need_bias": old.bias is not None}
+            self.handlers[f"{name}.weight"] = _weight_handler(new, spec, pending, device)
+            if old.bias is not None:
+                self.handlers[f"{name}.bias"] = _bias_handler(new, pending, device)
+
+    def _read_int4_privately(self, slots: dict[str, list[tuple[nn.Module, str, bool]]], device: torch.device) -> None:
+        """A stored int4 layer is repacked by ``prepare()``: read its tensors without the memory map."""
+        for key, holders in slots.items():
+            if len(holders) == 1 and isinstance(holders[0][0], QuantLinear) and holders[0][0].spec.bits == 4:
+                self.handlers[key] = _storage_handler(holders[0][0], holders[0][1], device)
+
+    def _prepack(self, model: nn.Module, slots: dict[str, list[tuple[nn.Module, str, bool]]]) -> None:
+        llm_linears = {id(m) for m in model.llm.modules() if type(m) is nn.Linear}
+        for key, holders in slots.items():
+            if key in self.handlers or not holders or not key.endswith(".weight"):
+                continue
+            if all(id(mod) in llm_linears and name == "weight" for mod, name, _ in holders) and len(holders) == 1:
+                self.handlers[key] = _prepack_handler(holders[0][0])
+
+    def finish(self, model: nn.Module) -> None:
+        """Pack every quantized layer for its kernel and wrap prepacked bf16 layers."""
+        for name, m in list(model.named_modules()):
+            if isinstance(m, QuantLinear):
+                m.prepare()
+            elif type(m) is nn.Linear and m.weight.layout == torch._mkldnn:  # type: ignore[attr-defined]
+                replace_module(model, name, PackedLinear(m))
+
+
+def _weight_handler(layer: QuantLinear, spec: QuantSpec, pending: dict[str, Any], device: torch.device) -> Handler:
+    def handle(t: torch.Tensor) -> None:
+        pending["storage"] = quantize_weight(t, spec)  # from the stored precision, float32 math
+        _complete(layer, pending, device)
+    return handle
+
+
+def _bias_handler(layer: QuantLinear, pending: dict[str, Any], device: torch.device) -> Handler:
+    def handle(t: torch.Tensor) -> None:
+        pending["bias"] = t
+        _complete(layer, pending, device)
+    return handle
+
+
+def _complete(layer: QuantLinear, pending: dict[str, Any], device: torch.device) -> None:
+    if "storage" in pending and (pending["bias"] is not None or not pending["need_bias"]):
+        layer.set_storage(pending.pop("storage"), pending["bias"], device=device)
+
+
+def _storage_handler(layer: QuantLinear, name: str, device: torch.device) -> Handler:
+    def handle(t: torch.Tensor) -> None:
+        layer._buffers[name] = t.to(device=device, dtype=layer.dtype if t.is_floating_point() else t.dtype)
+    return handle
+
+
+def _prepack_handler(linear: nn.Linear) -> Handler:
+    def handle(t: torch.Tensor) -> None:
+        packed = torch.ops.mkldnn._reorder_linear_weight(t.to(torch.bfloat16), None)
+        linear._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
+    return handle
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantized checkpoints: layout and checks
+# ---------------------------------------------------------------------------------------------
+
+
+def install_layout(model: nn.Module, spec: QuantSpec, dtype: torch.dtype) -> list[str]:
+    """Swap the layers a quantized checkpoint stores quantized for empty (meta) ``QuantLinear``s."""
+    names = quant_targets(model, spec)
+    for name in names:
+        old = model.get_submodule(name)
+        check_quantizable(name, old.in_features, spec)
+        replace_module(model, name, QuantLinear(old.in_features, old.out_features, spec,
+                                                bias=old.bias is not None, dtype=dtype, device="meta"))
+    return names
+
+
+def check_stored_tensors(model: nn.Module, stored: dict[str, Path], spec: QuantSpec) -> None:
+    """CheckpointError when a quantized layer's tensors disagree with ``quantization_config``."""
+    handles: dict[Path, Any] = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QuantLinear):
+            continue
+        for part, (shape, dtype) in storage_shapes(spec, layer.out_features, layer.in_features).items():
+            key = f"{name}.{part}"
+            if key not in stored:
+                raise CheckpointError(
+                    f"config.json records {spec.describe()} but the checkpoint has no {key!r}"
+                    + (f" (it has {name}.weight: not a quantized layer)" if f"{name}.weight" in stored else "")
+                )
+            f = stored[key]
+            view = handles.setdefault(f, safe_open(str(f), framework="pt", device="cpu")).get_slice(key)
+            got_shape, got_dtype = tuple(view.get_shape()), view.get_dtype()
+            if dtype is not None and _ST_NAMES.get(got_dtype) != dtype:
+                raise CheckpointError(
+                    f"{key} is stored as {got_dtype} but config.json records {spec.name} "
+                    f"({'I8' if spec.bits == 8 else 'U8'}): the checkpoint's format and its config disagree"
+                )
+            if got_shape != shape:
+                raise CheckpointError(_shape_message(key, part, got_shape, shape, spec, layer.in_features))
+
+
+def _shape_message(key: str, part: str, got: tuple[int, ...], want: tuple[int, ...], spec: QuantSpec, k: int) -> str:
+    base = f"{key} has shape {list(got)} but config.json ({spec.describe()}) implies {list(want)}"
+    if part in ("scales", "zeros") and len(got) == 2 and got[1] and spec.bits == 4:
+        return base + (f": the tensors were written with group size {k // got[1]}, config.json records "
+                       f"group_size {spec.group_size}")
+    if part in ("scales", "zeros") and spec.bits == 8 and len(got) == 2:
+        return base + ": the tensors look group-wise (int4), config.json records bits 8"
+    return base
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a quantized checkpoint (`minicpmv quantize`)
+# ---------------------------------------------------------------------------------------------
+
+_SKIP_SUFFIXES = (".safetensors", ".py", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def quantize_checkpoint(
+    src: str | Path, out: str | Path, fmt: str, *, group_size: int | None = None, lm_head: bool = True,
+    revision: str | None = None,
+) -> dict[str, Any]:
+    """``minicpmv quantize``: quantize a float checkpoint (directory or hub repo id) into ``out``."""
+    from .checkpoint import read_config, resolve_checkpoint, weight_files
+
+    spec = QuantSpec.parse(fmt, group_size, lm_head=lm_head)
+    path = resolve_checkpoint(str(src), revision=revision)
+    raw, version = read_config(path)
+    cfg = ModelConfig.from_hf_dict(raw, **version.config_kwargs())
+    return write_quantized_checkpoint(path, Path(out), spec, cfg=cfg, raw_config=raw, stored=weight_files(path))
+
+
+def write_quantized_checkpoint(
+    src: Path, out: Path, spec: QuantSpec, *, cfg: ModelConfig, raw_config: dict[str, Any],
+    stored: dict[str, Path], shard_bytes: int = 2 << 30,
+) -> dict[str, Any]:
+    """Write ``out``: config.json with ``quantization_config``, sharded safetensors (quantized LLM
+    linear layers as storage tensors, every other tensor as stored) + index, and every other data
+    file of ``src`` (tokenizer, preprocessor, generation config). One tensor in memory at a time
+    (plus the shard being filled). Returns a summary (counts, bytes)."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import INDEX_FILE, build_on_meta
+
+    if cfg.quantization is not None:
+        raise InputError(f"{src} is already quantized ({QuantSpec.from_config(cfg.quantization).describe()})")
+    model = build_on_meta(cfg)
+    targets = quant_targets(model, spec)
+    for name in targets:
+        check_quantizable(name, model.get_submodule(name).in_features, spec)
+    if spec.lm_head and not any(name.endswith("lm_head") for name in targets):  # tied: stays float
+        spec = dataclasses.replace(spec, lm_head=False)
+    weights = {f"{name}.weight" for name in targets}
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"output directory {out} exists and is not empty")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    writer = _ShardWriter(tmp, shard_bytes, save_file)
+    handles: dict[Path, Any] = {}
+    for key in sorted(stored):
+        f = stored[key]
+        t = handles.setdefault(f, safe_open(str(f), framework="pt", device="cpu")).get_tensor(key)
+        if key in weights:
+            base = key.removesuffix(".weight")
+            for part, q in quantize_weight(t, spec).items():
+                writer.add(f"{base}.{part}", q.contiguous())
+        else:
+            writer.add(key, t)
+    n_shards = writer.close()
+    files = sorted(p.name for p in tmp.glob("*.safetensors"))
+    if n_shards > 1:
+        renamed = {}
+        for i, name in enumerate(files):
+            new = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+            (tmp / name).rename(tmp / new)
+            renamed[name] = new
+        index = {"metadata": {"total_size": writer.total},
+                 "weight_map": {k: renamed[v] for k, v in writer.where.items()}}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    else:
+        (tmp / files[0]).rename(tmp / "model.safetensors")
+    for p in src.iterdir():
+        if p.is_file() and p.name not in ("config.json", INDEX_FILE) and not p.name.endswith(_SKIP_SUFFIXES):
+            shutil.copyfile(p, tmp / p.name)
+    config = {**raw_config, "quantization_config": spec.to_config()}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    log.info("wrote %s: %d layers quantized (%s), %d bytes", out, len(targets), spec.describe(), writer.total)
+    return {"layers": len(targets), "bytes": writer.total, "shards": max(n_shards, 1), "spec": spec.describe()}
+
+
+class _ShardWriter:
+    """Collects tensors into safetensors shards of at most ``limit`` bytes (one big tensor alone)."""
+
+    def __init__(self, folder: Path, limit: int, save: Callable[..., None]) -> None:
+        self.folder, self.limit, self.save = folder, limit, save
+        self.current: dict[str, torch.Tensor] = {}
+        self.size = self.total = self.count = 0
+        self.where: dict[str, str] = {}
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        n = t.numel() * t.element_size()
+        if self.current and self.size + n > self.limit:
+            self.flush()
+        self.current[key] = t
+        self.size += n
+        self.total += n
+
+    def flush(self) -> None:
+        if not self.current:
+            return
+        name = f"shard-{self.count:05d}.safetensors"
+        self.save(self.current, str(self.folder / name), metadata={"format": "pt"})
+        self.where.update({k: name for k in self.current})
+        self.count += 1
+        self.current, self.size = {}, 0
+
+    def close(self) -> int:
+        self.flush()
+        return self.count

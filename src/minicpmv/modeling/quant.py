@@ -1,0 +1,515 @@
+"""Weight formats for fast LLM inference: prepacked bf16 and weight-only int8 / int4 linears.
+
+* ``PackedLinear``: a bf16 ``nn.Linear`` whose weight is reordered once into oneDNN's blocked
+  layout (CPU only). At batch 1 PyTorch's plain bf16 GEMV reads weights at about 40-60% of the
+  memory bandwidth; the prepacked oneDNN kernel streams them at close to 100% (results equal up
+  to bf16 rounding; bit-identical at batch 1 in our checks). ``prepack_linears(module)`` swaps
+  every ``nn.Linear`` of a module in place.
+* ``QuantLinear``: a linear layer with weight-only quantized weights, run by PyTorch's own
+  packed-weight kernels where they exist (``torch._weight_int8pack_mm`` on CPU/CUDA,
+  ``torch._weight_int4pack_mm_for_cpu`` / ``torch._weight_int4pack_mm`` for int4), and by
+  dequantize-then-``F.linear`` elsewhere. Each kernel is checked once per (device, dtype) against
+  the dequantized reference before it is used.
+* ``quantize_model(model, "int8" | "int4", group_size)`` swaps the LLM's linear layers of a model
+  for ``QuantLinear`` (the decoder layers' projections, and ``lm_head`` unless told otherwise).
+
+Portable storage format (what quantized checkpoints hold; packed for a kernel at load time), for a
+weight ``w`` of shape [N, K] (out, in):
+
+* int8 (per output channel, symmetric): ``qweight`` int8 [N, K] in [-127, 127], ``scales`` [N];
+  ``w[n, k] = qweight[n, k] * scales[n]``.
+* int4 (groups of ``g`` input columns, asymmetric min/max): ``qweight`` uint8 [N, K/2] holding
+  q in [0, 15], even k in the low nibble and odd k in the high nibble; ``scales``, ``zeros``
+  [N, K/g]; ``w[n, k] = (q[n, k] - 8) * scales[n, k // g] + zeros[n, k // g]``.
+
+Embeddings, norms, the vision tower and the resampler are never quantized. This module does not
+read or write files (see ``loading/quantized.py``) and does not decide when packing applies
+(``api.load`` does).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+QUANT_METHOD = "minicpmv-weight-only"
+FORMATS = {"int8": 8, "int4": 4}
+GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels accept (CPU and CUDA)
+DEFAULT_GROUP_SIZE = 128
+MODULES_LINEAR = "llm linear"
+MODULES_WITH_HEAD = "llm linear + lm_head"
+_ROW_CHUNK = 4096  # rows quantized / packed at a time (multiple of 64: int4 CPU packing blocks)
+_DEQUANT_MIN_ROWS = 96  # int8 on CPU: from this many rows on, dequantize + GEMM beats the GEMV kernel
+
+
+# ---------------------------------------------------------------------------------------------
+# The format
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A weight-only format: ``bits`` 8 or 4, ``group_size`` (int4 only) and whether ``lm_head``
+    is quantized too (never when it is tied to the embeddings)."""
+
+    bits: int
+    group_size: int | None = None
+    lm_head: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in (8, 4):
+            raise InputError(f"quantization bits must be 8 or 4, got {self.bits!r}")
+        if self.bits == 8 and self.group_size is not None:
+            raise InputError("int8 is quantized per output channel; it takes no group size")
+        if self.bits == 4 and self.group_size not in GROUP_SIZES:
+            raise InputError(f"int4 group size must be one of {list(GROUP_SIZES)}, got {self.group_size!r}")
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+    def describe(self) -> str:
+        group = f", group size {self.group_size}" if self.group_size else ""
+        return f"{self.name}{group}, {self.modules}"
+
+    @property
+    def modules(self) -> str:
+        return MODULES_WITH_HEAD if self.lm_head else MODULES_LINEAR
+
+    @classmethod
+    def parse(cls, fmt: str, group_size: int | None = None, *, lm_head: bool = True) -> QuantSpec:
+        """``"int8"`` / ``"int4"`` (+ group size, default 128 for int4) -> spec; InputError otherwise."""
+        bits = FORMATS.get(str(fmt).lower()) if isinstance(fmt, str) else None
+        if bits is None:
+            raise InputError(f"unknown quantization {fmt!r}; use one of {sorted(FORMATS)}")
+        if bits == 4 and group_size is None:
+            group_size = DEFAULT_GROUP_SIZE
+        if bits == 8 and group_size is not None:
+            raise InputError(f"--group-size / group_size applies to int4 only (got {group_size} for int8)")
+        return cls(bits, group_size, lm_head)
+
+    def to_config(self) -> dict[str, Any]:
+        """The ``quantization_config`` entry of config.json."""
+        return {"quant_method": QUANT_METHOD, "bits": self.bits, "group_size": self.group_size,
+                "modules": self.modules}
+
+    @classmethod
+    def from_config(cls, d: Any) -> QuantSpec:
+        """Parse config.json's ``quantization_config``; ConfigError names what is wrong."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config.json: quantization_config must be an object, got {d!r}")
+        method = d.get("quant_method")
+        if method != QUANT_METHOD:
+            raise ConfigError(
+                f"config.json: quantization method {method!r} is not supported; minicpmv loads "
+                f"{QUANT_METHOD!r} checkpoints (written by `minicpmv quantize`). Load the original "
+                "bf16 checkpoint instead, optionally with quantize='int8' or 'int4'"
+            )
+        modules = d.get("modules")
+        if modules not in (MODULES_LINEAR, MODULES_WITH_HEAD):
+            raise ConfigError(
+                f"config.json: quantization_config.modules {modules!r} is not one of "
+                f"{MODULES_LINEAR!r}, {MODULES_WITH_HEAD!r}"
+            )
+        try:
+            return cls(int(d.get("bits")), d.get("group_size"), modules == MODULES_WITH_HEAD)
+        except (InputError, TypeError, ValueError) as e:
+            raise ConfigError(f"config.json: invalid quantization_config {d}: {e}") from e
+
+
+StorageShapes = dict[str, tuple[tuple[int, ...], torch.dtype | None]]
+
+
+def storage_shapes(spec: QuantSpec, out_features: int, in_features: int) -> StorageShapes:
+    """Shape and dtype (None = floating, stored in any float dtype) of each storage tensor."""
+    n, k = out_features, in_features
+    if spec.bits == 8:
+        return {"qweight": ((n, k), torch.int8), "scales": ((n,), None)}
+    g = k // spec.group_size  # type: ignore[operator]
+    return {"qweight": ((n, k // 2), torch.uint8), "scales": ((n, g), None), "zeros": ((n, g), None)}
+
+
+def check_quantizable(name: str, linear_in: int, spec: QuantSpec) -> None:
+    """InputError if ``spec`` cannot represent a layer with ``linear_in`` input features."""
+    if spec.bits == 4 and linear_in % spec.group_size:  # type: ignore[operator]
+        fits = [g for g in GROUP_SIZES if linear_in % g == 0]
+        raise InputError(
+            f"int4 group size {spec.group_size} does not divide the {linear_in} input features of "
+            f"{name}; use one of {fits or 'none: this model cannot be quantized to int4'}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantize / dequantize (storage format)
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """Float weight [N, K] -> storage tensors (CPU; float32 scales/zeros), ``_ROW_CHUNK`` rows at a time."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, weight.shape[0], _ROW_CHUNK):
+        w = weight[start : start + _ROW_CHUNK].detach().to(device="cpu", dtype=torch.float32)  # [n, K]
+        chunk = _quantize8(w) if spec.bits == 8 else _quantize4(w, spec.group_size)  # type: ignore[arg-type]
+        for key, t in chunk.items():
+            parts.setdefault(key, []).append(t)
+    return {key: torch.cat(ts) for key, ts in parts.items()}
+
+
+def _quantize8(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    amax = w.abs().amax(dim=1)  # [n]
+    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)  # [n, K]
+    return {"qweight": q, "scales": scales}
+
+
+def _quantize4(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    n, k = w.shape
+    wg = w.view(n, k // group_size, group_size)  # [n, G, g]
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)  # [n, G]
+    scales = torch.where(hi > lo, (hi - lo) / 15.0, torch.ones_like(lo))
+    q = torch.round((wg - lo[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.uint8).view(n, k)
+    return {"qweight": pack_nibbles(q), "scales": scales, "zeros": lo + 8.0 * scales}
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] values 0..15 -> uint8 [N, K/2], even k in the low nibble."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> uint8 [N, K] values 0..15 (inverse of ``pack_nibbles``)."""
+    return torch.stack([p & 15, p >> 4], dim=-1).view(p.shape[0], -1)
+
+
+def dequantize_weight(storage: dict[str, torch.Tensor], spec: QuantSpec, dtype: torch.dtype) -> torch.Tensor:
+    """Storage tensors -> weight [N, K] in ``dtype`` (computed in float32)."""
+    scales = storage["scales"].float()
+    if spec.bits == 8:
+        return (storage["qweight"].float() * scales[:, None]).to(dtype)  # [N, K]
+    q = unpack_nibbles(storage["qweight"]).float()  # [N, K]
+    n, k = q.shape
+    g = spec.group_size
+    w = (q.view(n, k // g, g) - 8.0) * scales[..., None] + storage["zeros"].float()[..., None]  # type: ignore[operator]
+    return w.view(n, k).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+def _int4_inner_k_tiles(k: int) -> int:
+    return next(t for t in (8, 4, 2) if k % (t * 16) == 0)
+
+
+def _pack_int4(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, kind: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Storage -> (packed weight, scales_and_zeros [G, N', 2]) for the ``kind`` int4 kernel; N is
+    padded with zero rows to a multiple of 16 (N' >= N), as both kernels need."""
+    n, half = qweight.shape
+    pad = (-n) % 16
+    sz = torch.stack([scales, zeros], dim=-1)  # [N, G, 2]
+    if pad:
+        sz = torch.cat([sz, sz.new_zeros(pad, *sz.shape[1:])])
+        qweight = torch.cat([qweight, qweight.new_zeros(pad, half)])
+    sz = sz.transpose(0, 1).contiguous()  # [G, N', 2]
+    if kind == "int4_cpu":
+        packed = torch.cat([
+            torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight[s : s + _ROW_CHUNK]).to(torch.int32), 1)
+            for s in range(0, qweight.shape[0], _ROW_CHUNK)
+        ])  # [N', K/2] in the kernel's blocked layout
+    else:  # CUDA tinygemm wants the even k in the high nibble
+        swapped = ((qweight & 15) << 4) | (qweight >> 4)
+        packed = torch._convert_weight_to_int4pack(swapped.contiguous(), _int4_inner_k_tiles(2 * half))
+    return packed, sz
+
+
+def _int4_matmul(kind: str, x: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.Tensor) -> torch.Tensor:
+    if kind == "int4_cpu":
+        return torch._weight_int4pack_mm_for_cpu(x, packed, group_size, sz)  # [M, N']
+    return torch._weight_int4pack_mm(x, packed, group_size, sz)  # [M, N]
+
+
+@functools.cache
+def kernel_works(kind: str, device: str, dtype: torch.dtype) -> bool:
+    """Whether the ``kind`` kernel runs on ``device`` / ``dtype`` and matches the dequantized
+    reference on a small random layer (checked once; a failure logs why and falls back)."""
+    g = torch.Generator().manual_seed(0)
+    n, k = 96, 256
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(3, k, generator=g).to(device=device, dtype=dtype)
+    spec = QuantSpec(8) if kind == "int8" else QuantSpec(4, 32)
+    layer = QuantLinear.from_float(w, None, spec, dtype=dtype, device=device, kind="dequant")
+    try:
+        ref = layer(x).float()
+        fast = QuantLinear.from_float(w, None, spec, dtype=dtype, device=device, kind=kind)
+        err = float((fast(x).float() - ref).abs().max())
+    except (RuntimeError, NotImplementedError, AttributeError) as e:
+        log.info("%s kernel unavailable on %s/%s (%s); using dequantize + F.linear", kind, device, dtype, e)
+        return False
+    ok = err <= 2e-2 * float(ref.abs().max()) + 1e-3
+    if not ok:
+        log.warning("%s kernel on %s/%s disagrees with the reference (max err %.3g); not used",
+                    kind, device, dtype, err)
+    return ok
+
+
+def _kernel_for(bits: int, device: torch.device, dtype: torch.dtype) -> str:
+    want = "int8" if bits == 8 else ("int4_cpu" if device.type == "cpu" else "int4_cuda")
+    if device.type not in ("cpu", "cuda"):
+        return "dequant"
+    return want if kernel_works(want, str(device), dtype) else "dequant"
+
+
+def _aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """``t`` itself if contiguous and ``alignment``-byte aligned, else an aligned copy."""
+    return t if t.is_contiguous() and t.data_ptr() % alignment == 0 else t.contiguous().clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ dequant(W).T + b`` with W stored in a ``QuantSpec`` format.
+
+    Built empty (on any device, meta included) with the storage buffers ``qweight``, ``scales``
+    (``zeros`` for int4) and optional ``bias`` in the checkpoint's names; ``prepare()`` then
+    converts them into the layout of the kernel chosen for their device and dtype. The
+    ``state_dict`` always holds the portable storage tensors.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, spec: QuantSpec, *, bias: bool,
+        dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        check_quantizable("this layer", in_features, spec)
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.dtype = dtype
+        for name, (shape, st_dtype) in storage_shapes(spec, out_features, in_features).items():
+            self.register_buffer(name, torch.empty(shape, dtype=st_dtype or dtype, device=device))
+        self.bias: torch.Tensor | None
+        if bias:
+            self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+        self.kind: str | None = None  # kernel chosen by prepare()
+
+    @classmethod
+    def from_float(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec, *,
+        dtype: torch.dtype, device: torch.device | str | None = None, kind: str | None = None,
+    ) -> QuantLinear:
+        """Quantize a float weight [N, K] (and bias [N]) into a prepared layer on ``device``."""
+        device = torch.device(device) if device is not None else weight.device
+        layer = cls(weight.shape[1], weight.shape[0], spec, bias=bias is not None, dtype=dtype, device="meta")
+        layer.set_storage(quantize_weight(weight, spec), bias, device=device)
+        layer.prepare(kind)
+        return layer
+
+    def set_storage(
+        self, storage: dict[str, torch.Tensor], bias: torch.Tensor | None, *, device: torch.device | str
+    ) -> None:
+        """Fill the storage buffers (floats cast to this layer's dtype) and reset the kernel."""
+        for name, (shape, st_dtype) in storage_shapes(self.spec, self.out_features, self.in_features).items():
+            t = storage[name]
+            if tuple(t.shape) != shape:
+                raise InputError(f"{name} has shape {list(t.shape)}, expected {list(shape)}")
+            self._buffers[name] = t.to(device=device, dtype=st_dtype or self.dtype)
+        if bias is not None:
+            self._buffers["bias"] = bias.detach().to(device=device, dtype=self.dtype)
+        self.kind = None
+
+    def prepare(self, kind: str | None = None) -> None:
+        """Convert the storage buffers into the kernel layout for their device (idempotent)."""
+        if self.kind is not None:
+            return
+        device = self.scales.device
+        kind = kind or _kernel_for(self.spec.bits, device, self.dtype)
+        if kind == "int8":  # the kernel needs aligned memory; a memory-mapped tensor may not be
+            for name in ("qweight", "scales"):
+                self._buffers[name] = _aligned(self._buffers[name])  # type: ignore[arg-type]
+        if kind.startswith("int4"):
+            try:
+                packed, sz = _pack_int4(self.qweight, self.scales, self.zeros, kind)
+            except RuntimeError as e:  # a shape the kernel does not take: stay correct, not fast
+                log.warning("int4 kernel cannot pack a [%d, %d] weight (%s); dequantizing per call",
+                            self.out_features, self.in_features, e)
+                kind = "dequant"
+            else:
+                for name in ("qweight", "scales", "zeros"):
+                    del self._buffers[name]
+                self.register_buffer("packed", packed, persistent=False)
+                self.register_buffer("scales_zeros", sz.to(self.dtype), persistent=False)
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind is None:
+            raise InputError("QuantLinear used before prepare(): its weights are not loaded yet")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(self.dtype)  # [M, K]
+        y = self._matmul(x2)  # [M, N]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        kind = self.kind
+        if kind == "int8":
+            if x.device.type == "cpu" and x.shape[0] >= _DEQUANT_MIN_ROWS:  # prefill: GEMM is faster
+                return F.linear(x, self.qweight.to(x.dtype)) * self.scales  # [M, N]
+            return torch._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales)  # [M, N]
+        if kind in ("int4_cpu", "int4_cuda"):
+            y = _int4_matmul(kind, x.contiguous(), self.packed, self.spec.group_size, self.scales_zeros)  # type: ignore[arg-type]
+            return y[:, : self.out_features] if y.shape[1] != self.out_features else y
+        return F.linear(x, dequantize_weight(self.storage(), self.spec, x.dtype))  # "dequant"
+
+    def storage(self) -> dict[str, torch.Tensor]:
+        """The portable storage tensors (recovered from the kernel layout when packed)."""
+        if not (self.kind or "").startswith("int4"):
+            keys = storage_shapes(self.spec, self.out_features, self.in_features)
+            return {k: self._buffers[k] for k in keys}  # type: ignore[misc]
+        n = self.out_features
+        sz = self.scales_zeros[:, :n]  # [G, N, 2]
+        unit = torch.zeros_like(self.scales_zeros)
+        unit[..., 0], unit[..., 1] = 1.0, 8.0  # (q - 8) * 1 + 8 = q: the kernel applied to I gives q^T
+        cols = []
+        eye = torch.eye(self.in_features, dtype=self.dtype, device=self.packed.device)
+        for s in range(0, self.in_features, 1024):
+            part = _int4_matmul(self.kind, eye[s : s + 1024], self.packed, self.spec.group_size, unit)  # type: ignore[arg-type]
+            cols.append(part[:, :n])  # [k, N]
+        q = torch.cat(cols).t().round().to(torch.uint8)  # [N, K]
+        return {"qweight": pack_nibbles(q), "scales": sz[..., 0].t().contiguous(),
+                "zeros": sz[..., 1].t().contiguous()}
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        for name, t in self.storage().items():
+            destination[prefix + name] = t if keep_vars else t.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{self.spec.describe().split(',')[0]}, group_size={self.spec.group_size}, "
+                f"bias={self.bias is not None}, kernel={self.kind}")
+
+
+class PackedLinear(nn.Linear):
+    """An inference-only bf16 ``nn.Linear`` whose weight is a oneDNN-prepacked tensor (CPU).
+
+    Results equal the plain layer's up to bf16 rounding, at close to memory bandwidth for batch-1
+    decoding. ``state_dict`` gives the plain
+    weight back; moving or casting the layer is not supported (pack after moving).
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach()
+        if w.layout != torch._mkldnn:  # type: ignore[attr-defined] - else packed already (by the loader)
+            w = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        self.weight = nn.Parameter(w, requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [-1], "")
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.weight.to_dense()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+
+def can_prepack(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether ``PackedLinear`` applies: bf16 weights on a CPU whose oneDNN has bf16 kernels."""
+    return (
+        dtype == torch.bfloat16 and torch.device(device).type == "cpu"
+        and torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole models
+# ---------------------------------------------------------------------------------------------
+
+
+def _llm(model: nn.Module) -> nn.Module:
+    return getattr(model, "llm", model)
+
+
+def quant_targets(model: nn.Module, spec: QuantSpec) -> list[str]:
+    """Qualified names (in ``model``) of the linear layers ``spec`` quantizes: every ``nn.Linear``
+    of the LLM's decoder layers, plus ``lm_head`` if asked and not tied to the embeddings."""
+    llm = _llm(model)
+    prefix = "llm." if llm is not model else ""
+    names = [f"{prefix}model.layers.{n}" for n, m in llm.model.layers.named_modules()
+             if isinstance(m, (nn.Linear, QuantLinear))]
+    head = getattr(llm, "lm_head", None)
+    tied = head is not None and getattr(head, "weight", None) is llm.model.embed_tokens.weight
+    if spec.lm_head and isinstance(head, (nn.Linear, QuantLinear)) and not tied:
+        names.append(f"{prefix}lm_head")
+    return names
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def _dense_weight(linear: nn.Linear) -> torch.Tensor:
+    w = linear.weight.detach()
+    return w.to_dense() if w.layout == torch._mkldnn else w  # type: ignore[attr-defined]
+
+
+def quantize_model(
+    model: nn.Module, fmt: str = "int8", group_size: int | None = None, *, lm_head: bool = True
+) -> QuantSpec:
+    """Quantize the LLM linear layers of ``model`` in place (from their current weights) and return
+    the spec. ``model`` is a ``MiniCPMV`` or a bare backbone; layers are prepared for their device."""
+    spec = QuantSpec.parse(fmt, group_size, lm_head=lm_head)
+    targets = quant_targets(model, spec)
+    for name in targets:
+        check_quantizable(name, model.get_submodule(name).in_features, spec)
+    for name in targets:
+        old = model.get_submodule(name)
+        if isinstance(old, QuantLinear):
+            raise InputError(f"{name} is already quantized ({old.spec.describe()})")
+        w = _dense_weight(old)
+        bias = None if old.bias is None else old.bias.detach()
+        replace_module(model, name, QuantLinear.from_float(w, bias, spec, dtype=w.dtype, device=w.device))
+        del old, w
+    log.info("quantized %d LLM linear layers to %s", len(targets), spec.describe())
+    return spec
+
+
+def prepack_linears(module: nn.Module) -> int:
+    """Swap every bf16 CPU ``nn.Linear`` of ``module`` (``lm_head`` included unless tied to an
+    embedding) for a ``PackedLinear``; returns how many were swapped (0 when oneDNN bf16 is missing)."""
+    shared = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    names = [
+        n for n, m in module.named_modules()
+        if type(m) is nn.Linear and id(m.weight) not in shared and can_prepack(m.weight.dtype, m.weight.device)
+    ]
+    for name in names:
+        replace_module(module, name, PackedLinear(module.get_submodule(name)))
+    return len(names)
+
+
+def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            yield name, m

@@ -1,0 +1,108 @@
+"""`minicpmv quantize` and loading quantized checkpoints: the written directory, the format
+recorded in config.json, the round trip against quantize-on-load, and the errors for checkpoints
+whose tensors disagree with their config or requests that cannot be honoured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import minicpmv
+from minicpmv.cli import main
+from minicpmv.errors import CheckpointError, ConfigError, InputError
+from minicpmv.modeling.quant import PackedLinear, QuantLinear, can_prepack
+
+from .conftest import CONF
+
+CKPT = {v: CONF / v / "_checkpoint" for v in ("2.6", "4.5")}
+
+
+def _quantize(tmp_path: Path, version: str, *args: str) -> Path:
+    out = tmp_path / f"q{version}-{'-'.join(a.strip('-') for a in args)}"
+    assert main(["quantize", "--model", str(CKPT[version]), "--output", str(out), *args]) == 0
+    return out
+
+
+def _logits(cm, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    emb = (torch.randn(2, 7, cm.model.hidden_size, generator=g) * 0.5).to(cm.model.dtype)
+    with torch.inference_mode():
+        return cm.model(emb, None, None, last_only=False)
+
+
+@pytest.mark.parametrize("version, args, bits, gs", [
+    ("2.6", ("--to", "int8"), 8, None),
+    ("4.5", ("--to", "int4", "--group-size", "64"), 4, 64),
+])
+def test_quantize_round_trip_equals_quantize_on_load(tmp_path, capsys, version, args, bits, gs) -> None:
+    out = _quantize(tmp_path, version, *args)
+    assert "layers quantized" in capsys.readouterr().out
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"] == {"quant_method": "minicpmv-weight-only", "bits": bits, "group_size": gs,
+                                          "modules": "llm linear + lm_head"}
+    src = {p.name for p in CKPT[version].iterdir() if p.suffix != ".safetensors"}
+    assert src <= {p.name for p in out.iterdir()}  # tokenizer, preprocessor, generation config copied
+    saved = minicpmv.load(out, dtype="bfloat16")
+    fly = minicpmv.load(CKPT[version], dtype="bfloat16", quantize=f"int{bits}", group_size=gs)
+    q = [m for m in saved.model.modules() if isinstance(m, QuantLinear)]
+    assert len(q) == 7 * saved.config.text.num_hidden_layers + 1 and all(m.spec.bits == bits for m in q)
+    assert torch.equal(_logits(saved), _logits(fly))
+    plain = minicpmv.load(CKPT[version], dtype="bfloat16")
+    rel = (_logits(saved) - _logits(plain)).norm() / _logits(plain).norm()
+    assert 0 < rel < (0.05 if bits == 8 else 0.3)
+    assert minicpmv.load(out, dtype="bfloat16", quantize=f"int{bits}", group_size=gs) is not None  # same: fine
+
+
+def test_no_lm_head_keeps_head_float_and_prepacks_it(tmp_path) -> None:
+    out = _quantize(tmp_path, "2.6", "--to", "int8", "--no-lm-head")
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["modules"] == "llm linear"
+    cm = minicpmv.load(out, dtype="bfloat16")
+    head = cm.model.llm.lm_head
+    assert not isinstance(head, QuantLinear)
+    assert isinstance(head, PackedLinear) == can_prepack(torch.bfloat16, "cpu")
+    with torch.inference_mode():
+        assert torch.isfinite(_logits(cm)).all()
+
+
+def _edit_config(path: Path, **changes) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"].update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_mismatched_group_size_or_bits_raise_clear_errors(tmp_path) -> None:
+    out = _quantize(tmp_path, "2.6", "--to", "int4", "--group-size", "32")
+    _edit_config(out, group_size=128)
+    with pytest.raises(CheckpointError, match="written with group size 32, config.json records group_size 128"):
+        minicpmv.load(out)
+    _edit_config(out, bits=8, group_size=None)
+    with pytest.raises(CheckpointError, match="stored as U8 but config.json records int8"):
+        minicpmv.load(out)
+    _edit_config(out, quant_method="gptq")
+    with pytest.raises(ConfigError, match="'gptq' is not supported"):
+        minicpmv.load(out)
+
+
+def test_load_rejects_bad_quantize_requests(tmp_path) -> None:
+    with pytest.raises(InputError, match="unknown quantization 'int3'"):
+        minicpmv.load(CKPT["2.6"], quantize="int3")
+    with pytest.raises(InputError, match="group_size applies only"):
+        minicpmv.load(CKPT["2.6"], group_size=64)
+    out = _quantize(tmp_path, "2.6", "--to", "int8")
+    with pytest.raises(InputError, match="already quantized"):
+        minicpmv.load(out, quantize="int4")
+
+
+def test_cli_refuses_bad_output_and_group_size(tmp_path, capsys) -> None:
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "x.txt").write_text("keep me")
+    assert main(["quantize", "--model", str(CKPT["2.6"]), "--to", "int8", "--output", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err and (out / "x.txt").read_text() == "keep me"
+    bad = ["quantize", "--model", str(CKPT["2.6"]), "--to", "int8", "--group-size", "64",
+           "--output", str(tmp_path / "o")]
+    assert main(bad) == 2
+    assert "int4 only" in capsys.readouterr().err
