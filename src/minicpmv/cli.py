@@ -19,7 +19,8 @@ log = logging.getLogger("minicpmv")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", required=True, help="checkpoint directory or Hugging Face repo id")
+    p.add_argument("--model", "-m", default=None,
+                   help="checkpoint directory or Hugging Face repo id (default: the bundled demo model)")
     p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16 (default bfloat16)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
 
@@ -303,6 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "model", "") is None and args.command in ("chat", "ui", "serve"):
+        from . import demo_model
+
+        try:
+            args.model = str(demo_model.path())
+        except MiniCPMVError as e:
+            print(f"minicpmv: error: {e}", file=sys.stderr)
+            return 2
+        logging.getLogger(__name__).info("no --model given: using the bundled demo model %s", args.model)
     handlers = {"chat": cmd_chat, "inspect": cmd_inspect, "conformance": cmd_conformance, "ui": cmd_ui,
                 "serve": cmd_serve, "finetune": cmd_finetune, "export": cmd_export, "quantize": cmd_quantize,
                 "train-demo": cmd_train_demo}

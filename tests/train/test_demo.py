@@ -104,3 +104,12 @@ def test_recipe_smoke_run_gives_a_loadable_checkpoint_and_report(tmp_path: Path)
     assert isinstance(chat.chat([{"role": "user", "content": "hello"}], sampling=False, max_new_tokens=3), str)
     with pytest.raises(Exception, match="already holds a finished run"):
         demo.run(cfg)
+
+
+def test_train_demo_cli_rejects_unknown_or_malformed_settings(tmp_path: Path) -> None:
+    from minicpmv.cli import main
+
+    with pytest.raises(SystemExit, match="unknown setting 'nope'"):
+        main(["train-demo", "--output", str(tmp_path / "x"), "--set", "nope=1"])
+    with pytest.raises(SystemExit, match="takes true or false"):
+        main(["train-demo", "--output", str(tmp_path / "x"), "--set", "stage2_tune_resampler=maybe"])

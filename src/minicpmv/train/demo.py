@@ -16,7 +16,8 @@
    chat with greedy decoding through ``minicpmv.load`` (the inference path users run).
 
 ``DIR/final`` is the checkpoint; ``DIR/report.json`` holds accuracies, timings, seed and the
-weights' sha256. This module does not ship or select the packaged demo model (``demo_model``).
+weights' sha256. ``bundle`` copies a finished run into the package's ``demo_model`` folder with
+its card; choosing that folder as the CLI's default happens in ``cli.py``, not here.
 """
 
 from __future__ import annotations
@@ -65,12 +66,12 @@ class DemoConfig:
     llm_width: int = 256
     llm_layers: int = 4
     query_num: int = 32
-    stage1_steps: int = 1500
+    stage1_steps: int = 3000
     stage1_batch: int = 32
     stage1_lr: float = 1e-3
     train_images: int = 4000
     eval_images: int = 600
-    stage2_epochs: int = 3
+    stage2_epochs: int = 6
     stage2_batch: int = 16
     stage2_lr: float = 1e-3
     stage2_tune_resampler: bool = False
@@ -378,3 +379,29 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
               "weights_sha256": sha256(out / "final" / "model.safetensors"), "torch": torch.__version__}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "generation_config.json", "preprocessor_config.json",
+                    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                    "merges.txt")
+
+
+def bundle(run_dir: Path, dest: Path, *, command: str) -> dict[str, Any]:
+    """Copy a finished run's checkpoint into ``dest`` (the package's ``demo_model``) with its card."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    report = json.loads((run_dir / "report.json").read_text())
+    final = run_dir / "final"
+    if sha256(final / "model.safetensors") != report["weights_sha256"]:
+        raise InputError(f"{final}/model.safetensors does not match the hash in {run_dir}/report.json")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in CHECKPOINT_FILES:
+        shutil.copy2(final / name, dest / name)
+    card = {"command": command, "seed": report["config"]["seed"], "weights_sha256": report["weights_sha256"],
+            "heldout_exact_match": {k: v["accuracy"] for k, v in report["heldout"].items()},
+            "heldout_questions": {k: v["n"] for k, v in report["heldout"].items()},
+            "times_s": {k: round(v, 1) for k, v in report["times"].items()}, "torch": report["torch"],
+            "config": report["config"]}
+    (dest / "DEMO_CARD.json").write_text(json.dumps(card, indent=2))
+    return card

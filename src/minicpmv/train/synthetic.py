@@ -151,10 +151,14 @@ def render(scene: Scene, rng: random.Random, *, masks: bool = False) -> Any:
 
 
 def _draw_word(draws: list[ImageDraw.ImageDraw], scene: Scene, rng: random.Random) -> None:
-    size = rng.randint(36, 52) if scene.kind == "word" else rng.randint(26, 32)
-    font = _font(size)
+    size = rng.randint(48, 64) if scene.kind == "word" else rng.randint(30, 36)
     word = scene.word or ""
-    x0, y0, x1, y1 = draws[0].textbbox((0, 0), word, font=font)
+    while True:  # shrink until the word fits its 224-pixel region with a margin
+        font = _font(size)
+        x0, y0, x1, y1 = draws[0].textbbox((0, 0), word, font=font)
+        if x1 - x0 <= CANVAS - 16 or size <= 12:
+            break
+        size -= 2
     w, h = x1 - x0, y1 - y0
     if scene.kind == "word":
         ox, oy, span = 0, 0, scene.size
