@@ -106,6 +106,12 @@ def build_qwen2_backend(vocab_file: Path, merges_file: Path) -> _HFTokenizer:
         )
     except Exception as e:  # the Rust loader raises plain Exception on malformed files
         raise TokenizerError(f"cannot build BPE from {vocab_file} and {merges_file}: {e}") from e
+    return qwen2_pipeline(bpe)
+
+
+def qwen2_pipeline(bpe: models.BPE) -> _HFTokenizer:
+    """``bpe`` (loaded, or empty to be trained) inside the Qwen2 normalizer / pre-tokenizer /
+    decoder pipeline, so merges are learned and applied over the same pre-tokenization."""
     tok = _HFTokenizer(bpe)
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([

@@ -36,11 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
 from ..errors import InputError
+from ..loading.checkpoint import model_config
 from ..modeling.vlm import MiniCPMV
 from ..processing.image import to_patches
-from ..versions import detect_version
 from . import synthetic as syn
 
 log = logging.getLogger(__name__)
@@ -92,16 +91,11 @@ def corpus_lines() -> list[str]:
 
 def write_tokenizer(out: Path, vocab_size: int) -> int:
     """Train the BPE and write the tokenizer files; returns the full vocabulary size."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import models, pre_tokenizers, trainers
 
-    from ..processing.tokenizer import QWEN2_SPLIT_REGEX
+    from ..processing.tokenizer import qwen2_pipeline
 
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
+    tok = qwen2_pipeline(models.BPE())
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     text = corpus_lines()
@@ -112,8 +106,7 @@ def write_tokenizer(out: Path, vocab_size: int) -> int:
     added = {t: base + i for i, t in enumerate(SPECIAL_TOKENS)}
     (out / "added_tokens.json").write_text(json.dumps(added, indent=2))
     flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
-    extra = [t for t in SPECIAL_TOKENS[3:]]
-    extra = ["<unk>"] + [t for t in extra if t != "<unk>"]
+    extra = ["<unk>", *SPECIAL_TOKENS[3:-1]]  # the official order: <unk> first, then <image> ... </unit>
     tcfg = {
         "add_bos_token": False, "add_prefix_space": False,
         "added_tokens_decoder": {str(i): {"content": t, **flags} for t, i in added.items()},
@@ -165,9 +158,7 @@ def write_configs(out: Path, cfg: DemoConfig, vocab: int) -> None:
 
 def build_model(ckpt: Path, seed: int) -> MiniCPMV:
     """A randomly initialised model for the config in ``ckpt`` (normal(0, 0.02) weights)."""
-    raw = json.loads((ckpt / "config.json").read_text())
-    spec = detect_version(raw)
-    mcfg = ModelConfig.from_hf_dict(raw, family=spec.llm_family, temporal=spec.temporal_resampler)
+    mcfg = model_config(ckpt)
     torch.manual_seed(seed)
     model = MiniCPMV(mcfg)
     with torch.no_grad():
