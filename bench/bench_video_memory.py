@@ -6,13 +6,19 @@ peak RSS growth (VmHWM after minus VmRSS before; the peak is reset first) and wa
 
   probe        frame count / fps / size (one demux pass, no decoding)
   stream-4.5   the 4.5 recipe's 540 sampled frames, streamed one at a time (nothing kept)
-  load-2.6     ``load_video(path, "2.6")``: 64 RGB frames kept in memory
-  load-4.5     ``load_video(path, "4.5")``: 540 RGB frames kept in memory (packing 3)
+  load-2.6     ``load_video(path, "2.6")``, then every one of its 64 frames read
+  load-4.5     ``load_video(path, "4.5")``, then every one of its 540 frames read (packing 3)
+  process-4.5  the real 4.5 release's processor on a message holding the video: decoding,
+               sampling, slicing and the float32 pixel tensors of all 540 frames
+  eager-4.5    baseline: the 540 sampled frames decoded and kept as RGB images (what
+               load_video returned before frames were decoded on use)
   naive-4.5    baseline: decode every frame in order and keep the sampled ones (no seeking)
 
-"kept" is the memory of the RGB frames a scenario returns (Pillow stores RGB in 4 bytes per
-pixel: W*H*4 each); "overhead" is the growth beyond them (decoder buffers, packet index,
-allocator). Not part of the test suite.
+Reading a frame means its pixels are summed, so every frame is really decoded. "kept" is the
+memory of the pixels a scenario holds at its end (Pillow stores RGB in 4 bytes per pixel: W*H*4
+each): for load-* the frames ``SampledFrames`` keeps within its cache budget, for process-4.5
+the model-size slices it returns (their float32 tensors are made when read). "overhead" is the
+growth beyond them (decoder buffers, packet index, tokenizer, allocator). Not part of the test suite.
 
   python bench/bench_video_memory.py                 # 10 minutes, 1280x720, 30 fps
   python bench/bench_video_memory.py --minutes 1     # quicker
@@ -31,7 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-SCENARIOS = ("probe", "stream-4.5", "load-2.6", "load-4.5", "naive-4.5")
+SCENARIOS = ("probe", "stream-4.5", "load-2.6", "load-4.5", "process-4.5", "eager-4.5", "naive-4.5")
+ROOT = Path(__file__).resolve().parents[1]
+REAL_45 = ROOT / "tests" / "data" / "real-4.5" / "release"
 
 
 def _status_kib(field: str) -> int:
@@ -91,6 +99,16 @@ def _indices_45(info: object) -> list[int]:
     return indices
 
 
+def _process_45(path: str) -> object:
+    """The real 4.5 release's processor (tokenizer, template, 448 px slicing) on one video message."""
+    from minicpmv.processing.processor import Processor
+    from minicpmv.processing.video import Video
+    from minicpmv.versions import get_version
+
+    processor = Processor.from_dir(REAL_45, get_version("4.5"))
+    return processor([[{"role": "user", "content": [Video(path), "Describe the video."]}]])
+
+
 def child(scenario: str, path: str) -> dict:
     """Run one scenario in this (fresh) process and report RSS growth and time."""
     from minicpmv.processing.video import iter_video_frames, load_video, probe_video
@@ -102,11 +120,20 @@ def child(scenario: str, path: str) -> dict:
     before = _status_kib("VmRSS")
     t0 = time.perf_counter()
     info = probe_video(path)
-    kept = 0
+    kept = tensors = 0
     if scenario == "stream-4.5":
         frames_out = sum(1 for _ in iter_video_frames(path, _indices_45(info)))
     elif scenario in ("load-2.6", "load-4.5"):
         frames = load_video(path, scenario.split("-")[1]).frames
+        frames_out = sum(1 for f in frames if np.asarray(f).sum() >= 0)  # decode and read each
+        kept = len(getattr(frames, "_cache", {})) * info.width * info.height * 4
+    elif scenario == "process-4.5":
+        inputs = _process_45(path)
+        frames_out = len(inputs.image_hashes[0])
+        kept = sum(s.width * s.height * 4 for s in inputs.slices[0])  # the uint8 slices it holds
+        tensors = sum(s.width * s.height * 12 for s in inputs.slices[0])  # float32 [3, P, L*P] each
+    elif scenario == "eager-4.5":
+        frames = list(load_video(path, "4.5").frames)
         frames_out = len(frames)
         kept = sum(f.width * f.height * 4 for f in {id(f): f for f in frames}.values())
     elif scenario == "naive-4.5":
@@ -117,7 +144,7 @@ def child(scenario: str, path: str) -> dict:
         frames_out = 0
     seconds = time.perf_counter() - t0
     peak = _status_kib("VmHWM")
-    return {"scenario": scenario, "frames": frames_out, "seconds": seconds,
+    return {"scenario": scenario, "frames": frames_out, "seconds": seconds, "tensor_mb": tensors / 2**20,
             "growth_mb": max(peak - before, 0) / 1024, "kept_mb": kept / 2**20,
             "video_frames": info.num_frames}
 
@@ -153,6 +180,10 @@ def main() -> None:
         print(f"{r['scenario']:<12} {r['frames']:>6} {r['seconds']:>7.1f} {r['growth_mb']:>14.1f} "
               f"{r['kept_mb']:>8.1f} {r['growth_mb'] - r['kept_mb']:>12.1f}")
     by = {r["scenario"]: r for r in rows}
+    if "process-4.5" in by:
+        print(f"process-4.5 holds {by['process-4.5']['kept_mb']:.0f} MB of uint8 slices for "
+              f"{by['process-4.5']['frames']} frames; their float32 pixel tensors "
+              f"({by['process-4.5']['tensor_mb']:.0f} MB in all) are made when read, a chunk at a time")
     if "load-4.5" in by and "naive-4.5" in by:
         print(f"time, seeking vs decoding every frame (4.5 recipe): "
               f"{by['load-4.5']['seconds'] / by['naive-4.5']['seconds']:.2f}x")

@@ -272,3 +272,16 @@ def test_image_content_hash() -> None:
     assert image_content_hash(a) != image_content_hash(Image.new("RGB", (3, 4), (1, 2, 3)))
     assert image_content_hash(a) != image_content_hash(Image.new("RGB", (4, 3), (1, 2, 4)))
     assert image_content_hash(a) != image_content_hash(a.convert("RGBA"))
+
+
+def test_patch_list_is_to_patches_on_read() -> None:
+    from minicpmv.processing.image import PatchList
+
+    rng = np.random.default_rng(0)
+    slices = [Image.fromarray(rng.integers(0, 256, (28, 14 * k, 3), dtype=np.uint8)) for k in (1, 2, 3)]
+    pl = PatchList(slices, 14, (0.5, 0.4, 0.3), (0.2, 0.3, 0.4))
+    eager = [to_patches(s, 14, (0.5, 0.4, 0.3), (0.2, 0.3, 0.4)) for s in slices]
+    assert len(pl) == 3 and pl == eager
+    assert all(np.array_equal(a, b) for a, b in zip(pl, eager, strict=True))
+    assert np.array_equal(pl[-1], eager[-1]) and len(pl[1:]) == 2
+    assert PatchList([]) == [] and pl != eager[:2]

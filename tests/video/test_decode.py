@@ -232,3 +232,67 @@ def test_bad_sources():
     with pytest.raises(InputError, match="HxWx3"):
         Video([np.zeros((4, 4), np.uint8)])
     assert Video(io.BytesIO(b"x")).info  # file objects are accepted lazily
+
+
+# ---------------------------------------------------------------------------- frames decoded on use
+
+
+@pytest.fixture()
+def decode_log(monkeypatch) -> list[int]:
+    """Source frame indices yielded by every ``iter_video_frames`` call (i.e. really decoded)."""
+    real, log = vmod.iter_video_frames, []
+
+    def counting(*args, **kwargs):
+        for k, img in real(*args, **kwargs):
+            log.append(k)
+            yield k, img
+
+    monkeypatch.setattr(vmod, "iter_video_frames", counting)
+    return log
+
+
+def test_file_video_frames_are_decoded_when_used(tmp_path, decode_log, monkeypatch):
+    path = write_video(tmp_path / "c.mp4", 60, 10, options={"g": "8", "bf": "2"})  # 6 s
+    monkeypatch.setattr(vmod, "FRAME_CACHE_BYTES", 0)  # keep nothing: every pass decodes again
+    v = load_video(path, "4.5")  # n = round(5 * 6) = 30 frames: 1, 3, 5, ...
+    assert isinstance(v.frames, vmod.SampledFrames) and len(v.frames) == 30
+    assert decode_log == [1]  # only the first frame, as a check that the stream decodes
+    assert v.frames.frame_size == (64, 48)
+    assert [read_code(f) for f in v.frames] == list(range(1, 60, 2))
+    assert decode_log[1:] == list(range(1, 60, 2))  # one pass, each frame once
+    assert [read_code(f) for f in v.frames] == list(range(1, 60, 2))  # and again, identical
+    assert read_code(v.frames[7]) == 15 and read_code(v.frames[-1]) == 59
+    assert [read_code(f) for f in v.frames[2:5]] == [5, 7, 9]
+
+
+def test_frame_cache_keeps_frames_up_to_its_budget(tmp_path, decode_log):
+    path = write_video(tmp_path / "c.mp4", 20, 10)
+    info = probe_video(path)
+    index = vmod._index(str(path), "clip")
+    frames = vmod.SampledFrames(str(path), index, [0, 2, 4, 6, 8], what="clip",
+                                cache_bytes=3 * info.width * info.height * 4)
+    assert [read_code(f) for f in frames] == [0, 2, 4, 6, 8]
+    decode_log.clear()
+    assert [read_code(f) for f in frames] == [0, 2, 4, 6, 8]
+    assert decode_log == [6, 8]  # the first three were kept, the other two decoded again
+    assert frames[1] is frames[1]  # a kept frame is returned as it is
+
+
+def test_sampled_frames_need_increasing_indices(tmp_path):
+    path = write_video(tmp_path / "c.mp4", 10, 10)
+    with pytest.raises(InputError, match="increasing"):
+        vmod.SampledFrames(str(path), vmod._index(str(path), "clip"), [3, 1], what="clip")
+
+
+def test_file_object_frames_outlive_the_file(clips):
+    with open(clips["mp4"], "rb") as f:
+        v = load_video(f, "2.6")
+    assert isinstance(v.frames, list) and [read_code(im) for im in v.frames] == v.indices
+
+
+def test_processor_decodes_each_frame_once(model45, tmp_path, decode_log, monkeypatch):
+    path = write_video(tmp_path / "c.mp4", 40, 10)
+    monkeypatch.setattr(vmod, "FRAME_CACHE_BYTES", 0)
+    out = model45.processor([[{"role": "user", "content": [Video(str(path)), "q"]}]])
+    assert len(out.image_hashes[0]) == 20
+    assert decode_log == [1] + list(range(1, 40, 2))  # the check at sampling, then one pass

@@ -114,13 +114,13 @@ class ChatModel:
         keys = [entry_key(*e) for e in flat] if cache is not None else [None] * len(flat)
         found = [cache.get(k) if cache is not None and k is not None else None for k in keys]
         todo = [i for i, f in enumerate(found) if f is None]
-        if todo:
-            pv = [torch.from_numpy(p) for i in todo for p in flat[i][0]]
-            sizes = torch.tensor([s for i in todo for s in flat[i][1]], dtype=torch.long)  # [S, 2]
-            tids = [list(flat[i][2]) for i in todo] if self.config.resampler.temporal else None
-            feats = self.model.encode_images(pv, sizes, tids)  # [len(todo), Q, H]
-            self.encoded_entries += len(todo)
-            for j, i in enumerate(todo):
+        for chunk in _chunks(todo, [len(e[0]) for e in flat], self.config.vision_batch_size):
+            pv = [torch.from_numpy(p) for i in chunk for p in flat[i][0]]
+            sizes = torch.tensor([s for i in chunk for s in flat[i][1]], dtype=torch.long)  # [S, 2]
+            tids = [list(flat[i][2]) for i in chunk] if self.config.resampler.temporal else None
+            feats = self.model.encode_images(pv, sizes, tids)  # [len(chunk), Q, H]
+            self.encoded_entries += len(chunk)
+            for j, i in enumerate(chunk):
                 found[i] = feats[j]
                 if cache is not None:
                     cache.put(keys[i], feats[j])
@@ -303,6 +303,21 @@ class ChatModel:
                     yield _strip_all(tail, term_text)
 
         return run()
+
+
+def _chunks(todo: list[int], slice_counts: list[int], batch: int) -> Iterator[list[int]]:
+    """Consecutive runs of ``todo`` entries holding at most ``batch`` slices (at least one entry
+    each), so that the vision activations of many images or video frames are never all alive."""
+    run: list[int] = []
+    held = 0
+    for i in todo:
+        if run and held + slice_counts[i] > batch:
+            yield run
+            run, held = [], 0
+        run.append(i)
+        held += slice_counts[i]
+    if run:
+        yield run
 
 
 def _entries_of(inputs: ModelInputs, b: int) -> list[tuple[list[Any], list[Any], list[int]]]:

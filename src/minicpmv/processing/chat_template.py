@@ -32,7 +32,7 @@ from PIL import Image
 from ..errors import InputError, TemplateError
 from ..versions import VideoPolicy
 from .image import load_image
-from .video import Video, VideoFrames, as_video
+from .video import ImageChain, Video, VideoFrames, as_video
 
 IMAGE_TAG = "(<image>./</image>)"
 ALLOWED_ROLES = ("user", "assistant")
@@ -131,7 +131,7 @@ class FlatConversation:
     """``flatten_conversation`` output: template messages, all images in tag order, video spans."""
 
     messages: list[dict[str, str]]
-    images: list[Image.Image] = field(default_factory=list)
+    images: ImageChain = field(default_factory=ImageChain)  # video frames decoded when iterated
     videos: list[VideoSpan] = field(default_factory=list)
 
 
@@ -227,4 +227,4 @@ def flatten_messages(
 ) -> tuple[list[dict[str, str]], list[Image.Image]]:
     """``flatten_conversation`` as (template messages, images)."""
     flat = flatten_conversation(msgs, image=image, system_prompt=system_prompt, video_policy=video_policy)
-    return flat.messages, flat.images
+    return flat.messages, list(flat.images)

@@ -47,7 +47,7 @@ from ..errors import (
 from ..versions import VersionSpec
 from .audio import AudioFeatureConfig, audio_token_count, clip_features, expand_audio_tags, extract_audio
 from .chat_template import IMAGE_TAG, ChatTemplate, FlatConversation, flatten_conversation
-from .image import image_content_hash, make_slices, to_patches
+from .image import PatchList, image_content_hash, make_slices
 from .placeholders import image_placeholder, placeholder_scheme
 from .slicing import SlicePlan, plan_slices
 from .tokenizer import Tokenizer
@@ -63,7 +63,7 @@ class ModelInputs:
 
     input_ids: list[list[int]]
     attention_mask: list[list[int]]  # ids != 0 (the reference's id-0 quirk, spec §7)
-    pixel_values: list[list[np.ndarray]]  # each [3, P, L*P] float32, processor order
+    pixel_values: list[Sequence[np.ndarray]]  # each [3, P, L*P] float32, processor order (PatchList)
     tgt_sizes: list[list[tuple[int, int]]]  # (h, w) in patches, one per pixel_values entry
     image_bounds: list[list[Bound]]  # [start, end) of each <unk> run
     temporal_ids: list[list[list[int]]] | None  # one id list per resampler entry (4.5 only)
@@ -188,7 +188,7 @@ class _Conversation:
     expanded: str
     ids: list[int]
     bounds: list[Bound]
-    pixel_values: list[np.ndarray]
+    pixel_values: PatchList
     tgt_sizes: list[tuple[int, int]]
     temporal: list[list[int]]
     slices: list[Image.Image]
@@ -318,9 +318,9 @@ class Processor:
         template = self.audio_template if audio and self.audio_template is not None else self.template
         return template.render(messages, add_generation_prompt=True, **kwargs)
 
-    def _plan(self, img: Image.Image, max_slice_nums: int) -> SlicePlan:
+    def _plan(self, size: tuple[int, int], max_slice_nums: int) -> SlicePlan:
         s = self.cfg.slice
-        return plan_slices(img.size[0], img.size[1], max_slice_nums=max_slice_nums,
+        return plan_slices(size[0], size[1], max_slice_nums=max_slice_nums,
                            scale_resolution=s.scale_resolution, patch_size=s.patch_size)
 
     def _one(self, conv: Any, opts: _Options, groups: list[list[int]] | None, index: int) -> _Conversation:
@@ -330,7 +330,7 @@ class Processor:
         self._check_image_count(len(images), index)
         prompt = self.render(flat.messages, opts.enable_thinking, audio=bool(clips) or opts.tts_template)
         slice_nums, with_ids = self._media_settings(flat, opts)
-        plans = [self._plan(img, n) for img, n in zip(images, slice_nums, strict=True)]
+        plans = [self._plan(size, n) for size, n in zip(images.sizes(), slice_nums, strict=True)]
         groups = self._video_groups(flat, groups, index)
         frames = _frame_groups(groups, plans, index)
         expanded = expand_placeholders(prompt, plans, frames, self.cfg, with_ids, self.scheme.render)
@@ -339,7 +339,10 @@ class Processor:
         order = [(i, s) for fr in frames for s in range(plans[fr.start].num_slices) for i in fr]
         ids = self._truncate(self.tokenizer.encode(expanded), opts.max_length, index, _video_hint(flat))
         bounds = self.image_bounds(ids, expected=sum(plans[fr.start].num_slices for fr in frames))
-        cut = [make_slices(img, plan) for img, plan in zip(images, plans, strict=True)]
+        cut, hashes = [], []
+        for img, plan in zip(images, plans, strict=True):  # one pass: video frames decode here
+            cut.append(make_slices(img, plan))
+            hashes.append(image_content_hash(img))
         cfg, s = self.cfg, self.cfg.slice
         slices = [cut[i][k] for i, k in order]
         return _Conversation(
@@ -347,11 +350,11 @@ class Processor:
             expanded=expanded,
             ids=ids,
             bounds=bounds,
-            pixel_values=[to_patches(im, s.patch_size, cfg.norm_mean, cfg.norm_std) for im in slices],
+            pixel_values=PatchList(slices, s.patch_size, cfg.norm_mean, cfg.norm_std),
             tgt_sizes=[plans[i].tgt_sizes[k] for i, k in order],
             temporal=_temporal_output(groups, frames, plans),
             slices=slices,
-            hashes=[image_content_hash(img) for img in images],
+            hashes=hashes,
             audio_features=[seg for clip in clips for seg in clip_features(clip, self.audio_cfg)],
             audio_bounds=self.audio_bounds(ids, clips, index),
         )

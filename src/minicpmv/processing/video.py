@@ -11,9 +11,12 @@ exactly as if the frames had been passed as images (which is what the official r
 Decoding reads only the sampled frames: one demux pass (no decoding) lists every packet's
 presentation timestamp and the keyframes, which gives the exact frame count and maps frame index
 k to its timestamp; then, for each wanted frame, we seek to the keyframe before it when that
-skips work and decode forward to it. Peak memory is the kept frames plus the decoder's few
-reference frames, never the whole video. Files whose packets lack timestamps are decoded in one
-sequential pass instead (still keeping only the sampled frames).
+skips work and decode forward to it. Files whose packets lack timestamps are decoded in one
+sequential pass instead. A video file's (path or bytes) frames are a ``SampledFrames`` sequence: sampling needs
+only the demux pass, and frames are decoded when they are used (the processor iterates them
+once per call), keeping at most ``FRAME_CACHE_BYTES`` of decoded frames. So the memory of a
+long video is the decoder's few reference frames, never the video or all sampled frames. A
+binary file object is decoded at once (its owner may close it): pass a path for long videos.
 
 The recipes (model cards of MiniCPM-V 2.6 and 4.5), restated
 --------------------------------------------------------------
@@ -63,7 +66,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from os import PathLike
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar, overload
 
 import numpy as np
 from PIL import Image
@@ -78,6 +81,7 @@ T = TypeVar("T")
 VideoSource = str | PathLike | bytes | bytearray | memoryview | BinaryIO
 INSTALL_HINT = "video input needs PyAV: pip install 'minicpmv[video]'"
 MAX_DECODER_THREADS = 4
+FRAME_CACHE_BYTES = 64 * 2**20  # decoded frames a SampledFrames keeps (the rest are decoded again)
 OPTION_KEYS = ("fps", "max_frames", "packing", "max_packing", "max_slice_nums", "use_image_id", "timestamps")
 
 
@@ -405,6 +409,136 @@ def iter_video_frames(src: VideoSource, indices: Sequence[int], *, index: _Index
         raise VideoError(f"{what} could not be decoded (corrupt data or unsupported codec): {e}") from e
 
 
+class SampledFrames(Sequence[Image.Image]):
+    """The sampled frames of a video file, decoded when they are used.
+
+    A sequence of RGB images (frame i is source frame ``indices[i]``). Iterating decodes the
+    frames in one forward pass (seeking past unwanted stretches); indexing decodes one frame.
+    Decoded frames are kept while their total stays within ``cache_bytes`` (Pillow RGB costs
+    4 bytes a pixel): a short clip is decoded once, a long one streams on every pass, so a
+    10-minute video never sits in memory at full resolution. ``frame_size`` is known without
+    decoding. ``list(frames)`` decodes and keeps them all.
+    """
+
+    def __init__(self, source: VideoSource, index: _Index, indices: Sequence[int], *, what: str,
+                 cache_bytes: int | None = None) -> None:
+        self._indices = [int(k) for k in indices]
+        if any(b < a for a, b in zip(self._indices, self._indices[1:], strict=False)):
+            raise InputError("sampled frame indices must be in increasing order")
+        self._source, self._index, self._what = source, index, what
+        self._budget = FRAME_CACHE_BYTES if cache_bytes is None else int(cache_bytes)
+        self._cache: dict[int, Image.Image] = {}
+        self._cached_bytes = 0
+
+    def __repr__(self) -> str:
+        return f"SampledFrames({len(self)} of {self._what}, {len(self._cache)} decoded and kept)"
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """(width, height) of every frame."""
+        return self._index.info.width, self._index.info.height
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    @overload
+    def __getitem__(self, i: int) -> Image.Image: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Image.Image]: ...
+
+    def __getitem__(self, i: int | slice) -> Image.Image | list[Image.Image]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        k = self._indices[i]
+        img = self._cache.get(k)
+        if img is None:
+            _, img = next(iter(iter_video_frames(self._source, [k], index=self._index, what=self._what)))
+            self._keep(k, img)
+        return img
+
+    def __iter__(self) -> Iterator[Image.Image]:
+        missing = sorted(set(self._indices) - self._cache.keys())
+        decoded: Iterator[tuple[int, Image.Image]] = iter(())
+        if missing:
+            decoded = iter_video_frames(self._source, missing, index=self._index, what=self._what)
+        last: tuple[int, Image.Image] | None = None
+        for k in self._indices:
+            img = self._cache.get(k)
+            if img is None:
+                if last is None or last[0] != k:
+                    last = next(decoded, None)
+                    if last is None or last[0] != k:
+                        raise VideoError(f"{self._what}: frame {k} could not be decoded")
+                    self._keep(*last)
+                img = last[1]
+            yield img
+
+    def _keep(self, k: int, img: Image.Image) -> None:
+        cost = img.width * img.height * 4
+        if self._cached_bytes + cost <= self._budget:
+            self._cache[k] = img
+            self._cached_bytes += cost
+
+
+class ImageChain(Sequence[Image.Image]):
+    """A conversation's images in tag order: single images and videos' frames, without decoding
+    the frames of file videos before they are iterated (see ``SampledFrames``)."""
+
+    def __init__(self, images: Sequence[Image.Image] = ()) -> None:
+        self._parts: list[Sequence[Image.Image]] = []
+        self._len = 0
+        self.extend(images)
+
+    def append(self, img: Image.Image) -> None:
+        if not self._parts or not isinstance(self._parts[-1], list):
+            self._parts.append([])
+        self._parts[-1].append(img)  # type: ignore[attr-defined]
+        self._len += 1
+
+    def extend(self, images: Sequence[Image.Image]) -> None:
+        if isinstance(images, SampledFrames):
+            self._parts.append(images)
+            self._len += len(images)
+        else:
+            for img in images:
+                self.append(img)
+
+    def __len__(self) -> int:
+        return self._len
+
+    @overload
+    def __getitem__(self, i: int) -> Image.Image: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Image.Image]: ...
+
+    def __getitem__(self, i: int | slice) -> Image.Image | list[Image.Image]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError(f"image {i} of {self._len}")
+        for part in self._parts:
+            if i < len(part):
+                return part[i]
+            i -= len(part)
+        raise IndexError(i)
+
+    def __iter__(self) -> Iterator[Image.Image]:
+        for part in self._parts:
+            yield from part
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """(width, height) of each image, without decoding video frames."""
+        out: list[tuple[int, int]] = []
+        for part in self._parts:
+            if isinstance(part, SampledFrames):
+                out.extend([part.frame_size] * len(part))
+            else:
+                out.extend(img.size for img in part)
+        return out
+
+
 def probe_video(src: VideoSource) -> VideoInfo:
     """Frame count, average fps, size and codec of a video (one demux pass, no decoding)."""
     return _index(src, _describe(src)).info
@@ -417,7 +551,7 @@ def probe_video(src: VideoSource) -> VideoInfo:
 class VideoFrames:
     """A sampled video, ready to be placed in a message as consecutive images."""
 
-    frames: list[Image.Image]  # RGB, in time order
+    frames: Sequence[Image.Image]  # RGB, in time order (file videos: SampledFrames, decoded on use)
     indices: list[int]  # source frame index of each frame (position in the list for frame lists)
     timestamps: list[float]  # seconds
     temporal_ids: list[list[int]] | None  # 4.5: frame groups of time ids; None without packing
@@ -517,7 +651,7 @@ class Video:
                                   max_packing=eff.max_packing, force_packing=self.options.packing)
         raise InputError(f"unknown video recipe {eff.recipe!r}")
 
-    def _finish(self, eff: VideoPolicy, frames: list[Image.Image], indices: list[int], ts: list[float],
+    def _finish(self, eff: VideoPolicy, frames: Sequence[Image.Image], indices: list[int], ts: list[float],
                 duration: float, packing: int, info: VideoInfo | None) -> VideoFrames:
         groups = None
         if eff.recipe == "packed":
@@ -530,8 +664,13 @@ class Video:
         info = self.info()
         assert info is not None
         indices, packing = self._plan(eff, info.num_frames, info.fps)
-        decoded = dict(iter_video_frames(self.source, indices, index=self._index, what=_describe(self.source)))
-        frames = [decoded[i] for i in indices]  # repeated indices share one image
+        assert self._index is not None
+        frames: Sequence[Image.Image] = SampledFrames(self.source, self._index, indices,
+                                                      what=_describe(self.source))
+        if not isinstance(self.source, (str, PathLike, bytes, bytearray, memoryview)):
+            frames = list(frames)  # a file object may be closed by its owner: decode it now
+        else:
+            frames[0]  # decode one frame now: a stream the decoder cannot read fails here, not later
         return self._finish(eff, frames, list(indices), [i / info.fps for i in indices], info.duration,
                             packing, info)
 
