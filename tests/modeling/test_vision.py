@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _vision_helpers import (  # noqa: E402
@@ -205,3 +206,24 @@ def test_embeddings_output_is_contiguous() -> None:
     with torch.no_grad():
         x = vpm.embeddings(torch.zeros(2, 3, 14, 6 * 14), [(2, 3), (3, 2)])  # [2, 6, Dv]
     assert x.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_eager_attention_is_the_reference_formula(dtype, monkeypatch):
+    """The CPU vision attention computes the reference's eager attention exactly (bf16: scores
+    and probabilities rounded where the reference rounds them), whatever the head chunking."""
+    from minicpmv.modeling import vision_siglip as vs
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 50, 3, 3, 24, generator=g).to(dtype)  # [B, L, 3, h, hd] as a qkv projection lays it out
+    q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))  # each [B, h, L, hd], strided views
+    scores = torch.matmul(q, k.transpose(-1, -2)) * 24**-0.5  # [B, h, L, L]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+    ref = torch.matmul(probs, v).transpose(1, 2).reshape(2, 50, 72)  # [B, L, h*hd]
+    got = vs.eager_attention(q, k, v)
+    assert got.shape == (2, 50, 72) and torch.equal(got, ref)
+    monkeypatch.setattr(vs, "ATTENTION_CHUNK_BYTES", 1)  # one head per step
+    assert torch.equal(vs.eager_attention(q, k, v), ref)
+    sdpa = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 50, 72)
+    torch.testing.assert_close(got, sdpa, atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=0)
+    assert torch.equal(vs.attend(q, k, v, None), got)
