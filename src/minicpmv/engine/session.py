@@ -89,7 +89,7 @@ class ChatSession:
 
     def _with_user_turn(self, content: Any) -> list[dict[str, Any]]:
         items = content if isinstance(content, list) else [content]
-        items = resolve_video_items(items)  # Video objects keep their decoded frames across turns
+        items = resolve_video_items(items)  # Video objects keep their sampling (and small clips) across turns
         conversation = self.history + [{"role": "user", "content": items}]
         normalise_msgs(conversation, None)  # validates the message shapes
         return conversation
