@@ -296,3 +296,21 @@ def test_processor_decodes_each_frame_once(model45, tmp_path, decode_log, monkey
     out = model45.processor([[{"role": "user", "content": [Video(str(path)), "q"]}]])
     assert len(out.image_hashes[0]) == 20
     assert decode_log == [1] + list(range(1, 40, 2))  # the check at sampling, then one pass
+
+
+def test_image_chain_reads_frames_only_when_asked(tmp_path, decode_log):
+    from PIL import Image
+
+    path = write_video(tmp_path / "c.mp4", 20, 10)
+    frames = vmod.SampledFrames(str(path), vmod._index(str(path), "clip"), [0, 5, 10], what="clip")
+    a, b = Image.new("RGB", (10, 20)), Image.new("RGB", (30, 40))
+    chain = vmod.ImageChain([a])
+    chain.extend(frames)
+    chain.append(b)
+    assert len(chain) == 5 and chain.sizes() == [(10, 20), (64, 48), (64, 48), (64, 48), (30, 40)]
+    assert decode_log == []  # sizes come from the index
+    assert chain[0] is a and chain[-1] is b and read_code(chain[-3]) == 5 and decode_log == [5]
+    assert [read_code(f) for f in chain[1:4]] == [0, 5, 10]
+    with pytest.raises(IndexError):
+        chain[5]
+    assert [im.size for im in chain] == chain.sizes()

@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import BinaryIO, overload
+from typing import BinaryIO, TypeVar, overload
 
 import numpy as np
 from PIL import Image
@@ -185,7 +185,31 @@ def to_patches(
     return np.ascontiguousarray(x.reshape(3, p, h * w * p))  # [3, P, L*P]
 
 
-class PatchList(Sequence[np.ndarray]):
+T = TypeVar("T")
+
+
+class LazySequence(Sequence[T]):
+    """A read-only sequence whose items are made on read by ``_item(i)`` (0 <= i < len); a
+    slice gives a list. Subclasses define ``__len__`` and ``_item``."""
+
+    def _item(self, i: int) -> T:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, i: int) -> T: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[T]: ...
+
+    def __getitem__(self, i: int | slice) -> T | list[T]:
+        n = len(self)
+        if isinstance(i, slice):
+            return [self._item(j) for j in range(*i.indices(n))]
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} items")
+        return self._item(i % n)
+
+
+class PatchList(LazySequence[np.ndarray]):
     """The ``to_patches`` tensors of a list of slices, made each time one is read.
 
     The processor returns this instead of a list: a conversation's pixels are then held once,
@@ -204,14 +228,7 @@ class PatchList(Sequence[np.ndarray]):
     def __len__(self) -> int:
         return len(self.slices)
 
-    @overload
-    def __getitem__(self, i: int) -> np.ndarray: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[np.ndarray]: ...
-
-    def __getitem__(self, i: int | slice) -> np.ndarray | list[np.ndarray]:
-        if isinstance(i, slice):
-            return [to_patches(im, *self._args) for im in self.slices[i]]
+    def _item(self, i: int) -> np.ndarray:
         return to_patches(self.slices[i], *self._args)  # [3, P, L*P]
 
     def __iter__(self) -> Iterator[np.ndarray]:

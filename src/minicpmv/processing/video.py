@@ -66,14 +66,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from os import PathLike
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar, overload
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 from PIL import Image
 
 from ..errors import InputError, VideoError
 from ..versions import VersionSpec, VideoPolicy, get_version
-from .image import load_image
+from .image import LazySequence, load_image
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +409,7 @@ def iter_video_frames(src: VideoSource, indices: Sequence[int], *, index: _Index
         raise VideoError(f"{what} could not be decoded (corrupt data or unsupported codec): {e}") from e
 
 
-class SampledFrames(Sequence[Image.Image]):
+class SampledFrames(LazySequence[Image.Image]):
     """The sampled frames of a video file, decoded when they are used.
 
     A sequence of RGB images (frame i is source frame ``indices[i]``). Iterating decodes the
@@ -441,14 +441,7 @@ class SampledFrames(Sequence[Image.Image]):
     def __len__(self) -> int:
         return len(self._indices)
 
-    @overload
-    def __getitem__(self, i: int) -> Image.Image: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[Image.Image]: ...
-
-    def __getitem__(self, i: int | slice) -> Image.Image | list[Image.Image]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def _item(self, i: int) -> Image.Image:
         k = self._indices[i]
         img = self._cache.get(k)
         if img is None:
@@ -480,7 +473,7 @@ class SampledFrames(Sequence[Image.Image]):
             self._cached_bytes += cost
 
 
-class ImageChain(Sequence[Image.Image]):
+class ImageChain(LazySequence[Image.Image]):
     """A conversation's images in tag order: single images and videos' frames, without decoding
     the frames of file videos before they are iterated (see ``SampledFrames``)."""
 
@@ -506,18 +499,7 @@ class ImageChain(Sequence[Image.Image]):
     def __len__(self) -> int:
         return self._len
 
-    @overload
-    def __getitem__(self, i: int) -> Image.Image: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[Image.Image]: ...
-
-    def __getitem__(self, i: int | slice) -> Image.Image | list[Image.Image]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += self._len
-        if not 0 <= i < self._len:
-            raise IndexError(f"image {i} of {self._len}")
+    def _item(self, i: int) -> Image.Image:
         for part in self._parts:
             if i < len(part):
                 return part[i]
