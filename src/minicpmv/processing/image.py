@@ -208,6 +208,9 @@ class LazySequence(Sequence[T]):
             raise IndexError(f"index {i} out of range for {n} items")
         return self._item(i % n)
 
+    def __iter__(self) -> Iterator[T]:
+        return (self._item(i) for i in range(len(self)))
+
 
 class PatchList(LazySequence[np.ndarray]):
     """The ``to_patches`` tensors of a list of slices, made each time one is read.
@@ -230,10 +233,6 @@ class PatchList(LazySequence[np.ndarray]):
 
     def _item(self, i: int) -> np.ndarray:
         return to_patches(self.slices[i], *self._args)  # [3, P, L*P]
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        for im in self.slices:
-            yield to_patches(im, *self._args)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence) or len(other) != len(self):
