@@ -181,7 +181,7 @@ def check_stored_tensors(model: nn.Module, stored: dict[str, Path], spec: QuantS
                     + (f" (it has {name}.weight: not a quantized layer)" if f"{name}.weight" in stored else "")
                 )
             f = stored[key]
-            view = handles.setdefault(f, safe_open(str(f), framework="pt", device="cpu")).get_slice(key)
+            view = _handle(handles, f).get_slice(key)
             got_shape, got_dtype = tuple(view.get_shape()), view.get_dtype()
             if dtype is not None and _ST_NAMES.get(got_dtype) != dtype:
                 raise CheckpointError(
@@ -190,6 +190,13 @@ def check_stored_tensors(model: nn.Module, stored: dict[str, Path], spec: QuantS
                 )
             if got_shape != shape:
                 raise CheckpointError(_shape_message(key, part, got_shape, shape, spec, layer.in_features))
+
+
+def _handle(handles: dict[Path, Any], f: Path) -> Any:
+    """The open safetensors handle of ``f`` (opened, and its header parsed, once per load)."""
+    if f not in handles:
+        handles[f] = safe_open(str(f), framework="pt", device="cpu")
+    return handles[f]
 
 
 def _shape_message(key: str, part: str, got: tuple[int, ...], want: tuple[int, ...], spec: QuantSpec, k: int) -> str:
@@ -253,7 +260,7 @@ def write_quantized_checkpoint(
     handles: dict[Path, Any] = {}
     for key in sorted(stored):
         f = stored[key]
-        t = handles.setdefault(f, safe_open(str(f), framework="pt", device="cpu")).get_tensor(key)
+        t = _handle(handles, f).get_tensor(key)
         if key in weights:
             base = key.removesuffix(".weight")
             for part, q in quantize_weight(t, spec).items():

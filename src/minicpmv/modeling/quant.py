@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -404,7 +403,7 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"{self.spec.describe().split(',')[0]}, group_size={self.spec.group_size}, "
+                f"{self.spec.name}, group_size={self.spec.group_size}, "
                 f"bias={self.bias is not None}, kernel={self.kind}")
 
 
@@ -507,9 +506,3 @@ def prepack_linears(module: nn.Module) -> int:
     for name in names:
         replace_module(module, name, PackedLinear(module.get_submodule(name)))
     return len(names)
-
-
-def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            yield name, m
