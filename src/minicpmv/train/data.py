@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..errors import ContextLengthError, FeatureNotAvailableError, InputError, TemplateError, TokenizerError
+from ..errors import ContextLengthError, InputError, TemplateError, TokenizerError
 from ..processing.image import load_image
 from ..processing.processor import Processor
 
@@ -178,20 +178,16 @@ class LabelBuilder:
 
 def token_offsets(processor: Processor, ids: Sequence[int], expected: str) -> list[int]:
     """Character offset where each token starts in ``expected`` (the text ``ids`` encode)."""
-    tok = processor.tokenizer
-    if not hasattr(tok, "decode_bytes"):
-        raise FeatureNotAvailableError(f"fine-tuning needs a byte-level tokenizer; {processor.version.title} "
-                                       "has none")
-    raw = b"".join(tok.decode_bytes([i]) for i in ids)
-    text = raw.decode("utf-8", errors="replace")
+    pieces = [processor.tokenizer.decode_bytes([i]) for i in ids]
+    text = b"".join(pieces).decode("utf-8", errors="replace")
     if text != expected:
         raise TokenizerError("the tokens do not decode back to the training text, so label spans cannot be "
                              f"mapped to tokens ({processor.version.title})")
     starts, nbytes = [], 0
     byte_to_char = np.cumsum([0] + [len(c.encode("utf-8")) for c in text])
-    for i in ids:
+    for piece in pieces:
         starts.append(int(np.searchsorted(byte_to_char, nbytes, side="right") - 1))
-        nbytes += len(tok.decode_bytes([i]))
+        nbytes += len(piece)
     return starts
 
 

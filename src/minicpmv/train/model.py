@@ -159,7 +159,7 @@ def load_trainable_state(core: nn.Module, path: Path) -> None:
             params[n].copy_(t)
 
 
-def save_adapter(peft_model: Any, core: MiniCPMV, spec: TuneSpec, out: Path) -> None:
+def save_adapter(peft_model: Any, core: MiniCPMV, out: Path) -> None:
     """PEFT-format adapter (+ tuned vision/resampler weights in ``EXTRA_FILE``)."""
     peft_model.save_pretrained(str(out))
     extra = {n: t for n, t in trainable_state(core).items() if "lora_" not in n}

@@ -14,6 +14,7 @@ This module does not parse arguments (``cli.py``) or build samples (``data.py``)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -209,7 +210,7 @@ def _run_step(module: Any, micro: list[dict[str, Any]], cfg: TrainConfig, device
         if batch["n_tokens"] == 0:
             raise TrainingError(f"a batch has no supervised token (samples {[s.id for s in batch['samples']]})")
         sync = i == len(micro) - 1 or not hasattr(module, "no_sync")
-        ctx = module.no_sync() if not sync else _null()
+        ctx = module.no_sync() if not sync else contextlib.nullcontext()
         with ctx, _autocast(cfg, device):
             ce, _ = module(batch)
             (ce / total * world).backward()
@@ -217,14 +218,6 @@ def _run_step(module: Any, micro: list[dict[str, Any]], cfg: TrainConfig, device
     if dist.is_initialized():
         dist.all_reduce(ce_sum)
     return float(ce_sum / total)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _iter_steps(samples: list[Sample], cfg: TrainConfig, start: int, total: int) -> Iterator[tuple[int, list]]:
@@ -342,7 +335,7 @@ def _loop(module: Any, samples: list[Sample], cfg: TrainConfig, device: torch.de
 def _finish(cfg: TrainConfig, base: str, core: Any, peft_model: Any, result: RunResult) -> None:
     out = Path(cfg.output)
     if peft_model is not None:
-        save_adapter(peft_model, core, cfg.tune, out / "adapter")
+        save_adapter(peft_model, core, out / "adapter")
         core = merged_model(peft_model)
     save_checkpoint_dir(core, Path(base), out, parse_dtype(cfg.export_dtype))
     metrics = {"steps": max(result.losses, default=0), "final_loss": result.losses.get(max(result.losses, default=0)),
