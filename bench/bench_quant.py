@@ -38,27 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _common import best_time, read_bandwidth, streamed_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "tests" / "data" / "conformance"
 REAL_45 = ROOT / "tests" / "data" / "real-4.5" / "release" / "config.json"
 QUALITY_FORMATS = [("int8", None, True), ("int8", None, False), ("int4", 32, True), ("int4", 64, True),
                    ("int4", 128, True), ("int4", 64, False)]
-
-
-def _best_time(fn: Callable[[], Any], reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def read_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
-    """Best bytes/s of full reductions over a buffer much larger than the caches."""
-    buf = torch.ones(nbytes // 4, dtype=torch.float32)
-    return max(nbytes / _best_time(lambda: buf.sum(), reps), nbytes / _best_time(lambda: buf.amax(), reps))
 
 
 # ------------------------------------------------------------------------------------ micro
@@ -89,7 +75,7 @@ def micro(reps: int) -> None:
         for fmt, gs in (("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)):
             q = QuantLinear.from_float(w, None, QuantSpec.parse(fmt, gs), dtype=torch.bfloat16)
             cands[f"{fmt}{'' if gs is None else f' g{gs}'} ({q.kind})"] = lambda q=q, x=x: q(x)
-        times = {name: _best_time(fn, reps) for name, fn in cands.items()}
+        times = {name: best_time(fn, reps) for name, fn in cands.items()}
         base = times["F.linear (plain bf16)"]
         print(f"-- {label}: {nbytes / 1e6:.0f} MB of bf16 weights")
         for name, t in times.items():
@@ -262,12 +248,6 @@ def _install(model: nn.Module, modules: dict[str, nn.Module]) -> None:
         replace_module(model, n, m)
 
 
-def _streamed_bytes(model: nn.Module) -> int:
-    llm = model.llm
-    embed = llm.model.embed_tokens.weight
-    return sum(t.nbytes for t in [*llm.parameters(), *llm.buffers()] if t is not embed)
-
-
 def speed(layers: int, rounds: int, prompt: int, tokens: int, variants: list[str]) -> None:
     """Two interleaved phases (plain vs prepacked bf16; then prepacked vs quantized), so that at
     most two full weight copies live at once; steps of every variant alternate round by round
@@ -309,7 +289,7 @@ def speed(layers: int, rounds: int, prompt: int, tokens: int, variants: list[str
                 kb, kh = _sets_for(v)
                 _install(model, {n: (sets[kb] if kb in sets else sets[f"{kb}:body"])[n] for n in body})
                 _install(model, {n: (sets[kh] if kh in sets else sets[f"{kh}:head"])[n] for n in head})
-                streamed[v] = _streamed_bytes(model)
+                streamed[v] = streamed_bytes(model)
                 steps[v] += _decode_steps(model, cache, prompt, tokens)
     bw = statistics.median(bws)
     print(f"\n== speed: decode, MiniCPM-V 4.5 LLM dims, {layers} layers, random weights, {prompt}-token "

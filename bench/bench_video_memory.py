@@ -37,16 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import reset_peak_rss, status_kib
+
 SCENARIOS = ("probe", "stream-4.5", "load-2.6", "load-4.5", "process-4.5", "eager-4.5", "naive-4.5")
 ROOT = Path(__file__).resolve().parents[1]
 REAL_45 = ROOT / "tests" / "data" / "real-4.5" / "release"
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def make_video(path: Path, minutes: float, width: int, height: int, fps: int) -> None:
@@ -113,38 +108,30 @@ def child(scenario: str, path: str) -> dict:
     """Run one scenario in this (fresh) process and report RSS growth and time."""
     from minicpmv.processing.video import iter_video_frames, load_video, probe_video
 
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    except OSError:
-        pass
-    before = _status_kib("VmRSS")
+    reset_peak_rss()
+    before = status_kib("VmRSS")
     t0 = time.perf_counter()
     info = probe_video(path)
-    kept = tensors = 0
+    kept = 0
     if scenario == "stream-4.5":
         frames_out = sum(1 for _ in iter_video_frames(path, _indices_45(info)))
     elif scenario in ("load-2.6", "load-4.5"):
         frames = load_video(path, scenario.split("-")[1]).frames
         frames_out = sum(1 for f in frames if np.asarray(f).sum() >= 0)  # decode and read each
-        kept = len(getattr(frames, "_cache", {})) * info.width * info.height * 4
+        kept = frames.cached_bytes
     elif scenario == "process-4.5":
         inputs = _process_45(path)
         frames_out = len(inputs.image_hashes[0])
         kept = sum(s.width * s.height * 4 for s in inputs.slices[0])  # the uint8 slices it holds
-        tensors = sum(s.width * s.height * 12 for s in inputs.slices[0])  # float32 [3, P, L*P] each
-    elif scenario == "eager-4.5":
-        frames = list(load_video(path, "4.5").frames)
-        frames_out = len(frames)
-        kept = sum(f.width * f.height * 4 for f in {id(f): f for f in frames}.values())
-    elif scenario == "naive-4.5":
-        frames = _naive(path, _indices_45(info))
+    elif scenario in ("eager-4.5", "naive-4.5"):
+        frames = list(load_video(path, "4.5").frames) if scenario == "eager-4.5" else _naive(path, _indices_45(info))
         frames_out = len(frames)
         kept = sum(f.width * f.height * 4 for f in {id(f): f for f in frames}.values())
     else:
         frames_out = 0
     seconds = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
-    return {"scenario": scenario, "frames": frames_out, "seconds": seconds, "tensor_mb": tensors / 2**20,
+    peak = status_kib("VmHWM")
+    return {"scenario": scenario, "frames": frames_out, "seconds": seconds,
             "growth_mb": max(peak - before, 0) / 1024, "kept_mb": kept / 2**20,
             "video_frames": info.num_frames}
 
@@ -183,7 +170,8 @@ def main() -> None:
     if "process-4.5" in by:
         print(f"process-4.5 holds {by['process-4.5']['kept_mb']:.0f} MB of uint8 slices for "
               f"{by['process-4.5']['frames']} frames; their float32 pixel tensors "
-              f"({by['process-4.5']['tensor_mb']:.0f} MB in all) are made when read, a chunk at a time")
+              f"({3 * by['process-4.5']['kept_mb']:.0f} MB in all: 12 bytes a pixel, not 4) are made when "
+              "read, a chunk at a time")
     if "load-4.5" in by and "naive-4.5" in by:
         print(f"time, seeking vs decoding every frame (4.5 recipe): "
               f"{by['load-4.5']['seconds'] / by['naive-4.5']['seconds']:.2f}x")

@@ -438,6 +438,11 @@ class SampledFrames(LazySequence[Image.Image]):
         """(width, height) of every frame."""
         return self._index.info.width, self._index.info.height
 
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of the decoded frames kept (at most the cache budget)."""
+        return self._cached_bytes
+
     def __len__(self) -> int:
         return len(self._indices)
 
