@@ -56,10 +56,10 @@ class KVCache:
         start = self._len[layer_idx]
         end = start + k.shape[2]
         kbuf, vbuf = self._kbuf[layer_idx], self._vbuf[layer_idx]
+        if kbuf is not None:
+            _check_compatible(kbuf, k)
         if kbuf is None or vbuf is None or end > kbuf.shape[2]:
             kbuf, vbuf = self._reserve(layer_idx, k, end)
-        else:
-            _check_compatible(kbuf, k)
         # A buffer made under inference_mode may be written later from a thread (or a resumed
         # generator) that is not in it, e.g. a streamed session turn served by a web UI worker.
         with torch.inference_mode(kbuf.is_inference()):
@@ -74,9 +74,7 @@ class KVCache:
 
     def _reserve(self, layer_idx: int, k: torch.Tensor, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Buffers of layer ``layer_idx`` with room for ``needed`` positions (filled part kept)."""
-        old_k, old_v = self._kbuf[layer_idx], self._vbuf[layer_idx]
-        if old_k is not None:
-            _check_compatible(old_k, k)
+        old_k, old_v = self._kbuf[layer_idx], self._vbuf[layer_idx]  # shapes checked by update
         have = 0 if old_k is None else old_k.shape[2]
         cap = max(needed, have + max(have // 2, _GROW_MIN))
         shape = (k.shape[0], k.shape[1], cap, k.shape[3])
@@ -158,13 +156,6 @@ class StaticKVCache(KVCache):
         self._vbuf = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     def _reserve(self, layer_idx: int, k: torch.Tensor, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        kbuf = self._kbuf[layer_idx]
-        assert kbuf is not None
-        if k.shape[0] != kbuf.shape[0] or k.shape[1] != kbuf.shape[1] or k.shape[3] != kbuf.shape[3]:
-            raise InputError(
-                f"static cache holds [B={kbuf.shape[0]}, n_kv={kbuf.shape[1]}, hd={kbuf.shape[3]}] "
-                f"but got k of shape {tuple(k.shape)}"
-            )
         raise ContextLengthError(
             f"static KV cache capacity {self.capacity} exceeded ({needed} positions needed); "
             "allocate a larger cache or shorten the prompt / max_new_tokens"
