@@ -4,11 +4,15 @@ Three parts, each printed as a table (``--part`` picks one):
 
 - ``micro``: one linear layer at batch 1 (Qwen3-8B / MiniCPM-V 4.5 shapes), bf16, against a pure
   read of the same bytes in the same run: plain ``F.linear``, ``torch.mv``, the oneDNN-prepacked
-  weight (what ``minicpmv.load`` uses for bf16 on CPU), int8 and int4 (group 32/64/128) kernels.
+  weight (what ``minicpmv.load`` uses for bf16 on CPU), the int8 kernels (oneDNN u8 x s8 with
+  16-bit activations, the default on CPU; PyTorch's ``_weight_int8pack_mm``) and int4 (group
+  32/64/128).
   Printed as GB/s of weight bytes and as speed-ups over ``F.linear``; plus a prefill-sized batch.
 - ``quality``: every 2.6 / 4.5 conformance case (tiny random-weight checkpoints), greedy
-  reference tokens fed back (teacher forcing) through the bf16 model and each quantized model;
-  top-1 agreement with bf16 over all steps and the max |logit difference|.
+  reference tokens fed back (teacher forcing) through the unquantized model and each quantized
+  model, with bf16 and with float32 activations; top-1 agreement over all steps and the max
+  |logit difference|. Then the same on trained weights: the bundled demo model's own greedy
+  answers to held-out synthetic questions (plus how many answers each quantized copy repeats).
 - ``speed``: a perf-size LLM (4.5 dims, ``--layers`` layers, random weights, text-only prompt of
   random embeddings) decoded with the real engine in bf16 (plain and prepacked), int8 and int4;
   tokens/s as ratios to prepacked bf16 (the default path) and to plain bf16, and each as a ratio
@@ -75,6 +79,8 @@ def micro(reps: int) -> None:
         for fmt, gs in (("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)):
             q = QuantLinear.from_float(w, None, QuantSpec.parse(fmt, gs), dtype=torch.bfloat16)
             cands[f"{fmt}{'' if gs is None else f' g{gs}'} ({q.kind})"] = lambda q=q, x=x: q(x)
+        old = QuantLinear.from_float(w, None, QuantSpec(8), dtype=torch.bfloat16, kind="int8")
+        cands["int8 (int8: _weight_int8pack_mm)"] = lambda q=old, x=x: q(x)
         times = {name: best_time(fn, reps) for name, fn in cands.items()}
         base = times["F.linear (plain bf16)"]
         print(f"-- {label}: {nbytes / 1e6:.0f} MB of bf16 weights")
@@ -83,6 +89,25 @@ def micro(reps: int) -> None:
                   f"{base / t:5.2f}x F.linear")
         del cands, times
         gc.collect()
+    _micro_prefill(reps)
+
+
+def _micro_prefill(reps: int, rows: int = 512, k: int = 4096, n: int = 12288) -> None:
+    """A prefill-sized batch (``rows`` positions) through the gate/up shape."""
+    from minicpmv.modeling.quant import PackedLinear, QuantLinear, QuantSpec
+
+    lin = nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+    x = torch.randn(rows, k).to(torch.bfloat16)
+    w, packed = lin.weight.detach(), PackedLinear(lin)
+    cands: dict[str, Callable[[], Any]] = {"oneDNN prepacked bf16": lambda: packed(x)}
+    for kind in ("int8_onednn", "int8"):
+        q = QuantLinear.from_float(w, None, QuantSpec(8), dtype=torch.bfloat16, kind=kind)
+        cands[f"int8 ({kind})"] = lambda q=q: q(x)
+    times = {name: best_time(fn, max(2, reps // 3)) for name, fn in cands.items()}
+    base = times["oneDNN prepacked bf16"]
+    print(f"-- prefill: {rows} rows through gate/up {k}->{n}")
+    for name, t in times.items():
+        print(f"   {name:<38} {t * 1e3:8.2f} ms  {base / t:5.2f}x bf16")
 
 
 # ------------------------------------------------------------------------------------ quality
@@ -93,61 +118,137 @@ def _cases(version: str) -> list[Path]:
                   if (p / "expected" / "tensors.safetensors").is_file() and (p / "inputs").is_dir())
 
 
-def _teacher_forced_logits(cm: Any, case: Path) -> tuple[torch.Tensor, list[int]]:
-    """Logits [B, n, V] at each reference greedy step, and each row's number of valid steps."""
-    from minicpmv.conformance import CaseRunner
-    from minicpmv.engine.chat import normalise_msgs
+def _teacher_forced(cm: Any, batch: Any, ref: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Logits [B, n, V] at each step of the reference ids ``ref`` [B, n] fed back after the prompt
+    ``batch``, and each row's number of valid steps (up to and including its first end token)."""
     from minicpmv.engine.generate import prefill_positions
 
-    runner = CaseRunner(cm, case)
-    conversations, _ = normalise_msgs(runner.msgs, None)
-    inputs = cm.processor(conversations, **runner.proc_kwargs)
     with torch.inference_mode():
-        batch = cm.prepare_from(inputs, cm.encode_features(inputs))
-        ref = torch.from_numpy(runner.t["greedy_ids"]).long()  # [B, n]
         b, t = batch.attention_mask.shape
         n = ref.shape[1]
         embeds = torch.cat([batch.inputs_embeds, cm.model.embed_tokens(ref[:, :-1])], dim=1)  # [B, T+n-1, H]
         mask = torch.cat([batch.attention_mask, torch.ones(b, n - 1, dtype=torch.long)], dim=1)
         logits = cm.model(embeds, prefill_positions(mask), mask, last_only=False)[:, t - 1 :]  # [B, n, V]
     eos = set(cm.terminator_ids())
-    lengths = []
-    for row in ref.tolist():
-        stop = next((i for i, tok in enumerate(row) if tok in eos), len(row) - 1)
-        lengths.append(stop + 1)
+    lengths = [next((i for i, tok in enumerate(row) if tok in eos), len(row) - 1) + 1 for row in ref.tolist()]
     return logits.float(), lengths
+
+
+def _case_logits(cm: Any, case: Path) -> tuple[torch.Tensor, list[int]]:
+    """Teacher-forced logits along a conformance case's recorded greedy ids."""
+    from minicpmv.conformance import CaseRunner
+    from minicpmv.engine.chat import normalise_msgs
+
+    runner = CaseRunner(cm, case)
+    conversations, _ = normalise_msgs(runner.msgs, None)
+    inputs = cm.processor(conversations, **runner.proc_kwargs)
+    with torch.inference_mode():
+        batch = cm.prepare_from(inputs, cm.encode_features(inputs))
+    return _teacher_forced(cm, batch, torch.from_numpy(runner.t["greedy_ids"]).long())
+
+
+Logits = dict[str, tuple[torch.Tensor, list[int]]]
+
+
+def _agreement(ref: Logits, got: Logits) -> tuple[int, int, float]:
+    """(agreeing steps, steps, max |logit difference|) of ``got`` against ``ref`` (same keys)."""
+    agree = total = 0
+    worst = 0.0
+    for key, (lr, lengths) in ref.items():
+        lq = got[key][0]
+        for row, n in enumerate(lengths):
+            a, q = lr[row, :n], lq[row, :n]
+            agree += int((a.argmax(-1) == q.argmax(-1)).sum())
+            total += n
+            worst = max(worst, float((a - q).abs().max()))
+    return agree, total, worst
+
+
+def _variants(ckpt: Path, dtype: str) -> list[tuple[str, Callable[[], Any]]]:
+    import minicpmv
+
+    out: list[tuple[str, Callable[[], Any]]] = []
+    for fmt, gs, head in QUALITY_FORMATS:
+        label = f"{fmt}{'' if gs is None else f' g{gs}'}{'' if head else ' (lm_head float)'}"
+        out.append((label, lambda fmt=fmt, gs=gs, head=head: minicpmv.load(
+            ckpt, dtype=dtype, quantize=fmt, group_size=gs) if head else _no_head(ckpt, dtype, fmt, gs)))
+    return out
 
 
 def quality() -> None:
     import minicpmv
 
-    print("\n== quality: teacher-forced greedy reference steps, quantized vs bf16 (tiny checkpoints)")
-    print(f"{'format':<34} {'version':<8} {'cases':>5} {'steps':>6} {'top-1 agree':>12} {'max|dlogit|':>12}")
+    print("\n== quality: teacher-forced greedy reference steps, quantized vs unquantized at the same "
+          "activation dtype (tiny random-weight checkpoints)")
+    print(f"{'format':<34} {'version':<8} {'dtype':<9} {'cases':>5} {'steps':>6} {'top-1 agree':>12} "
+          f"{'max|dlogit|':>12}")
     for version in ("2.6", "4.5"):
         ckpt, cases = CONF / version / "_checkpoint", _cases(version)
-        base = minicpmv.load(ckpt, dtype="bfloat16")
-        ref = {c.name: _teacher_forced_logits(base, c) for c in cases}
+        for dtype in ("bfloat16", "float32"):
+            base = minicpmv.load(ckpt, dtype=dtype)
+            ref = {c.name: _case_logits(base, c) for c in cases}
+            margins = torch.cat([_margins(lb, lengths) for lb, lengths in ref.values()])
+            print(f"-- {version} {dtype}: {100 * float((margins < 0.1).float().mean()):.0f}% of the steps have a "
+                  f"top-2 logit margin < 0.1 (random weights: near ties), median margin {float(margins.median()):.3f}")
+            variants = _variants(ckpt, dtype)
+            if dtype == "bfloat16":
+                variants.insert(0, ("fp32 (noise floor: bf16 vs fp32)",
+                                    lambda ckpt=ckpt: minicpmv.load(ckpt, dtype="float32")))
+            for label, make in variants:
+                agree, total, worst = _agreement(ref, {c.name: _case_logits(make(), c) for c in cases})
+                print(f"{label:<34} {version:<8} {dtype:<9} {len(cases):>5} {total:>6} "
+                      f"{100 * agree / total:>11.2f}% {worst:>12.4f}")
+    demo_quality()
+
+
+def _demo_prompts(n: int) -> list[list[dict[str, Any]]]:
+    """``n`` held-out synthetic scenes (all kinds), each question asked alone on its image."""
+    import random
+
+    from minicpmv.train import synthetic as syn
+
+    rng = random.Random(11)
+    convs = []
+    for i in range(n):
+        scene = syn.make_scene(rng, syn.KINDS[i % len(syn.KINDS)])
+        image = syn.render(scene, rng)
+        convs += [[{"role": "user", "content": [image, rng.choice(syn.QUESTIONS[f])]}] for f in scene.families()]
+    return convs
+
+
+def demo_quality(scenes: int = 160) -> None:
+    """The bundled demo model has trained (not random) weights: its own greedy answers to held-out
+    synthetic questions, teacher-forced through each quantized copy, and the answers each copy gives."""
+    import minicpmv
+    from minicpmv import demo_model
+    from minicpmv.engine.compat import official_generation_params
+
+    ckpt = demo_model.path()
+    convs = _demo_prompts(scenes)
+    print(f"\n== quality on trained weights: the bundled demo model, {len(convs)} questions on {scenes} held-out "
+          "synthetic images, teacher-forced along its own greedy answers")
+    print(f"{'format':<34} {'dtype':<9} {'steps':>6} {'top-1 agree':>12} {'max|dlogit|':>12} {'same answer':>12}")
+    for dtype in ("bfloat16", "float32"):
+        base = minicpmv.load(ckpt, dtype=dtype)
+        params = official_generation_params(
+            base.version, sampling=False, enable_thinking=False, max_new_tokens=8, min_new_tokens=0,
+            eos_token_ids=base.terminator_ids(), overrides={"num_beams": 1, "repetition_penalty": 1.0})
+        with torch.inference_mode():
+            batches = [base.prepare([c]) for c in convs]
+            ids = [torch.tensor([base.generate_ids(b, params)[0]]) for b in batches]
+        ref = {str(i): _teacher_forced(base, b, r) for i, (b, r) in enumerate(zip(batches, ids, strict=True))}
         margins = torch.cat([_margins(lb, lengths) for lb, lengths in ref.values()])
-        print(f"-- {version}: {100 * float((margins < 0.1).float().mean()):.0f}% of the bf16 steps have a top-2 "
-              f"logit margin < 0.1 (random weights: near ties), median margin {float(margins.median()):.3f}")
-        variants: list[tuple[str, Callable[[], Any]]] = [
-            ("fp32 (noise floor: bf16 vs fp32)", lambda ckpt=ckpt: minicpmv.load(ckpt, dtype="float32"))]
-        for fmt, gs, head in QUALITY_FORMATS:
-            label = f"{fmt}{'' if gs is None else f' g{gs}'}{'' if head else ' (lm_head bf16)'}"
-            variants.append((label, lambda ckpt=ckpt, fmt=fmt, gs=gs, head=head: minicpmv.load(
-                ckpt, dtype="bfloat16", quantize=fmt, group_size=gs) if head else _no_head(ckpt, fmt, gs)))
-        for label, make in variants:
+        print(f"-- {dtype}: median top-2 logit margin {float(margins.median()):.2f}; "
+              f"{100 * float((margins < 0.1).float().mean()):.1f}% of the steps below 0.1")
+        for label, make in _variants(ckpt, dtype):
             cm = make()
-            agree = total = 0
-            worst = 0.0
-            for c in cases:
-                (lb, lengths), (lq, _) = ref[c.name], _teacher_forced_logits(cm, c)
-                for row, n in enumerate(lengths):
-                    a, q = lb[row, :n], lq[row, :n]
-                    agree += int((a.argmax(-1) == q.argmax(-1)).sum())
-                    total += n
-                    worst = max(worst, float((a - q).abs().max()))
-            print(f"{label:<34} {version:<8} {len(cases):>5} {total:>6} {100 * agree / total:>11.2f}% {worst:>12.4f}")
+            with torch.inference_mode():
+                mine = [cm.prepare([c]) for c in convs]
+                got = {str(i): _teacher_forced(cm, b, ids[i]) for i, b in enumerate(mine)}
+                same = sum(cm.generate_ids(b, params)[0] == ids[i][0].tolist() for i, b in enumerate(mine))
+            agree, total, worst = _agreement(ref, got)
+            print(f"{label:<34} {dtype:<9} {total:>6} {100 * agree / total:>11.2f}% {worst:>12.4f} "
+                  f"{same:>7}/{len(convs)}")
 
 
 def _margins(logits: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -155,12 +256,12 @@ def _margins(logits: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     return top[:, 0] - top[:, 1]
 
 
-def _no_head(ckpt: Path, fmt: str, gs: int | None) -> Any:
-    """``load(quantize=...)`` quantizes lm_head too; this variant keeps it in bf16."""
+def _no_head(ckpt: Path, dtype: str, fmt: str, gs: int | None) -> Any:
+    """``load(quantize=...)`` quantizes lm_head too; this variant keeps it unquantized."""
     import minicpmv
     from minicpmv.modeling.quant import quantize_model
 
-    cm = minicpmv.load(ckpt, dtype="bfloat16")
+    cm = minicpmv.load(ckpt, dtype=dtype)
     quantize_model(cm.model, fmt, gs, lm_head=False)
     return cm
 

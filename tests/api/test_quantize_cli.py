@@ -12,6 +12,7 @@ import torch
 
 import minicpmv
 from minicpmv.cli import main
+from minicpmv.engine.session import ChatSession
 from minicpmv.errors import CheckpointError, ConfigError, InputError
 from minicpmv.modeling.quant import PackedLinear, QuantLinear, can_prepack
 
@@ -106,3 +107,21 @@ def test_cli_refuses_bad_output_and_group_size(tmp_path, capsys) -> None:
            "--output", str(tmp_path / "o")]
     assert main(bad) == 2
     assert "int4 only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_chat_batched_and_cached_equal_single_and_fresh(fmt: str) -> None:
+    """The quantized kernels compute each row on its own: a batch gives every conversation the
+    tokens it gets alone, and a follow-up turn on the kept KV cache equals a fresh run. (float32
+    activations: in bf16 the unquantized model's padded attention already rounds differently.)"""
+    from .test_chat import GREEDY, _convs
+
+    cm = minicpmv.load(CKPT["2.6"], dtype="float32", quantize=fmt)
+    assert {m.kind for m in cm.model.modules() if isinstance(m, QuantLinear)} == {
+        "int8": {"int8_onednn"}, "int4": {"int4_cpu"}}[fmt]
+    convs = _convs("2.6")
+    assert cm.chat(convs, **GREEDY) == [cm.chat(c, **GREEDY) for c in convs]
+    session = ChatSession(cm, **GREEDY)
+    session.ask(convs[0][0]["content"])
+    second = session.ask("And what else?")
+    assert second == cm.chat(session.history[:-1], **GREEDY)

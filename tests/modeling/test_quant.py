@@ -18,6 +18,7 @@ from minicpmv.modeling.quant import (
     QuantSpec,
     can_prepack,
     dequantize_weight,
+    kernel_works,
     pack_nibbles,
     prepack_linears,
     quant_targets,
@@ -104,7 +105,7 @@ def test_quant_linear_close_to_float(fmt: str, gs: int | None, bound: float, dty
     spec = QuantSpec.parse(fmt, gs)
     fast = QuantLinear.from_float(w.to(dtype), b.to(dtype), spec, dtype=dtype)
     slow = QuantLinear.from_float(w.to(dtype), b.to(dtype), spec, dtype=dtype, kind="dequant")
-    assert fast.kind in ("int8", "int4_cpu") and slow.kind == "dequant"
+    assert fast.kind in ("int8_onednn", "int8", "int4_cpu") and slow.kind == "dequant"
     y = fast(x)
     assert y.shape == (3, 5, 200) and y.dtype == dtype
     assert _rel(y, ref) < bound
@@ -220,6 +221,76 @@ def test_int8_kernel_gets_aligned_weights() -> None:
     odd.copy_(st["qweight"])
     layer = QuantLinear(256, 200, spec, bias=False, dtype=torch.float32, device="meta")
     layer.set_storage({"qweight": odd, "scales": st["scales"]}, None, device="cpu")
-    layer.prepare()
+    layer.prepare("int8")
     assert layer.qweight.data_ptr() % 64 == 0 and torch.equal(layer.qweight, st["qweight"])
+    assert _rel(layer(x), F.linear(x, w)) < 0.012
+
+
+# -- the oneDNN int8 path (16-bit fixed-point activations) -------------------------------------
+
+needs_onednn_int8 = pytest.mark.skipif(not kernel_works("int8_onednn", "cpu", torch.float32),
+                                       reason="no oneDNN int8 matmul in this PyTorch build")
+
+
+def _int8_pair(n: int = 200, k: int = 256, dtype: torch.dtype = torch.float32) -> tuple[QuantLinear, QuantLinear]:
+    w, b, _ = _weights(n, k)
+    spec = QuantSpec(8)
+    fast = QuantLinear.from_float(w.to(dtype), b.to(dtype), spec, dtype=dtype, kind="int8_onednn")
+    return fast, QuantLinear.from_float(w.to(dtype), b.to(dtype), spec, dtype=dtype, kind="dequant")
+
+
+@needs_onednn_int8
+def test_onednn_int8_is_the_cpu_default_and_exact_on_fixed_point_inputs() -> None:
+    fast, slow = _int8_pair()
+    assert QuantLinear.from_float(torch.randn(32, 64), None, QuantSpec(8), dtype=torch.float32).kind == "int8_onednn"
+    # rows whose entries are multiples of 2**(e-15) (|x| < 2**e) are represented exactly: the
+    # integer sums come back exact, so the result is the dequantized matmul up to float32 rounding
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-32767, 32768, (6, 256), generator=g).float() * 2.0**-15  # |x| < 1: step 2**-15
+    x[:, 0] = 0.75  # a row maximum in [0.5, 1): e = 0
+    ref = F.linear(x.double(), dequantize_weight(slow.storage(), slow.spec, torch.float64), slow.bias.double())
+    assert float((fast(x).double() - ref).abs().max()) < 1e-5 * float(ref.abs().max())
+
+
+@needs_onednn_int8
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_onednn_int8_outliers_zeros_and_batch_independence(dtype: torch.dtype) -> None:
+    fast, slow = _int8_pair(dtype=dtype)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 256, generator=g)
+    x[:, 5] *= 300.0  # an outlier channel: the other entries keep ~2**15 / 300 levels
+    x[3] = 0.0  # an all-zero row
+    x[4] *= 1e-30  # a tiny row: the fixed-point step follows the row's own magnitude
+    x = x.to(dtype)
+    y = fast(x)
+    assert y.dtype == dtype and y.shape == (7, 200)
+    want = slow(x).float()
+    tol = 4e-3 if dtype == torch.bfloat16 else 1e-3  # fp32: the 16-bit activations dominate (~2e-4)
+    for row in range(7):
+        assert _rel(y[row], want[row]) < tol, row
+        assert torch.equal(fast(x[row : row + 1]), y[row : row + 1])  # batched == single, bit for bit
+    assert torch.equal(y[3], fast.bias)
+    assert fast(x[:0]).shape == (0, 200)
+
+
+@needs_onednn_int8
+def test_onednn_int8_storage_round_trips_and_rejects_nothing_it_accepts() -> None:
+    fast, slow = _int8_pair(n=40, k=96)  # small, not multiples of 16 / 64
+    st = fast.storage()
+    assert torch.equal(st["qweight"], slow.storage()["qweight"]) and torch.equal(st["scales"], slow.scales)
+    assert not hasattr(fast, "qweight") or "qweight" not in fast._buffers  # the packed copy replaces it
+    again = QuantLinear(96, 40, QuantSpec(8), bias=True, dtype=torch.float32, device="meta")
+    again.load_state_dict(fast.state_dict(), assign=True)
+    again.prepare()
+    x = torch.randn(2, 96)
+    assert torch.equal(again(x), fast(x))
+
+
+def test_int8_falls_back_to_the_pytorch_kernel_without_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
+    import minicpmv.modeling.quant as quant
+
+    monkeypatch.setattr(quant, "_has_onednn_int8", lambda: False)
+    w, _, x = _weights()
+    layer = QuantLinear.from_float(w, None, QuantSpec(8), dtype=torch.float32)
+    assert layer.kind == "int8"
     assert _rel(layer(x), F.linear(x, w)) < 0.012

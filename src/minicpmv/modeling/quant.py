@@ -6,10 +6,18 @@
   to bf16 rounding; bit-identical at batch 1 in our checks). ``prepack_linears(module)`` swaps
   every ``nn.Linear`` of a module in place.
 * ``QuantLinear``: a linear layer with weight-only quantized weights, run by PyTorch's own
-  packed-weight kernels where they exist (``torch._weight_int8pack_mm`` on CPU/CUDA,
-  ``torch._weight_int4pack_mm_for_cpu`` / ``torch._weight_int4pack_mm`` for int4), and by
-  dequantize-then-``F.linear`` elsewhere. Each kernel is checked once per (device, dtype) against
-  the dequantized reference before it is used.
+  packed-weight kernels where they exist, and by dequantize-then-``F.linear`` elsewhere. Each
+  kernel is checked once per (device, dtype) against the dequantized reference before it is used:
+
+  - int8 on CPU (``int8_onednn``): oneDNN's prepacked u8 x s8 matmul
+    (``torch.ops.onednn.qlinear_*``), which streams int8 weights at about the speed the bf16
+    kernel streams bf16 ones. The activations enter it as 16-bit fixed point per row, split into
+    two u8 digits (two matmul rows per input row, one pass over the weights) and recombined
+    exactly in integers: entries within 2^8 of their row's largest magnitude are represented
+    exactly, smaller ones to 2^-15 of that magnitude (finer than bf16 rounding for all but
+    entries under 1/128 of the row's maximum). Every row is computed on its own, so results do
+    not depend on the batch. Fallback: ``torch._weight_int8pack_mm`` (``int8``, also CUDA).
+  - int4: ``torch._weight_int4pack_mm_for_cpu`` / ``torch._weight_int4pack_mm`` (CUDA).
 * ``quantize_model(model, "int8" | "int4", group_size)`` swaps the LLM's linear layers of a model
   for ``QuantLinear`` (the decoder layers' projections, and ``lm_head`` unless told otherwise).
 
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +58,9 @@ DEFAULT_GROUP_SIZE = 128
 MODULES_LINEAR = "llm linear"
 MODULES_WITH_HEAD = "llm linear + lm_head"
 _ROW_CHUNK = 4096  # rows quantized / packed at a time (multiple of 64: int4 CPU packing blocks)
-_DEQUANT_MIN_ROWS = 96  # int8 on CPU: from this many rows on, dequantize + GEMM beats the GEMV kernel
+_DEQUANT_MIN_ROWS = 96  # int8 kernel on CPU: from this many rows on, dequantize + GEMM beats the GEMV
+_ACT_FRAC_BITS = 15  # int8_onednn: activations as round(x / 2**(e - 15)) with |x| < 2**e, 16-bit signed
+_DIGIT_ZERO = 128  # int8_onednn: zero point of the u8 activation digits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +260,7 @@ def kernel_works(kind: str, device: str, dtype: torch.dtype) -> bool:
     n, k = 96, 256
     w = torch.randn(n, k, generator=g)
     x = torch.randn(3, k, generator=g).to(device=device, dtype=dtype)
-    spec = QuantSpec(8) if kind == "int8" else QuantSpec(4, 32)
+    spec = QuantSpec(8) if kind.startswith("int8") else QuantSpec(4, 32)
     layer = QuantLinear.from_float(w, None, spec, dtype=dtype, device=device, kind="dequant")
     try:
         ref = layer(x).float()
@@ -266,10 +277,44 @@ def kernel_works(kind: str, device: str, dtype: torch.dtype) -> bool:
 
 
 def _kernel_for(bits: int, device: torch.device, dtype: torch.dtype) -> str:
-    want = "int8" if bits == 8 else ("int4_cpu" if device.type == "cpu" else "int4_cuda")
+    """The first kernel that works for ``bits`` on ``device`` / ``dtype``, else ``"dequant"``."""
     if device.type not in ("cpu", "cuda"):
         return "dequant"
-    return want if kernel_works(want, str(device), dtype) else "dequant"
+    if bits == 8:
+        wants = ["int8_onednn", "int8"] if device.type == "cpu" and _has_onednn_int8() else ["int8"]
+    else:
+        wants = ["int4_cpu" if device.type == "cpu" else "int4_cuda"]
+    return next((k for k in wants if kernel_works(k, str(device), dtype)), "dequant")
+
+
+def _has_onednn_int8() -> bool:
+    onednn = getattr(torch.ops, "onednn", None)
+    return (torch.backends.mkldnn.is_available() and onednn is not None and sys.byteorder == "little"
+            and hasattr(onednn, "qlinear_prepack") and hasattr(onednn, "qlinear_pointwise"))
+
+
+def _onednn_qlinear(digits: torch.Tensor, zero: int, layer: QuantLinear, w_scales: torch.Tensor) -> torch.Tensor:
+    """oneDNN u8 x s8 matmul: ``w_scales[n] * sum_k (digits[m, k] - zero) * q[n, k]``, float32 [M, N]
+    (int32 accumulation: |sum| <= 128 * 127 * K, fine for K < 132k)."""
+    return torch.ops.onednn.qlinear_pointwise(
+        digits, 1.0, zero, layer.packed, w_scales, layer.zero_points, None, 1.0, 0,
+        torch.float32, "none", [], "")
+
+
+def _int8_onednn_matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """``x @ (q * scales).T`` for x [M, K] with 16-bit fixed-point rows (see the module docstring)."""
+    m, k = x.shape
+    xf = x.float()
+    exp = torch.frexp(xf.abs().amax(dim=1, keepdim=True)).exponent  # [M, 1]: row max < 2**exp
+    step = torch.exp2((exp - _ACT_FRAC_BITS).float())  # [M, 1], a power of two
+    limit = 2**_ACT_FRAC_BITS - 1
+    xq = (xf / step).round_().clamp_(-limit, limit).to(torch.int32).add_(limit + 1)  # [M, K] in [1, 2**16)
+    # little-endian bytes 0 and 1 of xq are its two base-256 digits: [2M, K], low digits first
+    digits = xq.view(torch.uint8).view(m, k, 4)[..., :2].permute(2, 0, 1).reshape(2 * m, k)
+    y = _onednn_qlinear(digits, _DIGIT_ZERO, layer, layer.scales_f32).view(2, m, -1)  # [2, M, N]
+    # high digit d1 + 128 at zero point 128 gives s * sum d1*q; low digit d0 gives s * sum (d0 - 128)*q
+    acc = torch.add(y[0], y[1], alpha=256).add_(layer.row_offset)  # [M, N] = s * sum_k xq_signed * q
+    return acc.mul_(step)  # [M, N] float32
 
 
 def _aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
@@ -339,6 +384,8 @@ class QuantLinear(nn.Module):
             return
         device = self.scales.device
         kind = kind or _kernel_for(self.spec.bits, device, self.dtype)
+        if kind == "int8_onednn":
+            self._pack_onednn()
         if kind == "int8":  # the kernel needs aligned memory; a memory-mapped tensor may not be
             for name in ("qweight", "scales"):
                 self._buffers[name] = _aligned(self._buffers[name])  # type: ignore[arg-type]
@@ -356,6 +403,18 @@ class QuantLinear(nn.Module):
                 self.register_buffer("scales_zeros", sz.to(self.dtype), persistent=False)
         self.kind = kind
 
+    def _pack_onednn(self) -> None:
+        """int8 storage -> oneDNN's blocked int8 weight plus the per-row terms the kernel needs."""
+        q = self.qweight.contiguous()
+        n, k = q.shape
+        self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(q, [1, k]), persistent=False)
+        scales = self.scales.float()  # [N]
+        row_sums = q.sum(dim=1, dtype=torch.int64).double()  # [N]
+        self.register_buffer("row_offset", (_DIGIT_ZERO * row_sums * scales).float(), persistent=False)  # [N]
+        self.register_buffer("scales_f32", scales, persistent=False)  # [N]
+        self.register_buffer("zero_points", torch.zeros(n, dtype=torch.long), persistent=False)  # [N]
+        del self._buffers["qweight"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind is None:
             raise InputError("QuantLinear used before prepare(): its weights are not loaded yet")
@@ -368,6 +427,8 @@ class QuantLinear(nn.Module):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         kind = self.kind
+        if kind == "int8_onednn":
+            return _int8_onednn_matmul(self, x).to(x.dtype) if x.shape[0] else x.new_zeros(0, self.out_features)
         if kind == "int8":
             if x.device.type == "cpu" and x.shape[0] >= _DEQUANT_MIN_ROWS:  # prefill: GEMM is faster
                 return F.linear(x, self.qweight.to(x.dtype)) * self.scales  # [M, N]
@@ -379,6 +440,11 @@ class QuantLinear(nn.Module):
 
     def storage(self) -> dict[str, torch.Tensor]:
         """The portable storage tensors (recovered from the kernel layout when packed)."""
+        if self.kind == "int8_onednn":  # the kernel applied to one-hot rows gives columns of q
+            eye = torch.eye(self.in_features, dtype=torch.uint8)
+            ones = torch.ones(self.out_features)
+            cols = [_onednn_qlinear(eye[s : s + 1024], 0, self, ones) for s in range(0, self.in_features, 1024)]
+            return {"qweight": torch.cat(cols).t().round().to(torch.int8).contiguous(), "scales": self.scales}
         if not (self.kind or "").startswith("int4"):
             keys = storage_shapes(self.spec, self.out_features, self.in_features)
             return {k: self._buffers[k] for k in keys}  # type: ignore[misc]
