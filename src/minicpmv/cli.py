@@ -234,6 +234,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"params       {name:<10} {n:>15,d}")
     for dtype, gib in info["memory_gib"].items():
         print(f"memory       {dtype:<10} {gib:>12.2f} GiB (weights only)")
+    if quant := info.get("quantization"):
+        print(f"quantized    {quant['format']}: {quant['quantized_parameters']:,d} parameters; "
+              f"{quant['stored_gib']:.2f} GiB as stored")
     print(f"weights      {'present' if info['has_weights'] else 'absent (config only)'}")
     return 0
 

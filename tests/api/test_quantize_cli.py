@@ -125,3 +125,18 @@ def test_quantized_chat_batched_and_cached_equal_single_and_fresh(fmt: str) -> N
     session.ask(convs[0][0]["content"])
     second = session.ask("And what else?")
     assert second == cm.chat(session.history[:-1], **GREEDY)
+
+
+@pytest.mark.parametrize("args", [("--to", "int8"), ("--to", "int4", "--group-size", "32")])
+def test_inspect_describes_a_quantized_checkpoint(tmp_path, capsys, args) -> None:
+    out = _quantize(tmp_path, "4.5", *args)
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    quant = json.loads(capsys.readouterr().out)["quantization"]
+    assert quant["bits"] == int(args[1][3:]) and quant["format"].startswith(args[1])
+    on_disk = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    assert 0.97 * on_disk < quant["stored_gib"] * 2**30 <= on_disk  # the files add only their headers
+    assert main(["inspect", str(out)]) == 0
+    assert "quantized    " in capsys.readouterr().out
+    assert main(["inspect", str(CKPT["4.5"]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["quantization"] is None

@@ -1,4 +1,5 @@
-"""Describe a checkpoint from its config alone: version, parameter counts, memory estimate.
+"""Describe a checkpoint from its config alone: version, parameter counts, memory estimate, and
+the weight format of a quantized checkpoint (``minicpmv quantize``) with its size as stored.
 
 The model is built on the meta device, so this works for real-size configs without weights and
 allocates no tensor memory. It does not load weights or tokenizers.
@@ -6,11 +7,13 @@ allocates no tensor memory. It does not load weights or tokenizers.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig
-from .checkpoint import count_parameters, read_config
+from ..modeling.quant import QuantSpec, quant_targets, storage_shapes
+from .checkpoint import build_on_meta, count_parameters, read_config
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -22,7 +25,8 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
     counts = count_parameters(cfg)
     total = counts["total"]
     has_weights = any(path.glob("*.safetensors"))
-    return {
+    quant = raw.get("quantization_config")
+    info = {
         "path": str(path),
         "version": spec.name,
         "title": spec.title,
@@ -38,4 +42,24 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
         "vision_layers": cfg.vision_layers_used,
         "query_num": cfg.query_num,
         "unverified": spec.unverified,
+        "quantization": None,
     }
+    if quant is not None:
+        info["quantization"] = _quantized(cfg, QuantSpec.from_config(quant))
+    return info
+
+
+def _quantized(cfg: ModelConfig, spec: QuantSpec) -> dict[str, Any]:
+    """The format and the size of a quantized checkpoint as ``minicpmv quantize`` writes it: scales
+    and zeros in float32, the unquantized weights at ``cfg``'s dtype."""
+    model = build_on_meta(cfg)
+    fbytes = _BYTES.get(str(cfg.torch_dtype).removeprefix("torch."), 2)
+    stored = quantized = 0
+    for name in quant_targets(model, spec):
+        weight = model.get_submodule(name).weight  # [N, K] on the meta device
+        quantized += weight.numel()
+        for shape, dtype in storage_shapes(spec, *weight.shape).values():
+            stored += math.prod(shape) * (dtype.itemsize if dtype is not None else 4)
+    rest = sum(p.numel() for p in model.parameters()) - quantized  # biases included: kept as floats
+    return {"format": spec.describe(), "bits": spec.bits, "group_size": spec.group_size,
+            "quantized_parameters": quantized, "stored_gib": (stored + rest * fbytes) / 2**30}
