@@ -75,7 +75,7 @@ def load(
     ``quantize="int8"`` / ``"int4"`` quantizes the LLM linear layers (weight-only; int4 in groups of
     ``group_size`` input columns, default 128) while loading; a checkpoint written by
     ``minicpmv quantize`` loads quantized without it. bf16 LLM layers on CPU are prepacked for
-    oneDNN (faster decoding; not for training or moving the model afterwards).
+    oneDNN (faster decoding; not for training; `.to()` / `.float()` afterwards unpack them).
     """
     path = resolve_checkpoint(str(path_or_repo_id), revision=revision)
     raw, spec = read_config(path, version=version)

@@ -140,3 +140,15 @@ def test_inspect_describes_a_quantized_checkpoint(tmp_path, capsys, args) -> Non
     assert "quantized    " in capsys.readouterr().out
     assert main(["inspect", str(CKPT["4.5"]), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["quantization"] is None
+
+
+def test_prepacked_and_quantized_models_can_be_cast_after_load() -> None:
+    packed = minicpmv.load(CKPT["2.6"], dtype="bfloat16")
+    if can_prepack(torch.bfloat16, "cpu"):
+        assert any(isinstance(m, PackedLinear) for m in packed.model.modules())
+    packed.model.float()
+    assert torch.equal(_logits(packed), _logits(minicpmv.load(CKPT["2.6"], dtype="float32")))
+    quant = minicpmv.load(CKPT["2.6"], dtype="bfloat16", quantize="int4", group_size=32)
+    quant.model.float()
+    assert _logits(quant).dtype == torch.float32
+    assert isinstance(quant.chat([{"role": "user", "content": ["hello"]}], sampling=False, max_new_tokens=3), str)

@@ -294,3 +294,41 @@ def test_int8_falls_back_to_the_pytorch_kernel_without_onednn(monkeypatch: pytes
     layer = QuantLinear.from_float(w, None, QuantSpec(8), dtype=torch.float32)
     assert layer.kind == "int8"
     assert _rel(layer(x), F.linear(x, w)) < 0.012
+
+
+@pytest.mark.parametrize("fmt, gs", [("int8", None), ("int4", 32)])
+def test_quant_linear_moves_and_casts_through_its_storage(fmt: str, gs: int | None) -> None:
+    w, b, x = _weights()
+    layer = QuantLinear.from_float(w.bfloat16(), b.bfloat16(), QuantSpec.parse(fmt, gs), dtype=torch.bfloat16)
+    before, stored = layer(x.bfloat16()), {k: v.clone() for k, v in layer.storage().items()}
+    assert layer.float() is layer and layer.dtype == torch.float32 and layer.kind is not None
+    y = layer(x)
+    assert y.dtype == torch.float32
+    ref = F.linear(x, dequantize_weight(layer.storage(), layer.spec, torch.float32), layer.bias)
+    assert _rel(y, ref) < 1e-3  # the same quantized weights, now with float32 activations
+    for key, t in layer.storage().items():
+        assert torch.equal(t.float(), stored[key].float()), key
+    layer.to(torch.bfloat16)
+    assert torch.equal(layer(x.bfloat16()), before)  # back where it started, bit for bit
+    assert layer.to("cpu") is layer and torch.equal(layer(x.bfloat16()), before)
+
+
+def test_unprepared_quant_linear_casts_its_buffers() -> None:
+    layer = QuantLinear(64, 32, QuantSpec(8), bias=True, dtype=torch.bfloat16, device="cpu").float()
+    assert layer.dtype == torch.float32 and layer.scales.dtype == torch.float32 and layer.bias.dtype == torch.float32
+    assert layer.qweight.dtype == torch.int8 and layer.kind is None
+
+
+@needs_onednn_bf16
+def test_packed_linear_unpacks_when_cast_and_packs_again() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 96, dtype=torch.bfloat16)
+    packed = PackedLinear(lin)
+    x = torch.randn(3, 256)
+    before = packed(x.bfloat16())
+    packed.float()
+    assert packed.weight.layout == torch.strided and packed.weight.dtype == torch.float32
+    assert torch.equal(packed(x), F.linear(x, lin.weight.float(), lin.bias.float()))
+    packed.to(torch.bfloat16)
+    assert packed.weight.layout == torch._mkldnn and torch.equal(packed(x.bfloat16()), before)
+    assert torch.equal(packed.state_dict()["weight"], lin.weight)

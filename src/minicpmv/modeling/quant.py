@@ -467,6 +467,26 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        """``.to`` / ``.float()`` / ``.cuda()``: the storage moves (its floats take the new float
+        dtype, which becomes the activation dtype) and is prepared again for the new device."""
+        device = next(iter(self._buffers.values())).device  # type: ignore[union-attr]
+        probe = fn(torch.empty(0, dtype=self.dtype, device=device))
+        if probe.dtype == self.dtype and probe.device == device:
+            return self
+        prepared = self.kind is not None
+        storage = self.storage() if prepared else dict(self._buffers)
+        bias = storage.pop("bias", None) if not prepared else self.bias
+        for name in list(self._buffers):
+            del self._buffers[name]
+        self.dtype = probe.dtype
+        self.set_storage(storage, bias, device=probe.device)  # type: ignore[arg-type]
+        if bias is None:
+            self.bias = None
+        if prepared:
+            self.prepare()
+        return self
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"{self.spec.name}, group_size={self.spec.group_size}, "
@@ -477,8 +497,9 @@ class PackedLinear(nn.Linear):
     """An inference-only bf16 ``nn.Linear`` whose weight is a oneDNN-prepacked tensor (CPU).
 
     Results equal the plain layer's up to bf16 rounding, at close to memory bandwidth for batch-1
-    decoding. ``state_dict`` gives the plain
-    weight back; moving or casting the layer is not supported (pack after moving).
+    decoding. ``state_dict`` gives the plain weight back. Moving or casting the layer (``.to``,
+    ``.float()``, ``.cuda()``) unpacks the weight first and packs it again only where packing
+    applies (bf16 on a CPU); elsewhere the layer runs as a plain ``F.linear``.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -491,7 +512,20 @@ class PackedLinear(nn.Linear):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.layout != torch._mkldnn:  # type: ignore[attr-defined] - moved or cast: plain
+            return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [-1], "")
+
+    def _apply(self, fn: Any, recurse: bool = True) -> PackedLinear:
+        dense = _dense_weight(self)
+        moved = fn(dense)
+        if moved is not dense:  # a real move or cast (``fn`` returns its input when nothing changes)
+            if can_prepack(moved.dtype, moved.device):
+                moved = torch.ops.mkldnn._reorder_linear_weight(moved, None)
+            self.weight = nn.Parameter(moved, requires_grad=False)
+            if self.bias is not None:
+                self.bias = nn.Parameter(fn(self.bias.detach()), requires_grad=self.bias.requires_grad)
+        return self
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         destination[prefix + "weight"] = self.weight.to_dense()
