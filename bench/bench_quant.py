@@ -18,7 +18,7 @@ Three parts, each printed as a table (``--part`` picks one):
   tokens/s as ratios to prepacked bf16 (the default path) and to plain bf16, and each as a ratio
   to its memory-bandwidth ceiling (bytes streamed per token / read bandwidth measured in the run).
   Each variant is built from the same bf16 weights and measured in ``--rounds`` interleaved rounds
-  (best round kept): the machine is shared, compare numbers within one run only.
+  (median step over all rounds): the machine is shared, compare numbers within one run only.
 
 Examples:
   python bench/bench_quant.py                       # all parts (several minutes, ~6 GB at peak)

@@ -17,7 +17,8 @@
     exactly, smaller ones to 2^-15 of that magnitude (finer than bf16 rounding for all but
     entries under 1/128 of the row's maximum). Every row is computed on its own, so results do
     not depend on the batch. Fallback: ``torch._weight_int8pack_mm`` (``int8``, also CUDA).
-  - int4: ``torch._weight_int4pack_mm_for_cpu`` / ``torch._weight_int4pack_mm`` (CUDA).
+  - int4: ``torch._weight_int4pack_mm_for_cpu`` / ``torch._weight_int4pack_mm`` (CUDA). On a CPU,
+    float32 activations are rounded to bf16 for the kernel (its float32 path is ~50x slower).
 * ``quantize_model(model, "int8" | "int4", group_size)`` swaps the LLM's linear layers of a model
   for ``QuantLinear`` (the decoder layers' projections, and ``lm_head`` unless told otherwise).
 
@@ -61,6 +62,9 @@ _ROW_CHUNK = 4096  # rows quantized / packed at a time (multiple of 64: int4 CPU
 _DEQUANT_MIN_ROWS = 96  # int8 kernel on CPU: from this many rows on, dequantize + GEMM beats the GEMV
 _ACT_FRAC_BITS = 15  # int8_onednn: activations as round(x / 2**(e - 15)) with |x| < 2**e, 16-bit signed
 _DIGIT_ZERO = 128  # int8_onednn: zero point of the u8 activation digits
+# int4 on CPU with float32 activations: PyTorch's float32 path of the kernel is ~50x slower than its
+# bf16 one, so activations are rounded to bf16 for the kernel (an error far below int4's own)
+_INT4_COMPUTE = {("int4_cpu", torch.float32): torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,6 +405,8 @@ class QuantLinear(nn.Module):
                     del self._buffers[name]
                 self.register_buffer("packed", packed, persistent=False)
                 self.register_buffer("scales_zeros", sz.to(self.dtype), persistent=False)
+                compute = _INT4_COMPUTE.get((kind, self.dtype), self.dtype)
+                self.register_buffer("scales_zeros_compute", sz.to(compute), persistent=False)
         self.kind = kind
 
     def _pack_onednn(self) -> None:
@@ -434,8 +440,9 @@ class QuantLinear(nn.Module):
                 return F.linear(x, self.qweight.to(x.dtype)) * self.scales  # [M, N]
             return torch._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales)  # [M, N]
         if kind in ("int4_cpu", "int4_cuda"):
-            y = _int4_matmul(kind, x.contiguous(), self.packed, self.spec.group_size, self.scales_zeros)  # type: ignore[arg-type]
-            return y[:, : self.out_features] if y.shape[1] != self.out_features else y
+            sz = self.scales_zeros_compute
+            y = _int4_matmul(kind, x.to(sz.dtype).contiguous(), self.packed, self.spec.group_size, sz)  # type: ignore[arg-type]
+            return (y[:, : self.out_features] if y.shape[1] != self.out_features else y).to(x.dtype)
         return F.linear(x, dequantize_weight(self.storage(), self.spec, x.dtype))  # "dequant"
 
     def storage(self) -> dict[str, torch.Tensor]:
@@ -450,10 +457,10 @@ class QuantLinear(nn.Module):
             return {k: self._buffers[k] for k in keys}  # type: ignore[misc]
         n = self.out_features
         sz = self.scales_zeros[:, :n]  # [G, N, 2]
-        unit = torch.zeros_like(self.scales_zeros)
+        unit = torch.zeros_like(self.scales_zeros_compute)
         unit[..., 0], unit[..., 1] = 1.0, 8.0  # (q - 8) * 1 + 8 = q: the kernel applied to I gives q^T
         cols = []
-        eye = torch.eye(self.in_features, dtype=self.dtype, device=self.packed.device)
+        eye = torch.eye(self.in_features, dtype=unit.dtype, device=self.packed.device)
         for s in range(0, self.in_features, 1024):
             part = _int4_matmul(self.kind, eye[s : s + 1024], self.packed, self.spec.group_size, unit)  # type: ignore[arg-type]
             cols.append(part[:, :n])  # [k, N]
