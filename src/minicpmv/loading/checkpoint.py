@@ -135,9 +135,10 @@ def build_on_meta(cfg: ModelConfig) -> MiniCPMV:
         return MiniCPMV(cfg)
 
 
-def count_parameters(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts per component (llm, vpm, resampler, audio parts) and total, shared weights once."""
-    model = build_on_meta(cfg)
+def count_parameters(cfg: ModelConfig | MiniCPMV) -> dict[str, int]:
+    """Parameter counts per component (llm, vpm, resampler, audio parts) and total, shared weights
+    once, of a config (built on the meta device) or of a model already built."""
+    model = cfg if isinstance(cfg, MiniCPMV) else build_on_meta(cfg)
     out = {  # llm, vpm, resampler (+ apm, audio_projection_layer); kept TTS weights are not counted
         name: n for name, child in model.named_children()
         if (n := sum(p.numel() for p in child.parameters())) or name in ("llm", "vpm", "resampler")

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..modeling.quant import QuantSpec, quant_targets, storage_shapes
+from ..modeling.vlm import MiniCPMV
 from .checkpoint import build_on_meta, count_parameters, read_config
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -22,7 +23,8 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
     """A JSON-able summary of the checkpoint at ``path`` (a directory with config.json)."""
     raw, spec = read_config(path)
     cfg = ModelConfig.from_hf_dict(raw, **spec.config_kwargs())
-    counts = count_parameters(cfg)
+    model = build_on_meta(cfg)
+    counts = count_parameters(model)
     total = counts["total"]
     has_weights = any(path.glob("*.safetensors"))
     quant = raw.get("quantization_config")
@@ -45,21 +47,20 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
         "quantization": None,
     }
     if quant is not None:
-        info["quantization"] = _quantized(cfg, QuantSpec.from_config(quant))
+        fbytes = _BYTES.get(str(cfg.torch_dtype).removeprefix("torch."), 2)
+        info["quantization"] = _quantized(model, QuantSpec.from_config(quant), total, fbytes)
     return info
 
 
-def _quantized(cfg: ModelConfig, spec: QuantSpec) -> dict[str, Any]:
+def _quantized(model: MiniCPMV, spec: QuantSpec, total: int, fbytes: int) -> dict[str, Any]:
     """The format and the size of a quantized checkpoint as ``minicpmv quantize`` writes it: scales
-    and zeros in float32, the unquantized weights at ``cfg``'s dtype."""
-    model = build_on_meta(cfg)
-    fbytes = _BYTES.get(str(cfg.torch_dtype).removeprefix("torch."), 2)
+    and zeros in float32, the other ``total - quantized`` parameters at ``fbytes`` bytes each."""
     stored = quantized = 0
     for name in quant_targets(model, spec):
         weight = model.get_submodule(name).weight  # [N, K] on the meta device
         quantized += weight.numel()
         for shape, dtype in storage_shapes(spec, *weight.shape).values():
             stored += math.prod(shape) * (dtype.itemsize if dtype is not None else 4)
-    rest = sum(p.numel() for p in model.parameters()) - quantized  # biases included: kept as floats
+    rest = total - quantized  # biases included: kept as floats
     return {"format": spec.describe(), "bits": spec.bits, "group_size": spec.group_size,
             "quantized_parameters": quantized, "stored_gib": (stored + rest * fbytes) / 2**30}
