@@ -447,26 +447,28 @@ class QuantLinear(nn.Module):
 
     def storage(self) -> dict[str, torch.Tensor]:
         """The portable storage tensors (recovered from the kernel layout when packed)."""
-        if self.kind == "int8_onednn":  # the kernel applied to one-hot rows gives columns of q
-            eye = torch.eye(self.in_features, dtype=torch.uint8)
+        if self.kind == "int8_onednn":  # unit scales, zero point 0: one-hot rows give columns of q
             ones = torch.ones(self.out_features)
-            cols = [_onednn_qlinear(eye[s : s + 1024], 0, self, ones) for s in range(0, self.in_features, 1024)]
-            return {"qweight": torch.cat(cols).t().round().to(torch.int8).contiguous(), "scales": self.scales}
+            q = self._kernel_on_identity(torch.uint8, lambda rows: _onednn_qlinear(rows, 0, self, ones))
+            return {"qweight": q.round().to(torch.int8).contiguous(), "scales": self.scales}
         if not (self.kind or "").startswith("int4"):
             keys = storage_shapes(self.spec, self.out_features, self.in_features)
             return {k: self._buffers[k] for k in keys}  # type: ignore[misc]
         n = self.out_features
         sz = self.scales_zeros[:, :n]  # [G, N, 2]
         unit = torch.zeros_like(self.scales_zeros_compute)
-        unit[..., 0], unit[..., 1] = 1.0, 8.0  # (q - 8) * 1 + 8 = q: the kernel applied to I gives q^T
-        cols = []
-        eye = torch.eye(self.in_features, dtype=unit.dtype, device=self.packed.device)
-        for s in range(0, self.in_features, 1024):
-            part = _int4_matmul(self.kind, eye[s : s + 1024], self.packed, self.spec.group_size, unit)  # type: ignore[arg-type]
-            cols.append(part[:, :n])  # [k, N]
-        q = torch.cat(cols).t().round().to(torch.uint8)  # [N, K]
+        unit[..., 0], unit[..., 1] = 1.0, 8.0  # (q - 8) * 1 + 8 = q: one-hot rows give columns of q
+        q = self._kernel_on_identity(unit.dtype, lambda rows: _int4_matmul(
+            self.kind, rows, self.packed, self.spec.group_size, unit)[:, :n])  # type: ignore[arg-type]
+        q = q.round().to(torch.uint8)  # [N, K]
         return {"qweight": pack_nibbles(q), "scales": sz[..., 0].t().contiguous(),
                 "zeros": sz[..., 1].t().contiguous()}
+
+    def _kernel_on_identity(self, dtype: torch.dtype, matmul: Any) -> torch.Tensor:
+        """[N, K]: ``matmul`` (one-hot rows [k, K] -> [k, N]) applied to the identity, 1024 rows at
+        a time: the weight a packed kernel holds, as the kernel sees it."""
+        eye = torch.eye(self.in_features, dtype=dtype, device=self.packed.device)
+        return torch.cat([matmul(eye[s : s + 1024]) for s in range(0, self.in_features, 1024)]).t()
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         for name, t in self.storage().items():
@@ -482,14 +484,11 @@ class QuantLinear(nn.Module):
         if probe.dtype == self.dtype and probe.device == device:
             return self
         prepared = self.kind is not None
-        storage = self.storage() if prepared else dict(self._buffers)
-        bias = storage.pop("bias", None) if not prepared else self.bias
+        storage, bias = (self.storage() if prepared else dict(self._buffers)), self.bias  # set_storage skips "bias"
         for name in list(self._buffers):
             del self._buffers[name]
         self.dtype = probe.dtype
         self.set_storage(storage, bias, device=probe.device)  # type: ignore[arg-type]
-        if bias is None:
-            self.bias = None
         if prepared:
             self.prepare()
         return self
