@@ -8,7 +8,7 @@ Three parts, each printed as a table (``--part`` picks one):
   16-bit activations, the default on CPU; PyTorch's ``_weight_int8pack_mm``) and int4 (group
   32/64/128).
   Printed as GB/s of weight bytes and as speed-ups over ``F.linear``; plus a prefill-sized batch.
-- ``quality``: every 2.6 / 4.5 conformance case (tiny random-weight checkpoints), greedy
+- ``quality``: every conformance case (2.0, 2.5, 2.6, 4.5, o2.6) (tiny random-weight checkpoints), greedy
   reference tokens fed back (teacher forcing) through the unquantized model and each quantized
   model, with bf16 and with float32 activations; top-1 agreement over all steps and the max
   |logit difference|. Then the same on trained weights: the bundled demo model's own greedy
@@ -113,9 +113,13 @@ def _micro_prefill(reps: int, rows: int = 512, k: int = 4096, n: int = 12288) ->
 # ------------------------------------------------------------------------------------ quality
 
 
+QUALITY_VERSIONS = ("2.0", "2.5", "2.6", "4.5", "o2.6")
+
+
 def _cases(version: str) -> list[Path]:
-    return sorted(p for p in (CONF / version).iterdir()
-                  if (p / "expected" / "tensors.safetensors").is_file() and (p / "inputs").is_dir())
+    """Every case folder of one version, in either vector format (safetensors or npz)."""
+    return sorted(p for p in (CONF / version).iterdir() if (p / "inputs").is_dir() and (
+        (p / "expected" / "tensors.safetensors").is_file() or (p / "expected" / "tensors.npz").is_file()))
 
 
 def _teacher_forced(cm: Any, batch: Any, ref: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
@@ -136,15 +140,16 @@ def _teacher_forced(cm: Any, batch: Any, ref: torch.Tensor) -> tuple[torch.Tenso
 
 def _case_logits(cm: Any, case: Path) -> tuple[torch.Tensor, list[int]]:
     """Teacher-forced logits along a conformance case's recorded greedy ids."""
-    from minicpmv.conformance import CaseRunner
+    from minicpmv.conformance import make_runner
     from minicpmv.engine.chat import normalise_msgs
 
-    runner = CaseRunner(cm, case)
-    conversations, _ = normalise_msgs(runner.msgs, None)
+    runner = make_runner(cm, case)
+    conversations, _ = normalise_msgs(runner.msgs, getattr(runner, "image", None))
     inputs = cm.processor(conversations, **runner.proc_kwargs)
     with torch.inference_mode():
         batch = cm.prepare_from(inputs, cm.encode_features(inputs))
-    return _teacher_forced(cm, batch, torch.from_numpy(runner.t["greedy_ids"]).long())
+    ref = torch.from_numpy(runner.t["greedy_ids"]).long()
+    return _teacher_forced(cm, batch, ref.reshape(len(conversations), -1))  # npz cases store [n]
 
 
 Logits = dict[str, tuple[torch.Tensor, list[int]]]
@@ -175,14 +180,15 @@ def _variants(ckpt: Path, dtype: str) -> list[tuple[str, Callable[[], Any]]]:
     return out
 
 
-def quality() -> None:
+def quality(versions: tuple[str, ...] = QUALITY_VERSIONS, demo: bool = True) -> None:
     import minicpmv
 
     print("\n== quality: teacher-forced greedy reference steps, quantized vs unquantized at the same "
           "activation dtype (tiny random-weight checkpoints)")
     print(f"{'format':<34} {'version':<8} {'dtype':<9} {'cases':>5} {'steps':>6} {'top-1 agree':>12} "
           f"{'max|dlogit|':>12}")
-    for version in ("2.6", "4.5"):
+    pooled: dict[tuple[str, str], list[float]] = {}  # (format, dtype) -> [agree, steps, worst]
+    for version in versions:
         ckpt, cases = CONF / version / "_checkpoint", _cases(version)
         for dtype in ("bfloat16", "float32"):
             base = minicpmv.load(ckpt, dtype=dtype)
@@ -198,7 +204,13 @@ def quality() -> None:
                 agree, total, worst = _agreement(ref, {c.name: _case_logits(make(), c) for c in cases})
                 print(f"{label:<34} {version:<8} {dtype:<9} {len(cases):>5} {total:>6} "
                       f"{100 * agree / total:>11.2f}% {worst:>12.4f}")
-    demo_quality()
+                acc = pooled.setdefault((label, dtype), [0, 0, 0.0])
+                acc[0], acc[1], acc[2] = acc[0] + agree, acc[1] + total, max(acc[2], worst)
+    print(f"-- all {len(versions)} versions pooled ({', '.join(versions)})")
+    for (label, dtype), (agree, total, worst) in pooled.items():
+        print(f"{label:<34} {'all':<8} {dtype:<9} {'':>5} {int(total):>6} {100 * agree / total:>11.2f}% {worst:>12.4f}")
+    if demo:
+        demo_quality()
 
 
 def _demo_prompts(n: int) -> list[list[dict[str, Any]]]:
@@ -415,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=4, help="speed: interleaved rounds per variant")
     ap.add_argument("--prompt", type=int, default=512, help="speed: prompt positions before decoding")
     ap.add_argument("--tokens", type=int, default=8, help="speed: decoded tokens per variant and round")
+    ap.add_argument("--versions", default=",".join(QUALITY_VERSIONS),
+                    help="quality: conformance versions, comma-separated")
+    ap.add_argument("--no-demo", action="store_true", help="quality: skip the trained demo model part")
     ap.add_argument("--reps", type=int, default=7, help="micro: timed repetitions")
     ap.add_argument("--variants", default="bf16 plain F.linear,bf16 prepacked,int8,int8 lm_head bf16,"
                     "int4 g128,int4 g128 lm_head bf16,int4 g32",
@@ -425,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("all", "micro"):
         micro(args.reps)
     if args.part in ("all", "quality"):
-        quality()
+        quality(tuple(v.strip() for v in args.versions.split(",")), demo=not args.no_demo)
     if args.part in ("all", "speed"):
         speed(args.layers, args.rounds, args.prompt, args.tokens, [v.strip() for v in args.variants.split(",")])
     return 0
