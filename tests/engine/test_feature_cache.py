@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from minicpmv.engine.features import FeatureCache, entry_key
+from minicpmv.engine.features import FeatureCache, entry_key, slice_digest
 from minicpmv.engine.session import ChatSession
+from minicpmv.processing.image import PatchList
 
 CONF = Path(__file__).resolve().parents[1] / "data" / "conformance"
 GREEDY = dict(sampling=False, num_beams=1, repetition_penalty=1.0, max_new_tokens=6)
@@ -21,11 +22,46 @@ def test_entry_key_depends_on_pixels_sizes_and_temporal_ids() -> None:
     a = np.zeros((3, 14, 4 * 14), dtype=np.float32)
     b = a.copy()
     b[0, 0, 0] = 1e-6
-    base = entry_key([a], [(2, 2)], [-1])
-    assert entry_key([a.copy()], [(2, 2)], [-1]) == base
-    assert entry_key([b], [(2, 2)], [-1]) != base
-    assert entry_key([a], [(1, 4)], [-1]) != base
-    assert entry_key([a], [(2, 2)], [3]) != base
+    base = entry_key([slice_digest([a], 0)], [(2, 2)], [-1])
+    assert entry_key([slice_digest([a.copy()], 0)], [(2, 2)], [-1]) == base
+    assert entry_key([slice_digest([b], 0)], [(2, 2)], [-1]) != base
+    assert entry_key([slice_digest([a], 0)], [(1, 4)], [-1]) != base
+    assert entry_key([slice_digest([a], 0)], [(2, 2)], [3]) != base
+    assert slice_digest([a.reshape(3, 28, 28)], 0) != slice_digest([a], 0)  # same bytes, other shape
+
+
+def test_patch_list_digest_follows_the_uint8_slice_and_the_normalisation() -> None:
+    img = Image.new("RGB", (28, 28), (10, 200, 30))
+    other = img.copy()
+    other.putpixel((5, 5), (11, 200, 30))
+    plain = PatchList([img, img.copy(), other])
+    assert slice_digest(plain, 0) == slice_digest(plain, 1) != slice_digest(plain, 2)
+    clip = PatchList([img], 14, (0.48, 0.46, 0.41), (0.27, 0.26, 0.28))  # other mean/std: other tensors
+    assert slice_digest(clip, 0) != slice_digest(plain, 0)
+    assert slice_digest(plain, 0) != slice_digest([plain[0]], 0)  # lazy and materialised never collide
+
+
+def test_a_cache_hit_makes_no_pixel_tensors(model26, monkeypatch) -> None:
+    """Keys come from the uint8 slices: a second request with the same image runs no to_patches,
+    and a miss makes each slice's tensor once."""
+    import minicpmv.processing.image as image_mod
+
+    made: list[int] = []
+    real = image_mod.to_patches
+
+    def counting(*args, **kwargs):
+        made.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(image_mod, "to_patches", counting)
+    cache = FeatureCache()
+    msgs = [[{"role": "user", "content": [_image(), "q"]}]]
+    inputs = model26.processor(msgs)
+    first = model26.encode_features(inputs, cache)[0]
+    assert len(made) == len(inputs.pixel_values[0]) > 1
+    made.clear()
+    again = model26.encode_features(model26.processor(msgs), cache)[0]
+    assert made == [] and torch.equal(first, again)
 
 
 def test_lru_bound_by_bytes() -> None:

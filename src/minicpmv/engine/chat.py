@@ -14,7 +14,7 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -23,7 +23,7 @@ from ..errors import ContextLengthError, FeatureNotAvailableError, InputError
 from ..processing.processor import ModelInputs, Processor
 from ..versions import VersionSpec
 from .compat import official_generation_params
-from .features import FeatureCache, entry_key
+from .features import FeatureCache, entry_key, slice_digest
 from .generate import GenerationParams, beam_search, generate_tokens
 from .kv_cache import KVCache
 from .stream import StreamDecoder
@@ -108,27 +108,34 @@ class ChatModel:
     def encode_features(
         self, inputs: ModelInputs, cache: FeatureCache | None = None
     ) -> list[torch.Tensor | None]:
-        """Resampler outputs per conversation ([n_b, Q, H] or None), encoding only cache misses."""
-        entries = [_entries_of(inputs, b) for b in range(len(inputs.pixel_values))]
-        flat = [e for conv in entries for e in conv]
-        keys = [entry_key(*e) for e in flat] if cache is not None else [None] * len(flat)
+        """Resampler outputs per conversation ([n_b, Q, H] or None), encoding only cache misses.
+
+        Keys come from the slices' digests (``slice_digest``), and float pixel tensors are made
+        one vision chunk at a time, for the entries that miss only.
+        """
+        pvs = inputs.pixel_values
+        per_conv = [_entries_of(inputs, b) for b in range(len(pvs))]
+        entries = [e for conv in per_conv for e in conv]
+        keys = [entry_key([slice_digest(pvs[e.conv], i) for i in e.slices], e.sizes, e.temporal)
+                if cache is not None else None for e in entries]
         found = [cache.get(k) if cache is not None and k is not None else None for k in keys]
         todo = [i for i, f in enumerate(found) if f is None]
-        for chunk in _chunks(todo, [len(e[0]) for e in flat], self.config.vision_batch_size):
-            pv = [torch.from_numpy(p) for i in chunk for p in flat[i][0]]
-            sizes = torch.tensor([s for i in chunk for s in flat[i][1]], dtype=torch.long)  # [S, 2]
-            tids = [list(flat[i][2]) for i in chunk] if self.config.resampler.temporal else None
+        for chunk in _chunks(todo, [len(e.slices) for e in entries], self.config.vision_batch_size):
+            group = [entries[j] for j in chunk]
+            pv = [torch.from_numpy(pvs[e.conv][i]) for e in group for i in e.slices]  # made here, per chunk
+            sizes = torch.tensor([s for e in group for s in e.sizes], dtype=torch.long)  # [S, 2]
+            tids = [list(e.temporal) for e in group] if self.config.resampler.temporal else None
             feats = self.model.encode_images(pv, sizes, tids)  # [len(chunk), Q, H]
             self.encoded_entries += len(chunk)
-            for j, i in enumerate(chunk):
-                found[i] = feats[j]
+            for n, j in enumerate(chunk):
+                found[j] = feats[n]
                 if cache is not None:
-                    cache.put(keys[i], feats[j])
+                    cache.put(keys[j], feats[n])  # type: ignore[arg-type]
         out: list[torch.Tensor | None] = []
         start = 0
-        for conv in entries:
+        for conv in per_conv:
             n = len(conv)
-            out.append(torch.stack(found[start : start + n]) if n else None)  # [n, Q, H]
+            out.append(torch.stack(found[start : start + n]) if n else None)  # type: ignore[misc]  # [n, Q, H]
             start += n
         return self._append_audio(inputs, out)
 
@@ -320,18 +327,30 @@ def _chunks(todo: list[int], slice_counts: list[int], batch: int) -> Iterator[li
         yield run
 
 
-def _entries_of(inputs: ModelInputs, b: int) -> list[tuple[list[Any], list[Any], list[int]]]:
-    """Split conversation b's slices into resampler entries: (slices, tgt sizes, temporal ids)."""
-    pvs, sizes = inputs.pixel_values[b], inputs.tgt_sizes[b]
+class _Entry(NamedTuple):
+    """One resampler entry of conversation ``conv``: its slice indices into ``pixel_values[conv]``,
+    their tgt sizes and temporal ids."""
+
+    conv: int
+    slices: list[int]
+    sizes: list[Any]
+    temporal: list[int]
+
+
+def _entries_of(inputs: ModelInputs, b: int) -> list[_Entry]:
+    """Split conversation b's slices into resampler entries (one slice each, or 4.5's temporal groups)."""
+    n_slices, sizes = len(inputs.pixel_values[b]), inputs.tgt_sizes[b]
+    if len(sizes) != n_slices:
+        raise InputError(f"conversation {b} has {n_slices} slices but {len(sizes)} tgt sizes")
     if inputs.temporal_ids is None:
-        return [([p], [s], [-1]) for p, s in zip(pvs, sizes, strict=True)]
+        return [_Entry(b, [i], [sizes[i]], [-1]) for i in range(n_slices)]
     out, pos = [], 0
-    for ids in inputs.temporal_ids[b] if pvs else []:
+    for ids in inputs.temporal_ids[b] if n_slices else []:
         n = len(ids)
-        out.append((list(pvs[pos : pos + n]), list(sizes[pos : pos + n]), list(ids)))
+        out.append(_Entry(b, list(range(pos, pos + n)), list(sizes[pos : pos + n]), list(ids)))
         pos += n
-    if pos != len(pvs):
-        raise InputError(f"temporal ids cover {pos} slices but the conversation has {len(pvs)}")
+    if pos != n_slices:
+        raise InputError(f"temporal ids cover {pos} slices but the conversation has {n_slices}")
     return out
 
 

@@ -242,6 +242,14 @@ class PatchList(LazySequence[np.ndarray]):
     def __repr__(self) -> str:
         return f"PatchList({len(self)} slices, patch size {self._args[0]})"
 
+    def source_digest(self, i: int) -> bytes:
+        """Digest of what entry ``i`` is made from (the uint8 slice and the patch/normalisation
+        settings): equal digests give equal arrays, and no float tensor is made to compute it."""
+        h = hashlib.blake2b(digest_size=20)
+        h.update(repr(self._args).encode())
+        h.update(image_content_hash(self.slices[i]).encode())
+        return h.digest()
+
 
 def image_content_hash(img: Image.Image) -> str:
     """sha256 hex digest of an image's size, mode and raw pixel bytes (cache key)."""
