@@ -230,13 +230,9 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, *, family: str, temporal: bool, **options: Any) -> ModelConfig:
-        p = Path(path)
-        try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise ConfigError(f"no config.json at {p}") from e
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p} is not valid JSON: {e}") from e
+        d = read_json_object(Path(path))
+        if d is None:
+            raise ConfigError(f"no config.json at {path}")
         return cls.from_hf_dict(d, family=family, temporal=temporal, **options)
 
     @classmethod

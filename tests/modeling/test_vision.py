@@ -108,7 +108,7 @@ def test_per_slice_and_grouped_match_padded_batch(version: str, case: str) -> No
     padded = vision_features(version, case)
     lens = (c.tgt_sizes[:, 0] * c.tgt_sizes[:, 1]).tolist()
     with torch.no_grad():
-        grouped = vpm.encode_grouped(c.pixels, c.tgt_sizes, max_batch=2)  # [S, Lmax, Dv]
+        grouped = vpm.encode_slices(c.pixels, c.tgt_sizes, batch_size=2)  # [S, Lmax, Dv]
         for s, n in enumerate(lens):
             one = vpm(c.pixels[s][None], torch.ones(1, 1, n, dtype=torch.bool), c.tgt_sizes[s : s + 1])
             torch.testing.assert_close(one[0], padded[s, :n], atol=1e-5, rtol=1e-5)

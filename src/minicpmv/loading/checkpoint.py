@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, read_json_object
 from ..errors import (
     CheckpointError,
     ConfigError,
@@ -106,15 +106,9 @@ def _download(repo_id: str, revision: str | None) -> Path:
 def read_config(path: str | Path, *, version: str | None = None) -> tuple[dict[str, Any], VersionSpec]:
     """The raw config.json of a checkpoint directory and the release it belongs to (from its
     ``version`` field, or forced with ``version=``, e.g. for a config that lacks the field)."""
-    cfg_path = Path(path) / "config.json"
-    try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ConfigError(f"no config.json in {Path(path)}") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{cfg_path} is not valid JSON: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{cfg_path} must hold a JSON object")
+    raw = read_json_object(Path(path) / "config.json")
+    if raw is None:
+        raise ConfigError(f"no config.json in {Path(path)}")
     return raw, (get_version(version) if version is not None else detect_version(raw))
 
 

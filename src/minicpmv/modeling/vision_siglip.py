@@ -276,17 +276,10 @@ class SiglipVisionTransformer(nn.Module):
     ) -> torch.Tensor:
         """Slices [3, P, L*P] (any dtype/device) + tgt_sizes [S, 2] -> features [S, Lmax, Dv].
 
-        Slices with equal patch counts run together (no padding, no mask), in chunks of
-        ``batch_size``. Rows past each slice's h*w patches are zero.
+        No padding waste: slices with equal patch counts run together (no mask), in chunks of
+        ``batch_size``. Rows past each slice's h*w patches are zero (the layout ``forward`` and
+        the resampler expect); the output is in input order.
         """
-        return self.encode_grouped(pixel_values, tgt_sizes, max_batch=batch_size)
-
-    def encode_grouped(
-        self, pixel_values: Sequence[torch.Tensor], tgt_sizes: TgtSizes, *, max_batch: int = 16
-    ) -> torch.Tensor:
-        """Encode slices without padding waste: slices with equal patch counts run together
-        (no mask), in chunks of ``max_batch``. Returns [S, Lmax, Dv] in input order, rows past
-        each slice's patch count zero-filled (the layout ``forward`` + resampler expect)."""
         sizes = _sizes_list(tgt_sizes)
         if len(sizes) != len(pixel_values) or not sizes:
             raise InputError(f"{len(pixel_values)} slices but {len(sizes)} tgt_sizes (need >= 1)")
@@ -299,7 +292,7 @@ class SiglipVisionTransformer(nn.Module):
             raise InputError(f"slice {i}: pixel tensor {tuple(pixel_values[i].shape)} does not match "
                              f"tgt_size {sizes[i]} (expected [3, {p}, {lens[i] * p}])")
         weight = self.post_layernorm.weight
-        step = max(int(max_batch), 1)
+        step = max(int(batch_size), 1)
         by_len: dict[int, list[int]] = {}
         for i, n in enumerate(lens):
             by_len.setdefault(n, []).append(i)

@@ -108,6 +108,11 @@ def _device(cfg: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def steps_per_epoch(n: int, cfg: TrainConfig, world: int) -> int:
+    """Optimizer steps in one epoch of ``n`` samples (a last partial step is dropped)."""
+    return n // (cfg.batch_size * world * cfg.grad_accum)
+
+
 def step_batches(n: int, cfg: TrainConfig, epoch: int, rank: int, world: int) -> list[list[list[int]]]:
     """Per optimizer step of ``epoch``: this rank's micro-batches (sample indices)."""
     g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
@@ -115,7 +120,7 @@ def step_batches(n: int, cfg: TrainConfig, epoch: int, rank: int, world: int) ->
     per_micro = cfg.batch_size * world
     per_step = per_micro * cfg.grad_accum
     steps = []
-    for s in range(n // per_step):
+    for s in range(steps_per_epoch(n, cfg, world)):
         micro = []
         for a in range(cfg.grad_accum):
             base = s * per_step + a * per_micro + rank * cfg.batch_size
@@ -222,7 +227,7 @@ def _run_step(module: Any, micro: list[dict[str, Any]], cfg: TrainConfig, device
 
 def _iter_steps(samples: list[Sample], cfg: TrainConfig, start: int, total: int) -> Iterator[tuple[int, list]]:
     rank, world = _dist()
-    per_epoch = len(step_batches(len(samples), cfg, 0, rank, world))
+    per_epoch = steps_per_epoch(len(samples), cfg, world)
     if per_epoch == 0:
         raise InputError(f"{len(samples)} samples are fewer than one optimizer step "
                          f"(batch {cfg.batch_size} x accumulation {cfg.grad_accum} x {world} process(es))")
@@ -239,8 +244,7 @@ def _iter_steps(samples: list[Sample], cfg: TrainConfig, start: int, total: int)
 
 def _total_steps(n: int, cfg: TrainConfig) -> int:
     _, world = _dist()
-    per_epoch = n // (cfg.batch_size * world * cfg.grad_accum)
-    return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * per_epoch
+    return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch(n, cfg, world)
 
 
 def evaluate(module: LossModule, samples: list[Sample], cfg: TrainConfig, device: torch.device) -> float:
