@@ -83,18 +83,12 @@ class LoadPlan:
         return plan
 
     def _quantize_on_load(self, model: nn.Module, spec: QuantSpec, dtype: torch.dtype, device: torch.device) -> None:
-        self.quantized = quant_targets(model, spec)
+        self.quantized = install_layout(model, spec, dtype)
         for name in self.quantized:
-            check_quantizable(name, model.get_submodule(name).in_features, spec)
-        for name in self.quantized:
-            old = model.get_submodule(name)
-            new = QuantLinear(old.in_features, old.out_features, spec, bias=old.bias is not None, dtype=dtype,
-                              device="meta")
-            replace_module(model, name, new)
-            pending: dict[str, Any] = {"bias": None, "need_bias": old.bias is not None}
-            self.handlers[f"{name}.weight"] = _weight_handler(new, spec, pending, device)
-            if old.bias is not None:
-                self.handlers[f"{name}.bias"] = _bias_handler(new, pending, device)
+            layer = model.get_submodule(name)
+            self.handlers[f"{name}.weight"] = _weight_handler(layer, device)
+            if layer.bias is not None:
+                self.handlers[f"{name}.bias"] = _bias_handler(layer, device)
 
     def _read_int4_privately(self, slots: dict[str, list[tuple[nn.Module, str, bool]]], device: torch.device) -> None:
         """A stored int4 layer is repacked by ``prepare()``: read its tensors without the memory map."""
@@ -119,23 +113,16 @@ class LoadPlan:
                 replace_module(model, name, PackedLinear(m))
 
 
-def _weight_handler(layer: QuantLinear, spec: QuantSpec, pending: dict[str, Any], device: torch.device) -> Handler:
+def _weight_handler(layer: QuantLinear, device: torch.device) -> Handler:
     def handle(t: torch.Tensor) -> None:
-        pending["storage"] = quantize_weight(t, spec)  # from the stored precision, float32 math
-        _complete(layer, pending, device)
+        layer.set_storage(quantize_weight(t, layer.spec), None, device=device)  # float32 math on the stored values
     return handle
 
 
-def _bias_handler(layer: QuantLinear, pending: dict[str, Any], device: torch.device) -> Handler:
+def _bias_handler(layer: QuantLinear, device: torch.device) -> Handler:
     def handle(t: torch.Tensor) -> None:
-        pending["bias"] = t
-        _complete(layer, pending, device)
+        layer._buffers["bias"] = t.to(device=device, dtype=layer.dtype)
     return handle
-
-
-def _complete(layer: QuantLinear, pending: dict[str, Any], device: torch.device) -> None:
-    if "storage" in pending and (pending["bias"] is not None or not pending["need_bias"]):
-        layer.set_storage(pending.pop("storage"), pending["bias"], device=device)
 
 
 def _storage_handler(layer: QuantLinear, name: str, device: torch.device) -> Handler:
@@ -159,9 +146,10 @@ def _prepack_handler(linear: nn.Linear) -> Handler:
 def install_layout(model: nn.Module, spec: QuantSpec, dtype: torch.dtype) -> list[str]:
     """Swap the layers a quantized checkpoint stores quantized for empty (meta) ``QuantLinear``s."""
     names = quant_targets(model, spec)
+    for name in names:  # every layer checked before any is replaced
+        check_quantizable(name, model.get_submodule(name).in_features, spec)
     for name in names:
         old = model.get_submodule(name)
-        check_quantizable(name, old.in_features, spec)
         replace_module(model, name, QuantLinear(old.in_features, old.out_features, spec,
                                                 bias=old.bias is not None, dtype=dtype, device="meta"))
     return names
