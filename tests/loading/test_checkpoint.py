@@ -311,3 +311,20 @@ def test_tiny_count_matches_loaded_model(ckpt_copy) -> None:
     assert counts["total"] == sum(t.numel() for t in _weights(path).values())
     assert counts["vpm"] == sum(p.numel() for p in model.vpm.parameters())
     assert os.path.isdir(path)
+
+
+def test_copy_side_files_keeps_data_and_drops_weights_indexes_and_code(tmp_path) -> None:
+    from minicpmv.loading.checkpoint import copy_side_files
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    keep = ["config.json", "generation_config.json", "tokenizer.json", "preprocessor_config.json", "vocab.txt"]
+    drop = ["model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+            "pytorch_model.bin", "pytorch_model.bin.index.json", "modeling_minicpmv.py", "optimizer.pt"]
+    for name in keep + drop:
+        (src / name).write_text(name)
+    (src / "sub").mkdir()
+    assert copy_side_files(src, dst, skip=["config.json"]) == sorted(set(keep) - {"config.json"})
+    assert sorted(p.name for p in dst.iterdir()) == sorted(set(keep) - {"config.json"})
+    assert (dst / "tokenizer.json").read_text() == "tokenizer.json"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# what copy_side_files never copies: weights in any format, their indexes, and code
+_NOT_SIDE_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".safetensors.index.json",
+                   ".bin.index.json", ".py")
 _UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _MAX_LISTED = 20
@@ -101,6 +105,17 @@ def _download(repo_id: str, revision: str | None) -> Path:
         raise OfflineError(f"cannot download {repo_id!r}: {e}") from e
     log.info("checkpoint %s resolved to %s", repo_id, local)
     return Path(local)
+
+
+def copy_side_files(src: Path, dst: Path, *, skip: Iterable[str] = ()) -> list[str]:
+    """Copy the files of checkpoint directory ``src`` that a new checkpoint written from it keeps
+    (tokenizer, preprocessor and generation configs, ...) into ``dst``: everything but weights,
+    weight indexes, code (``*.py``: never carried over) and the names in ``skip``. Returns the names."""
+    names = [f.name for f in sorted(src.iterdir())
+             if f.is_file() and not f.name.endswith(_NOT_SIDE_FILES) and f.name not in set(skip)]
+    for name in names:
+        shutil.copy2(src / name, dst / name)
+    return names
 
 
 def read_config(path: str | Path, *, version: str | None = None) -> tuple[dict[str, Any], VersionSpec]:

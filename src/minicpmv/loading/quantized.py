@@ -201,9 +201,6 @@ def _shape_message(key: str, part: str, got: tuple[int, ...], want: tuple[int, .
 # Writing a quantized checkpoint (`minicpmv quantize`)
 # ---------------------------------------------------------------------------------------------
 
-_SKIP_SUFFIXES = (".safetensors", ".py", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
 def quantize_checkpoint(
     src: str | Path, out: str | Path, fmt: str, *, group_size: int | None = None, lm_head: bool = True,
     revision: str | None = None,
@@ -228,7 +225,7 @@ def write_quantized_checkpoint(
     (plus the shard being filled). Returns a summary (counts, bytes)."""
     from safetensors.torch import save_file
 
-    from .checkpoint import INDEX_FILE, build_on_meta
+    from .checkpoint import INDEX_FILE, build_on_meta, copy_side_files
 
     if cfg.quantization is not None:
         raise InputError(f"{src} is already quantized ({QuantSpec.from_config(cfg.quantization).describe()})")
@@ -268,9 +265,7 @@ def write_quantized_checkpoint(
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
     else:
         (tmp / files[0]).rename(tmp / "model.safetensors")
-    for p in src.iterdir():
-        if p.is_file() and p.name not in ("config.json", INDEX_FILE) and not p.name.endswith(_SKIP_SUFFIXES):
-            shutil.copyfile(p, tmp / p.name)
+    copy_side_files(src, tmp, skip=["config.json"])
     config = {**raw_config, "quantization_config": spec.to_config()}
     (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if out.exists():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import CheckpointError, FeatureNotAvailableError
+from ..loading.checkpoint import copy_side_files
 from ..modeling.vlm import MiniCPMV
 from .data import IGNORE, Sample
 
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EXTRA_FILE = "non_lora_trainables.safetensors"  # tuned vision/resampler weights next to a LoRA adapter
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
 
 
 @dataclass
@@ -190,9 +189,7 @@ def merged_model(peft_model: Any) -> MiniCPMV:
 def save_checkpoint_dir(core: MiniCPMV, base_dir: Path, out: Path, dtype: torch.dtype) -> None:
     """Official layout: model.safetensors + every non-weight file of the base checkpoint."""
     out.mkdir(parents=True, exist_ok=True)
-    for f in sorted(base_dir.iterdir()):
-        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.suffix != ".py":
-            shutil.copy2(f, out / f.name)
+    copy_side_files(base_dir, out)
     state = {n: t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
              for n, t in core.state_dict().items()}
     if core.config.text.tie_word_embeddings:
