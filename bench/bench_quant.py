@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -284,15 +283,9 @@ def _no_head(ckpt: Path, dtype: str, fmt: str, gs: int | None) -> Any:
 def _perf_llm(layers: int) -> nn.Module:
     """The 4.5 LLM at real width with ``layers`` layers, random bf16 weights (plain nn.Linear); the
     embedding table is a zero-stride view (decode reads one row; it costs no memory)."""
-    from minicpmv.config import ModelConfig
-    from minicpmv.modeling.vlm import MiniCPMV
-    from minicpmv.versions import detect_version
+    from minicpmv.loading import build_on_meta, model_config
 
-    raw = json.loads(REAL_45.read_text())
-    spec = detect_version(raw)
-    cfg = ModelConfig.from_hf_dict(raw, **spec.config_kwargs()).with_text_layers(layers)
-    with torch.device("meta"):
-        model = MiniCPMV(cfg)
+    model = build_on_meta(model_config(REAL_45.parent).with_text_layers(layers))
     g = torch.Generator().manual_seed(0)
     llm = model.llm
     for name, p in list(llm.named_parameters()):
