@@ -110,8 +110,9 @@ class ChatModel:
     ) -> list[torch.Tensor | None]:
         """Resampler outputs per conversation ([n_b, Q, H] or None), encoding only cache misses.
 
-        Keys come from the slices' digests (``slice_digest``), and float pixel tensors are made
-        one vision chunk at a time, for the entries that miss only.
+        Keys come from the slices' digests (``slice_digest``). With the processor's lazy
+        ``PatchList`` the float pixel tensors are made one vision chunk at a time, for the entries
+        that miss only (other sequences already hold theirs).
         """
         pvs = inputs.pixel_values
         per_conv = [_entries_of(inputs, b) for b in range(len(pvs))]

@@ -111,8 +111,9 @@ def copy_side_files(src: Path, dst: Path, *, skip: Iterable[str] = ()) -> list[s
     """Copy the files of checkpoint directory ``src`` that a new checkpoint written from it keeps
     (tokenizer, preprocessor and generation configs, ...) into ``dst``: everything but weights,
     weight indexes, code (``*.py``: never carried over) and the names in ``skip``. Returns the names."""
+    skipped = set(skip)
     names = [f.name for f in sorted(src.iterdir())
-             if f.is_file() and not f.name.endswith(_NOT_SIDE_FILES) and f.name not in set(skip)]
+             if f.is_file() and not f.name.endswith(_NOT_SIDE_FILES) and f.name not in skipped]
     for name in names:
         shutil.copy2(src / name, dst / name)
     return names

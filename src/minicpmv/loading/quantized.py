@@ -88,7 +88,7 @@ class LoadPlan:
             layer = model.get_submodule(name)
             self.handlers[f"{name}.weight"] = _weight_handler(layer, device)
             if layer.bias is not None:
-                self.handlers[f"{name}.bias"] = _bias_handler(layer, device)
+                self.handlers[f"{name}.bias"] = _storage_handler(layer, "bias", device)
 
     def _read_int4_privately(self, slots: dict[str, list[tuple[nn.Module, str, bool]]], device: torch.device) -> None:
         """A stored int4 layer is repacked by ``prepare()``: read its tensors without the memory map."""
@@ -116,12 +116,6 @@ class LoadPlan:
 def _weight_handler(layer: QuantLinear, device: torch.device) -> Handler:
     def handle(t: torch.Tensor) -> None:
         layer.set_storage(quantize_weight(t, layer.spec), None, device=device)  # float32 math on the stored values
-    return handle
-
-
-def _bias_handler(layer: QuantLinear, device: torch.device) -> Handler:
-    def handle(t: torch.Tensor) -> None:
-        layer._buffers["bias"] = t.to(device=device, dtype=layer.dtype)
     return handle
 
 
