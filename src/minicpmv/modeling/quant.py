@@ -321,6 +321,14 @@ def _int8_onednn_matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return acc.mul_(step)  # [M, N] float32
 
 
+def _moved(fn: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """What ``nn.Module._apply``'s ``fn`` makes of an empty float tensor of ``dtype`` on ``device``
+    (its new dtype and device), or None when it changes neither: a layer whose real tensors are
+    packed checks this before unpacking anything."""
+    probe = fn(torch.empty(0, dtype=dtype, device=device))
+    return None if probe.dtype == dtype and probe.device == device else probe
+
+
 def _aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
     """``t`` itself if contiguous and ``alignment``-byte aligned, else an aligned copy."""
     return t if t.is_contiguous() and t.data_ptr() % alignment == 0 else t.contiguous().clone()
@@ -480,8 +488,8 @@ class QuantLinear(nn.Module):
         """``.to`` / ``.float()`` / ``.cuda()``: the storage moves (its floats take the new float
         dtype, which becomes the activation dtype) and is prepared again for the new device."""
         device = next(iter(self._buffers.values())).device  # type: ignore[union-attr]
-        probe = fn(torch.empty(0, dtype=self.dtype, device=device))
-        if probe.dtype == self.dtype and probe.device == device:
+        probe = _moved(fn, self.dtype, device)
+        if probe is None:
             return self
         prepared = self.kind is not None
         storage, bias = (self.storage() if prepared else dict(self._buffers)), self.bias  # set_storage skips "bias"
@@ -523,14 +531,14 @@ class PackedLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [-1], "")
 
     def _apply(self, fn: Any, recurse: bool = True) -> PackedLinear:
-        dense = _dense_weight(self)
-        moved = fn(dense)
-        if moved is not dense:  # a real move or cast (``fn`` returns its input when nothing changes)
-            if can_prepack(moved.dtype, moved.device):
-                moved = torch.ops.mkldnn._reorder_linear_weight(moved, None)
-            self.weight = nn.Parameter(moved, requires_grad=False)
-            if self.bias is not None:
-                self.bias = nn.Parameter(fn(self.bias.detach()), requires_grad=self.bias.requires_grad)
+        if _moved(fn, self.weight.dtype, self.weight.device) is None:  # nothing changes: stay packed
+            return self
+        moved = fn(_dense_weight(self))
+        if can_prepack(moved.dtype, moved.device):
+            moved = torch.ops.mkldnn._reorder_linear_weight(moved, None)
+        self.weight = nn.Parameter(moved, requires_grad=False)
+        if self.bias is not None:
+            self.bias = nn.Parameter(fn(self.bias.detach()), requires_grad=self.bias.requires_grad)
         return self
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
