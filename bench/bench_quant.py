@@ -54,7 +54,7 @@ QUALITY_FORMATS = [("int8", None, True), ("int8", None, False), ("int4", 32, Tru
 
 
 def micro(reps: int) -> None:
-    from minicpmv.modeling.quant import PackedLinear, QuantLinear, QuantSpec
+    from minicpmv.quant.linear import PackedLinear, QuantLinear, QuantSpec
 
     bw = read_bandwidth()
     print(f"\n== micro: one linear layer, batch 1, bf16, {torch.get_num_threads()} threads; "
@@ -93,7 +93,7 @@ def micro(reps: int) -> None:
 
 def _micro_prefill(reps: int, rows: int = 512, k: int = 4096, n: int = 12288) -> None:
     """A prefill-sized batch (``rows`` positions) through the gate/up shape."""
-    from minicpmv.modeling.quant import PackedLinear, QuantLinear, QuantSpec
+    from minicpmv.quant.linear import PackedLinear, QuantLinear, QuantSpec
 
     lin = nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
     x = torch.randn(rows, k).to(torch.bfloat16)
@@ -270,7 +270,7 @@ def _margins(logits: torch.Tensor, lengths: list[int]) -> torch.Tensor:
 def _no_head(ckpt: Path, dtype: str, fmt: str, gs: int | None) -> Any:
     """``load(quantize=...)`` quantizes lm_head too; this variant keeps it unquantized."""
     import minicpmv
-    from minicpmv.modeling.quant import quantize_model
+    from minicpmv.quant.linear import quantize_model
 
     cm = minicpmv.load(ckpt, dtype=dtype)
     quantize_model(cm.model, fmt, gs, lm_head=False)
@@ -316,7 +316,7 @@ def _sets_for(variant: str) -> tuple[str, str]:
 
 def _build_set(kind: str, packed: dict[str, nn.Module], names: list[str]) -> dict[str, nn.Module]:
     """Modules of weight set ``kind`` for ``names``, quantized from the prepacked bf16 layers."""
-    from minicpmv.modeling.quant import QuantLinear, QuantSpec
+    from minicpmv.quant.linear import QuantLinear, QuantSpec
 
     fmt, _, gs = kind.partition(" ")
     spec = QuantSpec.parse(fmt, int(gs[1:]) if gs else None)
@@ -348,7 +348,7 @@ def _decode_steps(model: nn.Module, cache: Any, prompt: int, tokens: int) -> lis
 
 
 def _install(model: nn.Module, modules: dict[str, nn.Module]) -> None:
-    from minicpmv.modeling.quant import replace_module
+    from minicpmv.quant.linear import replace_module
 
     for n, m in modules.items():
         replace_module(model, n, m)
@@ -360,7 +360,7 @@ def speed(layers: int, rounds: int, prompt: int, tokens: int, variants: list[str
     over one shared prompt cache, and each variant's median step time is reported."""
     from minicpmv.engine.generate import prefill_positions
     from minicpmv.engine.kv_cache import KVCache
-    from minicpmv.modeling.quant import PackedLinear
+    from minicpmv.quant.linear import PackedLinear
 
     model = _perf_llm(layers)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]

@@ -6,7 +6,9 @@ leave state behind.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,3 +32,32 @@ def model45():
 @pytest.fixture(params=["2.6", "4.5"])
 def model(request, model26, model45):
     return model26 if request.param == "2.6" else model45
+
+
+def _model_config(version: str) -> Any:
+    from minicpmv.config import ModelConfig
+    from minicpmv.versions import detect_version
+
+    raw = json.loads((CONF / version / "_checkpoint" / "config.json").read_text(encoding="utf-8"))
+    spec = detect_version(raw)
+    return ModelConfig.from_hf_dict(raw, family=spec.llm_family, temporal=spec.temporal_resampler)
+
+
+def _checkpoint_state(version: str) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    sd = load_file(str(CONF / version / "_checkpoint" / "model.safetensors"))
+    return {k: v.float() for k, v in sd.items()}
+
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Any:
+    """Factory: version -> the ModelConfig of its tiny conformance checkpoint."""
+    return _model_config
+
+
+@pytest.fixture(scope="session")
+def tiny_state() -> Any:
+    """Factory: version -> the tiny checkpoint's state dict in float32."""
+    return _checkpoint_state

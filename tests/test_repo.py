@@ -18,7 +18,7 @@ RANKS = {
     "errors": 0, "config": 0, "versions": 0,
     "processing": 1, "modeling": 2, "loading": 3, "engine": 4,
     "api": 5, "__init__": 5,
-    "conformance": 6, "conformance_npz": 6, "cli": 6, "serve": 6, "ui": 6, "train": 6, "quant": 3,
+    "conformance": 6, "cli": 6, "serve": 6, "ui": 6, "train": 6, "quant": 3,
     "demo_model": 1,
 }
 
@@ -59,6 +59,75 @@ def test_layering() -> None:
             if _rank(target) > _rank(module):
                 violations.append(f"{module} imports {target}")
     assert not violations, "layering violations:\n" + "\n".join(violations)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """minicpmv module -> the minicpmv modules it imports (top-level and function-level imports)."""
+    modules = {}
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG).with_suffix("")
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        modules[".".join(parts)] = path
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        mod_name = module + ".__init__" if path.name == "__init__.py" else module
+        targets = set()
+        for target in _imports(path, mod_name):
+            while target and target not in modules:  # `from .x import name` names a module or an attribute
+                target = target.rpartition(".")[0]
+            if target and target != module:
+                targets.add(target)
+        graph[module] = targets
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circles() -> None:
+    """No two modules import each other, directly or through others (lazy imports count too).
+
+    A package's ``__init__`` counts as its own module, so re-exporting from a submodule is fine
+    as long as that submodule does not import the package back."""
+    cycles = _cycles(_module_graph())
+    assert not cycles, "import circles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_circle_check_finds_a_circle() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
 def test_processing_is_torch_free() -> None:

@@ -19,8 +19,8 @@ from .config import ModelConfig, ProcessorConfig
 from .engine.chat import ChatModel
 from .errors import ConfigError, InputError
 from .loading.checkpoint import load_model, read_config, resolve_checkpoint
-from .modeling.quant import QuantSpec
 from .processing.processor import Processor
+from .quant.linear import QuantSpec
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import minicpmv
 from minicpmv.cli import main
 from minicpmv.engine.session import ChatSession
 from minicpmv.errors import CheckpointError, ConfigError, InputError
-from minicpmv.modeling.quant import PackedLinear, QuantLinear, can_prepack
+from minicpmv.quant.linear import PackedLinear, QuantLinear, can_prepack
 
 from .conftest import CONF
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from minicpmv.conformance import expand_case_dirs, make_runner
-from minicpmv.conformance_npz import NpzCaseRunner
+from minicpmv.conformance.npz_cases import NpzCaseRunner
 
 from .conftest import CONF, LEGACY
 

@@ -18,22 +18,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from minicpmv.config import ModelConfig
-from minicpmv.versions import detect_version
-
 CONF = Path(__file__).resolve().parents[1] / "data" / "conformance"
 VERSIONS = ("2.6", "4.5")
-
-
-def model_config(version: str) -> ModelConfig:
-    raw = json.loads((CONF / version / "_checkpoint" / "config.json").read_text(encoding="utf-8"))
-    spec = detect_version(raw)
-    return ModelConfig.from_hf_dict(raw, family=spec.llm_family, temporal=spec.temporal_resampler)
-
-
-def checkpoint_state(version: str) -> dict[str, torch.Tensor]:
-    sd = load_file(str(CONF / version / "_checkpoint" / "model.safetensors"))
-    return {k: v.float() for k, v in sd.items()}
 
 
 class Case:
@@ -85,13 +71,13 @@ def hf_position_ids(mask: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
-def tiny_models() -> dict[str, Any]:
+def tiny_models(tiny_config: Any, tiny_state: Any) -> dict[str, Any]:
     from minicpmv.modeling.vlm import MiniCPMV
 
     models = {}
     for v in VERSIONS:
-        m = MiniCPMV(model_config(v))
-        m.load_state_dict(checkpoint_state(v), strict=True)
+        m = MiniCPMV(tiny_config(v))
+        m.load_state_dict(tiny_state(v), strict=True)
         models[v] = m.float().eval()
     return models
 
@@ -112,13 +98,3 @@ def load_case() -> Any:
 @pytest.fixture(scope="session")
 def positions() -> Any:
     return hf_position_ids
-
-
-@pytest.fixture(scope="session")
-def tiny_config() -> Any:
-    return model_config
-
-
-@pytest.fixture(scope="session")
-def tiny_state() -> Any:
-    return checkpoint_state

@@ -39,10 +39,10 @@ from ..errors import (
     UnexpectedWeightsError,
     UnsafeCheckpointError,
 )
-from ..modeling.quant import QuantSpec
 from ..modeling.vlm import MiniCPMV
+from ..quant.linear import QuantSpec
+from ..quant.load_plan import LoadPlan, check_request, check_stored_tensors, install_layout, stored_spec
 from ..versions import VersionSpec, detect_version, get_version
-from .quantized import LoadPlan, check_request, check_stored_tensors, install_layout, stored_spec
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig
-from ..modeling.quant import QuantSpec, quant_targets, storage_shapes
 from ..modeling.vlm import MiniCPMV
+from ..quant.linear import QuantSpec, quant_targets, storage_shapes
 from .checkpoint import build_on_meta, count_parameters, read_config
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

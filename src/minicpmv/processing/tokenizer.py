@@ -28,6 +28,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 
 from ..config import read_json_object
 from ..errors import TokenizerError
+from .special_tokens import SPECIAL_NAMES, SpecialTokenIds
 
 if TYPE_CHECKING:
     from .tokenizer_sp import SentencePieceTokenizer
@@ -44,9 +45,6 @@ QWEN2_SPLIT_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-
-SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
-
 
 def _read_json(path: Path, *, required: bool) -> dict[str, Any] | None:
     if required and not path.is_file():
@@ -180,49 +178,6 @@ def _byte_decoder() -> dict[str, int]:
             mapping[b] = chr(256 + extra)
             extra += 1
     return {ch: b for b, ch in mapping.items()}
-
-
-class SpecialTokenIds:
-    """Ids of the named special tokens, for any tokenizer with ``token_to_id`` and the names."""
-
-    bos_token: str | None
-    eos_token: str | None
-    pad_token: str | None
-    unk_token: str | None
-
-    def token_to_id(self, token: str) -> int | None:
-        raise NotImplementedError
-
-    def _id_of(self, token: str | None) -> int | None:
-        return None if token is None else self.token_to_id(token)
-
-    @property
-    def bos_token_id(self) -> int | None:
-        return self._id_of(self.bos_token)
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self._id_of(self.eos_token)
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self._id_of(self.pad_token)
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self._id_of(self.unk_token)
-
-    @property
-    def special_tokens_map(self) -> dict[str, str]:
-        """The set special-token names, as templates receive them."""
-        return {n: v for n in SPECIAL_NAMES if (v := getattr(self, n)) is not None}
-
-    @property
-    def vocab_size(self) -> int:
-        raise NotImplementedError
-
-    def __len__(self) -> int:
-        return self.vocab_size
 
 
 class Tokenizer(SpecialTokenIds):

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..config import read_json_object
 from ..errors import TokenizerError
-from .tokenizer import SPECIAL_NAMES, SpecialTokenIds
+from .special_tokens import SPECIAL_NAMES, SpecialTokenIds
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from ...config import TextConfig
 from ...errors import ConfigError
+from .decoder import DecoderForCausalLM
 from .llama import LlamaForCausalLM
 from .minicpm import MiniCPMForCausalLM
-from .qwen2 import DecoderForCausalLM, Qwen2ForCausalLM
+from .qwen2 import Qwen2ForCausalLM
 from .qwen3 import Qwen3ForCausalLM
 
 BACKBONES: dict[str, type[DecoderForCausalLM]] = {

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ...config import TextConfig
-from .qwen2 import DecoderForCausalLM
+from .decoder import DecoderForCausalLM
 
 
 class LlamaForCausalLM(DecoderForCausalLM):

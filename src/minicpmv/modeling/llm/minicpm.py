@@ -21,7 +21,7 @@ import torch
 from ...config import TextConfig
 from ...errors import ConfigError
 from ..layers import AttnMask, KVCacheProtocol
-from .qwen2 import DecoderForCausalLM, DecoderLayer
+from .decoder import DecoderForCausalLM, DecoderLayer
 
 
 def _required(cfg: TextConfig) -> tuple[float, float, int]:

@@ -9,7 +9,7 @@ decoder of ``qwen2.py``.
 from __future__ import annotations
 
 from ...config import TextConfig
-from .qwen2 import DecoderForCausalLM
+from .decoder import DecoderForCausalLM
 
 
 class Qwen3ForCausalLM(DecoderForCausalLM):

@@ -1,4 +1,4 @@
-"""Weight formats (modeling/quant.py): QuantSpec parsing, int8/int4 QuantLinear accuracy and
+"""Weight formats (quant/linear.py): QuantSpec parsing, int8/int4 QuantLinear accuracy and
 storage round trips, PackedLinear (oneDNN-prepacked bf16), quantize_model on the tiny LLMs, and
 the bf16 decode-attention fast path in layers.attention."""
 
@@ -12,7 +12,7 @@ from torch import nn
 from minicpmv.errors import ConfigError, InputError
 from minicpmv.modeling.layers import AttnMask, attention, build_attn_mask
 from minicpmv.modeling.llm import build_backbone
-from minicpmv.modeling.quant import (
+from minicpmv.quant.linear import (
     PackedLinear,
     QuantLinear,
     QuantSpec,
@@ -287,7 +287,7 @@ def test_onednn_int8_storage_round_trips_and_rejects_nothing_it_accepts() -> Non
 
 
 def test_int8_falls_back_to_the_pytorch_kernel_without_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
-    import minicpmv.modeling.quant as quant
+    import minicpmv.quant.linear as quant
 
     monkeypatch.setattr(quant, "_has_onednn_int8", lambda: False)
     w, _, x = _weights()

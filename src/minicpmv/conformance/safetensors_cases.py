@@ -1,4 +1,4 @@
-"""Conformance harness: run golden-vector cases and compare every stage with the reference.
+"""Golden-vector cases in the first format (``expected/tensors.safetensors``; 2.6 and 4.5).
 
 A case directory holds ``inputs/`` (msgs.json, params.json, images) and ``expected/``
 (meta.json, tensors.safetensors, slices/*.png) in the format documented in
@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,49 +22,19 @@ import torch
 from PIL import Image
 from safetensors.numpy import load_file
 
-from .engine.chat import ChatModel, normalise_msgs
-from .engine.compat import official_generation_params
-from .engine.generate import generate_steps
-from .engine.kv_cache import KVCache
-from .errors import MiniCPMVError
-from .modeling.vision_siglip import pack_slices
+from ..engine.chat import ChatModel, normalise_msgs
+from ..engine.compat import official_generation_params
+from ..engine.generate import generate_steps
+from ..engine.kv_cache import KVCache
+from ..errors import MiniCPMVError
+from ..modeling.vision_siglip import pack_slices
+from .common import StageResult, close, exact
 
 log = logging.getLogger(__name__)
 
 TOL_TENSOR = 1e-4  # vision, resampler, logits (fp32), see the vectors' README
 TOL_SUM = 1e-3  # column / row sums
 RTOL_PIXEL_STATS = 1e-9
-
-
-@dataclass
-class StageResult:
-    case: str
-    stage: str
-    ok: bool
-    max_err: float | None = None
-    tol: float | None = None
-    note: str = ""
-
-    def line(self) -> str:
-        status = "PASS" if self.ok else "FAIL"
-        err = "" if self.max_err is None else f" max_abs_err={self.max_err:.3g} (tol {self.tol:g})"
-        note = f"  {self.note}" if self.note else ""
-        return f"{status}  {self.case:<34} {self.stage:<14}{err}{note}"
-
-
-def _exact(case: str, stage: str, got: Any, want: Any) -> StageResult:
-    ok = got == want
-    note = "" if ok else f"expected {str(want)[:120]!r}, got {str(got)[:120]!r}"
-    return StageResult(case, stage, ok, note=note)
-
-
-def _close(case: str, stage: str, got: np.ndarray, want: np.ndarray, tol: float) -> StageResult:
-    got = np.asarray(got, dtype=np.float64)
-    want = np.asarray(want, dtype=np.float64)
-    if got.shape != want.shape:
-        return StageResult(case, stage, False, note=f"shape {got.shape} != expected {want.shape}")
-    err = float(np.max(np.abs(got - want))) if got.size else 0.0
-    return StageResult(case, stage, err <= tol, err, tol)
 
 
 def load_case_msgs(case_dir: Path) -> tuple[Any, dict[str, Any]]:
@@ -122,10 +91,10 @@ class CaseRunner:
             features = self.cm.encode_features(inputs)
             yield from self._vision_stages(inputs, features)
             batch = self.cm.prepare_from(inputs, features)
-            yield _exact(self.name, "attention_mask", batch.attention_mask.tolist(),
+            yield exact(self.name, "attention_mask", batch.attention_mask.tolist(),
                          self.t["attention_mask"].tolist())
             e = batch.inputs_embeds.double()
-            yield _close(self.name, "embeds", torch.stack([e.sum(-1), e.abs().sum(-1)]).numpy(),
+            yield close(self.name, "embeds", torch.stack([e.sum(-1), e.abs().sum(-1)]).numpy(),
                          np.stack([self.t["embeds_rowsum"], self.t["embeds_rowabssum"]]), TOL_SUM)
             yield from self._greedy_stages(batch)
             if self.params.get("beam_kwargs"):
@@ -133,18 +102,18 @@ class CaseRunner:
 
     def _prompt_stages(self, inputs: Any) -> Iterator[StageResult]:
         m = self.meta
-        yield _exact(self.name, "template", inputs.prompts, m["chat_template_prompts"])
-        yield _exact(self.name, "expanded", inputs.expanded_prompts, m["expanded_prompts"])
+        yield exact(self.name, "template", inputs.prompts, m["chat_template_prompts"])
+        yield exact(self.name, "expanded", inputs.expanded_prompts, m["expanded_prompts"])
         ids = inputs.input_ids
         want = [list(row) for row in m["input_ids"]]
         got = [[0] * (len(w) - len(g)) + list(g) for g, w in zip(ids, want, strict=True)]
-        yield _exact(self.name, "input_ids", got, want)
+        yield exact(self.name, "input_ids", got, want)
         pads = [len(w) - len(g) for g, w in zip(ids, want, strict=True)]
         bounds = [[[s + p, e + p] for s, e in b] for b, p in zip(inputs.image_bounds, pads, strict=True)]
-        yield _exact(self.name, "image_bound", bounds, m["image_bound"])
-        yield _exact(self.name, "tgt_sizes", [[list(s) for s in ts] for ts in inputs.tgt_sizes], m["tgt_sizes"])
+        yield exact(self.name, "image_bound", bounds, m["image_bound"])
+        yield exact(self.name, "tgt_sizes", [[list(s) for s in ts] for ts in inputs.tgt_sizes], m["tgt_sizes"])
         if m.get("temporal_ids_from_processor") is not None:
-            yield _exact(self.name, "temporal_ids", inputs.temporal_ids, m["temporal_ids_from_processor"])
+            yield exact(self.name, "temporal_ids", inputs.temporal_ids, m["temporal_ids_from_processor"])
 
     def _pixel_stages(self, inputs: Any) -> Iterator[StageResult]:
         slices = [s for conv in inputs.slices for s in conv]
@@ -184,13 +153,13 @@ class CaseRunner:
             n = int(sizes[s, 0] * sizes[s, 1])
             colsum.append(vis[s, :n].double().sum(0).numpy())
         yield StageResult(self.name, "vision", worst <= TOL_TENSOR, worst, TOL_TENSOR)
-        yield _close(self.name, "vision_colsum", np.stack(colsum), self.t["vpm_colsum"], TOL_SUM)
+        yield close(self.name, "vision_colsum", np.stack(colsum), self.t["vpm_colsum"], TOL_SUM)
         feats = torch.cat([f for f in features if f is not None]).double()  # [N, Q, D]
         rows = torch.from_numpy(self.t["resampler_rows"])
-        yield _close(self.name, "resampler", feats[:, rows].numpy(), self.t["resampler_out_sel"], TOL_TENSOR)
+        yield close(self.name, "resampler", feats[:, rows].numpy(), self.t["resampler_out_sel"], TOL_TENSOR)
         sums = np.concatenate([feats.sum(1).numpy(), feats.sum(2).numpy()], axis=1)
         want = np.concatenate([self.t["resampler_colsum"], self.t["resampler_rowsum"]], axis=1)
-        yield _close(self.name, "resampler_sums", sums, want, TOL_SUM)
+        yield close(self.name, "resampler_sums", sums, want, TOL_SUM)
 
     def _gen_params(self, kwargs: dict[str, Any]) -> Any:
         kw = dict(kwargs)
@@ -212,66 +181,25 @@ class CaseRunner:
         want_ids = self.t["greedy_ids"]
         n = got_ids.shape[1]
         want_logits = self.t["step_logits"][:, :n]
-        yield _close(self.name, "logits", torch.stack(logits, 1).numpy(), want_logits, TOL_TENSOR)
+        yield close(self.name, "logits", torch.stack(logits, 1).numpy(), want_logits, TOL_TENSOR)
         padded = np.zeros_like(want_ids)
         padded[:, :n] = got_ids.numpy()[:, : want_ids.shape[1]]
-        yield _exact(self.name, "greedy_ids", padded.tolist(), want_ids.tolist())
+        yield exact(self.name, "greedy_ids", padded.tolist(), want_ids.tolist())
         answers = [self.cm.postprocess(r) for r in got_ids.tolist()]
         prefix = self.cm.version.thinking_prefix if self.enable_thinking else ""
         want = self.meta["greedy_answer"]
         got: Any = [prefix + a for a in answers]
-        yield _exact(self.name, "greedy_text", got if isinstance(want, list) else got[0], want)
+        yield exact(self.name, "greedy_text", got if isinstance(want, list) else got[0], want)
 
     def _beam_stage(self, batch: Any) -> Iterator[StageResult]:
         params = self._gen_params(self.params["beam_kwargs"])
         rows = self.cm.generate_ids(batch, params)
         want = self.t["beam_ids"].tolist()
         got = [list(r) + [0] * (len(w) - len(r)) for r, w in zip(rows, want, strict=True)]
-        yield _exact(self.name, "beam_ids", got, want)
+        yield exact(self.name, "beam_ids", got, want)
 
 
 def _pixel_stats(p: np.ndarray) -> list[float]:
     x = p.astype(np.float64)
     w = (np.arange(p.size) % 97).reshape(p.shape)
     return [float(x.sum()), float((x * x).sum()), float((x * w).sum()), float(p.size)]
-
-
-def make_runner(chat_model: ChatModel, case_dir: Path) -> Any:
-    """The runner for the case's vector format: ``tensors.safetensors`` (2.6 / 4.5) or
-    ``tensors.npz`` (2.0 / 2.5 / o2.6, see ``conformance_npz``)."""
-    from .conformance_npz import NpzCaseRunner, is_npz_case
-
-    return NpzCaseRunner(chat_model, case_dir) if is_npz_case(case_dir) else CaseRunner(chat_model, case_dir)
-
-
-def run_cases(
-    case_dirs: list[Path],
-    *,
-    checkpoint: Path | None = None,
-    loader: Callable[[Path], ChatModel],
-    report: Callable[[StageResult], None] = lambda r: None,
-) -> list[StageResult]:
-    """Run every case; models are loaded once per checkpoint directory."""
-    models: dict[Path, ChatModel] = {}
-    results: list[StageResult] = []
-    for case in case_dirs:
-        ckpt = (checkpoint or case / ".." / "_checkpoint").resolve()
-        if ckpt not in models:
-            models[ckpt] = loader(ckpt)
-        for r in make_runner(models[ckpt], case).run():
-            results.append(r)
-            report(r)
-    return results
-
-
-def expand_case_dirs(paths: list[Path]) -> list[Path]:
-    """A path may be a case directory or a version directory holding cases."""
-    out: list[Path] = []
-    for p in paths:
-        if (p / "inputs").is_dir() and (p / "expected").is_dir():
-            out.append(p)
-        elif p.is_dir():
-            out.extend(sorted(c for c in p.iterdir() if (c / "inputs").is_dir() and (c / "expected").is_dir()))
-        else:
-            raise MiniCPMVError(f"{p} is neither a conformance case nor a directory of cases")
-    return out

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .conformance import StageResult, _close, _exact
-from .engine.chat import ChatModel, normalise_msgs
-from .engine.compat import official_generation_params
-from .engine.generate import generate_steps
-from .engine.kv_cache import KVCache
-from .errors import MiniCPMVError
+from ..engine.chat import ChatModel, normalise_msgs
+from ..engine.compat import official_generation_params
+from ..engine.generate import generate_steps
+from ..engine.kv_cache import KVCache
+from ..errors import MiniCPMVError
+from .common import StageResult, close, exact
 
 TOL = 1e-4  # resampler, audio encoder, audio embeddings (atol and rtol)
 TOL_FEATURES = 1e-4  # log-mel
@@ -107,23 +107,23 @@ class NpzCaseRunner:
             features = self.cm.encode_features(inputs)
             batch = self.cm.prepare_from(inputs, features)
             logits = self.cm.model(batch.inputs_embeds, None, batch.attention_mask)[0, -1]  # [V]
-            yield _close(self.name, "prefill_logits", logits.numpy(), self.t["prefill_last_logits"], TOL_LOGITS)
+            yield close(self.name, "prefill_logits", logits.numpy(), self.t["prefill_last_logits"], TOL_LOGITS)
             yield from self._generation_stages(batch)
 
     # ------------------------------------------------------------------ stages
     def _prompt_stages(self, inputs: Any) -> Iterator[StageResult]:
         tpl = self.dir / "expected" / "chat_template_output.txt"
         if tpl.is_file():
-            yield _exact(self.name, "template", inputs.prompts[0], tpl.read_text(encoding="utf-8"))
+            yield exact(self.name, "template", inputs.prompts[0], tpl.read_text(encoding="utf-8"))
         prompt = (self.dir / "expected" / "prompt.txt").read_text(encoding="utf-8")
-        yield _exact(self.name, "expanded", inputs.expanded_prompts[0], prompt)
-        yield _exact(self.name, "input_ids", inputs.input_ids[0], self.t["input_ids"].tolist())
-        yield _exact(self.name, "image_bound", [list(b) for b in inputs.image_bounds[0]],
+        yield exact(self.name, "expanded", inputs.expanded_prompts[0], prompt)
+        yield exact(self.name, "input_ids", inputs.input_ids[0], self.t["input_ids"].tolist())
+        yield exact(self.name, "image_bound", [list(b) for b in inputs.image_bounds[0]],
                      self.t["image_bound"].tolist())
         if "tgt_sizes" in self.t:
-            yield _exact(self.name, "tgt_sizes", [list(s) for s in inputs.tgt_sizes[0]], self.t["tgt_sizes"].tolist())
+            yield exact(self.name, "tgt_sizes", [list(s) for s in inputs.tgt_sizes[0]], self.t["tgt_sizes"].tolist())
         if "audio_bounds" in self.t:
-            yield _exact(self.name, "audio_bounds", [list(b) for b in inputs.audio_bounds[0]],
+            yield exact(self.name, "audio_bounds", [list(b) for b in inputs.audio_bounds[0]],
                          self.t["audio_bounds"].tolist())
 
     def _slice_stages(self, inputs: Any) -> Iterator[StageResult]:
@@ -159,11 +159,11 @@ class NpzCaseRunner:
             return
         segs = inputs.audio_features[0]
         lens = [int(s.shape[1]) for s in segs]
-        yield _exact(self.name, "audio_feature_lens", lens, self.t["audio_feature_lens"].tolist())
+        yield exact(self.name, "audio_feature_lens", lens, self.t["audio_feature_lens"].tolist())
         padded = np.zeros((len(segs), segs[0].shape[0], max(lens)), dtype=np.float32)
         for i, s in enumerate(segs):
             padded[i, :, : s.shape[1]] = s
-        yield _close(self.name, "audio_features", padded, self.t["audio_features"], TOL_FEATURES)
+        yield close(self.name, "audio_features", padded, self.t["audio_features"], TOL_FEATURES)
         tensors = [torch.from_numpy(s) for s in segs]
         hidden, _ = self.cm.model.audio_hidden(tensors)  # [n, T, d]
         yield _allclose(self.name, "apm_last_hidden", hidden.numpy(), self.t["apm_last_hidden"], TOL, TOL)
@@ -182,10 +182,10 @@ class NpzCaseRunner:
         cache = KVCache.for_model(self.cm.model, 1)
         steps = generate_steps(self.cm.model, batch.inputs_embeds, batch.attention_mask, self._params(GREEDY), cache)
         greedy = [int(s.tokens[0]) for s in steps]
-        yield _exact(self.name, "greedy_ids", greedy, self.t["greedy_ids"].tolist())
-        yield _exact(self.name, "greedy_text", self.cm.postprocess(greedy), self.meta["greedy_text"])
+        yield exact(self.name, "greedy_ids", greedy, self.t["greedy_ids"].tolist())
+        yield exact(self.name, "greedy_text", self.cm.postprocess(greedy), self.meta["greedy_text"])
         beam = self.cm.generate_ids(batch, self._params(BEAM))[0]
         want = self.t["beam_ids"].tolist()
         trimmed = beam[: len(want)] if all(t == 0 for t in beam[len(want):]) else beam
-        yield _exact(self.name, "beam_ids", trimmed, want)
-        yield _exact(self.name, "beam_text", self.cm.postprocess(beam), self.meta["beam_text"])
+        yield exact(self.name, "beam_ids", trimmed, want)
+        yield exact(self.name, "beam_text", self.cm.postprocess(beam), self.meta["beam_text"])
