@@ -22,7 +22,7 @@ import logging
 import re
 import shutil
 from collections.abc import Callable, Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
@@ -52,6 +52,8 @@ INDEX_FILE = "model.safetensors.index.json"
 # what copy_side_files never copies: weights in any format, their indexes, and code
 _NOT_SIDE_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".safetensors.index.json",
                    ".bin.index.json", ".py")
+# files that describe one set of weights (the bundled demo model's card): never carried to a copy
+_WEIGHT_CARDS = ("DEMO_CARD.json",)
 _UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _MAX_LISTED = 20
@@ -110,8 +112,9 @@ def _download(repo_id: str, revision: str | None) -> Path:
 def copy_side_files(src: Path, dst: Path, *, skip: Iterable[str] = ()) -> list[str]:
     """Copy the files of checkpoint directory ``src`` that a new checkpoint written from it keeps
     (tokenizer, preprocessor and generation configs, ...) into ``dst``: everything but weights,
-    weight indexes, code (``*.py``: never carried over) and the names in ``skip``. Returns the names."""
-    skipped = set(skip)
+    weight indexes, code (``*.py``: never carried over), the demo model's ``DEMO_CARD.json`` (its
+    figures describe other weights) and the names in ``skip``. Returns the names."""
+    skipped = {*skip, *_WEIGHT_CARDS}
     names = [f.name for f in sorted(src.iterdir())
              if f.is_file() and not f.name.endswith(_NOT_SIDE_FILES) and f.name not in skipped]
     for name in names:
@@ -196,7 +199,7 @@ def _from_index(index: Path) -> dict[str, Path]:
             raise TypeError("weight_map is not an object")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
-    shards = {name: index.parent / name for name in set(weight_map.values())}
+    shards = {name: _shard_path(index, name) for name in set(weight_map.values())}
     missing = sorted(name for name, f in shards.items() if not f.is_file())
     if missing:
         raise CheckpointError(f"shard file(s) listed in {index.name} are missing: {', '.join(missing)}")
@@ -212,6 +215,18 @@ def _from_index(index: Path) -> dict[str, Path]:
             )
         keys.update({k: f for k in listed})
     return keys
+
+
+def _shard_path(index: Path, name: Any) -> Path:
+    """The file an index entry names, which must lie inside the index's folder: a relative path
+    without ``..`` (checked on the name, so the hub cache's symlinked snapshot files still load)."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise CheckpointError(f"{index.name} names a shard that is not a file name: {name!r}")
+    rel = PurePosixPath(name.replace("\\", "/"))
+    if rel.is_absolute() or PureWindowsPath(name).drive or ".." in rel.parts:
+        raise CheckpointError(f"{index.name} names the shard {name!r}, outside the checkpoint folder; "
+                              "an index may only list files inside its own folder")
+    return index.parent / rel
 
 
 def _open(f: Path) -> Any:
