@@ -142,6 +142,12 @@ def test_local_paths(server, media_dir):
            "media_not_found")
 
 
+@pytest.mark.parametrize("url", ["http://[::1", "a\x00b.png", "file:///srv/a%00.png", "http://x:99999/a.png"])
+def test_malformed_media_urls_are_400_not_500(server, url):
+    err = _error(server.post(_body(_user({"type": "image_url", "image_url": {"url": url}}))), 400, "invalid_url")
+    assert err["param"] == "messages"
+
+
 def test_local_paths_off_without_media_dir(server26, media_dir):
     part = {"type": "image_url", "image_url": {"url": f"file://{media_dir / 'ok.png'}"}}
     _error(server26.post(_body(_user(part))), 400, "local_media_disabled")
