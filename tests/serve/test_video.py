@@ -68,3 +68,15 @@ def test_frame_cap_and_corrupt_video(model26):
         assert bad.status_code == 400, bad.text
         assert bad.json()["error"]["param"] == "messages"
         srv.wait_idle()
+
+
+def test_video_frames_follow_the_pixel_limit(model26):
+    """--max-pixels applies to decoded video frames as it does to images (64x48 = 3072 pixels)."""
+    data = _video(frames=4, fps=2)
+    with LiveServer(model26, max_pixels=3071) as srv:
+        resp = srv.post({"model": NAME, "messages": _messages(data), "max_tokens": 2})
+        assert resp.status_code == 400, resp.text
+        assert "3072 pixels" in resp.json()["error"]["message"]
+        srv.wait_idle()
+    with LiveServer(model26, max_pixels=3072) as srv:
+        assert srv.post({"model": NAME, "messages": _messages(data), "max_tokens": 2}).status_code == 200
