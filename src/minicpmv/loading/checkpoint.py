@@ -17,16 +17,19 @@ are never imported. This module does not tokenize, build processors or run the m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ..config import ModelConfig, read_json_object
@@ -35,6 +38,7 @@ from ..errors import (
     ConfigError,
     MissingWeightsError,
     OfflineError,
+    OutputError,
     ShapeMismatchError,
     UnexpectedWeightsError,
     UnsafeCheckpointError,
@@ -117,9 +121,53 @@ def copy_side_files(src: Path, dst: Path, *, skip: Iterable[str] = ()) -> list[s
     skipped = {*skip, *_WEIGHT_CARDS}
     names = [f.name for f in sorted(src.iterdir())
              if f.is_file() and not f.name.endswith(_NOT_SIDE_FILES) and f.name not in skipped]
-    for name in names:
-        shutil.copy2(src / name, dst / name)
+    for name in names:  # contents only: the copy gets the mode a new file gets (as `cp` does)
+        shutil.copyfile(src / name, dst / name)
+        os.chmod(dst / name, new_file_mode())
     return names
+
+
+@contextlib.contextmanager
+def new_output_folder(out: Path) -> Iterator[Path]:
+    """A temporary sibling folder to write a new checkpoint into, renamed to ``out`` when the block
+    ends normally and removed when it fails (a full disk leaves nothing half written). ``out`` must
+    not exist or be empty: nothing is overwritten. An ``OSError`` inside becomes ``OutputError``."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputError(f"the output {out} exists and is not empty; nothing is overwritten: choose a new folder")
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except OSError as e:
+        raise OutputError(f"writing {out} failed: {e.strerror or e}"
+                          + (f" ({e.filename})" if e.filename else "")) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def new_file_mode() -> int:
+    """The mode a newly created file gets under this process's umask (0o666 minus the mask)."""
+    try:  # Linux: read the mask without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, *,
+                     metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, with the file mode its neighbours get from the umask
+    (save_file creates its files 0600)."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, new_file_mode())
 
 
 def read_config(path: str | Path, *, version: str | None = None) -> tuple[dict[str, Any], VersionSpec]:
