@@ -1,7 +1,10 @@
-"""The ``minicpmv`` command line: chat, inspect, conformance.
+"""The ``minicpmv`` command line: chat, inspect, conformance, quantize, serve, ui, finetune, export.
 
 Thin: it parses arguments, calls the public API and prints. All behaviour lives in the library.
-Errors of the library (``MiniCPMVError``) become a one-line message and exit status 2.
+Errors of the library (``MiniCPMVError``) become a one-line message and exit status 2; so do
+unknown or unavailable devices (checked before anything loads) and, for ``serve``, a model that
+cannot be loaded (it is loaded before the server starts). ``-v`` works before or after the
+command; ``--version``; ``python -m minicpmv`` runs this too.
 """
 
 from __future__ import annotations
@@ -13,14 +16,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .errors import MiniCPMVError
 
 log = logging.getLogger("minicpmv")
 
+INTERACTIVE_HELP = ("':image PATH' attaches an image, ':video PATH' a video, ':reset' clears, ':quit' exits "
+                    "(start a line with '::' to send text that begins with ':')")
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
-                   help="checkpoint directory or Hugging Face repo id (default: the bundled demo model)")
+                   help="checkpoint directory or Hugging Face repo id (default: the bundled demo model, "
+                        "also named minicpmv:demo)")
     p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16 (default bfloat16)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
 
@@ -28,7 +36,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minicpmv", description="Run MiniCPM-V checkpoints natively.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("--version", action="version", version=f"minicpmv {__version__}")
+    verbose = argparse.ArgumentParser(add_help=False)  # -v after the command too (not resetting the one before)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return _add(name, parents=[verbose], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     chat = sub.add_parser("chat", help="ask a question about images (streams the answer)")
     _add_model_args(chat)
@@ -49,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default="", help="system prompt")
     chat.add_argument("--think", action="store_true", help="enable thinking mode (4.5)")
     chat.add_argument("-i", "--interactive", action="store_true", help="multi-turn session on the terminal")
+    chat.add_argument("--no-stream", action="store_true", help="print each answer once it is complete")
     chat.add_argument("--greedy", action="store_true", help="greedy decoding instead of the official sampling")
     chat.add_argument("--beam", action="store_true", help="the official non-sampling mode (beam search, 3 beams)")
     chat.add_argument("--max-new-tokens", type=int, default=512)
@@ -59,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=None)
 
     ins = sub.add_parser("inspect", help="print version, parameter counts and memory estimate")
-    ins.add_argument("path", help="checkpoint directory (weights are not needed)")
+    ins.add_argument("path", help="checkpoint directory, Hugging Face repo id (only its config is downloaded) "
+                                  "or minicpmv:demo (weights are not needed)")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
 
     conf = sub.add_parser("conformance", help="run golden-vector cases against the reference outputs")
@@ -123,11 +143,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     )
     media: list[Any] = [*images, *audios, *videos]
     first: list[Any] = [*media, args.question] if args.question else media
+    stream = not args.no_stream
     if args.question:
-        _print_stream(session.ask(first, stream=True))
+        _print_answer(session, first, stream)
         first = []
     if args.interactive:
-        _interactive(session, first, _video_options(args))
+        _interactive(session, first, _video_options(args), stream=stream)
     return 0
 
 
@@ -178,18 +199,20 @@ def _audios(paths: list[str]) -> list[Any]:
     return out
 
 
-def _print_stream(chunks: Any) -> None:
-    for chunk in chunks:
+def _print_answer(session: Any, content: list[Any], stream: bool) -> None:
+    if not stream:
+        sys.stdout.write(session.ask(content) + "\n")
+        sys.stdout.flush()
+        return
+    for chunk in session.ask(content, stream=True):
         sys.stdout.write(chunk)
         sys.stdout.flush()
     sys.stdout.write("\n")
 
 
-def _interactive(session: Any, pending_images: list[Any], video_options: dict[str, Any] | None = None) -> None:
-    from .processing.image import load_image
-
-    sys.stderr.write("Interactive chat. ':image PATH' attaches an image, ':video PATH' a video, ':reset' clears, "
-                     "':quit' exits.\n")
+def _interactive(session: Any, pending: list[Any], video_options: dict[str, Any] | None = None, *,
+                 stream: bool = True) -> None:
+    sys.stderr.write(f"Interactive chat. {INTERACTIVE_HELP[0].upper()}{INTERACTIVE_HELP[1:]}.\n")
     while True:
         try:
             line = input("> ").strip()
@@ -197,31 +220,47 @@ def _interactive(session: Any, pending_images: list[Any], video_options: dict[st
             break
         if not line:
             continue
-        if line in (":quit", ":q", ":exit"):
-            break
-        if line == ":reset":
-            session.reset()
+        if line.startswith("::"):
+            line = line[1:]  # escaped: text that begins with ':'
+        elif line.startswith(":"):
+            if _command(session, line, pending, video_options or {}):
+                break
             continue
-        if line.startswith(":image "):
-            try:
-                pending_images.append(load_image(line[7:].strip()))
-            except MiniCPMVError as e:
-                sys.stderr.write(f"error: {e}\n")
-            continue
-        if line.startswith(":video "):
-            try:
-                pending_images.append(_attach_video(session, line[7:].strip(), video_options or {}))
-            except MiniCPMVError as e:
-                sys.stderr.write(f"error: {e}\n")
-            continue
-        _print_stream(session.ask([*pending_images, line], stream=True))
-        pending_images = []
+        _print_answer(session, [*pending, line], stream)
+        pending = []
+
+
+def _command(session: Any, line: str, pending: list[Any], video_options: dict[str, Any]) -> bool:
+    """Run one ':command' of the interactive mode; True when the session should end."""
+    from .processing.image import load_image
+
+    name, _, arg = line[1:].partition(" ")
+    arg = arg.strip()
+    if name in ("quit", "q", "exit"):
+        return True
+    if name == "reset":
+        session.reset()
+    elif name in ("image", "video") and arg:
+        try:
+            pending.append(load_image(arg) if name == "image" else _attach_video(session, arg, video_options))
+        except MiniCPMVError as e:
+            sys.stderr.write(f"error: {e}\n")
+    elif name in ("image", "video"):
+        sys.stderr.write(f"':{name}' needs a path: ':{name} PATH'\n")
+    elif name == "help":
+        sys.stderr.write(INTERACTIVE_HELP + "\n")
+    else:
+        sys.stderr.write(f"unknown command ':{name}' (nothing was sent); {INTERACTIVE_HELP}\n")
+    return False
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .loading.checkpoint import DEMO_NAME, resolve_checkpoint
     from .loading.inspect import inspect_checkpoint
 
-    info = inspect_checkpoint(Path(args.path))
+    local = args.path == DEMO_NAME or Path(args.path).expanduser().exists()
+    info = inspect_checkpoint(resolve_checkpoint(args.path, config_only=True))
+    info["source"] = "local" if local else "hub"
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -237,7 +276,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if quant := info.get("quantization"):
         print(f"quantized    {quant['format']}: {quant['quantized_parameters']:,d} parameters; "
               f"{quant['stored_gib']:.2f} GiB as stored")
-    print(f"weights      {'present' if info['has_weights'] else 'absent (config only)'}")
+    absent = "absent (config only)" if info["source"] == "local" else "not downloaded (repo id: config only)"
+    print(f"weights      {'present' if info['has_weights'] else absent}")
     return 0
 
 
@@ -277,11 +317,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import serve
+    from .serve import check_extra, serve
     from .serve.config import config_from_args
 
-    serve(config_from_args(args), host=args.host, port=args.port,
-          log_level="info" if args.verbose else "warning")
+    check_extra()
+    from .api import load
+
+    config = config_from_args(args)
+    model = load(config.model, dtype=config.dtype, device=config.device)  # before the server: errors are one line
+    name = config.model_name(Path(model.path).name if model.path else "minicpmv")
+    print(f"minicpmv serve: {name} (MiniCPM-V {model.version.name}) loaded; the OpenAI API will be at "
+          f"http://{args.host}:{args.port}/v1 (requests are logged below; Ctrl-C stops)", file=sys.stderr, flush=True)
+    serve(config, model=model, host=args.host, port=args.port, log_level="info")
     return 0
 
 
@@ -320,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
                 "serve": cmd_serve, "finetune": cmd_finetune, "export": cmd_export, "quantize": cmd_quantize,
                 "train-demo": cmd_train_demo}
     try:
+        if getattr(args, "device", None) not in (None, "auto"):
+            from .loading.devices import resolve_device
+
+            resolve_device(args.device)  # a typo or a missing GPU: one line, before anything loads
         return handlers[args.command](args)
     except MiniCPMVError as e:
         print(f"minicpmv: error: {e}", file=sys.stderr)

@@ -34,6 +34,7 @@ CHROMIUM_ARGS = [
 ]
 WAIT_MS = 90_000  # generous bound for any single page state on a busy 2-core machine
 STARTUP_S = 180
+LOGS: dict[str, Path] = {}  # server URL -> its log (stdout and stderr of `minicpmv ui`)
 
 
 def _free_port() -> int:
@@ -69,6 +70,7 @@ def serve(version: str, tmp: Path) -> Iterator[str]:
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}/"
+    LOGS[url] = log
     try:
         _wait_until_serving(url, proc, log)
         yield url
@@ -166,6 +168,14 @@ WATCH_ANSWERS = """() => {
 
 
 # ---------------------------------------------------------------------- tests
+def test_the_command_prints_its_address_and_no_share_hint(server: str) -> None:
+    """The CLI offers no share links, so the log must not suggest `share=True`; it prints where
+    the page is instead."""
+    text = LOGS[server].read_text()
+    assert "share=True" not in text and "public link" not in text, text
+    assert f"open {server.rstrip('/')}" in text, text
+
+
 def test_upload_image_ask_and_stream_answer(page: Page, tmp_path: Path, server: str, requested: list[str]) -> None:
     page.evaluate(WATCH_ANSWERS)
     attach(page, HOUSE)

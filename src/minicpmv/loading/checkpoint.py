@@ -62,6 +62,8 @@ _UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _MAX_LISTED = 20
 VISION_PREFIXES = ("vpm.", "resampler.")  # what ``vision_dtype`` applies to
+DEMO_NAME = "minicpmv:demo"  # the bundled demo model (neither a path nor a repo id)
+CONFIG_PATTERNS = ["config.json", "*.safetensors.index.json", "generation_config.json"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,8 +71,15 @@ VISION_PREFIXES = ("vpm.", "resampler.")  # what ``vision_dtype`` applies to
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_checkpoint(path_or_repo_id: str | Path, *, revision: str | None = None) -> Path:
-    """A local checkpoint directory for a directory path or a Hugging Face repo id."""
+def resolve_checkpoint(path_or_repo_id: str | Path, *, revision: str | None = None,
+                       config_only: bool = False) -> Path:
+    """A local checkpoint directory for a directory path, a Hugging Face repo id (downloaded, or
+    read from the local cache when offline) or ``minicpmv:demo`` (the bundled demo model).
+    ``config_only`` downloads just the config files of a repo (what ``inspect`` needs)."""
+    if str(path_or_repo_id) == DEMO_NAME:
+        from ..demo_model import path as demo_path
+
+        return demo_path()
     p = Path(path_or_repo_id).expanduser()
     if p.is_dir():
         return p
@@ -79,10 +88,10 @@ def resolve_checkpoint(path_or_repo_id: str | Path, *, revision: str | None = No
     text = str(path_or_repo_id)
     if not _REPO_ID.match(text) or text.startswith((".", "~")) or "//" in text:
         raise CheckpointError(f"{text!r} is neither an existing directory nor a Hugging Face repo id")
-    return _download(text, revision)
+    return _download(text, revision, CONFIG_PATTERNS if config_only else ALLOW_PATTERNS)
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
@@ -94,7 +103,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
     except ImportError as e:  # pragma: no cover - declared dependency
         raise CheckpointError(f"{repo_id!r} is not a local directory and huggingface_hub is missing") from e
     try:
-        local = snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS)
+        local = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except LocalEntryNotFoundError as e:
         raise OfflineError(
             f"cannot download {repo_id!r}: the Hugging Face Hub is unreachable or offline mode is on "

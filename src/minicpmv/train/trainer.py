@@ -38,6 +38,7 @@ import torch.distributed as dist
 from ..api import load, parse_dtype
 from ..errors import CheckpointError, InputError, MiniCPMVError, OutputError
 from ..loading.checkpoint import save_safetensors
+from ..loading.devices import resolve_device
 from .data import DatasetStats, Sample, build_dataset, format_sample
 from .model import (
     LossModule,
@@ -105,7 +106,7 @@ def _init_dist(device: torch.device) -> None:
 
 def _device(cfg: TrainConfig) -> torch.device:
     if cfg.device != "auto":
-        return torch.device(cfg.device)
+        return resolve_device(cfg.device)
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
