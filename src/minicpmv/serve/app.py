@@ -7,6 +7,13 @@ and stopped on shutdown. Routes: ``POST /v1/chat/completions``, ``GET /v1/models
 over ``max_body_bytes`` with 413 (by Content-Length, and while reading a chunked body), and turns
 any exception that escapes a route into a logged 500 that names the request id.
 
+Resources, per request: the timeout runs from arrival (waiting for a decoding slot, fetching and
+decoding media, the engine queue and generation all count; a request whose preparation ends
+past its deadline is answered 504 without being queued); at most ``max_decoding`` requests with
+media fetch and decode them at once; the decoded full-size media are dropped once the processor
+has made the model-size slices, so a request waiting in the engine holds only those. A client
+that hangs up before a non-streamed answer is complete is logged and answered 499.
+
 Routes stay thin: the pipeline lives in ``completions.py``. No model at import time.
 """
 
@@ -29,9 +36,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..engine.chat import ChatModel
 from .completions import complete, prepare, stream
 from .config import ServerConfig
-from .errors import APIError, error_body, install_error_handlers
+from .errors import APIError, client_closed, install_error_handlers, request_id_of
 from .runtime import ServerState
-from .schemas import ChatCompletionRequest, ModelCard, ModelList
+from .schemas import ChatCompletionRequest, ImagePart, ModelCard, ModelList, VideoPart
 
 log = logging.getLogger(__name__)
 
@@ -119,17 +126,51 @@ def _state(request: Request) -> ServerState:
     return state
 
 
+def _timeout() -> APIError:
+    return APIError(504, "the request took longer than the server's request timeout", code="timeout")
+
+
+def _has_media(body: ChatCompletionRequest) -> bool:
+    return any(isinstance(part, (ImagePart, VideoPart)) for msg in body.messages
+               if isinstance(msg.content, list) for part in msg.content)
+
+
+async def _prepare_in_time(state: ServerState, body: ChatCompletionRequest, slots: asyncio.Semaphore,
+                           deadline: float) -> Any:
+    """``prepare`` within the request's deadline, holding a decoding slot when it has media."""
+    loop = asyncio.get_running_loop()
+    media = _has_media(body)
+    if media:
+        try:
+            await asyncio.wait_for(slots.acquire(), max(deadline - loop.time(), 0.0))
+        except asyncio.TimeoutError:
+            raise _timeout() from None
+    try:
+        prep = await prepare(state, body)
+    finally:
+        if media:
+            slots.release()
+    for ref in prep.plan.media:
+        ref.value = None  # the full-size decoded media: the inputs hold the model-size slices
+    if loop.time() >= deadline:
+        raise _timeout()
+    return prep
+
+
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     """POST /v1/chat/completions"""
+    deadline = asyncio.get_running_loop().time()
     state = _state(request)
+    deadline += state.config.request_timeout_s
     if body.model != state.name:
         raise APIError(404, f"the model {body.model!r} does not exist; this server serves {state.name!r}",
                        code="model_not_found", param="model")
     release = state.acquire()
     handle = None
     try:
-        prep = await prepare(state, body)
+        prep = await _prepare_in_time(state, body, request.app.state.decoding, deadline)
         handle = state.submit(prep.inputs, prep.options, prep.plan.n)
+        handle.deadline = min(handle.deadline, deadline)
         response_id = f"chatcmpl-{handle.request_id}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -148,7 +189,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         if release is not None:
             release()
     if result is None:
-        return JSONResponse(error_body(400, "client disconnected", code="client_disconnected"), status_code=499)
+        log.info("request %s: the client disconnected before the answer was complete (499); generation cancelled",
+                 request_id_of(request))
+        return client_closed().response(request_id_of(request))
     return JSONResponse(result.model_dump())
 
 
@@ -180,6 +223,7 @@ def create_app(config: ServerConfig, *, model: ChatModel | None = None) -> FastA
             chat_model = await asyncio.to_thread(load, config.model, dtype=config.dtype, device=config.device)
         state = ServerState(config, chat_model)
         state.engine.start()
+        app.state.decoding = asyncio.Semaphore(max(1, config.max_decoding))
         app.state.server = state
         log.info("serving %s (MiniCPM-V %s): batch %d, context %d", state.name, chat_model.version.name,
                  state.engine.max_batch_size, state.engine.max_model_len)
