@@ -43,7 +43,7 @@ def test_cli_chat_defaults_to_the_demo_model(capsys: pytest.CaptureFixture[str])
 
     assert main(["chat", "--image", str(EXAMPLE), "--greedy", "--max-new-tokens", "8",
                  "What colour is the shape?"]) == 0
-    assert capsys.readouterr().out.strip() == "red"
+    assert capsys.readouterr().out == "red\n"
 
 
 def test_missing_demo_model_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

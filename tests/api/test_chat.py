@@ -7,6 +7,7 @@ import torch
 
 import minicpmv
 from minicpmv.engine.chat import build_attention_mask, left_pad
+from minicpmv.engine.compat import official_generation_params
 from minicpmv.errors import ContextLengthError, InputError, PlaceholderMismatchError
 
 from .conftest import case_image
@@ -73,11 +74,20 @@ def test_cached_equals_uncached(model):
 
 
 def test_stream_matches_non_stream(model):
+    """Both against the generated ids, exactly: the stream is their decoded text without the
+    terminator and not stripped (spec §9.5); chat() returns §9.4's post-processed string."""
     conv = _convs(_version(model))[1]
     full = model.chat(conv, **GREEDY)
     chunks = list(model.chat(conv, stream=True, **GREEDY))
-    assert all(isinstance(c, str) for c in chunks)
-    assert "".join(chunks).strip() == full
+    assert all(isinstance(c, str) for c in chunks) and len(chunks) > 1
+    with torch.inference_mode():
+        p = official_generation_params(model.version, sampling=False, enable_thinking=False, max_new_tokens=12,
+                                       min_new_tokens=0, eos_token_ids=model.terminator_ids(),
+                                       overrides={"num_beams": 1, "repetition_penalty": 1.0})
+        ids = model.generate_ids(model.prepare([conv], mask_bang_token=False), p)[0]
+    shown = [i for i in ids if i not in model.terminator_ids()]
+    assert shown and "".join(chunks) == model.tokenizer.decode(shown)
+    assert full == model.postprocess(ids)
 
 
 def test_thinking_prefix_45(model45):
@@ -98,6 +108,10 @@ def test_seeded_sampling_is_reproducible(model):
     a = model.chat(conv, max_new_tokens=8, seed=7)
     b = model.chat(conv, max_new_tokens=8, seed=7)
     assert a == b
+    # and it really samples: other seeds give other answers, and not (only) the greedy one
+    others = {model.chat(conv, max_new_tokens=8, seed=s) for s in (8, 9, 10)}
+    greedy = model.chat(conv, **{**GREEDY, "max_new_tokens": 8})
+    assert len(others | {a}) > 1 and (others | {a}) != {greedy}
 
 
 def test_bang_quirk_switch(model26):
