@@ -43,6 +43,9 @@ _TYPES = {400: "invalid_request_error", 403: "permission_error", 404: "not_found
           500: "server_error", 503: "server_error", 504: "timeout_error"}
 
 
+_HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+
+
 class APIError(Exception):
     """An error with an HTTP status and OpenAI error fields."""
 
@@ -118,7 +121,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        err = APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        message = str(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in message:  # FastAPI: not UTF-8 / not JSON
+            message = "invalid request: the body is not valid JSON text (UTF-8)"
+        err = APIError(exc.status_code, message, code=_HTTP_CODES.get(exc.status_code, "http_error"))
         return err.response(request_id_of(request))
 
     @app.exception_handler(Exception)
