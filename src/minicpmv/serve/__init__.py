@@ -39,7 +39,9 @@ def serve(config: Any, *, model: Any = None, host: str = "127.0.0.1", port: int 
 
     from .app import create_app
 
-    uvicorn.run(create_app(config, model=model), host=host, port=port, log_level=log_level)
+    # h11 also refuses a header block that arrives in pieces beyond the limit, before buffering more
+    uvicorn.run(create_app(config, model=model), host=host, port=port, log_level=log_level,
+                h11_max_incomplete_event_size=getattr(config, "max_header_bytes", None))
 
 
 def __getattr__(name: str) -> Any:

@@ -3,9 +3,10 @@
 ``create_app(config, model=None)`` builds the app without touching the model; the model is
 loaded (unless one is passed in) and the ``BatchEngine`` thread started in the app's lifespan,
 and stopped on shutdown. Routes: ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /health``. ``GuardMiddleware`` gives every request an id (``X-Request-ID``), refuses bodies
-over ``max_body_bytes`` with 413 (by Content-Length, and while reading a chunked body), and turns
-any exception that escapes a route into a logged 500 that names the request id.
+``GET /health``. ``GuardMiddleware`` gives every request an id (``X-Request-ID``), refuses headers
+over ``max_header_bytes`` with 431 and bodies over ``max_body_bytes`` with 413 (by Content-Length,
+and while reading a chunked body), and turns any exception that escapes a route into a logged 500
+that names the request id.
 
 Resources, per request: the timeout runs from arrival (waiting for a decoding slot, fetching and
 decoding media, the engine queue and generation all count; a request whose preparation ends
@@ -49,11 +50,12 @@ class _BodyTooLarge(HTTPException):
 
 
 class GuardMiddleware:
-    """Request ids, body-size limit, and a 500 for anything that escapes (pure ASGI)."""
+    """Request ids, header and body size limits, and a 500 for anything that escapes (pure ASGI)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_header_bytes: int = 32 * 1024) -> None:
         self.app = app
         self.max_body = max_body_bytes
+        self.max_header = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,7 +72,14 @@ class GuardMiddleware:
                 MutableHeaders(scope=message).append("X-Request-ID", rid)
             await send(message)
 
-        length = dict(scope.get("headers", [])).get(b"content-length", b"0")
+        headers = scope.get("headers", [])
+        size = sum(len(k) + len(v) + 4 for k, v in headers)  # "name: value\r\n"
+        if size > self.max_header:
+            await _send_error(send_with_id, APIError(
+                431, f"the request headers hold {size} bytes ({len(headers)} headers), over the server's limit of "
+                f"{self.max_header} bytes", code="headers_too_large"))
+            return
+        length = dict(headers).get(b"content-length", b"0")
         if length.isdigit() and int(length) > self.max_body:
             await _send_error(send_with_id, APIError(413, str(_BodyTooLarge(self.max_body).detail),
                                                      code="body_too_large"))
@@ -235,7 +244,7 @@ def create_app(config: ServerConfig, *, model: ChatModel | None = None) -> FastA
 
     app = FastAPI(title="minicpmv", version="1", lifespan=lifespan)
     install_error_handlers(app)
-    app.add_middleware(GuardMiddleware, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(GuardMiddleware, max_body_bytes=config.max_body_bytes, max_header_bytes=config.max_header_bytes)
     app.post("/v1/chat/completions", response_model=None)(chat_completions)
     app.get("/v1/models")(list_models)
     app.get("/health")(health)

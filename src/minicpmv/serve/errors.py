@@ -10,8 +10,9 @@ to the log, the server keeps serving).
 Status codes: 400 invalid request (bad JSON, schema, content part, image, base64, too many
 images, prompt longer than the context, remote media disabled), 403 local file outside the media
 directory, 404 unknown model or route, 413 body too large, 429 too many requests in flight
-(Retry-After), 499 the client hung up (logged; nobody reads the body), 500 internal error, 503
-engine not available (Retry-After), 504 request timeout (counted from the request's arrival).
+(Retry-After), 431 request headers too large, 499 the client hung up (logged; nobody reads the
+body), 500 internal error, 503 engine not available (Retry-After), 504 request timeout (counted
+from the request's arrival).
 This module does not know about the model or the engine.
 """
 
@@ -39,7 +40,8 @@ from ..errors import (
 log = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 403: "permission_error", 404: "not_found_error",
-          413: "invalid_request_error", 429: "rate_limit_error", 499: "client_closed_request",
+          413: "invalid_request_error", 429: "rate_limit_error", 431: "invalid_request_error",
+          499: "client_closed_request",
           500: "server_error", 503: "server_error", 504: "timeout_error"}
 
 
