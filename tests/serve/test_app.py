@@ -14,26 +14,11 @@ import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 from PIL import Image
 
 from minicpmv.serve import completions
 
 from .conftest import NAME, LiveServer, image_part
-
-
-@pytest.fixture
-def slow_steps(monkeypatch):
-    """Every decode step takes >= 5 ms, so long answers surely outlast what the test does."""
-    from minicpmv.engine.batch import BatchEngine
-
-    real = BatchEngine._decode_step
-
-    def slow(self):
-        time.sleep(0.005)
-        real(self)
-
-    monkeypatch.setattr(BatchEngine, "_decode_step", slow)
 
 
 def _image_request(i: int, **kw) -> dict:

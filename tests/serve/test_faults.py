@@ -13,7 +13,6 @@ import base64
 import concurrent.futures as cf
 import json
 import socket
-import time
 
 import httpx
 import openai
@@ -44,20 +43,6 @@ def _no_leaks(request):
     yield
     if "server" in request.fixturenames:
         request.getfixturevalue("server").wait_idle()
-
-
-@pytest.fixture
-def slow_steps(monkeypatch):
-    """Make every decode step take >= 5 ms, so 900 tokens surely outlast a disconnect."""
-    from minicpmv.engine.batch import BatchEngine
-
-    real = BatchEngine._decode_step
-
-    def slow(self):
-        time.sleep(0.005)
-        real(self)
-
-    monkeypatch.setattr(BatchEngine, "_decode_step", slow)
 
 
 def _user(*parts: dict) -> list[dict]:

@@ -21,7 +21,7 @@ from minicpmv.errors import CheckpointError
 from minicpmv.train.model import TuneSpec
 from minicpmv.train.trainer import TrainConfig, train
 
-from .conftest import CKPT, qa_records, write_data
+from .conftest import CKPT, PickleTrap, qa_records, write_data
 
 HELPER = Path(__file__).with_name("crash_run.py")
 
@@ -84,16 +84,6 @@ def test_kill_while_writing_a_checkpoint_loses_nothing(runs, tmp_path):
     assert _losses(out) == want
 
 
-class _Trap:
-    """Unpickling this object creates a marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple:
-        return (open, (str(self.marker), "w"))
-
-
 def test_resume_never_unpickles(tmp_path):
     """A checkpoint folder copied from elsewhere cannot run code: a pickle ``state.pt`` (the old
     format) is refused with a clear error, and nothing is unpickled."""
@@ -107,7 +97,7 @@ def test_resume_never_unpickles(tmp_path):
     for name in [p.name for p in ckpt.iterdir() if p.name != "trainable.safetensors"]:
         (ckpt / name).unlink()
     for name in ("state.pt", "rng-0.pt"):  # what the old format wrote, carrying a payload
-        torch.save(_Trap(marker), ckpt / name)
+        torch.save(PickleTrap(marker), ckpt / name)
     (out / "metrics.json").unlink()  # a run that has not finished
     with pytest.raises(CheckpointError, match="pickle"):
         train(TrainConfig(**{**cfg.__dict__, "resume": True}))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import pickle
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +13,8 @@ import torch
 
 from minicpmv.errors import CheckpointError
 from minicpmv.train.state import load_tree, rng_state, save_tree, set_rng_state
+
+from .conftest import PickleTrap
 
 
 def _optimizer() -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, list[torch.nn.Parameter]]:
@@ -79,19 +80,11 @@ def test_unknown_types_are_refused_when_saving(tmp_path):
         save_tree({"x": object()}, tmp_path, "state")
 
 
-class _Trap:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple:
-        return (open, (str(self.marker), "w"))
-
-
 def test_loading_never_unpickles(tmp_path):
     """Only JSON and safetensors are read: a pickle placed where a file is expected is not run."""
     marker = tmp_path / "unpickled"
     save_tree({"a": torch.zeros(2)}, tmp_path, "state")
-    (tmp_path / "state.safetensors").write_bytes(pickle.dumps(_Trap(marker)))
+    (tmp_path / "state.safetensors").write_bytes(pickle.dumps(PickleTrap(marker)))
     with pytest.raises(CheckpointError, match="state.safetensors"):
         load_tree(tmp_path, "state")
     assert not marker.exists()
