@@ -437,8 +437,8 @@ def report(server: dict[str, Any], inputs: dict[str, Counter], training: dict[st
           f"4xx errors, {c['accepted']} answered, **{c['crash']} 5xx or broken** |")
     if training is not None:
         for mode, ok in training.items():
-            what = ("export on a full disk" if mode.startswith("export")
-                    else f"fine-tune SIGKILLed {mode.replace('-', ' ')}, resumed")
+            when = {"after-step": "after a step", "during-checkpoint": "while writing a checkpoint"}.get(mode, mode)
+            what = "export on a full disk" if mode.startswith("export") else f"fine-tune SIGKILLed {when}, resumed"
             good = ("one-line error, nothing half written" if mode.startswith("export")
                     else "identical losses, checkpoints intact")
             print(f"| {what} | {good if ok else 'FAILED'} |")
