@@ -10,6 +10,7 @@ command; ``--version``; ``python -m minicpmv`` runs this too.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -41,14 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                          help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add = sub.add_parser
+    add = functools.partial(sub.add_parser, parents=[verbose])
 
-    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
-        return _add(name, parents=[verbose], **kw)
-
-    sub.add_parser = add_parser  # type: ignore[method-assign]
-
-    chat = sub.add_parser("chat", help="ask a question about images (streams the answer)")
+    chat = add("chat", help="ask a question about images (streams the answer)")
     _add_model_args(chat)
     chat.add_argument("question", nargs="?", help="the question (omit with -i)")
     chat.add_argument("--image", action="append", default=[], help="image file (repeatable)")
@@ -77,23 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-k", type=int, default=None)
     chat.add_argument("--seed", type=int, default=None)
 
-    ins = sub.add_parser("inspect", help="print version, parameter counts and memory estimate")
+    ins = add("inspect", help="print version, parameter counts and memory estimate")
     ins.add_argument("path", help="checkpoint directory, Hugging Face repo id (only its config is downloaded) "
                                   "or minicpmv:demo (weights are not needed)")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
 
-    conf = sub.add_parser("conformance", help="run golden-vector cases against the reference outputs")
+    conf = add("conformance", help="run golden-vector cases against the reference outputs")
     conf.add_argument("cases", nargs="+", type=Path, help="case directories (or directories of cases)")
     conf.add_argument("--checkpoint", type=Path, default=None, help="default: CASE_DIR/../_checkpoint")
 
-    qz = sub.add_parser("quantize", help="write a weight-only int8 / int4 copy of a checkpoint")
+    qz = add("quantize", help="write a weight-only int8 / int4 copy of a checkpoint")
     qz.add_argument("--model", "-m", required=True, help="float checkpoint directory or Hugging Face repo id")
     qz.add_argument("--to", required=True, choices=["int8", "int4"], help="weight format of the LLM linear layers")
     qz.add_argument("--output", "-o", required=True, type=Path, help="new checkpoint directory (must not exist)")
     qz.add_argument("--group-size", type=int, default=None, help="int4: input columns per scale (32/64/128/256; 128)")
     qz.add_argument("--no-lm-head", action="store_true", help="keep lm_head in the checkpoint's float dtype")
 
-    ui = sub.add_parser("ui", help="local web UI: chat with images in the browser (needs the [ui] extra)")
+    ui = add("ui", help="local web UI: chat with images in the browser (needs the [ui] extra)")
     _add_model_args(ui)
     ui.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
@@ -101,15 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .serve.config import add_serve_arguments  # no FastAPI import: just the flags
 
-    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the [serve] extra)")
+    srv = add("serve", help="OpenAI-compatible HTTP server (needs the [serve] extra)")
     _add_model_args(srv)
     add_serve_arguments(srv)
 
     from .train.cli_args import add_demo_arguments, add_export_arguments, add_finetune_arguments  # no torch
 
-    add_finetune_arguments(sub.add_parser("finetune", help="LoRA / full fine-tuning on official-format data"))
-    add_export_arguments(sub.add_parser("export", help="merge a LoRA adapter into a complete checkpoint"))
-    add_demo_arguments(sub.add_parser("train-demo", help="train the small demo model from scratch on synthetic data"))
+    add_finetune_arguments(add("finetune", help="LoRA / full fine-tuning on official-format data"))
+    add_export_arguments(add("export", help="merge a LoRA adapter into a complete checkpoint"))
+    add_demo_arguments(add("train-demo", help="train the small demo model from scratch on synthetic data"))
     return parser
 
 

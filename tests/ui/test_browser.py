@@ -171,9 +171,12 @@ WATCH_ANSWERS = """() => {
 def test_the_command_prints_its_address_and_no_share_hint(server: str) -> None:
     """The CLI offers no share links, so the log must not suggest `share=True`; it prints where
     the page is instead."""
-    text = LOGS[server].read_text()
+    want = f"open {server.rstrip('/')}"
+    deadline = time.monotonic() + 60  # the line is printed right after the page starts serving
+    while want not in (text := LOGS[server].read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert want in text, text
     assert "share=True" not in text and "public link" not in text, text
-    assert f"open {server.rstrip('/')}" in text, text
 
 
 def test_upload_image_ask_and_stream_answer(page: Page, tmp_path: Path, server: str, requested: list[str]) -> None:

@@ -205,7 +205,7 @@ class CaseRunner:
 
     def _chat_stages(self) -> Iterator[StageResult]:
         """``ChatModel.chat()`` called as the reference was, against its returned strings."""
-        chat_kwargs = dict(self.params.get("chat_kwargs") or {})
+        chat_kwargs = {k: v for k, v in self.proc_kwargs.items() if v is not None}  # the call's chat_kwargs
         answer = self.cm.chat(self.msgs, **chat_kwargs, **self.params["greedy_kwargs"])
         yield exact(self.name, "chat_greedy", answer, self.meta["greedy_answer"])
         want_kwargs = self.meta.get("generate_kwargs")
