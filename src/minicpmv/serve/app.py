@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine.chat import ChatModel
-from .completions import complete, prepare, stream
+from .completions import Prepared, complete, prepare, stream
 from .config import ServerConfig
 from .errors import APIError, client_closed, install_error_handlers, request_id_of
 from .runtime import ServerState
@@ -145,7 +145,7 @@ def _has_media(body: ChatCompletionRequest) -> bool:
 
 
 async def _prepare_in_time(state: ServerState, body: ChatCompletionRequest, slots: asyncio.Semaphore,
-                           deadline: float) -> Any:
+                           deadline: float) -> Prepared:
     """``prepare`` within the request's deadline, holding a decoding slot when it has media."""
     loop = asyncio.get_running_loop()
     media = _has_media(body)
@@ -168,9 +168,9 @@ async def _prepare_in_time(state: ServerState, body: ChatCompletionRequest, slot
 
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     """POST /v1/chat/completions"""
-    deadline = asyncio.get_running_loop().time()
+    arrived = asyncio.get_running_loop().time()
     state = _state(request)
-    deadline += state.config.request_timeout_s
+    deadline = arrived + state.config.request_timeout_s
     if body.model != state.name:
         raise APIError(404, f"the model {body.model!r} does not exist; this server serves {state.name!r}",
                        code="model_not_found", param="model")
