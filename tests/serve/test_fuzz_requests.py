@@ -104,6 +104,8 @@ def _post(server, body: object) -> httpx.Response:
 
 @SETTINGS
 @given(body=_body)
+@example(body={"model": NAME, "messages": [{"role": "user", "content": ""}], "temperature": 5e-324})  # found: 500
+@example(body={"model": NAME, "messages": [{"role": "user", "content": "x"}], "repetition_penalty": 1e-300})
 def test_near_valid_bodies(server, body):
     if not (isinstance(body.get("max_tokens"), int) and not isinstance(body.get("max_tokens"), bool)):
         body.setdefault("max_completion_tokens", 3)  # keep valid answers short (the context is 256)

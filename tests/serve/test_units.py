@@ -178,6 +178,16 @@ def test_sampling_defaults_and_overrides():
     assert opts.logit_bias == ((3, -100.0),)
 
 
+def test_tiny_temperatures_are_greedy_and_tiny_penalties_refused():
+    """Found by the request fuzzer: temperature 5e-324 divided the logits into inf (500). Like
+    vLLM, a temperature under 1e-5 means greedy; a repetition penalty under 1e-3 is refused."""
+    opts = sampling_options(_plan(_req(temperature=5e-324)), prompt_tokens=10, max_model_len=100)
+    assert opts.greedy and opts.temperature == 0.0
+    assert sampling_options(_plan(_req(temperature=1e-5)), 10, 100).temperature == 1e-5
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        _req(repetition_penalty=1e-300)
+
+
 def test_generation_defaults_from_dict():
     assert GenerationDefaults.from_dict({}) == GenerationDefaults()
     assert GenerationDefaults.from_dict({"do_sample": False, "temperature": 0.7}).temperature == 0.0
