@@ -1,6 +1,10 @@
 """Fuzzing every input family of the library (hypothesis): message shapes, chat templates, image
 bytes, video containers and audio clips. Whatever comes in, the answer is a result or a typed
-``MiniCPMVError`` (one line, naming the problem), never another exception."""
+``MiniCPMVError`` (one line, naming the problem), never another exception.
+
+The examples are derandomized (the same ones on every run, so CI is reproducible); what a
+wider search found is pinned with ``@example``. Explore further with
+``pytest --hypothesis-seed=random`` after setting ``derandomize=False``."""
 
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from minicpmv.processing.image import load_image
 from minicpmv.processing.video import Video
 from minicpmv.versions import get_version
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 CONF = Path(__file__).resolve().parents[1] / "data" / "conformance"
 
 
@@ -76,7 +80,7 @@ def test_message_shapes(model26, msgs, image, system, slices):
             assert all(isinstance(i, int) for row in out.input_ids for i in row)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, derandomize=True)
 @given(msgs=_conversation, sampling=st.booleans())
 def test_message_shapes_through_chat(model26, msgs, sampling):
     """The whole chat() call (prefill and one token) on the same shapes."""
@@ -151,7 +155,7 @@ def _mutate(data: bytes, rnd: random.Random, edits: int) -> bytes:
     return bytes(b)
 
 
-@pytest.mark.filterwarnings("ignore:Truncated File Read")  # Pillow's TIFF reader warns, then we refuse
+@pytest.mark.filterwarnings("ignore::UserWarning:PIL.TiffImagePlugin")  # Pillow warns, then we refuse
 @FUZZ
 @given(fmt=st.sampled_from(sorted(_IMAGE_FILES)), seed=st.integers(0, 2**32 - 1), edits=st.integers(0, 6),
        max_pixels=st.sampled_from([10**4, 10**7]))
@@ -162,7 +166,7 @@ def test_image_bytes(fmt, seed, edits, max_pixels):
         img.tobytes()  # fully decoded
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(data=st.binary(max_size=200))
 def test_random_bytes_as_images(data):
     assert _typed(load_image, data) is None or True
@@ -193,7 +197,7 @@ def clips() -> dict[str, bytes]:
             "mkv": _clip("matroska", "mpeg4")}
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(["mp4", "webm", "avi", "mkv"]), seed=st.integers(0, 2**32 - 1),
        edits=st.integers(0, 5), version=st.sampled_from(["2.6", "4.5"]),
        options=st.fixed_dictionaries({}, optional={"fps": st.one_of(st.floats(-1, 100), st.integers(0, 3)),
