@@ -132,7 +132,7 @@ def _teacher_forced(cm: Any, batch: Any, ref: torch.Tensor) -> tuple[torch.Tenso
         embeds = torch.cat([batch.inputs_embeds, cm.model.embed_tokens(ref[:, :-1])], dim=1)  # [B, T+n-1, H]
         mask = torch.cat([batch.attention_mask, torch.ones(b, n - 1, dtype=torch.long)], dim=1)
         logits = cm.model(embeds, prefill_positions(mask), mask, last_only=False)[:, t - 1 :]  # [B, n, V]
-    eos = set(cm.terminator_ids())
+    eos = set(cm.runner.eos_ids)
     lengths = [next((i for i, tok in enumerate(row) if tok in eos), len(row) - 1) + 1 for row in ref.tolist()]
     return logits.float(), lengths
 
@@ -146,7 +146,7 @@ def _case_logits(cm: Any, case: Path) -> tuple[torch.Tensor, list[int]]:
     conversations, _ = normalise_msgs(runner.msgs, getattr(runner, "image", None))
     inputs = cm.processor(conversations, **runner.proc_kwargs)
     with torch.inference_mode():
-        batch = cm.prepare_from(inputs, cm.encode_features(inputs))
+        batch = cm.runner.prepare(inputs)
     ref = torch.from_numpy(runner.t["greedy_ids"]).long()
     return _teacher_forced(cm, batch, ref.reshape(len(conversations), -1))  # npz cases store [n]
 
@@ -232,7 +232,7 @@ def demo_quality(scenes: int = 160) -> None:
     synthetic questions, teacher-forced through each quantized copy, and the answers each copy gives."""
     import minicpmv
     from minicpmv import demo_model
-    from minicpmv.engine.compat import official_generation_params
+    from minicpmv.engine.sampling import SamplingParams
 
     ckpt = demo_model.path()
     convs = _demo_prompts(scenes)
@@ -241,12 +241,11 @@ def demo_quality(scenes: int = 160) -> None:
     print(f"{'format':<34} {'dtype':<9} {'steps':>6} {'top-1 agree':>12} {'max|dlogit|':>12} {'same answer':>12}")
     for dtype in ("bfloat16", "float32"):
         base = minicpmv.load(ckpt, dtype=dtype)
-        params = official_generation_params(
-            base.version, sampling=False, enable_thinking=False, max_new_tokens=8, min_new_tokens=0,
-            eos_token_ids=base.terminator_ids(), overrides={"num_beams": 1, "repetition_penalty": 1.0})
+        params = SamplingParams.from_official(base.version, sampling=False, max_new_tokens=8,
+                                              overrides={"num_beams": 1, "repetition_penalty": 1.0})
         with torch.inference_mode():
-            batches = [base.prepare([c]) for c in convs]
-            ids = [torch.tensor([base.generate_ids(b, params)[0]]) for b in batches]
+            batches = [base.runner.prepare(base.processor([c])) for c in convs]
+            ids = [torch.tensor([base.runner.generate_ids(b, params)[0]]) for b in batches]
         ref = {str(i): _teacher_forced(base, b, r) for i, (b, r) in enumerate(zip(batches, ids, strict=True))}
         margins = torch.cat([_margins(lb, lengths) for lb, lengths in ref.values()])
         print(f"-- {dtype}: median top-2 logit margin {float(margins.median()):.2f}; "
@@ -254,9 +253,9 @@ def demo_quality(scenes: int = 160) -> None:
         for label, make in _variants(ckpt, dtype):
             cm = make()
             with torch.inference_mode():
-                mine = [cm.prepare([c]) for c in convs]
+                mine = [cm.runner.prepare(cm.processor([c])) for c in convs]
                 got = {str(i): _teacher_forced(cm, b, ids[i]) for i, b in enumerate(mine)}
-                same = sum(cm.generate_ids(b, params)[0] == ids[i][0].tolist() for i, b in enumerate(mine))
+                same = sum(cm.runner.generate_ids(b, params)[0] == ids[i][0].tolist() for i, b in enumerate(mine))
             agree, total, worst = _agreement(ref, got)
             print(f"{label:<34} {dtype:<9} {total:>6} {100 * agree / total:>11.2f}% {worst:>12.4f} "
                   f"{same:>7}/{len(convs)}")
@@ -330,14 +329,15 @@ def _build_set(kind: str, packed: dict[str, nn.Module], names: list[str]) -> dic
 
 def _decode_steps(model: nn.Module, cache: Any, prompt: int, tokens: int) -> list[float]:
     """Seconds per decode step for ``tokens`` steps after the first ``prompt`` cached positions."""
-    from minicpmv.engine.generate import GenerationParams, generate_steps
+    from minicpmv.engine.generate import generate_steps
+    from minicpmv.engine.sampling import SamplingParams
 
     cache.crop(prompt)
     emb = model.embed_tokens(torch.zeros(1, 1, dtype=torch.long))  # [1, 1, H]
-    params = GenerationParams(max_new_tokens=tokens + 1, min_new_tokens=tokens + 1)
+    params = SamplingParams(max_new_tokens=tokens + 1, min_new_tokens=tokens + 1)
     steps = []
     with torch.inference_mode():
-        it = generate_steps(model, emb, None, params, cache)
+        it = generate_steps(model, emb, None, params, cache=cache)
         next(it)
         t = time.perf_counter()
         for _ in it:

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=None)
     chat.add_argument("--top-k", type=int, default=None)
     chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--id0-quirk", action=argparse.BooleanOptionalAction, default=True,
+                      help="the reference's id-0 handling: hide prompt tokens with id 0, drop id 0 from answers "
+                           "(default on, as the official chat())")
 
     ins = sub.add_parser("inspect", help="print version, parameter counts and memory estimate")
     ins.add_argument("path", help="checkpoint directory (weights are not needed)")
@@ -117,7 +120,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     videos = _videos(args)
     model = load(args.model, dtype=args.dtype, device=args.device)
     session = ChatSession(
-        model, system_prompt=args.system, enable_thinking=args.think,
+        model, system_prompt=args.system, enable_thinking=args.think, id0_quirk=args.id0_quirk,
         max_slice_nums=args.max_slice_nums, max_inp_length=_max_inp_length(args, model, bool(videos)),
         **_generation_kwargs(args),
     )

@@ -243,7 +243,9 @@ class ModelConfig:
         """Parse an official config.json. The keyword arguments come from the version table
         (``VersionSpec.config_kwargs()``): backbone family, resampler and vision-tower variant."""
         text = _text_config(d, family)
-        vision = _timm_vision_config(d) if vision_tower == "timm_siglip" else _vision_config(d)
+        if vision_tower not in _VISION_READERS:
+            raise ConfigError(f"unknown vision tower {vision_tower!r}; known: {', '.join(_VISION_READERS)}")
+        vision = _VISION_READERS[vision_tower](d)
         query_num = int(d.get("query_num", 64))
         # 2.0 keeps the slicing fields at the top level instead of in slice_config
         sd = dict(d.get("slice_config") or {k: d[k] for k in ("max_slice_nums", "scale_resolution") if k in d})
@@ -301,8 +303,27 @@ _KNOWN_KEYS = _IGNORED_KEYS | {
 }
 
 
+@dataclass(frozen=True)
+class _FamilyTraits:
+    """What an LLM family implies when config.json does not say: q/k/v bias default, q/k norm."""
+
+    attention_bias: bool = False
+    qk_norm: bool = False
+
+
+_FAMILIES = {
+    "qwen2": _FamilyTraits(attention_bias=True),
+    "qwen3": _FamilyTraits(qk_norm=True),
+    "llama": _FamilyTraits(),
+    "minicpm": _FamilyTraits(),
+}
+
+
 def _text_config(d: dict[str, Any], family: str) -> TextConfig:
     where = "config.json"
+    if family not in _FAMILIES:
+        raise ConfigError(f"unknown LLM family {family!r}; known: {', '.join(_FAMILIES)}")
+    traits = _FAMILIES[family]
     if d.get("rope_scaling") not in (None, {}):
         raise ConfigError(f"{where}: rope_scaling={d['rope_scaling']!r} is not supported")
     if d.get("use_sliding_window"):
@@ -323,11 +344,11 @@ def _text_config(d: dict[str, Any], family: str) -> TextConfig:
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         rope_theta=float(d.get("rope_theta", 10000.0)),
         max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
-        attention_bias=bool(d.get("attention_bias", family == "qwen2")),
+        attention_bias=bool(d.get("attention_bias", traits.attention_bias)),
         scale_emb=_opt_float(d, "scale_emb"),
         scale_depth=_opt_float(d, "scale_depth"),
         dim_model_base=None if d.get("dim_model_base") is None else int(d["dim_model_base"]),
-        qk_norm=family == "qwen3",
+        qk_norm=traits.qk_norm,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=d.get("eos_token_id"),
@@ -389,6 +410,10 @@ def _timm_vision_config(d: dict[str, Any]) -> VisionConfig:
         layer_norm_eps=1e-6,
         hidden_act="gelu",  # timm's default: exact (erf) GELU
     )
+
+
+# how each vision tower's settings are read (``VersionSpec.vision_tower`` names one)
+_VISION_READERS = {"navit": _vision_config, "idefics2": _vision_config, "timm_siglip": _timm_vision_config}
 
 
 def _audio_config(d: dict[str, Any]) -> AudioConfig | None:

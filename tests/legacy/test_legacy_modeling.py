@@ -138,7 +138,7 @@ def test_v40_builds_from_the_spec_delta_and_matches_bias_free_2_6(tmp_path):
     msgs = [{"role": "user", "content": [case_image("2.6", "single_448"), "What is this?"]}]
     kw = dict(sampling=False, num_beams=1, repetition_penalty=1.0, max_new_tokens=8)
     assert cm40.chat(msgs, **kw) == cm26.chat(msgs, **kw)
-    batch40, batch26 = cm40.prepare([msgs]), cm26.prepare([msgs])
+    batch40, batch26 = cm40.runner.prepare(cm40.processor([msgs])), cm26.runner.prepare(cm26.processor([msgs]))
     assert torch.equal(batch40.input_ids, batch26.input_ids)
     assert torch.allclose(batch40.inputs_embeds, batch26.inputs_embeds)
     from minicpmv.cli import main

@@ -193,14 +193,14 @@ def test_internal_error_is_500_with_request_id_and_server_keeps_serving(server, 
 
 def test_engine_error_during_prefill_is_isolated(server, monkeypatch):
     engine = server.state.engine
-    real = engine.chat_model.encode_features
+    real = engine.runner.encode_features
 
     def failing(inputs, *a, **k):
         if "kaboom" in inputs.prompts[0]:
             raise InputError("simulated bad image features")
         return real(inputs, *a, **k)
 
-    monkeypatch.setattr(engine.chat_model, "encode_features", failing)
+    monkeypatch.setattr(engine.runner, "encode_features", failing)
     _error(server.post(_body([{"role": "user", "content": "kaboom"}])), 400, "invalid_request")
     assert server.post(_body([{"role": "user", "content": "fine"}])).status_code == 200
 

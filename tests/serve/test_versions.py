@@ -8,7 +8,7 @@ import pytest
 
 from .conftest import CONF, NAME, LiveServer, image_part, random_image
 
-GREEDY = {"sampling": False, "num_beams": 1, "repetition_penalty": 1.0, "mask_bang_token": False}
+GREEDY = {"sampling": False, "num_beams": 1, "repetition_penalty": 1.0, "id0_quirk": False}
 OTHERS = sorted(p.parent.name for p in CONF.glob("*/_checkpoint") if p.parent.name not in ("2.6", "4.5"))
 
 

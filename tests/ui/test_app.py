@@ -8,13 +8,8 @@ import sys
 import gradio as gr  # a [dev] dependency: a missing gradio fails these tests, it does not skip them
 import pytest
 
-from minicpmv.ui.app import (
-    Handlers,
-    answer_messages,
-    build_app,
-    error_status,
-    render,
-)
+from minicpmv.engine.stream import TextEvent
+from minicpmv.ui.app import Handlers, Partial, answer_messages, build_app, error_status, render
 from minicpmv.ui.logic import TabChat, Turn
 
 CONTROLS = ("sampling", 1.0, 1.0, 8, 9, False)  # mode, temperature, top-p, max tokens, max slices, thinking
@@ -41,34 +36,36 @@ def test_build_app(which, request):
 
 
 def test_answer_messages_plain():
-    assert answer_messages("Hello") == [{"role": "assistant", "content": "Hello"}]
-    assert answer_messages("", final=False) == [{"role": "assistant", "content": "…"}]  # waiting
-    assert answer_messages("") == [{"role": "assistant", "content": "*(empty answer)*"}]
+    assert answer_messages(None, "Hello") == [{"role": "assistant", "content": "Hello"}]
+    assert answer_messages(None, "", final=False) == [{"role": "assistant", "content": "…"}]  # waiting
+    assert answer_messages(None, "") == [{"role": "assistant", "content": "*(empty answer)*"}]
 
 
 def test_answer_messages_reasoning_is_collapsed_when_done():
-    msgs = answer_messages("<think>\nlook at the roof\n</think>\n\nA house.")
+    msgs = answer_messages("look at the roof", "A house.")
     assert msgs[0]["metadata"] == {"title": "Reasoning", "status": "done"}  # status done = collapsed
     assert msgs[0]["content"] == "look at the roof"
     assert msgs[1] == {"role": "assistant", "content": "A house."}
 
 
 def test_answer_messages_reasoning_streaming():
-    msgs = answer_messages("<think>\nlook", final=False)
-    assert len(msgs) == 1 and msgs[0]["metadata"]["status"] == "pending"  # open while it streams
-    msgs = answer_messages("<think>\nlook\n</think>\n\n", final=False)
-    assert msgs[0]["metadata"]["status"] == "done" and msgs[1]["content"] == "…"
+    msgs = answer_messages("look", "", final=False)
+    assert msgs[0]["metadata"]["status"] == "pending" and msgs[1]["content"] == "…"  # open while it streams
+    msgs = answer_messages("look", "A", final=False)
+    assert msgs[0]["metadata"]["status"] == "done" and msgs[1]["content"] == "A"
 
 
 def test_answer_messages_stopped_inside_reasoning():
-    msgs = answer_messages("<think>\nlook and look")
+    msgs = answer_messages("look and look", "", finish_reason="length")
     assert msgs[0]["metadata"]["status"] == "done"  # collapsed: the answer is over
     assert "stopped inside the reasoning" in msgs[1]["content"]
 
 
 def test_render_turns_with_files(house):
-    turns = [Turn(text="What?", files=[str(house)], items=[], answer="A house.")]
-    assert render(turns, Turn(text="More?", files=[], items=[]), "It is") == [
+    turns = [Turn(text="What?", files=[str(house)], items=[], answer="A house.", content="A house.")]
+    partial = Partial(False)
+    partial.add(TextEvent(text="It is", content="It is"))
+    assert render(turns, Turn(text="More?", files=[], items=[]), partial) == [
         {"role": "user", "content": {"path": str(house)}},
         {"role": "user", "content": "What?"},
         {"role": "assistant", "content": "A house."},
@@ -93,7 +90,7 @@ def test_submit_streams_then_reports(shared26, house):
     *_, (box, tab, chat, status) = steps
     assert status.startswith("Answered in")
     assert [m["role"] for m in chat] == ["user", "user", "assistant"]
-    assert chat[2]["content"] == tab.turns[0].answer
+    assert chat[2]["content"] == tab.turns[0].answer == tab.turns[0].content
 
 
 def test_submit_bad_file_keeps_input_and_shows_error(shared26, house, corrupt_png):

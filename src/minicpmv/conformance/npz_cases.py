@@ -22,9 +22,7 @@ import torch
 from PIL import Image
 
 from ..engine.chat import ChatModel, normalise_msgs
-from ..engine.compat import official_generation_params
-from ..engine.generate import generate_steps
-from ..engine.kv_cache import KVCache
+from ..engine.sampling import SamplingParams
 from ..errors import MiniCPMVError
 from .common import StageResult, close, exact
 
@@ -104,8 +102,7 @@ class NpzCaseRunner:
         with torch.inference_mode():
             yield from self._vision_stages(inputs)
             yield from self._audio_stages(inputs)
-            features = self.cm.encode_features(inputs)
-            batch = self.cm.prepare_from(inputs, features)
+            batch = self.cm.runner.prepare(inputs)
             logits = self.cm.model(batch.inputs_embeds, None, batch.attention_mask)[0, -1]  # [V]
             yield close(self.name, "prefill_logits", logits.numpy(), self.t["prefill_last_logits"], TOL_LOGITS)
             yield from self._generation_stages(batch)
@@ -172,20 +169,16 @@ class NpzCaseRunner:
 
     def _params(self, call: dict[str, Any]) -> Any:
         kw = dict(call)
-        return official_generation_params(
-            self.cm.version, sampling=kw.pop("sampling"), enable_thinking=False,
-            max_new_tokens=kw.pop("max_new_tokens"), min_new_tokens=0,
-            eos_token_ids=self.cm.terminator_ids(), overrides=kw,
-        )
+        return SamplingParams.from_official(
+            self.cm.version, sampling=kw.pop("sampling"), max_new_tokens=kw.pop("max_new_tokens"), overrides=kw)
 
     def _generation_stages(self, batch: Any) -> Iterator[StageResult]:
-        cache = KVCache.for_model(self.cm.model, 1)
-        steps = generate_steps(self.cm.model, batch.inputs_embeds, batch.attention_mask, self._params(GREEDY), cache)
+        steps = self.cm.runner.steps(batch, self._params(GREEDY))
         greedy = [int(s.tokens[0]) for s in steps]
         yield exact(self.name, "greedy_ids", greedy, self.t["greedy_ids"].tolist())
-        yield exact(self.name, "greedy_text", self.cm.postprocess(greedy), self.meta["greedy_text"])
-        beam = self.cm.generate_ids(batch, self._params(BEAM))[0]
+        yield exact(self.name, "greedy_text", self.cm.runner.postprocess(greedy), self.meta["greedy_text"])
+        beam = self.cm.runner.generate_ids(batch, self._params(BEAM))[0]
         want = self.t["beam_ids"].tolist()
         trimmed = beam[: len(want)] if all(t == 0 for t in beam[len(want):]) else beam
         yield exact(self.name, "beam_ids", trimmed, want)
-        yield exact(self.name, "beam_text", self.cm.postprocess(beam), self.meta["beam_text"])
+        yield exact(self.name, "beam_text", self.cm.runner.postprocess(beam), self.meta["beam_text"])

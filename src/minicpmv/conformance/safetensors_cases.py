@@ -23,9 +23,8 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from ..engine.chat import ChatModel, normalise_msgs
-from ..engine.compat import official_generation_params
-from ..engine.generate import generate_steps
-from ..engine.kv_cache import KVCache
+from ..engine.compat import thinking_flag
+from ..engine.sampling import SamplingParams
 from ..errors import MiniCPMVError
 from ..modeling.vision_siglip import pack_slices
 from .common import StageResult, close, exact
@@ -77,7 +76,7 @@ class CaseRunner:
             max_slice_nums=kw.pop("max_slice_nums", None),
             use_image_id=kw.pop("use_image_id", None),
             temporal_ids=kw.pop("temporal_ids", None),
-            enable_thinking=self.enable_thinking if self.cm.version.supports_thinking else None,
+            enable_thinking=thinking_flag(self.cm.version, self.enable_thinking),
         )
         if kw:
             raise MiniCPMVError(f"{self.name}: unknown chat_kwargs {sorted(kw)}")
@@ -88,9 +87,9 @@ class CaseRunner:
         yield from self._prompt_stages(inputs)
         yield from self._pixel_stages(inputs)
         with torch.inference_mode():
-            features = self.cm.encode_features(inputs)
+            features = self.cm.runner.encode_features(inputs)
             yield from self._vision_stages(inputs, features)
-            batch = self.cm.prepare_from(inputs, features)
+            batch = self.cm.runner.prepare(inputs, features=features)
             yield exact(self.name, "attention_mask", batch.attention_mask.tolist(),
                          self.t["attention_mask"].tolist())
             e = batch.inputs_embeds.double()
@@ -164,17 +163,15 @@ class CaseRunner:
     def _gen_params(self, kwargs: dict[str, Any]) -> Any:
         kw = dict(kwargs)
         sampling = kw.pop("sampling", True)
-        return official_generation_params(
+        return SamplingParams.from_official(
             self.cm.version, sampling=sampling, enable_thinking=self.enable_thinking,
-            max_new_tokens=kw.pop("max_new_tokens", 2048), min_new_tokens=kw.pop("min_new_tokens", 0),
-            eos_token_ids=self.cm.terminator_ids(), overrides=kw,
+            max_new_tokens=kw.pop("max_new_tokens", 2048), min_new_tokens=kw.pop("min_new_tokens", 0), overrides=kw,
         )
 
     def _greedy_stages(self, batch: Any) -> Iterator[StageResult]:
         params = self._gen_params(self.params["greedy_kwargs"])
-        cache = KVCache.for_model(self.cm.model, batch.input_ids.shape[0])
         tokens, logits = [], []
-        for step in generate_steps(self.cm.model, batch.inputs_embeds, batch.attention_mask, params, cache):
+        for step in self.cm.runner.steps(batch, params):
             tokens.append(step.tokens)
             logits.append(step.logits)
         got_ids = torch.stack(tokens, 1)  # [B, n]
@@ -185,7 +182,7 @@ class CaseRunner:
         padded = np.zeros_like(want_ids)
         padded[:, :n] = got_ids.numpy()[:, : want_ids.shape[1]]
         yield exact(self.name, "greedy_ids", padded.tolist(), want_ids.tolist())
-        answers = [self.cm.postprocess(r) for r in got_ids.tolist()]
+        answers = [self.cm.runner.postprocess(r) for r in got_ids.tolist()]
         prefix = self.cm.version.thinking_prefix if self.enable_thinking else ""
         want = self.meta["greedy_answer"]
         got: Any = [prefix + a for a in answers]
@@ -193,7 +190,7 @@ class CaseRunner:
 
     def _beam_stage(self, batch: Any) -> Iterator[StageResult]:
         params = self._gen_params(self.params["beam_kwargs"])
-        rows = self.cm.generate_ids(batch, params)
+        rows = self.cm.runner.generate_ids(batch, params)
         want = self.t["beam_ids"].tolist()
         got = [list(r) + [0] * (len(w) - len(r)) for r, w in zip(rows, want, strict=True)]
         yield exact(self.name, "beam_ids", got, want)

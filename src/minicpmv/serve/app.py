@@ -129,7 +129,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     handle = None
     try:
         prep = await prepare(state, body)
-        handle = state.submit(prep.inputs, prep.options, prep.plan.n)
+        handle = state.submit(prep.inputs, prep.params, prep.plan.n)
         response_id = f"chatcmpl-{handle.request_id}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

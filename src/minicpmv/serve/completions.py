@@ -18,14 +18,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.batch import BatchEvent, SamplingOptions
+from ..engine.batch import BatchEvent
+from ..engine.compat import thinking_flag
+from ..engine.sampling import SamplingParams
+from ..engine.stream import TextStream
 from ..errors import MiniCPMVError
 from ..processing.image import load_image
 from ..processing.processor import ModelInputs
-from .convert import RequestPlan, plan_request, resolved_conversation, sampling_options
+from ..processing.video import recipe_of
+from .convert import RequestPlan, plan_request, resolved_conversation, sampling_params
 from .errors import APIError, from_library_error, internal_error
 from .media import fetch_media
-from .output import ChoiceText
 from .runtime import Disconnected, Handle, ServerState
 from .schemas import (
     AssistantMessage,
@@ -47,7 +50,7 @@ _NO_TRUNCATION = 2**31  # the processor must never cut a prompt: too long is an 
 class Prepared:
     plan: RequestPlan
     inputs: ModelInputs
-    options: SamplingOptions
+    params: SamplingParams
 
 
 async def _load_media(state: ServerState, plan: RequestPlan) -> None:
@@ -66,7 +69,7 @@ def video_item(state: ServerState, data: bytes) -> dict[str, Any]:
     if policy is None:
         raise APIError(400, f"MiniCPM-V {state.model.version.name} has no video support", code="unsupported",
                        param="messages")
-    per_entry = policy.max_packing if policy.recipe == "packed" else 1
+    per_entry = recipe_of(policy).frames_per_entry(policy)
     max_frames = max(1, min(policy.max_frames, state.config.max_video_frames // per_entry))
     return {"type": "video", "video": data, "max_frames": max_frames}
 
@@ -79,12 +82,12 @@ async def prepare(state: ServerState, body: ChatCompletionRequest) -> Prepared:
     await _load_media(state, plan)
     inputs = await asyncio.to_thread(
         state.model.processor, [resolved_conversation(plan)], system_prompt=plan.system_prompt,
-        enable_thinking=plan.enable_thinking if version.supports_thinking else None,
+        enable_thinking=thinking_flag(version, plan.enable_thinking),
         max_length=_NO_TRUNCATION,
     )
     _check_frames(state, inputs)
-    options = sampling_options(plan, len(inputs.input_ids[0]), state.engine.max_model_len)
-    return Prepared(plan, inputs, options)
+    params = sampling_params(plan, len(inputs.input_ids[0]), state.engine.max_model_len)
+    return Prepared(plan, inputs, params)
 
 
 def _check_frames(state: ServerState, inputs: ModelInputs) -> None:
@@ -106,12 +109,11 @@ class _Answer:
     """Per-request accumulation of choices, finish reasons and token counts."""
 
     def __init__(self, state: ServerState, prep: Prepared, handle: Handle) -> None:
-        tok = state.model.tokenizer
         self.handle = handle
         self.thinking = prep.plan.enable_thinking
-        self.texts = [
-            ChoiceText(lambda ids: tok.decode(ids, skip_special_tokens=False), skip_ids=state.hidden_ids,
-                       stops=prep.plan.stops, thinking=self.thinking)
+        self.texts: list[TextStream] = [
+            state.model.runner.text_stream(id0_quirk=state.config.id0_quirk, thinking=self.thinking,
+                                           stops=prep.plan.stops)
             for _ in range(prep.plan.n)
         ]
         self.finish: list[str | None] = [None] * prep.plan.n
@@ -122,17 +124,20 @@ class _Answer:
         if event.error is not None or event.finish_reason == "error":
             raise _event_error(event, self.handle.request_id)
         text = self.texts[event.index]
-        r, c = text.feed(event.token_id) if event.token_id is not None else ("", "")
-        if text.stopped and event.finish_reason is None:
-            self.handle.cancel_choice(event.index)
+        r = c = ""
+        if event.token_id is not None and not text.stopped:
+            out = text.feed(event.token_id)
+            r, c = out.reasoning, out.content
+            if text.stopped and event.finish_reason is None:
+                self.handle.cancel_choice(event.index)
         if event.finish_reason is not None:
-            r2, c2 = text.finish()
-            r, c = r + r2, c + c2
             self.finish[event.index] = self._reason(event, text)
+            out = text.finish(self.finish[event.index])  # type: ignore[arg-type]
+            r, c = r + out.reasoning, c + out.content
         return r, c
 
     @staticmethod
-    def _reason(event: BatchEvent, text: ChoiceText) -> str:
+    def _reason(event: BatchEvent, text: TextStream) -> str:
         if text.stopped:
             return "stop"
         if event.finish_reason == "cancelled":
@@ -156,8 +161,8 @@ async def complete(
         return None
     choices = []
     for i, text in enumerate(answer.texts):
-        reasoning, content = text.texts(answer.thinking)
-        choices.append(Choice(index=i, message=AssistantMessage(content=content, reasoning_content=reasoning),
+        reasoning = text.reasoning if answer.thinking else None
+        choices.append(Choice(index=i, message=AssistantMessage(content=text.content, reasoning_content=reasoning),
                               finish_reason=answer.finish[i]))
     return ChatCompletion(id=response_id, model=state.name, choices=choices, usage=answer.usage())
 

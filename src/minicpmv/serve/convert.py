@@ -5,7 +5,8 @@ thinking on a model without it), turns the messages into the official message fo
 system/developer messages become the system prompt; text parts are joined with newlines by the
 processor like ``chat()`` does; image and video parts become ``MediaRef`` placeholders that the
 app replaces with decoded media), and collects the sampling fields with their defaults.
-``sampling_options`` builds the engine's ``SamplingOptions`` once the prompt length is known.
+``sampling_params`` builds the engine's ``SamplingParams`` (``from_openai``) once the prompt
+length is known.
 No model, network or disk access here.
 """
 
@@ -15,7 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.batch import SamplingOptions
+from ..engine.sampling import SamplingParams
 from .config import GenerationDefaults
 from .errors import APIError
 from .schemas import ChatCompletionRequest, ChatMessage, ImagePart, TextPart, VideoPart
@@ -155,7 +156,7 @@ def _sampling(req: ChatCompletionRequest, defaults: GenerationDefaults, vocab_si
         repetition_penalty=defaults.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
-        min_new_tokens=req.min_tokens,
+        min_tokens=req.min_tokens,
         seed=None if req.seed is None else req.seed % 2**63,
         logit_bias=tuple(bias),
     )
@@ -180,10 +181,10 @@ def plan_request(
     )
 
 
-def sampling_options(plan: RequestPlan, prompt_tokens: int, max_model_len: int) -> SamplingOptions:
-    """Engine options; without max_tokens the answer may fill the rest of the context."""
+def sampling_params(plan: RequestPlan, prompt_tokens: int, max_model_len: int) -> SamplingParams:
+    """The request's settings; without max_tokens the answer may fill the rest of the context."""
     max_new = plan.max_tokens if plan.max_tokens is not None else max(max_model_len - prompt_tokens, 1)
-    return SamplingOptions(max_new_tokens=max_new, **plan.sampling)
+    return SamplingParams.from_openai(max_tokens=max_new, **plan.sampling)
 
 
 def resolved_conversation(plan: RequestPlan) -> list[dict[str, Any]]:

@@ -19,15 +19,9 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..engine.stream import TextEvent
 from ..errors import MiniCPMVError
-from .logic import (
-    DecodingOptions,
-    SharedModel,
-    TabChat,
-    Turn,
-    split_reasoning,
-    video_supported,
-)
+from .logic import PageOptions, SharedModel, TabChat, Turn, page_options, video_supported
 
 log = logging.getLogger(__name__)
 
@@ -53,38 +47,54 @@ def import_gradio() -> Any:
 STOPPED_IN_REASONING = "*(The answer stopped inside the reasoning: raise “Max new tokens”.)*"
 
 
-def answer_messages(text: str, *, final: bool = True) -> list[dict[str, Any]]:
+class Partial:
+    """An answer as it streams in: reasoning (thinking mode) and answer text so far."""
+
+    def __init__(self, thinking: bool) -> None:
+        self.reasoning: str | None = "" if thinking else None
+        self.content = ""
+        self.finish_reason: str | None = None
+
+    def add(self, event: TextEvent) -> None:
+        if self.reasoning is not None:
+            self.reasoning += event.reasoning
+        self.content += event.content
+        self.finish_reason = event.finish_reason or self.finish_reason
+
+
+def answer_messages(reasoning: str | None, content: str, *, final: bool = True,
+                    finish_reason: str | None = None) -> list[dict[str, Any]]:
     """An assistant answer as chatbot messages; thinking-mode reasoning goes in a block of its own.
 
-    The reasoning block is open while it streams and collapsed (status "done") once it is closed
-    or the answer is final.
+    The reasoning block is open while it streams and collapsed (status "done") once the answer
+    has begun or is final.
     """
-    split = split_reasoning(text)
     out: list[dict[str, Any]] = []
-    if split.reasoning is not None:
-        status = "done" if split.reasoning_done or final else "pending"
-        out.append({"role": "assistant", "content": split.reasoning or "…",
+    if reasoning is not None:
+        status = "done" if content or final else "pending"
+        out.append({"role": "assistant", "content": reasoning or "…",
                     "metadata": {"title": "Reasoning", "status": status}})
-        if final and not split.reasoning_done:
+        if final and not content and finish_reason == "length":
             out.append({"role": "assistant", "content": STOPPED_IN_REASONING})
-    if split.answer or (split.reasoning is None) or (split.reasoning_done and not final):
-        out.append({"role": "assistant", "content": split.answer or ("*(empty answer)*" if final else "…")})
+            return out
+    if content or reasoning is None or not final:
+        out.append({"role": "assistant", "content": content or ("*(empty answer)*" if final else "…")})
     return out
 
 
-def turn_messages(turn: Turn, answer: str | None = None) -> list[dict[str, Any]]:
-    """User files and text of one turn, then its answer (``answer``: a partial, streaming one)."""
+def turn_messages(turn: Turn, partial: Partial | None = None) -> list[dict[str, Any]]:
+    """User files and text of one turn, then its answer (``partial``: a streaming one)."""
     msgs: list[dict[str, Any]] = [{"role": "user", "content": {"path": f}} for f in turn.files]
     if turn.text.strip():
         msgs.append({"role": "user", "content": turn.text})
-    if answer is None:
-        return msgs + answer_messages(turn.answer)
-    return msgs + answer_messages(answer, final=False)
+    if partial is None:
+        return msgs + answer_messages(turn.reasoning, turn.content, finish_reason=turn.finish_reason)
+    return msgs + answer_messages(partial.reasoning, partial.content, final=False)
 
 
-def render(turns: list[Turn], pending: Turn | None = None, partial: str = "") -> list[dict[str, Any]]:
+def render(turns: list[Turn], pending: Turn | None = None, partial: Partial | None = None) -> list[dict[str, Any]]:
     msgs = [m for t in turns for m in turn_messages(t)]
-    return msgs + (turn_messages(pending, partial) if pending is not None else [])
+    return msgs + (turn_messages(pending, partial or Partial(False)) if pending is not None else [])
 
 
 _MD_ESCAPES = {c: f"&#{ord(c)};" for c in "\\`*_[]<>&|~"}
@@ -96,11 +106,10 @@ def error_status(e: BaseException | str) -> str:
     return f'<span class="error">Error: {text}</span>'
 
 
-def _options(mode: str, temperature: float, top_p: float, max_tokens: float, max_slices: float,
-             thinking: bool) -> DecodingOptions:
-    return DecodingOptions(mode=mode, temperature=float(temperature), top_p=float(top_p),
-                           max_new_tokens=int(max_tokens), max_slice_nums=int(max_slices),
-                           thinking=bool(thinking))
+def _options(shared: SharedModel, mode: str, temperature: float, top_p: float, max_tokens: float,
+             max_slices: float, thinking: bool) -> PageOptions:
+    return page_options(shared.model.version, mode=mode, temperature=float(temperature), top_p=float(top_p),
+                        max_new_tokens=int(max_tokens), max_slice_nums=int(max_slices), thinking=bool(thinking))
 
 
 # ---------------------------------------------------------------------- handlers
@@ -112,17 +121,17 @@ class Handlers:
         self.shared = shared
 
     def _stream(
-        self, tab: TabChat, stream: Generator[str, None, None], base: list[Turn], pending: Turn,
-        done: str = "Answered",
+        self, tab: TabChat, stream: Generator[TextEvent, None, None], base: list[Turn], pending: Turn,
+        thinking: bool, done: str = "Answered",
     ) -> Iterator[tuple]:
-        skip, text, t0, epoch = self.gr.skip(), "", time.perf_counter(), tab.epoch
-        yield skip, tab, render(base, pending, ""), "Generating…"
+        skip, partial, t0, epoch = self.gr.skip(), Partial(thinking), time.perf_counter(), tab.epoch
+        yield skip, tab, render(base, pending, partial), "Generating…"
         try:
-            for chunk in stream:
+            for event in stream:
                 if tab.epoch != epoch:  # "Clear" was pressed: stop generating, show nothing more
                     return  # (the finally below closes the stream, which releases the model lock)
-                text += chunk
-                yield skip, tab, render(base, pending, text), "Generating…"
+                partial.add(event)
+                yield skip, tab, render(base, pending, partial), "Generating…"
         except MiniCPMVError as e:
             yield skip, tab, render(tab.turns), error_status(e)
             return
@@ -139,21 +148,25 @@ class Handlers:
         message = message or {}
         text, files = str(message.get("text") or ""), list(message.get("files") or [])
         try:
-            stream = tab.ask(text, files, _options(*controls))
+            options = _options(self.shared, *controls)
+            stream = tab.ask(text, files, options)
         except MiniCPMVError as e:
             yield self.gr.skip(), tab, render(tab.turns), error_status(e)
             return
         yield {"text": "", "files": []}, tab, render(tab.turns), "Generating…"
-        yield from self._stream(tab, stream, list(tab.turns), Turn(text=text, files=[str(f) for f in files], items=[]))
+        pending = Turn(text=text, files=[str(f) for f in files], items=[])
+        yield from self._stream(tab, stream, list(tab.turns), pending, options.thinking)
 
     def regenerate(self, tab: TabChat | None, *controls: Any) -> Iterator[tuple]:
         tab = tab if tab is not None else TabChat(self.shared)
         try:
-            stream = tab.regenerate(_options(*controls))
+            options = _options(self.shared, *controls)
+            stream = tab.regenerate(options)
         except MiniCPMVError as e:
             yield self.gr.skip(), tab, render(tab.turns), error_status(e)
             return
-        yield from self._stream(tab, stream, tab.turns[:-1], tab.turns[-1], done="Regenerated the last answer")
+        yield from self._stream(tab, stream, tab.turns[:-1], tab.turns[-1], options.thinking,
+                                done="Regenerated the last answer")
 
     def clear(self, tab: TabChat | None) -> tuple:
         if tab is not None:
@@ -170,13 +183,15 @@ class Handlers:
         if not image:
             yield self.gr.skip(), error_status("upload a test image")
             return
-        text, stream = "", None
+        stream = None
         try:
-            stream = self.shared.few_shot(examples, image, question or "", _options(*controls))
+            options = _options(self.shared, *controls)
+            partial = Partial(options.thinking)
+            stream = self.shared.few_shot(examples, image, question or "", options)
             yield [], "Generating…"
-            for chunk in stream:
-                text += chunk
-                yield answer_messages(text, final=False), "Generating…"
+            for event in stream:
+                partial.add(event)
+                yield answer_messages(partial.reasoning, partial.content, final=False), "Generating…"
         except MiniCPMVError as e:
             yield self.gr.skip(), error_status(e)
             return
@@ -187,7 +202,7 @@ class Handlers:
         finally:
             if stream is not None:
                 stream.close()  # releases the model lock if the browser went away
-        yield answer_messages(text), "Done."
+        yield answer_messages(partial.reasoning, partial.content, finish_reason=partial.finish_reason), "Done."
 
 
 def _gallery(examples: list) -> list[tuple[str, str]]:

@@ -2,11 +2,12 @@
 
 ``read_uploads`` turns uploaded files into message items (images decoded with ``load_image``,
 videos as ``Video`` items when this installation has the video pipeline) and raises a typed
-error naming the file otherwise. ``DecodingOptions`` maps the page's controls onto the
-official ``chat()`` keyword arguments. ``SharedModel`` holds the one loaded model and a lock
-(one generation at a time, whichever tab asks); ``TabChat`` is the state of one browser tab: its
-own ``ChatSession`` and the user turns it has answered, so tabs never share a history.
-``split_reasoning`` separates a thinking-mode answer into reasoning and answer for display.
+error naming the file otherwise. ``page_options`` turns the page's controls into the engine's
+``SamplingParams`` (the official presets, as ``chat()`` merges them) plus the slice and thinking
+settings. ``SharedModel`` holds the one loaded model and a lock (one generation at a time,
+whichever tab asks); ``TabChat`` is the state of one browser tab: its own ``ChatSession`` and
+the user turns it has answered, so tabs never share a history. Answers stream as the engine's
+``TextEvent``s, whose reasoning / answer split is the one the library and the server use.
 
 Nothing here imports gradio (``app.py`` builds the page) and nothing loads a model at import.
 """
@@ -21,13 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..engine.sampling import SamplingParams
+from ..engine.stream import TextEvent
 from ..errors import FeatureNotAvailableError, ImageError, InputError, MiniCPMVError
 from ..processing.image import load_image
+from ..versions import VersionSpec
 
 log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpeg", ".mpg", ".wmv", ".flv"})
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 DECODING_MODES = ("sampling", "beam")
 
 
@@ -85,59 +88,33 @@ def read_uploads(paths: Sequence[str | Path]) -> list[Any]:
 
 
 @dataclass(frozen=True)
-class DecodingOptions:
-    """The page's decoding controls. ``mode`` is "sampling" (official sampling preset) or "beam"."""
+class PageOptions:
+    """What the page's controls ask for: decoding settings, slices per image, thinking mode."""
 
-    mode: str = "sampling"
-    temperature: float = 0.7
-    top_p: float = 0.8
-    max_new_tokens: int = 1024
+    params: SamplingParams
     max_slice_nums: int | None = None
     thinking: bool = False
 
-    def __post_init__(self) -> None:
-        if self.mode not in DECODING_MODES:
-            raise InputError(f"decoding mode must be one of {DECODING_MODES}, got {self.mode!r}")
-        if self.mode == "sampling" and not self.temperature > 0:
-            raise InputError(f"temperature must be > 0 for sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top-p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1:
-            raise InputError(f"max new tokens must be >= 1, got {self.max_new_tokens}")
-        if self.max_slice_nums is not None and self.max_slice_nums < 1:
-            raise InputError(f"max slices must be >= 1, got {self.max_slice_nums}")
 
-    def generation_kwargs(self, *, supports_thinking: bool) -> dict[str, Any]:
-        """Keyword arguments for ``chat()`` / ``ChatSession.ask``: only keys the preset applies."""
-        kw: dict[str, Any] = {"max_new_tokens": int(self.max_new_tokens)}
-        if self.mode == "beam":
-            kw["sampling"] = False  # the official beam preset (3 beams); it takes no sampling keys
-            return kw
-        kw.update(sampling=True, temperature=float(self.temperature))
-        if not (self.thinking and supports_thinking):
-            kw["top_p"] = float(self.top_p)  # the thinking preset sets only temperature
-        return kw
-
-
-@dataclass(frozen=True)
-class Reasoning:
-    """A thinking-mode answer split for display."""
-
-    reasoning: str | None  # None: the answer has no reasoning block
-    answer: str
-    reasoning_done: bool
-
-
-def split_reasoning(text: str) -> Reasoning:
-    """``"<think>\\nR</think>\\n\\nA"`` → reasoning R and answer A (also while still streaming)."""
-    stripped = text.lstrip()
-    if not stripped.startswith(THINK_OPEN):
-        return Reasoning(None, text, True)
-    body = stripped[len(THINK_OPEN):]
-    if THINK_CLOSE not in body:
-        return Reasoning(body.strip(), "", False)
-    reasoning, answer = body.split(THINK_CLOSE, 1)
-    return Reasoning(reasoning.strip(), answer.strip(), True)
+def page_options(
+    version: VersionSpec, *, mode: str = "sampling", temperature: float = 0.7, top_p: float = 0.8,
+    max_new_tokens: int = 1024, max_slice_nums: int | None = None, thinking: bool = False,
+) -> PageOptions:
+    """The controls as ``chat()`` would take them: ``mode`` "sampling" is the official sampling
+    preset with the page's temperature and top-p, "beam" the official beam preset."""
+    if mode not in DECODING_MODES:
+        raise InputError(f"decoding mode must be one of {DECODING_MODES}, got {mode!r}")
+    if max_slice_nums is not None and max_slice_nums < 1:
+        raise InputError(f"max slices must be >= 1, got {max_slice_nums}")
+    thinking = thinking and version.supports_thinking
+    overrides: dict[str, Any] = {}
+    if mode == "sampling":
+        overrides["temperature"] = temperature
+        if not thinking:
+            overrides["top_p"] = top_p  # the thinking preset sets only temperature
+    params = SamplingParams.from_official(version, sampling=mode == "sampling", enable_thinking=thinking,
+                                          max_new_tokens=max_new_tokens, overrides=overrides)
+    return PageOptions(params, max_slice_nums, thinking)
 
 
 class SharedModel:
@@ -165,14 +142,14 @@ class SharedModel:
     def default_max_slices(self) -> int:
         return int(self.model.processor.cfg.slice.max_slice_nums)
 
-    def locked(self, chunks: Iterator[str]) -> Generator[str, None, None]:
-        """Run a lazy stream of text chunks while holding the model lock."""
+    def locked(self, events: Iterator[TextEvent]) -> Generator[TextEvent, None, None]:
+        """Run a lazy event stream while holding the model lock."""
         with self.lock:
-            yield from chunks
+            yield from events
 
     def few_shot(
-        self, examples: Sequence[tuple[str, str, str]], image: str | Path, question: str, options: DecodingOptions
-    ) -> Generator[str, None, None]:
+        self, examples: Sequence[tuple[str, str, str]], image: str | Path, question: str, options: PageOptions
+    ) -> Generator[TextEvent, None, None]:
         """Stream the answer to ``question`` about ``image`` after (image, question, answer) examples.
 
         The examples become earlier turns of a fresh ``ChatSession`` (files are read now, so a bad
@@ -187,23 +164,24 @@ class SharedModel:
             history.append({"role": "user", "content": [read_upload(ex_image), ex_question]})
             history.append({"role": "assistant", "content": [ex_answer]})
         content = [read_upload(image), question]
-        session = minicpmv.ChatSession(
-            self.model, enable_thinking=options.thinking and self.supports_thinking,
-            max_slice_nums=options.max_slice_nums,
-        )
+        session = minicpmv.ChatSession(self.model, enable_thinking=options.thinking,
+                                       max_slice_nums=options.max_slice_nums)
         session.history = history
-        kw = options.generation_kwargs(supports_thinking=self.supports_thinking)
-        return self.locked(session.ask(content, stream=True, **kw))
+        return self.locked(session.respond(content, stream=True, params=options.params))  # type: ignore[arg-type]
 
 
 @dataclass
 class Turn:
-    """One answered exchange of a tab: what the user sent and the model's final answer."""
+    """One answered exchange of a tab: what the user sent and the model's final answer
+    (``answer`` as chat() returns it; ``reasoning`` / ``content`` split for display)."""
 
     text: str
     files: list[str]
     items: list[Any]  # the message content given to the model (images decoded)
     answer: str = ""
+    reasoning: str | None = None
+    content: str = ""
+    finish_reason: str | None = None
 
 
 class TabChat:
@@ -229,7 +207,7 @@ class TabChat:
             self.session = minicpmv.ChatSession(self.shared.model)
         return self.session
 
-    def ask(self, text: str, files: Sequence[str | Path], options: DecodingOptions) -> Generator[str, None, None]:
+    def ask(self, text: str, files: Sequence[str | Path], options: PageOptions) -> Generator[TextEvent, None, None]:
         """Validate the turn now (bad files raise here), then return the lazy answer stream."""
         items = read_uploads(files)
         if text.strip():
@@ -239,7 +217,7 @@ class TabChat:
         turn = Turn(text=text, files=[str(f) for f in files], items=items)
         return self.shared.locked(self._answer(turn, options, replace=False))
 
-    def regenerate(self, options: DecodingOptions) -> Generator[str, None, None]:
+    def regenerate(self, options: PageOptions) -> Generator[TextEvent, None, None]:
         """Answer the last user turn again; the new answer replaces the old one when it completes."""
         if not self.turns:
             raise InputError("there is no answer to regenerate yet")
@@ -253,7 +231,7 @@ class TabChat:
         self.session = None
         self.turns = []
 
-    def _answer(self, turn: Turn, options: DecodingOptions, *, replace: bool) -> Iterator[str]:
+    def _answer(self, turn: Turn, options: PageOptions, *, replace: bool) -> Iterator[TextEvent]:
         epoch, session = self.epoch, self._session()
         saved = session.history
         if replace:
@@ -261,16 +239,18 @@ class TabChat:
         # The slider is for images; a conversation with a video keeps its recipe's slice count.
         has_video = any(_is_video(i) for t in [*self.turns, turn] for i in t.items)
         session.max_slice_nums = None if has_video else options.max_slice_nums
-        session.enable_thinking = options.thinking and self.shared.supports_thinking
-        kw = options.generation_kwargs(supports_thinking=self.shared.supports_thinking)
+        session.enable_thinking = options.thinking
         finished = False
         try:
-            yield from session.ask(turn.items, stream=True, **kw)
+            yield from session.respond(turn.items, stream=True, params=options.params)
             finished = True
         finally:
             if not finished:
                 session.history = saved
-        turn.answer = session.history[-1]["content"][0]
+        last = session.last_response
+        assert last is not None
+        turn.answer, turn.content, turn.finish_reason = last.text, last.content, last.finish_reason
+        turn.reasoning = last.reasoning
         if self.epoch != epoch:
             return  # the tab was cleared meanwhile
         if replace:

@@ -26,7 +26,10 @@ from ..layers import (
 
 
 class DecoderLayer(nn.Module):
-    """``x += attn(norm(x)); x += mlp(norm(x))``."""
+    """``x += attn(norm(x)) * s; x += mlp(norm(x)) * s``; ``residual_scale`` s is 1 (no multiply)
+    except in backbones that scale their residual branches (MiniCPM)."""
+
+    residual_scale = 1.0
 
     def __init__(self, cfg: TextConfig, layer_idx: int, *, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
@@ -52,8 +55,10 @@ class DecoderLayer(nn.Module):
         mask: AttnMask,
         cache: KVCacheProtocol | None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)  # [B, T, H]
-        return x + self.mlp(self.post_attention_layernorm(x))  # [B, T, H]
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)  # [B, T, H]
+        x = x + (attn if self.residual_scale == 1.0 else attn * self.residual_scale)
+        mlp = self.mlp(self.post_attention_layernorm(x))  # [B, T, H]
+        return x + (mlp if self.residual_scale == 1.0 else mlp * self.residual_scale)
 
 
 class DecoderModel(nn.Module):
