@@ -25,7 +25,7 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "ChatModel", "ChatSession", "MiniCPMVError", "InputError", "ImageError",
+    "load", "ChatModel", "ChatSession", "ChatResponse", "SamplingParams", "TextEvent", "MiniCPMVError", "InputError", "ImageError",
     "CheckpointError", "ContextLengthError", "PlaceholderMismatchError", "UnknownVersionError",
     "Video", "load_video", "VideoError",
     "AudioError", "FeatureNotAvailableError", "load_wav",
@@ -34,7 +34,9 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .api import load
-    from .engine.chat import ChatModel
+    from .engine.chat import ChatModel, ChatResponse
+    from .engine.sampling import SamplingParams
+    from .engine.stream import TextEvent
     from .engine.session import ChatSession
     from .processing.audio import load_wav
     from .processing.video import Video, load_video
@@ -42,6 +44,9 @@ if TYPE_CHECKING:
 _LAZY = {
     "load": ("minicpmv.api", "load"),
     "ChatModel": ("minicpmv.engine.chat", "ChatModel"),
+    "ChatResponse": ("minicpmv.engine.chat", "ChatResponse"),
+    "SamplingParams": ("minicpmv.engine.sampling", "SamplingParams"),
+    "TextEvent": ("minicpmv.engine.stream", "TextEvent"),
     "ChatSession": ("minicpmv.engine.session", "ChatSession"),
     "Video": ("minicpmv.processing.video", "Video"),
     "load_video": ("minicpmv.processing.video", "load_video"),
