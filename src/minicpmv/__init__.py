@@ -25,7 +25,8 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "ChatModel", "ChatSession", "ChatResponse", "SamplingParams", "TextEvent", "MiniCPMVError", "InputError", "ImageError",
+    "load", "ChatModel", "ChatSession", "ChatResponse", "SamplingParams", "TextEvent",
+    "MiniCPMVError", "InputError", "ImageError",
     "CheckpointError", "ContextLengthError", "PlaceholderMismatchError", "UnknownVersionError",
     "Video", "load_video", "VideoError",
     "AudioError", "FeatureNotAvailableError", "load_wav",
