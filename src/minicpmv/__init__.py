@@ -37,8 +37,8 @@ if TYPE_CHECKING:
     from .api import load
     from .engine.chat import ChatModel, ChatResponse
     from .engine.sampling import SamplingParams
-    from .engine.stream import TextEvent
     from .engine.session import ChatSession
+    from .engine.stream import TextEvent
     from .processing.audio import load_wav
     from .processing.video import Video, load_video
 
