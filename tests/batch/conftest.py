@@ -79,3 +79,40 @@ def ray_instance():
     finally:
         ray.shutdown()
 
+
+
+def greedy_job(input_path, output_path, model=TINY26, **kw):
+    """A greedy, float32 job of the tiny checkpoint (no progress bar)."""
+    from minicpmv.batch.job import BatchJob
+
+    kw.setdefault("defaults", dict(GREEDY))
+    return BatchJob(model=str(model), input=str(input_path), output=str(output_path), dtype="float32",
+                    progress=False, **kw)
+
+
+def by_id(records: list[dict]) -> dict[str, dict]:
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids)), f"duplicate ids in the output: {sorted(ids)}"
+    return {r["id"]: r for r in records}
+
+
+@pytest.fixture(scope="session")
+def local_mixed(mixed_folder, tmp_path_factory) -> dict[str, dict]:
+    """The local runner's records for the mixed folder (the reference of the Ray runs)."""
+    from minicpmv.batch.job import run_batch
+    from minicpmv.batch.output import read_output
+
+    out = tmp_path_factory.mktemp("local_mixed") / "out.jsonl"
+    run_batch(greedy_job(mixed_folder, out))
+    return by_id(read_output(out))
+
+
+@pytest.fixture(scope="session")
+def local_table(parquet_table, tmp_path_factory) -> dict[str, dict]:
+    """The local runner's records for the Parquet table, written as Parquet."""
+    from minicpmv.batch.job import run_batch
+    from minicpmv.batch.output import read_output
+
+    out = tmp_path_factory.mktemp("local_table") / "out.parquet"
+    run_batch(greedy_job(parquet_table, out, prompt="Describe it."))
+    return by_id(read_output(out))

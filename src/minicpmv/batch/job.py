@@ -38,6 +38,7 @@ class RayOptions:
     cpu_workers: int = 1  # actors that read, decode and preprocess
     rows_per_call: int | None = None  # rows a replica gets at a time (default: 2 x max_batch_size)
     object_store_mb: int | None = None  # a local Ray's object store (default: Ray's choice)
+    pid_dir: str | None = None  # each replica writes replica-PID.pid here (to monitor or signal them)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,10 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
 def run_batch(job: BatchJob) -> Summary:
     """Run ``job`` (see the module docstring); returns what happened."""
     started = time.perf_counter()
+    if job.ray is not None:
+        from .ray_setup import import_ray
+
+        import_ray()  # a missing extra fails before any file is listed
     _refuse_input_as_output(job)
     found = discover(job.input, default_prompt=job.prompt)
     writer = open_output(job.output)

@@ -80,7 +80,7 @@ class ReplicaStage:
         return {"record": np.asarray([json.dumps(r, ensure_ascii=False) for r in recs], dtype=object)}
 
 
-def build_dataset(job: BatchJob, rows: list[Row], *, pid_dir: str | None = None) -> Any:
+def build_dataset(job: BatchJob, rows: list[Row]) -> Any:
     """The lazy Ray Dataset of output records for ``rows`` (executed when iterated)."""
     ray = import_ray()
     opts = job.ray
@@ -103,21 +103,21 @@ def build_dataset(job: BatchJob, rows: list[Row], *, pid_dir: str | None = None)
         fn_constructor_kwargs={
             "model": job.model, "dtype": job.dtype, "device": job.device, "max_batch_size": job.max_batch_size,
             "max_model_len": job.max_model_len, "batch_invariant": job.batch_invariant,
-            "threads": max(1, int(opts.cpus_per_replica)), "pid_dir": pid_dir,
+            "threads": max(1, int(opts.cpus_per_replica)), "pid_dir": opts.pid_dir,
         },
         batch_size=per_call, compute=ray.data.ActorPoolStrategy(size=opts.replicas),
         num_cpus=opts.cpus_per_replica, num_gpus=opts.gpus_per_replica or None,
     )
 
 
-def run_ray(job: BatchJob, rows: list[Row], sink: ChunkSink, *, pid_dir: str | None = None) -> None:
+def run_ray(job: BatchJob, rows: list[Row], sink: ChunkSink) -> None:
     """Answer ``rows`` on Ray; see the module docstring."""
     opts = job.ray
     assert opts is not None
     started = connect(opts.address, object_store_mb=opts.object_store_mb)
     ray = import_ray()
     try:
-        for batch in build_dataset(job, rows, pid_dir=pid_dir).iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in build_dataset(job, rows).iter_batches(batch_size=None, batch_format="numpy"):
             for text in batch["record"]:
                 sink.add(json.loads(str(text)))
             sink.tick()

@@ -1,0 +1,51 @@
+"""``minicpmv batch`` / ``serve --ray`` flags: mapping onto the job, the command end to end with its
+progress bar and summary, and one-line errors for flags that need ``--ray``."""
+
+from __future__ import annotations
+
+from minicpmv.batch.cli_args import job_from_args
+from minicpmv.batch.job import BatchJob, RayOptions
+from minicpmv.batch.output import read_output
+from minicpmv.cli import build_parser, main
+
+from .conftest import TINY26
+
+
+def test_flags_map_onto_the_job():
+    args = build_parser().parse_args(["batch", "-m", "M", "-i", "in", "-o", "out.jsonl", "--greedy", "--think",
+                                      "--max-new-tokens", "16", "--system", "Be brief.", "--seed", "3",
+                                      "--ray", "auto", "--replicas", "3", "--gpus-per-replica", "1",
+                                      "--cpus-per-replica", "4", "--cpu-workers", "2", "--rows-per-call", "32"])
+    assert job_from_args(args) == BatchJob(
+        model="M", input="in", output="out.jsonl", dtype="bfloat16", device="cpu",
+        defaults={"max_new_tokens": 16, "temperature": 0.0, "seed": 3, "enable_thinking": True,
+                  "system_prompt": "Be brief."},
+        ray=RayOptions(address="auto", replicas=3, gpus_per_replica=1.0, cpus_per_replica=4.0, cpu_workers=2,
+                       rows_per_call=32))
+    local = job_from_args(build_parser().parse_args(["batch", "-i", "in", "-o", "o.jsonl", "--temperature", "0.5"]))
+    assert local.ray is None and local.defaults == {"max_new_tokens": 512, "temperature": 0.5}
+    bare_ray = job_from_args(build_parser().parse_args(["batch", "-i", "in", "-o", "o.jsonl", "--ray"]))
+    assert bare_ray.ray == RayOptions()  # a local Ray instance, 1 replica
+
+
+def test_batch_command_writes_the_output_with_progress_and_summary(mixed_folder, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    rc = main(["batch", "-m", str(TINY26), "--dtype", "float32", "-i", str(mixed_folder), "-o", str(out),
+               "--greedy", "--max-new-tokens", "3", "--prompt", "Caption:"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert "5/5" in err and "row/s" in err  # tqdm: count and rate
+    assert err.rstrip().endswith("rows/s") and "5 row(s) written (1 with an error), 0 already done" in err
+    assert sorted(r["id"] for r in read_output(out)) == ["a.png", "b.png", "broken.jpg", "clip.mp4", "sub/c.png"]
+
+
+def test_flags_that_need_ray_are_refused_in_one_line(tmp_path, capsys):
+    rc = main(["batch", "-i", str(tmp_path), "-o", str(tmp_path / "o.jsonl"), "--replicas", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == "minicpmv: error: --replicas needs --ray (the local runner has one model)\n"
+    rc = main(["serve", "--replicas", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == "minicpmv: error: --replicas, --min-replicas and --max-replicas need --ray\n"
+    rc = main(["batch", "-i", str(tmp_path / "none"), "-o", str(tmp_path / "o.jsonl"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("minicpmv: error: input ") and err.count("\n") == 1

@@ -1,0 +1,76 @@
+"""``batch --ray``: Ray Data with 2 model replicas gives the local runner's records, and a replica
+killed mid-job loses and duplicates nothing (a local Ray instance, the tiny 2.6 checkpoint)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+
+from minicpmv.batch.job import RayOptions, run_batch
+from minicpmv.batch.output import read_output
+
+from .conftest import by_id, greedy_job
+
+TWO = RayOptions(replicas=2, cpus_per_replica=1, rows_per_call=2)
+
+
+def test_mixed_folder_on_two_replicas_equals_local(ray_instance, mixed_folder, local_mixed, tmp_path):
+    out = tmp_path / "out.jsonl"
+    summary = run_batch(greedy_job(mixed_folder, out, ray=TWO))
+    assert (summary.written, summary.failed, summary.duplicates, summary.skipped_files) == (5, 1, 0, 1)
+    assert by_id(read_output(out)) == local_mixed
+    assert ray_instance.is_initialized()  # the runner used the session's Ray and left it running
+
+
+def test_parquet_table_on_two_replicas_equals_local(ray_instance, parquet_table, local_table, tmp_path):
+    out = tmp_path / "out.parquet"
+    run_batch(greedy_job(parquet_table, out, prompt="Describe it.", ray=TWO))
+    assert not (tmp_path / "out.parquet.parts").exists()
+    assert by_id(read_output(out)) == local_table
+
+
+def _pids(folder) -> set[int]:
+    return {int(p.read_text()) for p in folder.iterdir()}
+
+
+def test_killed_replica_loses_and_duplicates_no_row(ray_instance, tmp_path):
+    n = 32
+    table = tmp_path / "count.jsonl"
+    table.write_text("".join(json.dumps({"id": f"q{i:02d}", "prompt": f"Count to {i}."}) + "\n" for i in range(n)),
+                     encoding="utf-8")
+    settings = {"temperature": 0.0, "max_new_tokens": 24}
+    reference = tmp_path / "reference.jsonl"
+    run_batch(greedy_job(table, reference, defaults=settings, max_batch_size=2))
+
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    out = tmp_path / "out.jsonl"
+    job = greedy_job(table, out, defaults=settings, max_batch_size=2, chunk_rows=1, chunk_seconds=0.0,
+                     ray=dataclasses.replace(TWO, pid_dir=str(pid_dir)))
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_batch(job)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    try:
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 2 and len(_pids(pid_dir)) == 2):
+            assert worker.is_alive(), errors
+            time.sleep(0.02)
+        victim = min(_pids(pid_dir))
+        os.kill(victim, signal.SIGKILL)
+        done_at_kill = out.read_bytes().count(b"\n")
+    finally:
+        worker.join(600)
+    assert not errors, errors
+    assert done_at_kill < n, "the job was over before the replica was killed"
+    assert len(_pids(pid_dir)) == 3  # Ray restarted the killed replica
+    assert by_id(read_output(out)) == by_id(read_output(reference))
