@@ -3,6 +3,19 @@ progress bar and summary, and one-line errors for flags that need ``--ray``."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from openai import OpenAI
+
 from minicpmv.batch.cli_args import job_from_args
 from minicpmv.batch.job import BatchJob, RayOptions
 from minicpmv.batch.output import read_output
@@ -49,3 +62,53 @@ def test_flags_that_need_ray_are_refused_in_one_line(tmp_path, capsys):
     rc = main(["batch", "-i", str(tmp_path / "none"), "-o", str(tmp_path / "o.jsonl"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("minicpmv: error: input ") and err.count("\n") == 1
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_serve_ray_command_serves_two_replicas_and_stops_cleanly():
+    """As a user runs it: its own local Ray (2 CPUs, small object store), SIGTERM, nothing left."""
+    ray_tmp = tempfile.mkdtemp(prefix="mcv-ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "minicpmv.cli", "serve", "--model", str(TINY26), "--dtype", "float32",
+           "--ray", "--replicas", "2", "--cpus-per-replica", "0.5", "--ray-num-cpus", "2",
+           "--ray-object-store-mb", "200", "--port", str(port), "--max-model-len", "512"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "RAY_TMPDIR": ray_tmp}, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(3000):
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+        resp = client.chat.completions.with_raw_response.create(
+            model="_checkpoint", messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0)
+        assert resp.headers["x-minicpmv-replica"] and resp.parse().usage.completion_tokens <= 3
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+        assert "with 2 replica(s)" in out and "Traceback" not in out
+        assert _processes_mentioning(ray_tmp) == []  # the private Ray instance is gone
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        for pid in _processes_mentioning(ray_tmp):  # only processes of the instance this test started
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -7,7 +7,11 @@ the handlers import the runners only when a command runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -47,14 +51,16 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     ray.add_argument("--cpu-workers", type=int, default=1, help="Ray actors that read, decode and preprocess")
     ray.add_argument("--rows-per-call", type=int, default=None,
                      help="rows handed to a replica at a time (default 2 x --max-batch-size)")
-    ray.add_argument("--ray-object-store-mb", type=int, default=None,
-                     help="object store of a local Ray instance (default: Ray's)")
 
 
 def _add_replica_arguments(p: Any) -> None:
     p.add_argument("--replicas", type=int, default=None, help="model replicas (default 1)")
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs each replica reserves (default 0)")
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves (default 1)")
+    p.add_argument("--ray-num-cpus", type=int, default=None,
+                   help="CPUs a local Ray instance offers (default: the machine's; ignored with an ADDRESS)")
+    p.add_argument("--ray-object-store-mb", type=int, default=None,
+                   help="object store of a local Ray instance (default: Ray's; ignored with an ADDRESS)")
 
 
 def add_ray_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,7 +90,7 @@ def job_from_args(args: argparse.Namespace) -> Any:
         ray = RayOptions(address=args.ray or None, replicas=args.replicas or 1,
                          gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
                          cpu_workers=args.cpu_workers, rows_per_call=args.rows_per_call,
-                         object_store_mb=args.ray_object_store_mb)
+                         num_cpus=args.ray_num_cpus, object_store_mb=args.ray_object_store_mb)
     elif args.replicas is not None:
         from ..errors import InputError
 
@@ -98,10 +104,29 @@ def job_from_args(args: argparse.Namespace) -> Any:
     )
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM (a service manager, ``kill``) unwinds like Ctrl-C: finished rows are
+    written and a Ray instance this process started is shut down."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     from .job import run_batch
 
-    summary = run_batch(job_from_args(args))
+    with _sigterm_as_interrupt():
+        summary = run_batch(job_from_args(args))
     print(summary.line(), file=sys.stderr)
     return 0
 
@@ -112,5 +137,7 @@ def cmd_serve_ray(args: argparse.Namespace, config: Any) -> int:
     scale = ServeScale(replicas=args.replicas or 1, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                        target_ongoing_requests=args.target_ongoing_requests,
                        gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica)
-    run_serve(config, scale, host=args.host, port=args.port, address=args.ray or None)
+    with _sigterm_as_interrupt():
+        run_serve(config, scale, host=args.host, port=args.port, address=args.ray or None,
+                  num_cpus=args.ray_num_cpus, object_store_mb=args.ray_object_store_mb)
     return 0

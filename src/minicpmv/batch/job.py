@@ -37,6 +37,7 @@ class RayOptions:
     cpus_per_replica: float = 1.0
     cpu_workers: int = 1  # actors that read, decode and preprocess
     rows_per_call: int | None = None  # rows a replica gets at a time (default: 2 x max_batch_size)
+    num_cpus: int | None = None  # CPUs a local Ray offers (default: the machine's)
     object_store_mb: int | None = None  # a local Ray's object store (default: Ray's choice)
     pid_dir: str | None = None  # each replica writes replica-PID.pid here (to monitor or signal them)
 

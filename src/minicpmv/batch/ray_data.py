@@ -114,7 +114,7 @@ def run_ray(job: BatchJob, rows: list[Row], sink: ChunkSink) -> None:
     """Answer ``rows`` on Ray; see the module docstring."""
     opts = job.ray
     assert opts is not None
-    started = connect(opts.address, object_store_mb=opts.object_store_mb)
+    started = connect(opts.address, num_cpus=opts.num_cpus, object_store_mb=opts.object_store_mb)
     ray = import_ray()
     try:
         for batch in build_dataset(job, rows).iter_batches(batch_size=None, batch_format="numpy"):

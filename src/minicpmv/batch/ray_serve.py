@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -173,11 +172,11 @@ def _parse(raw: Any, defaults: ServerConfig, key: str) -> Any:
     return raw
 
 
-def run_serve(config: ServerConfig, scale: ServeScale, *, host: str, port: int, address: str | None) -> None:
+def run_serve(config: ServerConfig, scale: ServeScale, *, host: str, port: int, address: str | None,
+              num_cpus: int | None = None, object_store_mb: int | None = None) -> None:
     """Deploy on Ray (joining ``address``, or a local instance) and serve until interrupted."""
     serve = import_serve()
-    started = connect(address)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    started = connect(address, num_cpus=num_cpus, object_store_mb=object_store_mb)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_application(config, scale), name=APP_NAME, route_prefix="/")
@@ -189,13 +188,7 @@ def run_serve(config: ServerConfig, scale: ServeScale, *, host: str, port: int, 
     except KeyboardInterrupt:
         pass
     finally:
-        try:
-            serve.delete(APP_NAME)
-        finally:
-            if started:
-                serve.shutdown()
-                import_ray().shutdown()
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+        if started:
+            import_ray().shutdown()  # the private instance goes, Serve and the replicas with it
+        else:
+            serve.delete(APP_NAME)  # leave the cluster as it was

@@ -5,12 +5,16 @@
 Ray instance this process already joined, else joins the cluster at ``address`` (``"auto"``: the
 one ``ray start`` runs on this machine), else starts a private local instance (no dashboard;
 ``num_cpus`` / ``object_store_mb`` as given). It returns True when it started Ray itself, so the
-caller shuts down only what it started. Nothing here loads a model.
+caller shuts down only what it started. The process keeps its own SIGTERM handling (``ray.init``
+installs a handler that aborts the process, which would skip the caller's clean-up). Nothing
+here loads a model.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from typing import Any
 
 from ..errors import FeatureNotAvailableError
@@ -45,15 +49,20 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, object_s
     ray = import_ray()
     if ray.is_initialized():
         return False
+    kwargs: dict[str, Any] = {"log_to_driver": False}
     if address:
         log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=False)
-        return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-    if num_cpus is not None:
-        kwargs["num_cpus"] = num_cpus
-    if object_store_mb is not None:
-        kwargs["object_store_memory"] = int(object_store_mb) * 2**20
-    log.info("starting a local Ray instance")
+        kwargs["address"] = address
+    else:
+        log.info("starting a local Ray instance")
+        kwargs["include_dashboard"] = False
+        if num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
+        if object_store_mb is not None:
+            kwargs["object_store_memory"] = int(object_store_mb) * 2**20
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
     ray.init(**kwargs)
-    return True
+    if main and previous is not None:
+        signal.signal(signal.SIGTERM, previous)  # ray.init installs a SIGTERM handler that aborts
+    return not address
