@@ -10,6 +10,8 @@ import signal
 import threading
 import time
 
+import pytest
+
 from minicpmv.batch.job import RayOptions, run_batch
 from minicpmv.batch.output import read_output
 
@@ -74,3 +76,17 @@ def test_killed_replica_loses_and_duplicates_no_row(ray_instance, tmp_path):
     assert done_at_kill < n, "the job was over before the replica was killed"
     assert len(_pids(pid_dir)) == 3  # Ray restarted the killed replica
     assert by_id(read_output(out)) == by_id(read_output(reference))
+
+
+def test_a_job_the_cluster_cannot_hold_is_refused_or_warned(caplog):
+    from minicpmv.batch.ray_data import check_resources
+    from minicpmv.errors import InputError
+
+    two = RayOptions(replicas=2, cpus_per_replica=1, cpu_workers=1)
+    check_resources(two, {"CPU": 3.0}, strict=True)
+    with pytest.raises(InputError, match="offers 2 CPUs and 0 GPUs, but 2 replica.* reserve 3 CPUs"):
+        check_resources(two, {"CPU": 2.0}, strict=True)
+    with pytest.raises(InputError, match="reserve 3 CPUs and 2 GPUs"):
+        check_resources(dataclasses.replace(two, gpus_per_replica=1), {"CPU": 8.0, "GPU": 1.0}, strict=True)
+    check_resources(two, {"CPU": 2.0}, strict=False)  # a cluster that may grow: a warning
+    assert "waiting for the cluster to grow" in caplog.text

@@ -88,7 +88,7 @@ def record(row_id: str, answer: Answer) -> dict[str, Any]:
 
 
 class ChunkSink:
-    """Collects records and writes them to the output in chunks; advances the progress bar."""
+    """Collects records and writes them to the output in chunks; advances the progress bar per row."""
 
     def __init__(self, writer: JsonlWriter | ParquetWriter, *, chunk_rows: int, chunk_seconds: float,
                  progress: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
@@ -104,6 +104,8 @@ class ChunkSink:
 
     def add(self, rec: dict[str, Any]) -> None:
         self.buffer.append(rec)
+        if self.progress is not None:
+            self.progress.update(1)  # finished rows, written with the next chunk
         if len(self.buffer) >= self.chunk_rows:
             self.flush()
 
@@ -117,9 +119,7 @@ class ChunkSink:
         if not self.buffer:
             return
         chunk, self.buffer = self.buffer, []
-        written = self.writer.write(chunk)
-        if self.progress is not None:
-            self.progress.update(written)
+        self.writer.write(chunk)
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:

@@ -68,7 +68,7 @@ def run_local(job: BatchJob, rows: list[Row], sink: ChunkSink) -> None:
         for _ in range(len(rows)):
             while True:
                 try:
-                    rec = results.get(timeout=min(1.0, sink.chunk_seconds))
+                    rec = results.get(timeout=min(1.0, max(0.05, sink.chunk_seconds)))
                     break
                 except queue.Empty:
                     sink.tick()

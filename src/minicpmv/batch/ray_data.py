@@ -29,9 +29,10 @@ import logging
 import os
 from typing import Any
 
+from ..errors import InputError
 from .engine_adapter import Answer, EngineAdapter
 from .inputs import Row
-from .job import BatchJob, ChunkSink, record
+from .job import BatchJob, ChunkSink, RayOptions, record
 from .prepare import Prepared, Preparer, load_processor
 from .ray_setup import connect, import_ray
 
@@ -110,6 +111,23 @@ def build_dataset(job: BatchJob, rows: list[Row]) -> Any:
     )
 
 
+def check_resources(opts: RayOptions, have: dict[str, float], *, strict: bool) -> None:
+    """Refuse (``strict``: a local instance, which cannot grow) or warn when the cluster has fewer
+    CPUs or GPUs than the replicas and CPU workers reserve: Ray would wait for them forever."""
+    need_cpu = opts.replicas * opts.cpus_per_replica + max(1, opts.cpu_workers)
+    need_gpu = opts.replicas * opts.gpus_per_replica
+    cpu, gpu = have.get("CPU", 0.0), have.get("GPU", 0.0)
+    if need_cpu <= cpu and need_gpu <= gpu:
+        return
+    msg = (f"the Ray cluster offers {cpu:g} CPUs and {gpu:g} GPUs, but {opts.replicas} replica(s) and "
+           f"{max(1, opts.cpu_workers)} CPU worker(s) reserve {need_cpu:g} CPUs and {need_gpu:g} GPUs; lower "
+           "--replicas / --cpus-per-replica / --gpus-per-replica / --cpu-workers"
+           + (" or raise --ray-num-cpus" if strict else ""))
+    if strict:
+        raise InputError(msg)
+    log.warning("%s (waiting for the cluster to grow)", msg)
+
+
 def run_ray(job: BatchJob, rows: list[Row], sink: ChunkSink) -> None:
     """Answer ``rows`` on Ray; see the module docstring."""
     opts = job.ray
@@ -117,6 +135,7 @@ def run_ray(job: BatchJob, rows: list[Row], sink: ChunkSink) -> None:
     started = connect(opts.address, num_cpus=opts.num_cpus, object_store_mb=opts.object_store_mb)
     ray = import_ray()
     try:
+        check_resources(opts, ray.cluster_resources(), strict=started)
         for batch in build_dataset(job, rows).iter_batches(batch_size=None, batch_format="numpy"):
             for text in batch["record"]:
                 sink.add(json.loads(str(text)))
