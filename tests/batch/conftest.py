@@ -99,8 +99,8 @@ def by_id(records: list[dict]) -> dict[str, dict]:
 @pytest.fixture(scope="session")
 def local_mixed(mixed_folder, tmp_path_factory) -> dict[str, dict]:
     """The local runner's records for the mixed folder (the reference of the Ray runs)."""
-    from minicpmv.batch.job import run_batch
     from minicpmv.batch.output import read_output
+    from minicpmv.batch.runner import run_batch
 
     out = tmp_path_factory.mktemp("local_mixed") / "out.jsonl"
     run_batch(greedy_job(mixed_folder, out))
@@ -110,8 +110,8 @@ def local_mixed(mixed_folder, tmp_path_factory) -> dict[str, dict]:
 @pytest.fixture(scope="session")
 def local_table(parquet_table, tmp_path_factory) -> dict[str, dict]:
     """The local runner's records for the Parquet table, written as Parquet."""
-    from minicpmv.batch.job import run_batch
     from minicpmv.batch.output import read_output
+    from minicpmv.batch.runner import run_batch
 
     out = tmp_path_factory.mktemp("local_table") / "out.parquet"
     run_batch(greedy_job(parquet_table, out, prompt="Describe it."))

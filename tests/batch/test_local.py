@@ -12,8 +12,8 @@ import time
 
 from PIL import Image
 
-from minicpmv.batch.job import run_batch
 from minicpmv.batch.output import read_output
+from minicpmv.batch.runner import run_batch
 from minicpmv.processing.video import Video
 
 from .conftest import TINY26, by_id, greedy_job

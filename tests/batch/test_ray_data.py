@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from minicpmv.batch.job import RayOptions, run_batch
+from minicpmv.batch.job import RayOptions
 from minicpmv.batch.output import read_output
+from minicpmv.batch.runner import run_batch
 
 from .conftest import by_id, greedy_job
 

@@ -15,11 +15,10 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from openai import OpenAI
 
 from minicpmv.batch.ray_serve import REPLICA_HEADER, ServeScale, build_application
 from minicpmv.serve.config import GenerationDefaults, ServerConfig
-from serve.conftest import NAME, image_part, random_image
+from serve.conftest import NAME, ServerClient, image_part, random_image
 from serve.test_api import (  # noqa: F401 - collected here, run against the fixtures below
     test_max_completion_tokens_and_length,
     test_models_and_health,
@@ -39,21 +38,13 @@ REPLICAS = 2
 MAX_BODY = 4 * 2**20
 
 
-class RayServed:
+class RayServed(ServerClient):
     """The LiveServer interface of tests/serve/conftest.py for an app served by Ray Serve."""
 
     def __init__(self, serve, app_name: str, port: int) -> None:
         self.serve = serve
         self.app_name = app_name
         self.url = f"http://127.0.0.1:{port}/{app_name}"
-
-    def client(self, **kw) -> OpenAI:
-        kw.setdefault("max_retries", 0)
-        kw.setdefault("timeout", 120)
-        return OpenAI(base_url=f"{self.url}/v1", api_key="test", **kw)
-
-    def post(self, body: dict, **kw) -> httpx.Response:
-        return httpx.post(f"{self.url}/v1/chat/completions", json=body, timeout=120, **kw)
 
     @property
     def state(self) -> SimpleNamespace:

@@ -3,7 +3,8 @@
 - ``inputs``: rows from a folder, a glob or a JSONL/CSV/Parquet table; ``output``: JSONL or
   Parquet results written in atomic chunks, resumable; ``prepare``: media decoding and the
   processor, on a CPU; ``engine_adapter``: the only contact with the generation engine;
-  ``job``: the job from end to end (chunked writing, progress bar, summary).
+  ``job``: the job's settings and chunked writing; ``runner``: ``run_batch``, the job from end
+  to end.
 - Runners: ``local`` (one process, the continuous-batching engine) and ``ray_data`` (Ray Data:
   CPU workers for preprocessing, an actor pool of model replicas).
 - ``ray_serve``: ``minicpmv serve --ray``, the OpenAI-compatible app as a Ray Serve deployment.
@@ -17,12 +18,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .job import BatchJob, RayOptions, Summary, run_batch
+    from .job import BatchJob, RayOptions, Summary
+    from .runner import run_batch
 
 __all__ = ["BatchJob", "RayOptions", "Summary", "run_batch"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "run_batch":
+        from .runner import run_batch
+
+        return run_batch
     if name in __all__:
         from . import job
 

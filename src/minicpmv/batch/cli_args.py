@@ -123,7 +123,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from .job import run_batch
+    from .runner import run_batch
 
     with _sigterm_as_interrupt():
         summary = run_batch(job_from_args(args))
