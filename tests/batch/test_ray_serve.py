@@ -3,7 +3,8 @@
 The server's own OpenAI-client tests (``tests/serve/test_api.py``) run here unchanged against
 the Ray-served apps (the tiny 2.6 and 4.5 checkpoints, 2 replicas each, behind Ray Serve's
 proxy on loopback); then 32 concurrent requests must be answered by both replicas, each with
-the answer the request gets alone.
+the answer the request gets alone. The settings (replica counts, autoscaling bounds, Ray's
+``app_builder`` arguments) are checked without a cluster.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from minicpmv.batch.ray_serve import REPLICA_HEADER, ServeScale, build_application
+from minicpmv.batch.ray_serve import REPLICA_HEADER, ServeScale, build_application, builder_settings, deployment_options
+from minicpmv.errors import InputError
 from minicpmv.serve.config import GenerationDefaults, ServerConfig
 from serve.conftest import NAME, ServerClient, image_part, random_image
 from serve.test_api import (  # noqa: F401 - collected here, run against the fixtures below
@@ -138,3 +140,38 @@ def test_errors_and_health_pass_through_serve(server26):
     assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
     info = server26.serve.get_app_handle("s26").info.remote().result()
     assert info["status"] == "ok" and info["max_model_len"] == 1024
+
+
+def test_fixed_and_autoscaling_deployments():
+    cfg = ServerConfig(model="m", max_batch_size=4, max_queue=12)
+    fixed = deployment_options(cfg, ServeScale(replicas=3, gpus_per_replica=1, cpus_per_replica=2))
+    assert fixed == {"name": "minicpmv", "num_replicas": 3, "max_ongoing_requests": 32,
+                     "ray_actor_options": {"num_cpus": 2, "num_gpus": 1}}
+    auto = deployment_options(cfg, ServeScale(min_replicas=0, max_replicas=5))
+    assert auto["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 5, "target_ongoing_requests": 4}
+    assert "num_replicas" not in auto and auto["ray_actor_options"] == {"num_cpus": 1.0}
+    assert deployment_options(cfg, ServeScale())["num_replicas"] == 1
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"replicas": 0}, "--replicas must be >= 1"),
+    ({"min_replicas": 1}, "needs both"),
+    ({"min_replicas": 3, "max_replicas": 2}, "0 <= --min-replicas <= --max-replicas"),
+    ({"min_replicas": 0, "max_replicas": 0}, "--max-replicas >= 1"),
+    ({"replicas": 2, "min_replicas": 1, "max_replicas": 4}, "not both"),
+])
+def test_bad_scales_are_refused(kw, match):
+    with pytest.raises(InputError, match=match):
+        ServeScale(**kw)
+
+
+def test_app_builder_arguments():
+    cfg, scale = builder_settings({"model": "/m", "replicas": "4", "gpus_per_replica": "1", "device": "cuda",
+                                   "max_batch_size": "16", "max_model_len": "2048", "allow_remote_media": "true"})
+    assert cfg == ServerConfig(model="/m", device="cuda", max_batch_size=16, max_model_len=2048,
+                               allow_remote_media=True)
+    assert scale == ServeScale(replicas=4, gpus_per_replica=1.0)
+    with pytest.raises(InputError, match="unknown argument 'replica'"):
+        builder_settings({"model": "/m", "replica": "2"})
+    with pytest.raises(InputError, match="max_batch_size='many' is not a valid value"):
+        builder_settings({"model": "/m", "max_batch_size": "many"})

@@ -134,7 +134,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 def cmd_serve_ray(args: argparse.Namespace, config: Any) -> int:
     from .ray_serve import ServeScale, run_serve
 
-    scale = ServeScale(replicas=args.replicas or 1, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+    scale = ServeScale(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                        target_ongoing_requests=args.target_ongoing_requests,
                        gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica)
     with _sigterm_as_interrupt():

@@ -45,7 +45,7 @@ REPLICA_HEADER = "x-minicpmv-replica"
 class ServeScale:
     """How many replicas, and what each reserves."""
 
-    replicas: int | None = 1
+    replicas: int | None = None  # fixed count (default 1 when not autoscaling)
     min_replicas: int | None = None
     max_replicas: int | None = None
     target_ongoing_requests: float | None = None  # autoscaling target (default: the batch size)
@@ -53,14 +53,19 @@ class ServeScale:
     cpus_per_replica: float = 1.0
 
     def __post_init__(self) -> None:
-        auto = self.min_replicas is not None or self.max_replicas is not None
-        if auto and (self.min_replicas is None or self.max_replicas is None):
+        lo, hi = self.min_replicas, self.max_replicas
+        if lo is None and hi is None:
+            if self.replicas is not None and self.replicas < 1:
+                raise InputError(f"--replicas must be >= 1, got {self.replicas}")
+            return
+        if lo is None or hi is None:
             raise InputError("autoscaling needs both --min-replicas and --max-replicas")
-        if auto and not 0 <= self.min_replicas <= self.max_replicas or auto and self.max_replicas < 1:  # type: ignore[operator]
-            raise InputError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got "
-                             f"{self.min_replicas}..{self.max_replicas}")
-        if not auto and (self.replicas is None or self.replicas < 1):
-            raise InputError(f"--replicas must be >= 1, got {self.replicas}")
+        if not 0 <= lo <= hi or hi < 1:
+            raise InputError(f"autoscaling needs 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1, "
+                             f"got {lo}..{hi}")
+        if self.replicas is not None:
+            raise InputError("give --replicas (a fixed count) or --min-replicas/--max-replicas (autoscaling), "
+                             "not both")
 
     @property
     def autoscaling(self) -> bool:
@@ -83,7 +88,7 @@ def deployment_options(config: ServerConfig, scale: ServeScale) -> dict[str, Any
             "target_ongoing_requests": scale.target_ongoing_requests or config.max_batch_size,
         }
     else:
-        opts["num_replicas"] = scale.replicas
+        opts["num_replicas"] = scale.replicas or 1
     return opts
 
 
@@ -144,19 +149,27 @@ def app_builder(args: dict[str, str]) -> Any:
     Keys: ``model`` (required), any ``ServerConfig`` field, and ``replicas``, ``min_replicas``,
     ``max_replicas``, ``target_ongoing_requests``, ``gpus_per_replica``, ``cpus_per_replica``.
     """
+    return build_application(*builder_settings(args))
+
+
+def builder_settings(args: dict[str, Any]) -> tuple[ServerConfig, ServeScale]:
+    """``app_builder``'s ``key=value`` strings as the server config and the scale."""
     cfg_fields = {f.name: f for f in dataclasses.fields(ServerConfig)}
     scale_fields = {f.name: f for f in dataclasses.fields(ServeScale)}
     cfg: dict[str, Any] = {}
     scale: dict[str, Any] = {}
     for key, raw in args.items():
-        if key in cfg_fields:
-            cfg[key] = _parse(raw, ServerConfig(), key)
-        elif key in scale_fields:
-            scale[key] = float(raw) if key in ("gpus_per_replica", "cpus_per_replica",
-                                               "target_ongoing_requests") else int(raw)
-        else:
+        if key not in cfg_fields and key not in scale_fields:
             raise InputError(f"unknown argument {key!r}; known: {', '.join([*cfg_fields, *scale_fields])}")
-    return build_application(ServerConfig(**cfg), ServeScale(**scale))
+        try:
+            if key in cfg_fields:
+                cfg[key] = _parse(raw, ServerConfig(), key)
+            else:
+                scale[key] = float(raw) if key in ("gpus_per_replica", "cpus_per_replica",
+                                                   "target_ongoing_requests") else int(raw)
+        except ValueError as e:
+            raise InputError(f"{key}={raw!r} is not a valid value ({e})") from e
+    return ServerConfig(**cfg), ServeScale(**scale)
 
 
 def _parse(raw: Any, defaults: ServerConfig, key: str) -> Any:
@@ -181,7 +194,7 @@ def run_serve(config: ServerConfig, scale: ServeScale, *, host: str, port: int, 
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_application(config, scale), name=APP_NAME, route_prefix="/")
         what = (f"{scale.min_replicas}..{scale.max_replicas} replicas (autoscaling)" if scale.autoscaling
-                else f"{scale.replicas} replica(s)")
+                else f"{scale.replicas or 1} replica(s)")
         print(f"serving {config.model_name()} on http://{host}:{port} with {what}; Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
