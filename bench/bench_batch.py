@@ -18,7 +18,8 @@ random bf16 weights, torch 2.11 cu130, this package at 2062c13: 16 concurrent st
 images decode 149-201 generated tok/s in total; time to first token of one 1344x1344 image
 0.19-0.24 s). With ``--caption-tokens`` tokens per caption a GPU replica captions
 149/T..201/T images per second. Assumptions, printed with the result: replicas scale linearly
-(data parallel, no shared state: what the CPU 1 -> 2 replica ratio checks on a small scale),
+(data parallel, no shared state; the CPU 1 -> 2 replica ratio printed beside it shows scaling
+only where each replica has an idle core of its own, which a shared 2-core machine has not),
 preprocessing keeps up (its per-image CPU time is measured here), and ``--gpu-hour-usd`` is a
 price you supply (the default is an assumption, not a quote).
 
@@ -136,8 +137,10 @@ def estimate(args: argparse.Namespace, cpu_ratio: float, prep_s: float) -> list[
         f"(assumed price) ${1e6 / hi / 3600 * args.gpu_hour_usd:,.0f}-${1e6 / lo / 3600 * args.gpu_hour_usd:,.0f}",
     ]
     for n in args.gpus:
-        lines.append(f"  {n:>4} GPUs: {1e6 / (hi * n) / 3600:.1f}-{1e6 / (lo * n) / 3600:.1f} h wall "
-                     f"(linear scaling assumed; measured here 1 -> 2 CPU replicas: x{cpu_ratio:.2f})")
+        lines.append(f"  {n:>4} GPUs: {1e6 / (hi * n) / 3600:.1f}-{1e6 / (lo * n) / 3600:.1f} h wall, "
+                     f"assuming linear scaling (replicas share nothing)")
+    lines.append(f"  1 -> 2 replicas measured here on CPU: x{cpu_ratio:.2f} (load average {os.getloadavg()[0]:.1f} "
+                 f"on {os.cpu_count()} CPUs: scaling shows only where each replica has its own idle device)")
     lines.append(f"  preprocessing: {prep_s * 1000:.0f} ms CPU per 1344x1344 image (measured here) -> "
                  f"{hi * prep_s:.2f} CPU cores per GPU keep up")
     return lines
