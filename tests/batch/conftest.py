@@ -25,13 +25,16 @@ def random_png(path: Path, seed: int, size: tuple[int, int]) -> Path:
 
 
 def make_mixed_folder(root: Path) -> Path:
-    """3 images (one in a subfolder), a video, a corrupt .jpg, a text file and a hidden file."""
+    """3 images (one in a subfolder), a video, a truncated PNG (corrupt), a text file named .jpg
+    (not an image), a text file (not a row) and a hidden file."""
     from video.conftest import write_video  # tests/ is on sys.path: tests/batch and tests/video are packages
 
     random_png(root / "a.png", 1, (64, 48))
     random_png(root / "b.png", 2, (120, 90))
     random_png(root / "sub" / "c.png", 3, (300, 200))
     write_video(root / "clip.mp4", 12, 4)
+    png = (root / "a.png").read_bytes()
+    (root / "corrupt.png").write_bytes(png[: len(png) // 2])
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
     (root / "notes.txt").write_text("not an image", encoding="utf-8")
     (root / ".hidden.png").write_bytes(b"ignored")

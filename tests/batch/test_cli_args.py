@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,9 +48,10 @@ def test_batch_command_writes_the_output_with_progress_and_summary(mixed_folder,
                "--greedy", "--max-new-tokens", "3", "--prompt", "Caption:"])
     err = capsys.readouterr().err
     assert rc == 0
-    assert "5/5" in err and "row/s" in err  # tqdm: count and rate
-    assert err.rstrip().endswith("rows/s") and "5 row(s) written (1 with an error), 0 already done" in err
-    assert sorted(r["id"] for r in read_output(out)) == ["a.png", "b.png", "broken.jpg", "clip.mp4", "sub/c.png"]
+    assert "6/6" in err and "row/s" in err  # tqdm: count and rate
+    assert err.rstrip().endswith("rows/s") and "6 row(s) written (2 with an error), 0 already done" in err
+    ids = sorted(r["id"] for r in read_output(out))
+    assert ids == ["a.png", "b.png", "broken.jpg", "clip.mp4", "corrupt.png", "sub/c.png"]
 
 
 def test_flags_that_need_ray_are_refused_in_one_line(tmp_path, capsys):
@@ -86,24 +88,25 @@ def test_serve_ray_command_serves_two_replicas_and_stops_cleanly():
            "--ray-object-store-mb", "200", "--port", str(port), "--max-model-len", "512"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "RAY_TMPDIR": ray_tmp}, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(3000):
-            assert proc.poll() is None, proc.communicate()[0]
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+        while not any("Ctrl-C stops" in line for line in lines):  # the command says when it serves
+            assert proc.poll() is None, "".join(lines)
             time.sleep(0.1)
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200
         client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
         resp = client.chat.completions.with_raw_response.create(
             model="_checkpoint", messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0)
         assert resp.headers["x-minicpmv-replica"] and resp.parse().usage.completion_tokens <= 3
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(120)
+        reader.join(30)
+        out = "".join(lines)
         assert proc.returncode == 0, out
-        assert "with 2 replica(s)" in out and "Traceback" not in out
+        assert "with 2 replica(s)" in out and "Traceback" not in out, out
         assert _processes_mentioning(ray_tmp) == []  # the private Ray instance is gone
     finally:
         if proc.poll() is None:

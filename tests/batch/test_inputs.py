@@ -16,7 +16,7 @@ from .conftest import random_png
 
 def test_folder_rows_are_relative_paths_of_images_and_videos(mixed_folder):
     found = discover(mixed_folder)
-    assert [r.id for r in found.rows] == ["a.png", "b.png", "broken.jpg", "clip.mp4", "sub/c.png"]
+    assert [r.id for r in found.rows] == ["a.png", "b.png", "broken.jpg", "clip.mp4", "corrupt.png", "sub/c.png"]
     assert found.skipped_files == 1  # notes.txt (hidden files are not counted)
     by_id = {r.id: r for r in found.rows}
     assert by_id["clip.mp4"].media == ("video", str(mixed_folder / "clip.mp4"))
@@ -28,7 +28,7 @@ def test_folder_rows_are_relative_paths_of_images_and_videos(mixed_folder):
 
 def test_glob_ids_are_relative_to_the_fixed_folders(mixed_folder):
     rows = discover(f"{mixed_folder}/**/*.png").rows
-    assert [r.id for r in rows] == ["a.png", "b.png", "sub/c.png"]
+    assert [r.id for r in rows] == ["a.png", "b.png", "corrupt.png", "sub/c.png"]
     rows = discover(f"{mixed_folder}/sub/*").rows
     assert [(r.id, r.media[0]) for r in rows] == [("c.png", "image")]
     with pytest.raises(InputError, match="matches no file"):

@@ -27,17 +27,18 @@ def _chat(model, media, prompt: str, max_new_tokens: int = 8) -> str:
 
 
 def test_mixed_folder_answers_equal_chat_and_bad_files_are_row_errors(local_mixed, mixed_folder, model26):
-    assert sorted(local_mixed) == ["a.png", "b.png", "broken.jpg", "clip.mp4", "sub/c.png"]
-    broken = local_mixed["broken.jpg"]
-    assert broken["error"].startswith("ImageError: ") and "broken.jpg" in broken["error"]
-    assert broken["answer"] is None and broken["prompt_tokens"] is None
+    assert sorted(local_mixed) == ["a.png", "b.png", "broken.jpg", "clip.mp4", "corrupt.png", "sub/c.png"]
+    for bad in ("broken.jpg", "corrupt.png"):
+        rec = local_mixed[bad]
+        assert rec["error"].startswith("ImageError: ") and bad in rec["error"]
+        assert rec["answer"] is None and rec["prompt_tokens"] is None
     for rid in ("a.png", "b.png", "sub/c.png"):
         img = Image.open(mixed_folder / rid).convert("RGB")
         assert local_mixed[rid]["answer"] == _chat(model26, [img], "Describe this image.")
     video = local_mixed["clip.mp4"]
     assert video["answer"] == _chat(model26, [Video(str(mixed_folder / "clip.mp4"))], "Describe this video.")
     for rid, rec in local_mixed.items():
-        if rid != "broken.jpg":
+        if rid not in ("broken.jpg", "corrupt.png"):
             assert rec["error"] is None and rec["reasoning"] is None and rec["finish_reason"] in ("stop", "length")
             assert rec["prompt_tokens"] > 64 and 1 <= rec["completion_tokens"] <= 8
 
@@ -54,10 +55,10 @@ def test_table_rows_use_their_prompts_and_settings(local_table, parquet_table, m
 def test_rerun_skips_rows_already_written(mixed_folder, tmp_path):
     out = tmp_path / "out.jsonl"
     first = run_batch(greedy_job(mixed_folder, out, max_batch_size=2, chunk_rows=2))
-    assert (first.rows, first.written, first.failed, first.already_done, first.skipped_files) == (5, 5, 1, 0, 1)
+    assert (first.rows, first.written, first.failed, first.already_done, first.skipped_files) == (6, 6, 2, 0, 1)
     content = out.read_bytes()
     second = run_batch(greedy_job(mixed_folder, out))
-    assert (second.written, second.already_done) == (0, 5)
+    assert (second.written, second.already_done) == (0, 6)
     assert out.read_bytes() == content
 
 
