@@ -1,4 +1,4 @@
-"""The ``minicpmv`` command line: chat, inspect, conformance.
+"""The ``minicpmv`` command line: chat, inspect, conformance, serve, ui, batch, finetune, ...
 
 Thin: it parses arguments, calls the public API and prints. All behaviour lives in the library.
 Errors of the library (``MiniCPMVError``) become a one-line message and exit status 2.
@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the [serve] extra)")
     _add_model_args(srv)
     add_serve_arguments(srv)
+
+    from .batch.cli_args import add_batch_arguments, add_ray_serve_arguments  # no torch, no Ray
+
+    add_ray_serve_arguments(srv)
+    bat = sub.add_parser("batch", help="answer a prompt about every image/video of a folder, glob or table")
+    _add_model_args(bat)
+    add_batch_arguments(bat)
 
     from .train.cli_args import add_demo_arguments, add_export_arguments, add_finetune_arguments  # no torch
 
@@ -283,9 +290,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
     from .serve.config import config_from_args
 
+    if args.ray is not None:
+        from .batch.cli_args import cmd_serve_ray
+
+        return cmd_serve_ray(args, config_from_args(args))
+    if args.replicas is not None or args.min_replicas is not None or args.max_replicas is not None:
+        raise MiniCPMVError("--replicas, --min-replicas and --max-replicas need --ray")
     serve(config_from_args(args), host=args.host, port=args.port,
           log_level="info" if args.verbose else "warning")
     return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .batch.cli_args import cmd_batch as run
+
+    return run(args)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -310,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if getattr(args, "model", "") is None and args.command in ("chat", "ui", "serve"):
+    if getattr(args, "model", "") is None and args.command in ("chat", "ui", "serve", "batch"):
         from . import demo_model
 
         try:
@@ -321,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(__name__).info("no --model given: using the bundled demo model %s", args.model)
     handlers = {"chat": cmd_chat, "inspect": cmd_inspect, "conformance": cmd_conformance, "ui": cmd_ui,
                 "serve": cmd_serve, "finetune": cmd_finetune, "export": cmd_export, "quantize": cmd_quantize,
-                "train-demo": cmd_train_demo}
+                "train-demo": cmd_train_demo, "batch": cmd_batch}
     try:
         return handlers[args.command](args)
     except MiniCPMVError as e:
