@@ -173,3 +173,14 @@ def test_synthesizer_setup_errors(tts_synth, tts_model, model26):
     other.config = dataclasses.replace(tts_synth.tts.config, spk_emb_token_id=5)
     with pytest.raises(CheckpointError, match=r"maps \[spk_emb\] to 207"):
         SpeechSynthesizer(other, tts_synth.vocos, tts_synth.tokenizer)
+
+
+def test_speaker_state_from_a_sessions_hidden_states(tts_model):
+    from minicpmv.engine.speech import speaker_hidden_from_states
+
+    ids = tts_model.tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n<|spk_bos|><|spk|><|spk_eos|><|tts_bos|>")
+    hidden = torch.arange(len(ids) * 3, dtype=torch.float32).view(len(ids), 3)
+    pos = speaker_position(ids, tts_model.tokenizer)
+    assert torch.equal(speaker_hidden_from_states(hidden, ids, tts_model.tokenizer), hidden[pos])
+    with pytest.raises(InputError, match="hidden states must be"):
+        speaker_hidden_from_states(hidden[:-1], ids, tts_model.tokenizer)

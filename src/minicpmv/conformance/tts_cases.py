@@ -42,6 +42,7 @@ from ..engine.speech import (
 )
 from ..engine.speech_codes import SpeechTrace
 from ..errors import CheckpointError, MiniCPMVError
+from ..loading.checkpoint import file_sha256
 from ..processing.tts_text import (
     detect_language,
     normalize_stream_piece,
@@ -74,19 +75,11 @@ def is_tts_archive(checkpoint: Path) -> bool:
 # ---------------------------------------------------------------------------------- assembly
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _unxz(src: Path, dst: Path, want_sha: str | None) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     with lzma.open(src, "rb") as fin, open(dst, "wb") as fout:
         shutil.copyfileobj(fin, fout, 1 << 20)
-    if want_sha is not None and _sha256(dst) != want_sha:
+    if want_sha is not None and file_sha256(dst) != want_sha:
         raise CheckpointError(f"{src} decompresses to data whose sha256 differs from keys.json")
 
 
@@ -101,7 +94,7 @@ def assemble_tts_checkpoint(archive: Path, out: Path, llm_dir: Path | None = Non
     llm_model = (llm_dir / "model.safetensors") if llm_dir is not None else (archive.parent / rel)
     if not llm_model.is_file():
         raise CheckpointError(f"{archive} needs the companion LLM checkpoint {llm_model}")
-    if _sha256(llm_model) != llm_sha:
+    if file_sha256(llm_model) != llm_sha:
         raise CheckpointError(f"{llm_model} is not the LLM checkpoint these vectors were made with (sha256)")
     out.mkdir(parents=True, exist_ok=True)
     for f in llm_model.parent.iterdir():

@@ -7,10 +7,10 @@
   then codes -> GFSQ -> DVAE -> mel -> Vocos); ``stream`` opens a ``SpeechStream``, the official
   streaming path (``streaming_generate``): LLM text arrives in 3-token pieces, audio is vocoded
   per 25 frames and cross-faded over 2048 samples.
-* ``speaker_hidden`` / ``speaker_position``: the LLM's final-norm hidden state at the prompt's
-  ``<|spk|>`` position, which conditions the voice. ``speak_answer`` is ``chat(generate_audio=
-  True)`` after the text is generated; ``LLMTextPieces`` groups generated ids into the official
-  pieces for a stream.
+* ``speaker_hidden`` / ``speaker_hidden_from_states`` / ``speaker_position``: the LLM's
+  final-norm hidden state at the prompt's ``<|spk|>`` position, which conditions the voice.
+  ``speak_answer`` is ``chat(generate_audio=True)`` after the text is generated;
+  ``LLMTextPieces`` groups generated ids into the official pieces for a stream.
 * ``OmniOutput``: text + waveform + sampling rate (+ speaker state), like the official type.
 
 The frame loop, sampler and KV cache are in ``speech_codes.py``; text handling in
@@ -427,7 +427,9 @@ class LLMTextPieces:
         return self.flush()
 
     def flush(self) -> str | None:
-        """The pending ids as a piece (None if there are none)."""
+        """The pending ids as a piece (None if there are none). The official loop never needs it:
+        it generates whole rounds of ``size`` ids and stops at a terminator (dropping ids of an
+        unfinished character); use it when generation stops mid-round."""
         ids = self._left + self._round
         self._round = []
         if not ids:
@@ -474,6 +476,16 @@ def speaker_position(input_ids: Sequence[int], tokenizer: Any) -> int:
     if ends[-1] - starts[-1] != 1:
         raise InputError(f"the speaker slot must hold exactly one token, got {ends[-1] - starts[-1]}")
     return starts[-1]
+
+
+def speaker_hidden_from_states(hidden: torch.Tensor, input_ids: Sequence[int], tokenizer: Any) -> torch.Tensor:
+    """The speaker state [H] (float32) from final-norm hidden states [T, H] of ``input_ids`` [T]
+    (e.g. a streaming session's prefill of the generation prompt ``<|im_end|>\n<|im_start|>
+    assistant\n<|spk_bos|><|spk|><|spk_eos|><|tts_bos|>``)."""
+    if hidden.dim() != 2 or hidden.shape[0] != len(input_ids):
+        raise InputError(f"hidden states must be [{len(input_ids)}, H] for {len(input_ids)} ids, got "
+                         f"{tuple(hidden.shape)}")
+    return hidden[speaker_position(input_ids, tokenizer)].float()
 
 
 @torch.inference_mode()

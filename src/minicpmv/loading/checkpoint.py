@@ -18,6 +18,7 @@ are never imported. This module does not tokenize, build processors or run the m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -158,6 +159,15 @@ def count_parameters(cfg: ModelConfig | MiniCPMV) -> dict[str, int]:
     }
     out["total"] = sum(p.numel() for p in model.parameters())
     return out
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (checkpoint files can be many GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
