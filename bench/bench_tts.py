@@ -18,8 +18,9 @@ and the real Vocos) with random weights, in float32 as the official code runs it
 
 Each frame reads every decoder weight once, so the decoder is bound by memory bandwidth: the
 run also measures the read bandwidth and prints each ms/frame next to its ceiling (decoder +
-head bytes / bandwidth). ``--dtypes float32,bfloat16`` adds a bf16 speech head (faster on a
-CPU; its codes are not expected to match the official float32 ones).
+head bytes / bandwidth). ``--dtypes float32,bfloat16`` adds a bf16 speech head with its decoder
+prepacked for oneDNN (``SpeechSynthesizer.from_chat_model(dtype=torch.bfloat16)``; faster on a
+CPU, but its codes are not expected to match the official float32 ones).
 
 The ChatTTS tokenizer is the tiny test one (text handling is not what is measured); the LLM that
 produces the text and the speaker state is not run. The machine is shared: compare numbers
@@ -45,6 +46,7 @@ from minicpmv.engine.speech import SAMPLING_RATE, SpeechSynthesizer
 from minicpmv.modeling.tts import ConditionalChatTTS
 from minicpmv.modeling.vocos import Vocos
 from minicpmv.processing.tts_text import ChatTTSTokenizer
+from minicpmv.quant.linear import prepack_linears
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "tests" / "data" / "conformance" / "o2.6-tts" / "_checkpoint" / "assets" / "chattts_tokenizer"
@@ -71,12 +73,12 @@ def build(seed: int) -> SpeechSynthesizer:
     return SpeechSynthesizer(tts, vocos, tok)
 
 
-def frame_bytes(synth: SpeechSynthesizer) -> int:
+def frame_bytes(synth: SpeechSynthesizer, dtype: torch.dtype) -> int:
     """Weight bytes one generated frame reads: decoder layers + norm and the 4 heads."""
     tts = synth.tts
-    layers = sum(p.nbytes for p in tts.model.layers.parameters()) + tts.model.norm.weight.nbytes
-    heads = sum(h.parametrizations.weight.original1.nbytes for h in tts.head_code)
-    return layers + heads
+    n = sum(p.numel() for p in tts.model.layers.parameters()) + tts.model.norm.weight.numel()
+    n += sum(h.parametrizations.weight.original1.numel() for h in tts.head_code)
+    return n * torch.finfo(dtype).bits // 8
 
 
 def chat(synth: SpeechSynthesizer, frames: int, rounds: int) -> dict[str, float]:
@@ -149,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     bw = read_bandwidth(1 << 29)
     print(f"read bandwidth measured now: {bw / 1e9:.1f} GB/s")
     for name in args.dtypes.split(","):
-        synth.tts.to(getattr(torch, name))
-        ceiling = 1000 * frame_bytes(synth) / bw
+        dtype = getattr(torch, name)
+        synth.tts.to(dtype)
+        prepack_linears(synth.tts.model)  # as SpeechSynthesizer.from_chat_model: bf16 on a CPU only
+        ceiling = 1000 * frame_bytes(synth, dtype) / bw
         with torch.inference_mode():
             c = chat(synth, args.frames, args.rounds)
             hold = min((stream(synth, args.chunks, "hold") for _ in range(args.rounds)), key=lambda r: r["wall_s"])
