@@ -83,6 +83,8 @@ def test_the_stream_ignores_text_after_the_speech_ended(tts_synth):
     assert stream.finish() and stream.done
     assert stream.feed("more text") == [] and stream.finish() == []
     empty = tts_synth.stream(_spk(6), tts_synth.default_options(seed=0))
+    with pytest.raises(InputError, match="text pieces"):
+        empty.feed(12)
     assert empty.finish() == []  # no text at all: no speech
 
 

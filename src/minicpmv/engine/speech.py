@@ -267,6 +267,8 @@ class SpeechStream:
     # ------------------------------------------------------------------ public
     def feed(self, piece: str) -> list[OmniOutput]:
         """Take the next LLM text piece; returns the audio chunks it completed (often none)."""
+        if not isinstance(piece, str):
+            raise InputError(f"a stream takes text pieces (str), got {type(piece).__name__}")
         if self.done:
             return []
         with torch.inference_mode():
