@@ -114,8 +114,8 @@ class SpeechSynthesizer:
 
     @classmethod
     def from_chat_model(cls, chat_model: Any, *, dtype: torch.dtype = torch.float32) -> SpeechSynthesizer:
-        """From a loaded ``ChatModel``: its ``tts`` module (converted to ``dtype``, float32 as the
-        official ``model.tts.float()``) and the vocoder and tokenizer under its ``assets/``.
+        """From a loaded ``ChatModel``: its ``tts`` module (converted to ``dtype`` in place, float32
+        as the official ``model.tts.float()``) and the vocoder and tokenizer under its ``assets/``.
 
         ``dtype=torch.bfloat16`` halves the bytes each frame reads (the decoder's linear layers
         are prepacked for oneDNN on a CPU): faster, but its codes are not the official float32 ones.

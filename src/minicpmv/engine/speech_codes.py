@@ -95,12 +95,14 @@ class SpeechCache:
     """KV cache of the speech decoder with writes at any position (``KVCacheProtocol``).
 
     ``at(pos)`` sets where the next forward writes (its keys then see positions ``[0, pos + T)``);
-    ``commit(T)`` ends the forward. Buffers grow by doubling; positions never written hold zeros.
+    ``commit(T)`` ends the forward. Buffers grow in steps of ``capacity`` positions (a real-size
+    float32 utterance holds 63 MB per 512 positions); positions never written hold zeros.
     """
 
     def __init__(self, layers: int, heads: int, head_dim: int, length: int, *,
                  dtype: torch.dtype, device: torch.device, capacity: int = 512) -> None:
         cap = max(capacity, length + 1)
+        self.step = capacity
         self.keys = [torch.zeros(1, heads, cap, head_dim, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.length = length
@@ -123,7 +125,7 @@ class SpeechCache:
 
     def _grow(self, layer_idx: int, need: int) -> None:
         old_k, old_v = self.keys[layer_idx], self.values[layer_idx]
-        cap = max(need, 2 * old_k.shape[2])
+        cap = max(need, old_k.shape[2] + self.step)
         new_k = old_k.new_zeros(*old_k.shape[:2], cap, old_k.shape[3])
         new_v = torch.zeros_like(new_k)
         new_k[:, :, : old_k.shape[2]] = old_k
