@@ -85,6 +85,11 @@ class ChatModel:
     def terminator_ids(self) -> tuple[int, ...]:
         return self.runner.eos_ids
 
+    def prepare(self, conversations: list[list[dict[str, Any]]], *, id0_quirk: bool = True,
+                **proc_kwargs: Any) -> PreparedBatch:
+        """Processor + ``runner.prepare``: the padded ids, mask and merged embeddings of a batch."""
+        return self.runner.prepare(self.processor(conversations, **proc_kwargs), id0_quirk=id0_quirk)
+
     # ------------------------------------------------------------------ official
     def chat(
         self, msgs: Any, image: Any = None, *, stream: bool = False, **kwargs: Any
@@ -196,8 +201,7 @@ class ChatModel:
         return ChatCall(conversations, batched, params, proc_kwargs, thinking, id0_quirk)
 
     def _prepare(self, call: ChatCall) -> PreparedBatch:
-        inputs = self.processor(call.conversations, **call.proc_kwargs)
-        return self.runner.prepare(inputs, id0_quirk=call.id0_quirk)
+        return self.prepare(call.conversations, id0_quirk=call.id0_quirk, **call.proc_kwargs)
 
 
 def official_params(version: VersionSpec, kwargs: dict[str, Any]) -> SamplingParams:

@@ -34,7 +34,7 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
         "title": spec.title,
         "vision_tower": cfg.vision_tower,
         "audio": cfg.audio is not None,
-        "tts_weights": cfg.tts,
+        "tts_weights": cfg.tts is not None,
         "llm_family": spec.llm_family,
         "dtype": cfg.torch_dtype,
         "parameters": counts,

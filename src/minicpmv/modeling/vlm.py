@@ -1,13 +1,13 @@
 """The top-level MiniCPM-V / MiniCPM-o module: LLM backbone + vision tower + resampler (+ audio).
 
 ``MiniCPMV`` owns the checkpoint children (``llm``, ``vpm``, ``resampler``; for MiniCPM-o also
-``apm`` + ``audio_projection_layer`` and, kept but not run, ``tts``), turns image slices into
+``apm`` + ``audio_projection_layer`` and the speech head ``tts``), turns image slices into
 LLM-width features (``encode_images``) and audio features into LLM rows (``encode_audio``),
 merges them into the token embeddings at the placeholder positions (``embed``) and runs the LLM
 (``forward``). Which backbone, vision tower and resampler variant are built is data of the
 config (``ModelConfig.text.family``, ``vision_tower``, ``resampler.query_pos_embed``). It does
 not tokenize, slice images, build prompts, sample tokens or load weights (see ``processing``,
-``engine``, ``loading``).
+``engine``, ``loading``); speech generation with ``tts`` is run by ``engine/speech.py``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .audio_whisper import (
 from .layers import KVCacheProtocol
 from .llm import build_backbone
 from .resampler import build_resampler
-from .tts_weights import OpaqueWeights
+from .tts import ConditionalChatTTS
 from .vision_idefics2 import Idefics2VisionTransformer
 from .vision_siglip import SiglipVisionTransformer
 from .vision_siglip_timm import TimmSiglipVisionTransformer
@@ -61,12 +61,8 @@ class MiniCPMV(nn.Module):
         if cfg.audio is not None:
             self.apm = WhisperEncoder(cfg.audio)
             self.audio_projection_layer = AudioProjector(cfg.audio.projector_in_dim, cfg.text.hidden_size)
-        if cfg.tts:
-            self.tts = OpaqueWeights()
-
-    def opaque_children(self) -> dict[str, OpaqueWeights]:
-        """Checkpoint prefixes whose tensors are kept without being run (filled by the loader)."""
-        return {"tts.": self.tts} if self.config.tts else {}
+        if cfg.tts is not None:
+            self.tts = ConditionalChatTTS(cfg.tts)
 
     # -- properties used by the engine ---------------------------------------------------------
 

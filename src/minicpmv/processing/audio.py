@@ -4,7 +4,8 @@ Content items ``np.ndarray`` (a 16 kHz mono float waveform) or ``{"type": "audio
 array | path, "sampling_rate": 16000}`` are taken out of the messages (``extract_audio``) and
 replaced by the ``(<audio>./</audio>)`` tag, as the reference's ``chat()`` does; clips are
 checked (rank, dtype, finiteness, sample rate, length limit) with ``AudioError``. WAV files are
-read with the standard ``wave`` module (PCM only; no resampling, no channel mixing).
+read with the standard ``wave`` module (PCM only; no resampling, no channel mixing);
+``save_wav`` writes speech output as 16-bit PCM.
 
 Features follow Whisper's feature extractor as the reference calls it (spec o2.6 §4.7): a clip
 is cut into 30-s pieces, each piece is zero-padded to 30 s, framed (Hann window, n_fft 400, hop
@@ -112,6 +113,25 @@ def load_wav(path: str | Path) -> tuple[np.ndarray, int]:
     else:
         raise AudioError(f"{p}: {8 * width}-bit WAV is not supported; use 16-bit PCM")
     return (data if channels == 1 else data.reshape(-1, channels)), rate
+
+
+def save_wav(path: str | Path, samples: np.ndarray, rate: int) -> None:
+    """Write mono float samples in [-1, 1] as a 16-bit PCM WAV (values outside are clipped)."""
+    data = np.asarray(samples, dtype=np.float32)
+    if data.ndim != 1:
+        raise AudioError(f"save_wav writes mono audio: expected samples [N], got shape {data.shape}")
+    if not np.isfinite(data).all():
+        raise AudioError("save_wav: the samples hold NaN or infinite values")
+    pcm = np.round(np.clip(data, -1.0, 1.0) * 32767.0).astype("<i2")
+    p = Path(path)
+    try:
+        with wave.open(str(p), "wb") as f:
+            f.setnchannels(1)
+            f.setsampwidth(2)
+            f.setframerate(int(rate))
+            f.writeframes(pcm.tobytes())
+    except OSError as e:
+        raise AudioError(f"cannot write {p}: {e}") from e
 
 
 def _as_clip(item: Any, cfg: AudioFeatureConfig, where: str) -> np.ndarray | None:

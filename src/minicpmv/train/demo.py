@@ -22,7 +22,6 @@ its card; choosing that folder as the CLI's default happens in ``cli.py``, not h
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..loading.checkpoint import file_sha256 as sha256
 from ..loading.checkpoint import model_config
 from ..modeling.vlm import MiniCPMV
 from ..processing.image import to_patches
@@ -318,14 +318,6 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def run(cfg: DemoConfig) -> dict[str, Any]:

@@ -87,8 +87,19 @@ class DecoderModel(nn.Module):
         device = inputs_embeds.device
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=device).expand(b, t)  # [B, T]
-        cos, sin = self.rotary_emb(position_ids.to(device), inputs_embeds.dtype)  # [B, T, hd] x2
         mask = build_attn_mask(attention_mask, t, past, inputs_embeds.dtype, device)
+        return self.run(inputs_embeds, position_ids, mask, cache)
+
+    def run(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: AttnMask,
+        cache: KVCacheProtocol | None,
+    ) -> torch.Tensor:
+        """The blocks and the final norm under a mask the caller prepared (``forward`` builds
+        the causal one; the MiniCPM-o speech decoder has its own visibility rule): [B, T, H]."""
+        cos, sin = self.rotary_emb(position_ids.to(inputs_embeds.device), inputs_embeds.dtype)  # [B, T, hd] x2
         h = inputs_embeds
         for layer in self.layers:
             h = layer(h, cos, sin, mask, cache)  # [B, T, H]
