@@ -52,7 +52,7 @@ def dequantize_4bit(parts: dict[str, torch.Tensor], state: dict[str, Any]) -> to
         codes = absmax.reshape(-1).long()
         block = torch.arange(codes.numel()) // int(state["nested_blocksize"])
         absmax = parts["nested_quant_map"].float()[codes] * parts["nested_absmax"].float()[block]  # [nb]
-        absmax = absmax + torch.tensor(float(state["offset"]), dtype=torch.float32)
+        absmax = absmax + torch.tensor(float(state["nested_offset"]), dtype=torch.float32)
     absmax = absmax.float().reshape(-1)
     shape = [int(s) for s in state["shape"]]
     n = 1

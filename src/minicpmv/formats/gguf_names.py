@@ -24,6 +24,7 @@ VERSION_OF_MMPROJ = {v: k for k, v in MMPROJ_VERSIONS.items()}
 # our backbone family -> general.architecture of the language-model file
 LLM_ARCHS = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama"}
 FAMILY_OF_ARCH = {v: k for k, v in LLM_ARCHS.items()}
+INT4_GROUP = 32  # GGML Q4_0 / Q4_K groups: what they become in quant/linear.py's int4 storage
 POS_EMBED_GRID = 70  # resampler.pos_embed_k: the 70x70 sin/cos table the converter writes (unused by us)
 OUR_CONFIG_KEY = "minicpmv.config_json"  # our exports: the source config.json, for an exact round trip
 OUR_PREPROCESSOR_KEY = "minicpmv.preprocessor_config_json"

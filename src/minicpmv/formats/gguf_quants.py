@@ -21,7 +21,6 @@ from ..quant.linear import pack_nibbles
 
 QK = 256  # weights per K-quant super-block
 INT4_EXACT = (T.Q4_0, T.Q4_K)  # block types that map onto int4 group-32 storage
-INT4_GROUP = 32
 
 
 def int4_storage(data: np.ndarray, qtype: T, shape: tuple[int, int]) -> dict[str, torch.Tensor]:

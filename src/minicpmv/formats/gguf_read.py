@@ -32,7 +32,8 @@ from gguf import GGUFReader
 
 from ..errors import CheckpointError, TokenizerError
 from . import gguf_names as names
-from .gguf_quants import INT4_EXACT, INT4_GROUP, dequantize, int4_storage
+from .gguf_names import INT4_GROUP
+from .gguf_quants import INT4_EXACT, dequantize, int4_storage
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..loading.inspect import inspect_checkpoint
 from .detect import detect_format
+from .load import gguf_reader
 
 
 def inspect_any(path: Path, mmproj: Path | None = None) -> dict[str, Any]:
@@ -23,8 +24,7 @@ def inspect_any(path: Path, mmproj: Path | None = None) -> dict[str, Any]:
         files = [f for f in path.iterdir() if f.suffix == ".safetensors"]
         info.update(format=fmt.describe(), stored_gib=sum(f.stat().st_size for f in files) / 2**30)
         return info
-    from .gguf_read import GGUFCheckpoint, find_pair
-
+    GGUFCheckpoint, find_pair = gguf_reader()
     ckpt = GGUFCheckpoint(find_pair(path, mmproj))
     info = inspect_checkpoint(ckpt.pair.model.parent, raw=ckpt.config())
     info["path"] = str(ckpt.pair.model)

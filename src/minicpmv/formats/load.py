@@ -45,7 +45,7 @@ from ..quant.linear import (
 from ..versions import VersionSpec, detect_version, get_version
 from . import awq, bnb
 from .detect import Format, detect_format
-from .gguf_quants import INT4_GROUP
+from .gguf_names import INT4_GROUP
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,15 @@ def _finish(model: MiniCPMV, dtype: torch.dtype, device: torch.device, quantize:
     model.eval()
 
 
+def gguf_reader() -> tuple[Any, Any]:
+    """``GGUFCheckpoint`` and ``find_pair`` (CheckpointError naming the extra when ``gguf`` is missing)."""
+    try:
+        from .gguf_read import GGUFCheckpoint, find_pair
+    except ImportError as e:
+        raise CheckpointError(f"reading GGUF files needs the gguf package: pip install 'minicpmv[gguf]' ({e})") from e
+    return GGUFCheckpoint, find_pair
+
+
 @contextlib.contextmanager
 def open_checkpoint(
     path_or_repo_id: str | Path, *, mmproj: str | Path | None = None, revision: str | None = None,
@@ -159,8 +168,7 @@ def open_checkpoint(
         raw, spec = read_config(p, version=version)
         yield OpenCheckpoint(p, fmt, raw, spec, side_dir=p)
         return
-    from .gguf_read import GGUFCheckpoint, find_pair
-
+    GGUFCheckpoint, find_pair = gguf_reader()
     pair = find_pair(p, Path(mmproj).expanduser() if mmproj is not None else None)
     ckpt = GGUFCheckpoint(pair)
     raw = ckpt.config()
