@@ -192,7 +192,7 @@ class GGUFCheckpoint:
             "drop_vision_last_layer": False,
             "batch_vision_input": True,
             "query_num": self.query_num(),
-            "use_image_id": self.version != "2.5",
+            "use_image_id": True,  # the official configs' value (2.5: the default; its scheme has no ids)
             "slice_mode": True,
             "slice_config": {"max_slice_nums": _DEFAULT_MAX_SLICES, "patch_size": self._patch(),
                              "scale_resolution": int(_field(self.proj, "clip.vision.image_size", 448))},
@@ -237,9 +237,8 @@ class GGUFCheckpoint:
                "scale_resolution": int(_field(self.proj, "clip.vision.image_size", 448)),
                "image_feature_size": self.query_num(), "slice_mode": True,
                "norm_mean": [float(v) for v in _field(self.proj, "clip.vision.image_mean", [0.5] * 3)],
-               "norm_std": [float(v) for v in _field(self.proj, "clip.vision.image_std", [0.5] * 3)]}
-        if self.version != "2.5":
-            out["use_image_id"] = True
+               "norm_std": [float(v) for v in _field(self.proj, "clip.vision.image_std", [0.5] * 3)],
+               "use_image_id": True}
         return out
 
     def _tokenizer(self) -> tuple[Any, dict[str, Any]]:
