@@ -97,7 +97,8 @@ def test_awq_unpacks_bit_exactly_both_ways() -> None:
     assert {k: _digest(floats[k]()) for k in recorded} == recorded
     layers = {k.removesuffix(".weight") for k in recorded}
     _, int4 = awq.awq_tensors(stored, 128, layers)
-    got = {f"{n}.weight": _digest(dequantize_weight(make(), QuantSpec(4, 128), torch.float16)) for n, make in int4.items()}
+    spec = QuantSpec(4, 128)
+    got = {f"{n}.weight": _digest(dequantize_weight(make(), spec, torch.float16)) for n, make in int4.items()}
     assert got == recorded
 
 

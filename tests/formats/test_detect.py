@@ -21,7 +21,8 @@ def test_each_format_is_named(tmp_path: Path) -> None:
     assert detect_format(CKPT).kind == "safetensors"
     assert detect_format(DATA / "formats" / "bnb-2.6-nf4").describe() == (
         "bitsandbytes 4-bit (safetensors): nf4, double quantization")
-    assert detect_format(DATA / "formats" / "awq-4.5").describe() == "AWQ int4 GEMM (safetensors): 4-bit, group size 128"
+    awq = detect_format(DATA / "formats" / "awq-4.5")
+    assert awq.describe() == "AWQ int4 GEMM (safetensors): 4-bit, group size 128"
     renamed = tmp_path / "weights.bin"  # a GGUF file is known by its magic, whatever its name
     renamed.write_bytes(b"GGUF" + bytes(12))
     assert detect_format(renamed).kind == "gguf"
