@@ -3,7 +3,8 @@ what it computes (tests/data/formats/llamacpp-on-our-export.*; the tests compare
 against the recording). Needs an already-built llama.cpp (libllama, libmtmd) and the python
 bindings of llama-cpp-python; nothing is built or downloaded here:
 
-    LLAMA_CPP_LIB_PATH=BUILD/bin PYTHONPATH=LLAMA_CPP_PYTHON_SRC python bench/check_llamacpp.py [--record]
+    LLAMA_CPP_LIB_PATH=BUILD/bin MTMD_CPP_LIB=BUILD/bin PYTHONPATH=LLAMA_CPP_PYTHON_SRC \
+        python bench/check_llamacpp.py [--record]
 
 For 2.5, 2.6, 4.5 and o2.6 it exports the tiny conformance checkpoint at every type; llama.cpp
 loads each pair and decodes 4 tokens; for the f32 exports it returns the logits of a fixed prompt
@@ -71,7 +72,7 @@ def llama_image(model_path: Path, mmproj: Path, image: np.ndarray) -> np.ndarray
     data = np.ascontiguousarray(image, dtype=np.uint8)
     bitmap = m.mtmd_bitmap_init(image.shape[1], image.shape[0], data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
     chunks = m.mtmd_input_chunks_init()
-    text = m.mtmd_input_text(text=b"<__media__>", add_special=False, parse_special=True)
+    text = m.mtmd_input_text(text=b"<__media__>", text_len=11, add_special=False, parse_special=True)
     bitmaps = (m.mtmd_bitmap_p_ctypes * 1)(bitmap)
     if m.mtmd_tokenize(ctx, chunks, ctypes.byref(text), bitmaps, 1) != 0:
         raise RuntimeError("mtmd_tokenize failed")

@@ -52,7 +52,8 @@ def surgery(version: str, work: Path) -> Path:
     save_file({k.removeprefix("llm."): v.float() for k, v in sd.items() if k.startswith("llm.")},
               str(model / "model.safetensors"), metadata={"format": "pt"})
     torch.save({k: v.float() for k, v in sd.items() if k.startswith("resampler")}, work / "minicpmv.projector")
-    torch.save({k.removeprefix("vpm."): v.float() for k, v in sd.items() if k.startswith("vpm")}, work / "minicpmv.clip")
+    vision = {k.removeprefix("vpm."): v.float() for k, v in sd.items() if k.startswith("vpm")}
+    torch.save(vision, work / "minicpmv.clip")
     config = json.loads((src / "config.json").read_text())
     shutil.copy2(src / "config.json", work / "config.json")
     config.update(architectures=[arch], torch_dtype="float32")
@@ -72,7 +73,8 @@ def convert(version: str, work: Path) -> tuple[Path, Path]:
     arch, pre, number, outtype = CASES[version]
     llm = work / f"model-{outtype}.gguf"
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import convert_hf_to_gguf as c; "
-            "from conversion.base import TextModel; pre = sys.argv[2]; TextModel.get_vocab_base_pre = lambda self, tok: pre; "
+            "from conversion.base import TextModel; pre = sys.argv[2]; "
+            "TextModel.get_vocab_base_pre = lambda self, tok: pre; "
             "sys.argv = ['convert_hf_to_gguf.py', sys.argv[3], '--outtype', sys.argv[4], '--outfile', sys.argv[5]]; "
             "c.main()")
     subprocess.run([sys.executable, "-c", code, str(LLAMA), pre, str(work / "model"), outtype, str(llm)], check=True)
@@ -80,7 +82,7 @@ def convert(version: str, work: Path) -> tuple[Path, Path]:
     subprocess.run([sys.executable, str(script), "-m", str(work), "--minicpmv-projector",
                     str(work / "minicpmv.projector"), "--output-dir", str(work / "mm"), "--minicpmv_version",
                     str(number)], check=True,
-                   env={**os.environ, "PYTHONPATH": f"{LLAMA / 'gguf-py'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+                   env={**os.environ, "PYTHONPATH": f"{LLAMA / 'gguf-py'}{os.pathsep}{os.environ.get('PYTHONPATH')}"})
     return llm, work / "mm" / "mmproj-model-f16.gguf"
 
 
@@ -108,7 +110,7 @@ def record_image(llm: Path, mmproj: Path, image: np.ndarray) -> np.ndarray:
     data = np.ascontiguousarray(image, dtype=np.uint8)
     bitmap = m.mtmd_bitmap_init(image.shape[1], image.shape[0], data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
     chunks = m.mtmd_input_chunks_init()
-    text = m.mtmd_input_text(text=b"<__media__>", add_special=False, parse_special=True)
+    text = m.mtmd_input_text(text=b"<__media__>", text_len=11, add_special=False, parse_special=True)
     bitmaps = (m.mtmd_bitmap_p_ctypes * 1)(bitmap)
     assert m.mtmd_tokenize(ctx, chunks, ctypes.byref(text), bitmaps, 1) == 0
     out = []
