@@ -16,7 +16,8 @@ Three parts, each printed as a table (``--part`` picks one):
 - ``speed``: a perf-size LLM (4.5 dims, or 2.6's with ``--dims 2.6``; ``--layers`` layers, random
   weights, text-only prompt of random embeddings) decoded with the real engine in bf16 (plain and
   prepacked), int8 and int4; tokens/s as ratios to prepacked bf16 (the default path) and to plain
-  bf16, and each as a ratio to its memory-bandwidth ceiling (bytes streamed per token / read bandwidth measured in the run).
+  bf16, and each as a ratio to its memory-bandwidth ceiling (bytes streamed per token / read
+  bandwidth measured in the run).
   Each variant is built from the same bf16 weights and measured in ``--rounds`` interleaved rounds
   (median step over all rounds): the machine is shared, compare numbers within one run only.
 
