@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -233,3 +234,43 @@ def test_modelfile_names_the_pair_and_the_stops(exports: dict) -> None:
     text = (exports["4.5", "q4_k_m", True] / "Modelfile").read_text()
     assert text.startswith("FROM ./model.gguf\nFROM ./mmproj.gguf\n")
     assert 'PARAMETER stop "<|im_end|>"' in text and "PARAMETER repeat_penalty 1.03" in text
+
+
+def _tiny_40(root: Path) -> Path:
+    """A MiniCPM-V 4.0-format checkpoint (Llama backbone, 2.6 pipeline): the tiny 2.6 weights under a
+    4.0 config (q/k/v biases kept through ``attention_bias``); no official 4.0 vectors exist."""
+    dst = root / "tiny-4.0"
+    shutil.copytree(CONF / "2.6" / "_checkpoint", dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(version=4.0, attention_bias=True)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_v40_llama_export_round_trips_with_permuted_biases(tmp_path: Path) -> None:
+    src_dir = _tiny_40(tmp_path)
+    src = minicpmv.load(src_dir, dtype="float32")
+    assert src.version.name == "4.0" and src.config.text.family == "llama"
+    export_gguf(src_dir, tmp_path / "f32", "f32", record_source=False)
+    reader = GGUFReader(str(tmp_path / "f32" / "model.gguf"))
+    assert reader.fields["general.architecture"].contents() == "llama"
+    bias = {t.name: np.asarray(t.data) for t in reader.tensors}["blk.0.attn_q.bias"]
+    assert np.array_equal(bias, names.permute_rotary(src.model.state_dict()["llm.model.layers.0.self_attn.q_proj.bias"]
+                                                     .numpy(), 4))
+    got = minicpmv.load(tmp_path / "f32", dtype="float32")
+    assert got.version.name == "4.0"
+    a, b = _state(src), _state(got)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    msgs = [{"role": "user", "content": ["Hello there"]}]
+    kw = {"sampling": False, "num_beams": 1, "max_new_tokens": 5, "repetition_penalty": 1.0}
+    assert got.chat(msgs, **kw) == src.chat(msgs, **kw)
+
+
+def test_v40_with_scaled_prompt_embeddings_is_refused(tmp_path: Path) -> None:
+    src_dir = _tiny_40(tmp_path)
+    cfg = json.loads((src_dir / "config.json").read_text())
+    cfg["scale_emb"] = 12.0
+    (src_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="scale_emb"):
+        export_gguf(src_dir, tmp_path / "out", "f16")
+    assert not (tmp_path / "out").exists()

@@ -288,7 +288,7 @@ class GGUFCheckpoint:
         out = {names.gguf_to_llm(name): self._entry(t) for name, t in self._llm_tensors.items()}
         if self.arch == "llama":
             for key, entry in out.items():
-                if key.endswith(("q_proj.weight", "k_proj.weight")):
+                if key.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
                     heads = cfg_heads[0] if "q_proj" in key else cfg_heads[1]
                     idx = np.arange(entry.shape[0])
                     entry.rows = names.unpermute_rotary(idx, heads)  # our row r = the file's row rows[r]

@@ -54,6 +54,7 @@ _PRE_NAMES = {
     r"\p{N}| ?[^\s\p{L}\p{N}]+": "qwen2",
     r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+": "llama-bpe",
 }
+_ROTARY = ("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")
 _LOOKS_SPECIAL = re.compile(r"^<.*>$|^<\|.*\|>$|^\[.*\]$")
 
 
@@ -143,7 +144,7 @@ def _llm_plan(cfg: ModelConfig, fmt: str, keys: list[str], read: Callable[[str],
         name = names.llm_to_gguf(key)
         layer = int(m[1]) if (m := re.match(r"blk\.(\d+)\.", name)) else None
         heads = 0
-        if text.family == "llama" and key.endswith(("q_proj.weight", "k_proj.weight")):
+        if text.family == "llama" and key.endswith(_ROTARY):  # weights and biases, as convert_hf_to_gguf
             heads = text.num_attention_heads if "q_proj" in key else text.num_key_value_heads
 
         def make(k: str = key, h: int = heads) -> np.ndarray:
