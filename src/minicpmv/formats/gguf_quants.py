@@ -56,9 +56,14 @@ def dequantize(data: np.ndarray, qtype: T) -> np.ndarray:
     return gq.dequantize(np.asarray(data), qtype).astype(np.float32, copy=False)
 
 
-def quantize(x: np.ndarray, qtype: T) -> np.ndarray:
-    """float32 [..., K] -> GGML data of ``qtype`` (the ``gguf`` package's quantizers, ours for K-quants)."""
+def quantize(x: np.ndarray, qtype: T, rows: int = 2048) -> np.ndarray:
+    """float32 [..., K] -> GGML data of ``qtype`` (the ``gguf`` package's quantizers, ours for K-quants,
+    torch's round-to-nearest-even for BF16), ``rows`` rows at a time (bounded temporaries)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim == 2 and x.shape[0] > rows and qtype not in (T.F32, T.F16):
+        return np.concatenate([quantize(x[i : i + rows], qtype, rows) for i in range(0, x.shape[0], rows)])
+    if qtype == T.BF16:
+        return torch.from_numpy(x).to(torch.bfloat16).view(torch.uint8).numpy()  # [..., 2K] bytes
     if qtype == T.Q4_K:
         return _q4_k(x.reshape(-1, QK)).reshape(*x.shape[:-1], -1)
     if qtype == T.Q6_K:
