@@ -13,6 +13,7 @@ rearrangements only; it does not read or write files.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,55 +51,62 @@ _LAYER_KEY = re.compile(r"^(?P<stem>.*)\.layers\.(?P<i>\d+)\.(?P<mod>.+)\.(?P<le
 _BLK = re.compile(r"^(?P<pre>v\.)?blk\.(?P<i>\d+)\.(?P<mod>[a-z_0-9]+)\.(?P<leaf>weight|bias)$")
 
 
+@dataclass(frozen=True)
+class _Part:
+    """One model part's naming: our prefix and layer stem, GGUF's block prefix, the tables."""
+
+    ours: str  # "llm." / "vpm."
+    stem: str  # "model" / "encoder": the parent of ``layers``
+    theirs: str  # "" / "v.": before ``blk.``
+    layer: dict[str, str]
+    glob: dict[str, str]
+    what: str
+
+    def to_gguf(self, key: str) -> str:
+        inner = key.removeprefix(self.ours)
+        m = _LAYER_KEY.match(inner)
+        if m and m["stem"] == self.stem and m["mod"] in self.layer:
+            return f"{self.theirs}blk.{m['i']}.{self.layer[m['mod']]}.{m['leaf']}"
+        stem, _, leaf = inner.rpartition(".")
+        if stem in self.glob:
+            return f"{self.glob[stem]}.{leaf}"
+        raise CheckpointError(f"no GGUF name for the {self.what} tensor {key!r}")
+
+    def from_gguf(self, name: str) -> str:
+        m = _BLK.match(name)
+        if m and (m["pre"] or "") == self.theirs:
+            mod = {v: k for k, v in self.layer.items()}.get(m["mod"])
+            if mod:
+                return f"{self.ours}{self.stem}.layers.{m['i']}.{mod}.{m['leaf']}"
+        stem, _, leaf = name.rpartition(".")
+        glob = {v: k for k, v in self.glob.items()}.get(stem)
+        if glob:
+            return f"{self.ours}{glob}.{leaf}"
+        raise CheckpointError(f"the {self.what} GGUF holds a tensor {name!r} that MiniCPM-V does not have")
+
+
+_LLM = _Part("llm.", "model", "", _LLM_LAYER, _LLM_GLOBAL, "language-model")
+_VISION = _Part("vpm.", "encoder", "v.", _VISION_LAYER, _VISION_GLOBAL, "vision")
+
+
 def llm_to_gguf(key: str) -> str:
     """``llm.model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight`` (CheckpointError if unknown)."""
-    inner = key.removeprefix("llm.")
-    m = _LAYER_KEY.match(inner)
-    if m and m["stem"] == "model" and m["mod"] in _LLM_LAYER:
-        return f"blk.{m['i']}.{_LLM_LAYER[m['mod']]}.{m['leaf']}"
-    stem, _, leaf = inner.rpartition(".")
-    if stem in _LLM_GLOBAL:
-        return f"{_LLM_GLOBAL[stem]}.{leaf}"
-    raise CheckpointError(f"no GGUF name for the language-model tensor {key!r}")
+    return _LLM.to_gguf(key)
 
 
 def gguf_to_llm(name: str) -> str:
     """Inverse of ``llm_to_gguf``."""
-    m = _BLK.match(name)
-    if m and not m["pre"]:
-        mod = {v: k for k, v in _LLM_LAYER.items()}.get(m["mod"])
-        if mod:
-            return f"llm.model.layers.{m['i']}.{mod}.{m['leaf']}"
-    stem, _, leaf = name.rpartition(".")
-    glob = {v: k for k, v in _LLM_GLOBAL.items()}.get(stem)
-    if glob:
-        return f"llm.{glob}.{leaf}"
-    raise CheckpointError(f"the language-model GGUF holds a tensor {name!r} that MiniCPM-V does not have")
+    return _LLM.from_gguf(name)
 
 
 def vision_to_gguf(key: str) -> str:
     """``vpm.encoder.layers.0.mlp.fc1.weight`` -> ``v.blk.0.ffn_down.weight`` (vision tower only)."""
-    inner = key.removeprefix("vpm.")
-    m = _LAYER_KEY.match(inner)
-    if m and m["stem"] == "encoder" and m["mod"] in _VISION_LAYER:
-        return f"v.blk.{m['i']}.{_VISION_LAYER[m['mod']]}.{m['leaf']}"
-    stem, _, leaf = inner.rpartition(".")
-    if stem in _VISION_GLOBAL:
-        return f"{_VISION_GLOBAL[stem]}.{leaf}"
-    raise CheckpointError(f"no GGUF name for the vision tensor {key!r}")
+    return _VISION.to_gguf(key)
 
 
 def gguf_to_vision(name: str) -> str:
-    m = _BLK.match(name)
-    if m and m["pre"]:
-        mod = {v: k for k, v in _VISION_LAYER.items()}.get(m["mod"])
-        if mod:
-            return f"vpm.encoder.layers.{m['i']}.{mod}.{m['leaf']}"
-    stem, _, leaf = name.rpartition(".")
-    glob = {v: k for k, v in _VISION_GLOBAL.items()}.get(stem)
-    if glob:
-        return f"vpm.{glob}.{leaf}"
-    raise CheckpointError(f"the mmproj GGUF holds a tensor {name!r} that MiniCPM-V does not have")
+    """Inverse of ``vision_to_gguf``."""
+    return _VISION.from_gguf(name)
 
 
 def resampler_to_gguf(key: str, t: np.ndarray) -> dict[str, np.ndarray]:

@@ -37,23 +37,23 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def _copy_side_files(src: Path, dst: Path) -> dict:
+def _start(version: str, name: str) -> tuple[Path, dict, dict]:
+    """The output directory with the source's side files, the source config and state dict."""
+    src = ROOT / "tests/data/conformance" / version / "_checkpoint"
+    dst = OUT / name
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.suffix != ".safetensors" and f.name != "config.json":
             shutil.copy2(f, dst / f.name)
-    return json.loads((src / "config.json").read_text())
+    return dst, json.loads((src / "config.json").read_text()), load_file(str(src / "model.safetensors"))
 
 
 def make_bnb(version: str, quant_type: str, double: bool) -> None:
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
-    src = ROOT / "tests/data/conformance" / version / "_checkpoint"
     name = f"bnb-{version}-{quant_type}"
-    dst = OUT / name
-    config = _copy_side_files(src, dst)
-    sd = load_file(str(src / "model.safetensors"))
+    dst, config, sd = _start(version, name)
     out, digests, full, outputs = {}, {}, {}, {}
     gen = torch.Generator().manual_seed(0)
     for key, w in sorted(sd.items()):
@@ -94,11 +94,8 @@ def make_awq(version: str, group: int = 128) -> None:
     from awq.modules.linear.gemm import WQLinear_GEMM
     from awq.utils.packing_utils import dequantize_gemm
 
-    src = ROOT / "tests/data/conformance" / version / "_checkpoint"
     name = f"awq-{version}"
-    dst = OUT / name
-    config = _copy_side_files(src, dst)
-    sd = load_file(str(src / "model.safetensors"))
+    dst, config, sd = _start(version, name)
     out, digests, full, outputs = {}, {}, {}, {}
     gen = torch.Generator().manual_seed(0)
     for key, w in sorted(sd.items()):

@@ -97,32 +97,12 @@ def record_logits(llm: Path) -> np.ndarray:
 
 
 def record_image(llm: Path, mmproj: Path, image: np.ndarray) -> np.ndarray:
-    """llama.cpp's embeddings of one image (mtmd: preprocess, vision tower, resampler)."""
-    import ctypes
+    """llama.cpp's embeddings of one image (mtmd: preprocess, vision tower, resampler), with the
+    helper of bench/check_llamacpp.py."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from check_llamacpp import llama_image
 
-    from llama_cpp import Llama
-    from llama_cpp import mtmd_cpp as m
-
-    model = Llama(str(llm), n_ctx=512, n_threads=2, verbose=False)
-    params = m.mtmd_context_params_default()
-    params.n_threads = 2
-    ctx = m.mtmd_init_from_file(str(mmproj).encode(), model.model, params)
-    data = np.ascontiguousarray(image, dtype=np.uint8)
-    bitmap = m.mtmd_bitmap_init(image.shape[1], image.shape[0], data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
-    chunks = m.mtmd_input_chunks_init()
-    text = m.mtmd_input_text(text=b"<__media__>", text_len=11, add_special=False, parse_special=True)
-    bitmaps = (m.mtmd_bitmap_p_ctypes * 1)(bitmap)
-    assert m.mtmd_tokenize(ctx, chunks, ctypes.byref(text), bitmaps, 1) == 0
-    out = []
-    for i in range(m.mtmd_input_chunks_size(chunks)):
-        chunk = m.mtmd_input_chunks_get(chunks, i)
-        if m.mtmd_input_chunk_get_type(chunk) != m.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-            continue
-        assert m.mtmd_encode_chunk(ctx, chunk) == 0
-        n = m.mtmd_input_chunk_get_n_tokens(chunk)
-        embd = m.mtmd_get_output_embd(ctx)
-        out.append(np.ctypeslib.as_array(embd, shape=(n * model.n_embd(),)).reshape(n, -1).copy())
-    return np.concatenate(out)
+    return llama_image(llm, mmproj, image)
 
 
 def main() -> None:
