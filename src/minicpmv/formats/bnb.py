@@ -107,3 +107,43 @@ def bnb_tensors(stored: dict[str, Path], kind: str) -> dict[str, Callable[[], to
         if key not in owned and key not in out:
             out[key] = (lambda k=key: get(k))
     return out
+
+
+def has_bitsandbytes() -> bool:
+    """Whether the bitsandbytes package is importable (its 4-bit layers then run the release as is)."""
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def bnb_layers(
+    stored: dict[str, Path], dtype: torch.dtype, device: torch.device, names: set[str],
+) -> dict[str, Callable[[], torch.nn.Module]]:
+    """Layer name -> a function building ``bitsandbytes.nn.Linear4bit`` from the stored packed weight
+    and quant state (bitsandbytes' own ``Params4bit.from_prequantized``), for the 4-bit layers in
+    ``names``. The layer's bias stays a float tensor of the checkpoint."""
+    import bitsandbytes as bnb_lib
+
+    handles: dict[Path, Any] = {}
+
+    def get(key: str) -> torch.Tensor:
+        return open_handle(handles, stored[key]).get_tensor(key)
+
+    out: dict[str, Callable[[], torch.nn.Module]] = {}
+    for state_key in (k for k in stored if STATE_PREFIX in k):
+        weight = state_key.split(STATE_PREFIX)[0]
+        name = weight.removesuffix(".weight")
+        if name not in names:
+            continue
+
+        def make(w: str = weight, s: str = state_key) -> torch.nn.Module:
+            state = read_state(get(s))
+            shape = [int(x) for x in state["shape"]]
+            stats = {k[len(w) + 1:]: get(k) for k in stored if k.startswith(f"{w}.")}
+            layer = bnb_lib.nn.Linear4bit(shape[1], shape[0], bias=f"{w[:-7]}.bias" in stored, compute_dtype=dtype,
+                                          quant_type=state["quant_type"], device="meta")
+            layer.weight = bnb_lib.nn.Params4bit.from_prequantized(get(w), stats, device=device, module=layer)
+            return layer
+
+        out[name] = make
+    return out

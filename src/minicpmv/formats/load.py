@@ -73,12 +73,27 @@ class OpenCheckpoint:
             return load_model(self.path, dtype=dtype, device=device, config=cfg, vision_dtype=vision_dtype,
                               quantize=quantize, prepack=True)
         floats, int4 = self._tensors(cfg)
+        modules = self._bnb_layers(cfg, floats, dtype, device) if quantize is None else {}
         if int4 and quantize is not None and quantize != QuantSpec(4, INT4_GROUP, quantize.lm_head):
             log.info("%d layers stay in their stored int4; the others become %s", len(int4), quantize.describe())
-        model = _assemble(cfg, floats, int4, dtype=dtype, device=device, vision_dtype=vision_dtype)
+        model = _assemble(cfg, floats, int4, dtype=dtype, device=device, vision_dtype=vision_dtype, modules=modules)
         _finish(model, dtype, device, quantize)
         log.info("loaded %s (%s): %d int4 layers", self.path, self.format.describe(), len(int4))
         return model
+
+    def _bnb_layers(
+        self, cfg: ModelConfig, floats: dict[str, Callable[[], torch.Tensor]], dtype: torch.dtype,
+        device: torch.device,
+    ) -> dict[str, Callable[[], torch.nn.Module]]:
+        """On CUDA with bitsandbytes installed, a bitsandbytes release keeps its 4-bit LLM layers and
+        runs them with bitsandbytes' kernels (elsewhere they are dequantized: see bnb.py)."""
+        if self.format.kind != "bitsandbytes" or device.type != "cuda" or not bnb.has_bitsandbytes():
+            return {}
+        targets = set(quant_targets(build_on_meta(cfg), QuantSpec(4, INT4_GROUP, True)))
+        layers = bnb.bnb_layers(weight_files(self.path), dtype, device, targets)
+        for name in layers:
+            del floats[f"{name}.weight"]
+        return layers
 
     def _tensors(self, cfg: ModelConfig) -> tuple[dict[str, Callable[[], torch.Tensor]], dict[str, Storage]]:
         targets = set(quant_targets(build_on_meta(cfg), QuantSpec(4, INT4_GROUP, True)))
@@ -102,12 +117,17 @@ class OpenCheckpoint:
 def _assemble(
     cfg: ModelConfig, floats: dict[str, Callable[[], torch.Tensor]], int4: dict[str, Storage], *,
     dtype: torch.dtype, device: torch.device, vision_dtype: torch.dtype | None,
+    modules: dict[str, Callable[[], torch.nn.Module]] | None = None,
 ) -> MiniCPMV:
-    """The meta model with ``int4`` layers swapped for ``QuantLinear`` (group size from the storage),
-    filled strictly from ``floats`` and the int4 storage tensors (int4 storage is made first: it
-    is what stays in memory anyway)."""
+    """The meta model with ``int4`` layers swapped for ``QuantLinear`` (group size from the storage)
+    and ``modules`` for the layers they build (their weights made already), filled strictly from
+    ``floats`` and the int4 storage tensors (int4 storage is made first: it stays in memory anyway)."""
     model = build_on_meta(cfg)
     tensors = dict(floats)
+    prefilled = set()
+    for name, build in (modules or {}).items():
+        replace_module(model, name, build())
+        prefilled.add(f"{name}.weight")
     for name, make in int4.items():
         if f"{name}.weight" in tensors:
             raise CheckpointError(f"{name} is stored both quantized and as a float weight")
@@ -118,7 +138,7 @@ def _assemble(
         replace_module(model, name, QuantLinear(old.in_features, old.out_features, spec, bias=old.bias is not None,
                                                 dtype=dtype, device="meta"))
         tensors.update({f"{name}.{p}": (lambda t=t: t) for p, t in st.items()})
-    fill_model(model, tensors, dtype=dtype, device=device, vision_dtype=vision_dtype)
+    fill_model(model, tensors, dtype=dtype, device=device, vision_dtype=vision_dtype, prefilled=prefilled)
     return model
 
 

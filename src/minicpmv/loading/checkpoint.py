@@ -329,14 +329,16 @@ def fill_model(
     dtype: torch.dtype,
     device: torch.device,
     vision_dtype: torch.dtype | None = None,
+    prefilled: Iterable[str] = (),
 ) -> None:
     """Fill a meta ``model`` strictly from tensors made on demand (the readers of other formats in
     ``formats/``): the same key, shape and leftover checks as ``load_model``; floating tensors get
     ``dtype`` (``vision_dtype`` for ``vpm.*`` / ``resampler.*``), integer ones keep theirs. One
-    tensor is made at a time."""
+    tensor is made at a time. ``prefilled``: keys a swapped-in layer has set already."""
     slots = _param_slots(model)
     aliases = {k for k, v in slots.items() if not v}
-    _check_keys(slots, aliases, dict.fromkeys(tensors, Path()))
+    done = set(prefilled)
+    _check_keys(slots, aliases, dict.fromkeys([*tensors, *done], Path()))
     expected = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
     for key, make in tensors.items():
         if not slots.get(key):
