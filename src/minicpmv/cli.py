@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="ask a question about images (streams the answer)")
     _add_model_args(chat)
+    chat.add_argument("--mmproj", default=None, help="GGUF vision file (mmproj) of a GGUF --model file")
     chat.add_argument("question", nargs="?", help="the question (omit with -i)")
     chat.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     chat.add_argument("--audio", action="append", default=[],
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default on, as the official chat())")
 
     ins = sub.add_parser("inspect", help="print version, parameter counts and memory estimate")
-    ins.add_argument("path", help="checkpoint directory (weights are not needed)")
+    ins.add_argument("path", help="checkpoint directory (weights are not needed) or GGUF file / directory")
+    ins.add_argument("--mmproj", default=None, help="GGUF vision file (mmproj) of a GGUF model file")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
 
     conf = sub.add_parser("conformance", help="run golden-vector cases against the reference outputs")
@@ -98,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.cli_args import add_demo_arguments, add_export_arguments, add_finetune_arguments  # no torch
 
     add_finetune_arguments(sub.add_parser("finetune", help="LoRA / full fine-tuning on official-format data"))
-    add_export_arguments(sub.add_parser("export", help="merge a LoRA adapter into a complete checkpoint"))
+    add_export_arguments(sub.add_parser("export", help="merge a LoRA adapter into a checkpoint; write GGUF "
+                                                  "(llama.cpp / Ollama)"))
     add_demo_arguments(sub.add_parser("train-demo", help="train the small demo model from scratch on synthetic data"))
     return parser
 
@@ -125,7 +128,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     images = [load_image(p) for p in args.image]
     audios = _audios(args.audio)
     videos = _videos(args)
-    model = load(args.model, dtype=args.dtype, device=args.device)
+    model = load(args.model, dtype=args.dtype, device=args.device, mmproj=args.mmproj)
     session = ChatSession(
         model, system_prompt=args.system, enable_thinking=args.think, id0_quirk=args.id0_quirk,
         max_slice_nums=args.max_slice_nums, max_inp_length=_max_inp_length(args, model, bool(videos)),
@@ -229,9 +232,9 @@ def _interactive(session: Any, pending_images: list[Any], video_options: dict[st
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .loading.inspect import inspect_checkpoint
+    from .formats.inspect import inspect_any
 
-    info = inspect_checkpoint(Path(args.path))
+    info = inspect_any(Path(args.path), Path(args.mmproj) if args.mmproj else None)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -239,6 +242,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     unverified = "  [unverified: no reference vectors]" if info.get("unverified") else ""
     title = info.get("title") or f"MiniCPM-V {info['version']}"
     print(f"version      {title} ({info['llm_family']} backbone){unverified}")
+    print(f"format       {info['format']} ({info['stored_gib']:.3f} GiB of weight files)")
     print(f"dtype        {info['dtype']}")
     for name, n in info["parameters"].items():
         print(f"params       {name:<10} {n:>15,d}")

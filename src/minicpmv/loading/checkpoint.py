@@ -335,6 +335,39 @@ def load_model(
     return model
 
 
+def fill_model(
+    model: nn.Module,
+    tensors: dict[str, Callable[[], torch.Tensor]],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    vision_dtype: torch.dtype | None = None,
+    prefilled: Iterable[str] = (),
+) -> None:
+    """Fill a meta ``model`` strictly from tensors made on demand (the readers of other formats in
+    ``formats/``): the same key, shape and leftover checks as ``load_model``; floating tensors get
+    ``dtype`` (``vision_dtype`` for ``vpm.*`` / ``resampler.*``), integer ones keep theirs. One
+    tensor is made at a time. ``prefilled``: keys a swapped-in layer has set already."""
+    slots = _param_slots(model)
+    aliases = {k for k, v in slots.items() if not v}
+    done = set(prefilled)
+    _check_keys(slots, aliases, dict.fromkeys([*tensors, *done], Path()))
+    expected = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
+    for key, make in tensors.items():
+        if not slots.get(key):
+            continue
+        t = make()
+        if tuple(t.shape) != tuple(expected[key].shape):
+            raise ShapeMismatchError(
+                f"tensor {key!r} has shape {list(t.shape)} but the model expects {list(expected[key].shape)}"
+            )
+        want = vision_dtype if vision_dtype is not None and key.startswith(VISION_PREFIXES) else dtype
+        _assign(slots[key], t.to(device=device, dtype=want if t.is_floating_point() else t.dtype))
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"tensors left unmaterialised after loading: {_short(leftover)}")
+
+
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,

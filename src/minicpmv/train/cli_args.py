@@ -51,10 +51,14 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", required=True, help="base checkpoint directory")
-    p.add_argument("--adapter", required=True, help="PEFT adapter directory (OUTPUT/adapter of finetune)")
-    p.add_argument("--output", "-o", required=True, help="directory of the merged checkpoint")
-    p.add_argument("--merge-lora", action="store_true", required=True, help="fold the LoRA weights in")
+    p.add_argument("--adapter", default=None, help="PEFT adapter directory (OUTPUT/adapter of finetune)")
+    p.add_argument("--output", "-o", default=None, help="directory of the merged checkpoint")
+    p.add_argument("--merge-lora", action="store_true", help="fold the LoRA weights in (with --adapter)")
     p.add_argument("--dtype", default="bfloat16", help="dtype of the exported checkpoint")
+    p.add_argument("--gguf", default=None, help="write OUT_DIR/model.gguf + mmproj.gguf + Modelfile (llama.cpp, "
+                   "Ollama); with --adapter the merged model is written")
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m"],
+                   help="GGUF type of the language model's matrices (default f16)")
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -85,10 +89,29 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .trainer import export_merged
+    import tempfile
 
-    out = export_merged(args.model, args.adapter, args.output, dtype=args.dtype)
-    print(out)
+    from ..errors import InputError
+
+    if args.adapter is None and args.gguf is None:
+        raise InputError("export needs --adapter/--merge-lora/--output (merge a LoRA adapter) or --gguf OUT_DIR")
+    if args.adapter is not None and not args.merge_lora:
+        raise InputError("--adapter is merged with --merge-lora")
+    if args.adapter is not None and args.output is None and args.gguf is None:
+        raise InputError("--merge-lora needs --output DIR (or --gguf OUT_DIR)")
+    with tempfile.TemporaryDirectory(prefix="minicpmv-merge-") as tmp:
+        source = args.model
+        if args.adapter is not None:
+            from .trainer import export_merged
+
+            source = export_merged(args.model, args.adapter, args.output or f"{tmp}/merged", dtype=args.dtype)
+            print(source)
+        if args.gguf is not None:
+            from ..formats.gguf_write import export_gguf
+
+            info = export_gguf(source, args.gguf, args.type)
+            sizes = ", ".join(f"{name} {n / 2**20:.1f} MiB" for name, n in sorted(info["files"].items()))
+            print(f"wrote {args.gguf} ({info['type']}): {sizes}")
     return 0
 
 
