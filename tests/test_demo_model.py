@@ -50,23 +50,3 @@ def test_missing_demo_model_is_a_clear_error(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(demo_model, "_HERE", tmp_path)
     with pytest.raises(CheckpointError, match="pass --model"):
         demo_model.path()
-
-
-def test_demo_model_answers_change_with_the_image() -> None:
-    """The answers come from the pixels, not from the question wording."""
-    import random
-
-    from minicpmv.api import load
-    from minicpmv.train import synthetic as syn
-
-    chat = load(str(demo_model.path()), dtype="float32")
-    answers = set()
-    for seed in (20, 24, 27, 31):  # blue circle, purple square, orange triangle, yellow circle
-        rng = random.Random(seed)
-        scene = syn.make_scene(rng, "single")
-        img = syn.render(scene, rng)
-        got = chat.chat([{"role": "user", "content": [img, "What colour is the shape?"]}], sampling=False,
-                        max_new_tokens=8)
-        assert got == scene.qa("colour")
-        answers.add(got)
-    assert len(answers) == 4
