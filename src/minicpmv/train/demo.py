@@ -37,6 +37,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..loading.checkpoint import model_config
+from ..modeling.resampler import sincos_2d_table
 from ..modeling.vlm import MiniCPMV
 from . import synthetic as syn
 from . import synthetic_qa as qa
@@ -64,11 +65,11 @@ class DemoConfig:
     stage1_steps: int = 2000
     stage1_batch: int = 14
     stage1_lr: float = 1e-3
-    train_images: int = 5000
+    train_images: int = 2000
     stage2_epochs: int = 2
     stage2_batch: int = 16
     stage2_lr: float = 1e-3
-    eval_items: int = 20  # per family of the independent evaluation set (0: no evaluation)
+    eval_items: int = 10  # per family of the independent evaluation set (0: no evaluation)
     threads: int | None = None
     device: str = "auto"
 
@@ -179,7 +180,10 @@ def write_configs(out: Path, cfg: DemoConfig, vocab: int) -> None:
 
 
 def build_model(ckpt: Path, seed: int) -> MiniCPMV:
-    """A randomly initialised model for the config in ``ckpt`` (normal(0, 0.02) weights)."""
+    """A randomly initialised model for the config in ``ckpt``: normal(0, 0.02) weights, except the
+    tower's patch-position table, which starts as a 2D sin-cos table (half amplitude). With a
+    random table as small as the other weights, the tower stayed blind to where patches are (shape,
+    position and character accuracy at chance after 650 steps of stage 1, colour at 80%)."""
     mcfg = model_config(ckpt)
     torch.manual_seed(seed)
     model = MiniCPMV(mcfg)
@@ -187,6 +191,10 @@ def build_model(ckpt: Path, seed: int) -> MiniCPMV:
         for name, p in model.named_parameters():
             if p.dim() >= 2 and "pos_embed" not in name:
                 nn.init.normal_(p, std=0.02)
+        table = model.vpm.embeddings.position_embedding.weight  # [side*side, Dv]
+        side = model.vpm.embeddings.num_patches_per_side
+        sincos = sincos_2d_table(table.shape[1], side, side).reshape(side * side, -1)  # row-major ids
+        table.copy_(torch.from_numpy(sincos) * 0.5)
     return model
 
 
