@@ -12,7 +12,7 @@ Three parts, each printed as a table (``--part`` picks one):
   reference tokens fed back (teacher forcing) through the unquantized model and each quantized
   model, with bf16 and with float32 activations; top-1 agreement over all steps and the max
   |logit difference|. Then the same on trained weights: the bundled demo model's own greedy
-  answers to held-out synthetic questions (plus how many answers each quantized copy repeats).
+  answers to questions of its independent evaluation set (plus how many answers each quantized copy repeats).
 - ``speed``: a perf-size LLM (4.5 dims, or 2.6's with ``--dims 2.6``; ``--layers`` layers, random
   weights, text-only prompt of random embeddings) decoded with the real engine in bf16 (plain and
   prepacked), int8 and int4; tokens/s as ratios to prepacked bf16 (the default path) and to plain
@@ -214,31 +214,25 @@ def quality(versions: tuple[str, ...] = QUALITY_VERSIONS, demo: bool = True) -> 
 
 
 def _demo_prompts(n: int) -> list[list[dict[str, Any]]]:
-    """``n`` held-out synthetic scenes (all kinds), each question asked alone on its image."""
-    import random
+    """About ``n`` pictures of the demo model's independent evaluation set (every family), each
+    item's first question asked alone on its picture(s)."""
+    from minicpmv.train.demo_eval import FAMILIES, build_items
 
-    from minicpmv.train import synthetic as syn
-
-    rng = random.Random(11)
-    convs = []
-    for i in range(n):
-        scene = syn.make_scene(rng, syn.KINDS[i % len(syn.KINDS)])
-        image = syn.render(scene, rng)
-        convs += [[{"role": "user", "content": [image, rng.choice(syn.QUESTIONS[f])]}] for f in scene.families()]
-    return convs
+    items = build_items(max(1, n // len(FAMILIES)), seed=11)
+    return [[{"role": "user", "content": [*it.images, it.turns[0]]}] for it in items]
 
 
 def demo_quality(scenes: int = 160) -> None:
     """The bundled demo model has trained (not random) weights: its own greedy answers to held-out
-    synthetic questions, teacher-forced through each quantized copy, and the answers each copy gives."""
+    evaluation questions, teacher-forced through each quantized copy, and the answers each copy gives."""
     import minicpmv
     from minicpmv import demo_model
     from minicpmv.engine.sampling import SamplingParams
 
     ckpt = demo_model.path()
     convs = _demo_prompts(scenes)
-    print(f"\n== quality on trained weights: the bundled demo model, {len(convs)} questions on {scenes} held-out "
-          "synthetic images, teacher-forced along its own greedy answers")
+    print(f"\n== quality on trained weights: the bundled demo model, {len(convs)} questions of its independent "
+          "evaluation set, teacher-forced along its own greedy answers")
     print(f"{'format':<34} {'dtype':<9} {'steps':>6} {'top-1 agree':>12} {'max|dlogit|':>12} {'same answer':>12}")
     for dtype in ("bfloat16", "float32"):
         base = minicpmv.load(ckpt, dtype=dtype)

@@ -97,12 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(bat)
     add_batch_arguments(bat)
 
-    from .train.cli_args import add_demo_arguments, add_export_arguments, add_finetune_arguments  # no torch
+    from .train.cli_args import (  # no torch
+        add_demo_arguments,
+        add_eval_demo_arguments,
+        add_export_arguments,
+        add_finetune_arguments,
+    )
 
     add_finetune_arguments(sub.add_parser("finetune", help="LoRA / full fine-tuning on official-format data"))
     add_export_arguments(sub.add_parser("export", help="merge a LoRA adapter into a checkpoint; write GGUF "
                                                   "(llama.cpp / Ollama)"))
     add_demo_arguments(sub.add_parser("train-demo", help="train the small demo model from scratch on synthetic data"))
+    add_eval_demo_arguments(sub.add_parser("eval-demo", help="the demo model's scores on its independent evaluation"))
     return parser
 
 
@@ -329,11 +335,17 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_eval_demo(args: argparse.Namespace) -> int:
+    from .train.cli_args import cmd_eval_demo as run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if getattr(args, "model", "") is None and args.command in ("chat", "ui", "serve", "batch"):
+    if getattr(args, "model", "") is None and args.command in ("chat", "ui", "serve", "batch", "eval-demo"):
         from . import demo_model
 
         try:
@@ -344,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(__name__).info("no --model given: using the bundled demo model %s", args.model)
     handlers = {"chat": cmd_chat, "inspect": cmd_inspect, "conformance": cmd_conformance, "ui": cmd_ui,
                 "serve": cmd_serve, "finetune": cmd_finetune, "export": cmd_export, "quantize": cmd_quantize,
-                "train-demo": cmd_train_demo, "batch": cmd_batch}
+                "train-demo": cmd_train_demo, "batch": cmd_batch, "eval-demo": cmd_eval_demo}
     try:
         return handlers[args.command](args)
     except MiniCPMVError as e:

@@ -122,7 +122,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--stage1-steps", type=int, default=None, help="vision pretraining steps")
     p.add_argument("--train-images", type=int, default=None, help="images in the question-training split")
-    p.add_argument("--eval-images", type=int, default=None, help="images in the held-out split")
+    p.add_argument("--eval-items", type=int, default=None, help="items per family of the independent evaluation")
     p.add_argument("--stage2-epochs", type=int, default=None, help="epochs over the question-training split")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any other recipe setting (see minicpmv.train.demo.DemoConfig)")
@@ -134,7 +134,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run
 
     cfg = DemoConfig(output=args.output, seed=args.seed, device=args.device, threads=args.threads)
-    for name in ("stage1_steps", "train_images", "eval_images", "stage2_epochs"):
+    for name in ("stage1_steps", "train_images", "eval_items", "stage2_epochs"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     for item in args.set:
@@ -147,8 +147,40 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
                 raise SystemExit(f"minicpmv train-demo: --set {key} takes true or false, not {value!r}")
             setattr(cfg, key, value.lower() in ("true", "1"))
         else:
-            setattr(cfg, key, type(current)(value) if current is not None else int(value))
+            kind = type(current) if current is not None else int
+            try:
+                setattr(cfg, key, kind(value))
+            except ValueError:
+                raise SystemExit(f"minicpmv train-demo: --set {key} takes a{'n' if kind is int else ''} "
+                                 f"{kind.__name__}, not {value!r}") from None
+    from .demo_eval import format_table
+
     report = run(cfg)
-    print(json.dumps({"heldout": report["heldout"], "times": report["times"],
-                      "weights_sha256": report["weights_sha256"]}, indent=2))
+    if report["evaluation"]:
+        print(format_table(report["evaluation"]))
+    print(json.dumps({"times": report["times"], "weights_sha256": report["weights_sha256"]}, indent=2))
+    return 0
+
+
+def add_eval_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help="checkpoint directory (default: the bundled demo model)")
+    p.add_argument("--items", type=int, default=50, help="items per family")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the evaluation pictures and of sampling")
+    p.add_argument("--misses", default=None, help="write the greedy misses to this JSON file")
+    p.add_argument("--json", default=None, help="write the table as JSON to this file")
+
+
+def cmd_eval_demo(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .demo_eval import evaluate, format_table
+
+    misses: list[dict[str, str]] = []
+    table = evaluate(args.model, n_per_family=args.items, seed=args.seed, misses=misses)
+    print(format_table(table))
+    if args.misses:
+        Path(args.misses).write_text(json.dumps(misses, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(table, indent=2))
     return 0
