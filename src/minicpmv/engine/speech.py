@@ -66,12 +66,14 @@ _OVERLAP_FRAMES = 4  # code frames re-vocoded before each streamed chunk
 @dataclass
 class OmniOutput:
     """Text with its speech: ``audio_wav`` float32 [N] at ``sampling_rate`` (24 kHz); ``spk_embeds``
-    is the LLM speaker state [1, llm_dim] when asked for (official ``OmniOutput``)."""
+    is the LLM speaker state [1, llm_dim] when asked for (official ``OmniOutput``); streamed
+    chunks carry their part of the text and the last one the ``finish_reason``."""
 
     text: str = ""
     spk_embeds: torch.Tensor | None = None
     audio_wav: np.ndarray | None = None
     sampling_rate: int | None = None
+    finish_reason: str | None = None  # set on the last chunk of a streamed answer
 
 
 def crossfade(prev: torch.Tensor, new: torch.Tensor, overlap: int = CROSSFADE) -> tuple[torch.Tensor, torch.Tensor]:
