@@ -131,3 +131,20 @@ def test_a_batch_cannot_speak(tts_model):
         tts_model.chat([MSGS, MSGS], max_new_tokens=2, generate_audio=True)
     with pytest.raises(InputError, match="not a batch"):
         tts_model.respond([MSGS, MSGS], max_new_tokens=2, return_spk_embed=True)
+
+
+def test_a_chat_session_speaks_each_answer_like_chat(tts_model):
+    import minicpmv
+
+    opts = SpeechOptions(top_p=0.7, top_k=20, seed=0)
+    session = minicpmv.ChatSession(tts_model, generate_audio=True, speech_options=opts, max_new_tokens=16, **GREEDY)
+    r = session.respond(MSGS[0]["content"])
+    want = tts_model.chat(MSGS, **GREEDY, max_new_tokens=16, generate_audio=True, speech_options=opts)
+    assert r.text == want.text and r.sampling_rate == 24000
+    assert r.audio_wav.shape == want.audio_wav.shape and np.abs(r.audio_wav - want.audio_wav).max() < 1e-5
+    events = list(session.respond("And the grass?", stream=True, max_new_tokens=4))
+    second = session.last_response
+    assert "".join(e.text for e in events) == second.text and second.audio_wav is not None
+    assert session.last_prefill_tokens < second.prompt_tokens  # the first turn's cache was reused
+    quiet = session.respond("Thanks.", generate_audio=False, max_new_tokens=2)
+    assert quiet.audio_wav is None
