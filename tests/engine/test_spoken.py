@@ -29,6 +29,10 @@ GREEDY = {"sampling": False, "num_beams": 1, "repetition_penalty": 1.0}
 SHORT = SpeechOptions(top_p=0.7, top_k=20, seed=0, max_frames=30)  # streamed speech stops after 2 calls
 
 
+def _wav(chunks) -> np.ndarray:
+    return np.concatenate([c.audio_wav for c in chunks])
+
+
 def test_chat_returns_the_omni_output_and_writes_the_wav(tts_model, tmp_path):
     path = tmp_path / "answer.wav"
     out = tts_model.chat(MSGS, **GREEDY, max_new_tokens=16, generate_audio=True, output_audio_path=path,
@@ -70,11 +74,11 @@ def test_the_streamed_answer_is_the_official_streaming_path(tts_model, tts_synth
     assert [c.text for c in chunks] == [c.text for c in want]
     assert "".join(c.text for c in chunks) == official_answer_text(tts_model.tokenizer, ids, tts_model.terminator_ids())
     assert [len(c.audio_wav) for c in chunks] == [len(c.audio_wav) for c in want]
-    assert np.abs(np.concatenate([c.audio_wav for c in chunks]) - np.concatenate([c.audio_wav for c in want])).max() < 1e-5
+    assert np.abs(_wav(chunks) - _wav(want)).max() < 1e-5
     # respond(stream=True) is the same stream; text only without generate_audio
     again = list(tts_model.respond(MSGS, **GREEDY, max_new_tokens=16, generate_audio=True, stream=True,
                                    speech_options=SHORT))
-    assert np.array_equal(np.concatenate([c.audio_wav for c in again]), np.concatenate([c.audio_wav for c in chunks]))
+    assert np.array_equal(_wav(again), _wav(chunks))
     text = tts_model.chat(MSGS, **GREEDY, max_new_tokens=16, return_dict=True, stream=True)
     assert isinstance(text, OmniOutput) and "".join(text.text) == tts_model.chat(MSGS, **GREEDY, max_new_tokens=16)
 
@@ -109,7 +113,7 @@ def test_audio_limit_cuts_the_stream_at_exactly_that_length(tts_model, tts_synth
     answer, out = _spoken(tts_model, tts_synth, 0.2)
     assert sum(len(c.audio_wav) for c in whole) > 4800
     assert sum(len(c.audio_wav) for c in out) == 4800 and answer.done
-    assert np.array_equal(np.concatenate([c.audio_wav for c in out]), np.concatenate([c.audio_wav for c in whole])[:4800])
+    assert np.array_equal(_wav(out), _wav(whole)[:4800])
     assert answer.push_text("more") == [] and answer.finish() == []
     with pytest.raises(InputError, match="text pieces"):
         answer.push_text(b"bytes")

@@ -9,11 +9,12 @@ checkpoint (sharded safetensors with an index; assets decompressed), checking ev
 
 ``TTSCaseRunner`` runs one case through the production paths (``chat(generate_audio=True)``
 for ``e2e_chat``, a ``LiveSession`` for the streaming cases, the speech functions of
-``engine/speech.py`` and ``processing/tts_text.py`` for the stage-level cases) and yields a ``StageResult`` per stage with the README's
-tolerances: strings, ids, masks, codes and schedules exact; embeddings / hidden states 1e-5;
-raw logits 1e-5 x max|logits| with the arg-max exact; vq features 1e-6; decoder output, mel and
-Vocos backbone 1e-4 (+ rtol 1e-4); waveforms 1e-5; cross-fade 1e-6; teacher-forced sampler
-probabilities 1e-6. Used by ``conformance.run_cases``; nothing in the library imports it.
+``engine/speech.py`` and ``processing/tts_text.py`` for the stage-level cases) and yields a
+``StageResult`` per stage with the README's tolerances: strings, ids, masks, codes and
+schedules exact; embeddings / hidden states 1e-5; raw logits 1e-5 x max|logits| with the
+arg-max exact; vq features 1e-6; decoder output, mel and Vocos backbone 1e-4 (+ rtol 1e-4);
+waveforms 1e-5; cross-fade 1e-6; teacher-forced sampler probabilities 1e-6. Used by
+``conformance.run_cases``; nothing in the library imports it.
 """
 
 from __future__ import annotations
