@@ -66,7 +66,7 @@ class ChatResponse:
 
 # chat() keywords of the speech part (official ones and ours), popped by ChatModel._speech_request
 SPEECH_KEYS = ("output_audio_path", "return_spk_embed", "return_dict", "speech_options", "speech_trace",
-               "first_chunk")
+               "first_chunk", "max_audio_seconds")
 
 
 @dataclass
@@ -127,7 +127,8 @@ class ChatModel:
         a WAV to ``output_audio_path``), with ``stream=True`` an iterator of ``OmniOutput`` chunks
         (text and audio as they are produced); ``return_spk_embed`` / ``return_dict`` as the
         official; ``speech_options=SpeechOptions(...)`` sets the speech sampling (e.g. ``seed``,
-        ``greedy``, ``max_frames``), ``first_chunk`` the streaming variant.
+        ``greedy``, ``max_frames``), ``first_chunk`` the streaming variant, ``max_audio_seconds``
+        cuts the spoken answer at that length.
         """
         call = self._call(msgs, image, kwargs)
         if call.speech is not None:
@@ -289,7 +290,7 @@ class ChatModel:
         return SpeechRequest(
             generate_audio=generate_audio, output_audio_path=given.get("output_audio_path"),
             options=given.get("speech_options"), trace=given.get("speech_trace"), return_spk_embed=return_spk,
-            first_chunk=given.get("first_chunk") or "hold")
+            first_chunk=given.get("first_chunk") or "hold", max_seconds=given.get("max_audio_seconds"))
 
     def _prepare(self, call: ChatCall) -> PreparedBatch:
         return self.prepare(call.conversations, id0_quirk=call.id0_quirk, **call.proc_kwargs)

@@ -40,7 +40,7 @@ from .runner import PreparedBatch
 from .sampling import SamplingParams
 from .speech import get_synthesizer, official_answer_text, speaker_hidden, speaker_position
 from .speech_codes import SpeechOptions
-from .spoken import SpeakerTap
+from .spoken import SpeakerTap, cut_audio, limited_options
 from .stream import TextEvent
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class ChatSession:
         max_inp_length: int | None = None,
         generate_audio: bool = False,
         speech_options: SpeechOptions | None = None,
+        max_audio_seconds: float | None = None,
         **generation: Any,
     ) -> None:
         compat.check_thinking(model.version, enable_thinking)
@@ -77,6 +78,7 @@ class ChatSession:
         self.generation = generation
         self.generate_audio = generate_audio  # MiniCPM-o: speak every answer (speech template)
         self.speech_options = speech_options
+        self.max_audio_seconds = max_audio_seconds  # spoken answers are cut at this length
         self._check_speech(generate_audio)
         self._speaking = False
         self._tap: SpeakerTap | None = None
@@ -193,7 +195,9 @@ class ChatSession:
         voice = self._tap.hidden if self._tap is not None else self._voice
         assert voice is not None
         raw = official_answer_text(self.runner.tokenizer, ids, self.runner.eos_ids)
-        return get_synthesizer(self.model).synthesize(speech_text(raw), voice, self.speech_options)
+        synth = get_synthesizer(self.model)
+        options = limited_options(synth, self.speech_options, self.max_audio_seconds)
+        return cut_audio(synth.synthesize(speech_text(raw), voice, options), self.max_audio_seconds)
 
     def _prepare(self, conversation: list[dict[str, Any]]) -> PreparedBatch:
         thinking = compat.thinking_flag(self.runner.version, self.enable_thinking)

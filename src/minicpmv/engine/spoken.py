@@ -23,6 +23,8 @@ The speech head itself is ``speech.py``; nothing here parses keywords or builds 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +34,11 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..processing.audio import save_wav
 from .generate import StepOutput, generate_steps
 from .sampling import SamplingParams
 from .speech import (
+    FRAME_SAMPLES,
     SAMPLING_RATE,
     LLMTextPieces,
     OmniOutput,
@@ -66,6 +70,25 @@ class SpeechRequest:
     return_spk_embed: bool = False
     first_chunk: FirstChunk = "hold"
     max_seconds: float | None = None
+
+
+def limited_options(synth: SpeechSynthesizer, options: SpeechOptions | None,
+                    max_seconds: float | None) -> SpeechOptions:
+    """``options`` (default: the checkpoint's official ones) with at most ``max_seconds`` of frames."""
+    base = options if options is not None else synth.default_options()
+    if max_seconds is None:
+        return base
+    if not max_seconds > 0:
+        raise InputError(f"the audio length limit must be positive, got {max_seconds}")
+    frames = max(1, math.ceil(max_seconds * SAMPLING_RATE / FRAME_SAMPLES))
+    return dataclasses.replace(base, max_frames=min(base.max_frames, frames))
+
+
+def cut_audio(out: OmniOutput, max_seconds: float | None) -> OmniOutput:
+    """``out`` with its waveform cut to ``max_seconds`` (the frame loop stops at a call boundary)."""
+    if max_seconds is not None and out.audio_wav is not None:
+        out.audio_wav = out.audio_wav[: int(round(max_seconds * SAMPLING_RATE))]
+    return out
 
 
 class SpeakerTap:
@@ -135,7 +158,8 @@ class SpokenAnswer:
             if speaker is None:
                 raise InputError("a spoken answer needs the speaker state (the LLM hidden state at <|spk|>)")
             r = self.request
-            self.stream = self.synth.stream(speaker, r.options, first_chunk=r.first_chunk, trace=r.trace)
+            options = limited_options(self.synth, r.options, r.max_seconds)
+            self.stream = self.synth.stream(speaker, options, first_chunk=r.first_chunk, trace=r.trace)
         return self.stream
 
     def push_text(self, piece: str) -> list[OmniOutput]:
@@ -212,8 +236,11 @@ def answer_with_speech(chat_model: Any, batch: Any, ids: list[int], request: Spe
     chat path (whole answer, then speech), ``spk_embeds`` when asked for, the WAV written to
     ``output_audio_path``. Without ``generate_audio`` only the text (and speaker state)."""
     if request.generate_audio:
-        out = speak_answer(chat_model, batch, ids, options=request.options,
-                           output_audio_path=request.output_audio_path, trace=request.trace)
+        options = limited_options(get_synthesizer(chat_model), request.options, request.max_seconds)
+        out = cut_audio(speak_answer(chat_model, batch, ids, options=options, trace=request.trace),
+                        request.max_seconds)
+        if request.output_audio_path:
+            save_wav(request.output_audio_path, out.audio_wav, SAMPLING_RATE)
         if not request.return_spk_embed:
             out.spk_embeds = None
         return out
