@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     ui.add_argument("--max-new-tokens", type=int, default=1024, help="initial value of the page's slider")
+    ui.add_argument("--max-audio-seconds", type=float, default=None,
+                    help="MiniCPM-o: cut spoken answers at this length (default: the model's limit)")
 
     from .serve.config import add_serve_arguments  # no FastAPI import: just the flags
 
@@ -301,7 +303,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from .ui import launch
 
     launch(args.model, port=args.port, host=args.host, dtype=args.dtype, device=args.device,
-           max_new_tokens=args.max_new_tokens)
+           max_new_tokens=args.max_new_tokens, max_audio_seconds=args.max_audio_seconds)
     return 0
 
 
