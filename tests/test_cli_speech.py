@@ -17,14 +17,8 @@ CONF = Path(__file__).resolve().parent / "data" / "conformance"
 GREEDY = ["--dtype", "float32", "--greedy", "--max-new-tokens", "6"]
 
 
-def _write_wav(path: Path, rate: int, channels: int, seconds: float, seed: int) -> Path:
-    data = np.random.default_rng(seed).uniform(-0.3, 0.3, (int(rate * seconds), channels))
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(channels)
-        f.setsampwidth(2)
-        f.setframerate(rate)
-        f.writeframes(np.round(data * 32767).astype("<i2").tobytes())
-    return path
+def _noise(rate: int, channels: int, seconds: float, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-0.3, 0.3, (int(rate * seconds), channels))
 
 
 def _read(path: Path) -> tuple[np.ndarray, int]:
@@ -33,11 +27,11 @@ def _read(path: Path) -> tuple[np.ndarray, int]:
         return np.frombuffer(f.readframes(f.getnframes()), "<i2").astype(np.float32) / 32767, f.getframerate()
 
 
-def test_chat_writes_the_spoken_answer_in_the_cloned_voice(tts_checkpoint, tts_model, tmp_path, capsys):
+def test_chat_writes_the_spoken_answer_in_the_cloned_voice(tts_checkpoint, tts_model, tmp_path, capsys, pcm_wav):
     import minicpmv
 
-    question = _write_wav(tmp_path / "question.wav", 16000, 1, 1.0, 0)
-    ref = _write_wav(tmp_path / "voice_48k_stereo.wav", 48000, 2, 1.5, 1)  # resampled and mixed down
+    question = pcm_wav(tmp_path / "question.wav", _noise(16000, 1, 1.0, 0), 16000)
+    ref = pcm_wav(tmp_path / "voice_48k_stereo.wav", _noise(48000, 2, 1.5, 1), 48000)  # resampled and mixed down
     out = tmp_path / "answer.wav"
     rc = main(["chat", "--model", str(tts_checkpoint), *GREEDY, "--audio", str(question), "--voice", str(ref),
                "--audio-out", str(out), "--max-audio-seconds", "1", "What do you hear?"])

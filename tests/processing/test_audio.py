@@ -13,29 +13,21 @@ from minicpmv.errors import AudioError
 from minicpmv.processing.audio import load_wav, pcm16, read_audio, save_wav, wav_bytes
 
 
-def _wav(path, rate: int, channels: int, seconds: float = 0.5) -> np.ndarray:
+def _tone(rate: int, seconds: float = 0.5) -> np.ndarray:
     t = np.arange(int(rate * seconds)) / rate
-    tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-    data = np.repeat(tone[:, None], channels, axis=1)
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(channels)
-        f.setsampwidth(2)
-        f.setframerate(rate)
-        f.writeframes(np.round(data * 32767).astype("<i2").tobytes())
-    return tone
+    return (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
 
 
-def test_16k_mono_wav_is_read_exactly(tmp_path):
-    path = tmp_path / "a.wav"
-    _wav(path, 16000, 1)
+def test_16k_mono_wav_is_read_exactly(tmp_path, pcm_wav):
+    path = pcm_wav(tmp_path / "a.wav", _tone(16000), 16000)
     want, rate = load_wav(path)
     assert rate == 16000 and np.array_equal(read_audio(path), want)
     assert np.array_equal(read_audio(path.read_bytes()), want)
 
 
-def test_other_rates_and_stereo_are_resampled_to_16k_mono(tmp_path):
-    path = tmp_path / "b.wav"
-    tone = _wav(path, 48000, 2)
+def test_other_rates_and_stereo_are_resampled_to_16k_mono(tmp_path, pcm_wav):
+    tone = _tone(48000)
+    path = pcm_wav(tmp_path / "b.wav", np.stack([tone, tone], axis=1), 48000)
     got = read_audio(path)
     assert got.dtype == np.float32 and got.ndim == 1 and abs(len(got) - len(tone) / 3) <= 32
     ref = 0.5 * np.sin(2 * np.pi * 440 * np.arange(len(got)) / 16000)
