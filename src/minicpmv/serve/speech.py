@@ -48,12 +48,13 @@ from fastapi.responses import Response
 
 from ..engine.speech import SAMPLING_RATE, get_synthesizer, official_answer_text, speaker_hidden
 from ..engine.spoken import SpeechRequest, SpokenAnswer, cut_audio, limited_options
+from ..errors import MiniCPMVError
 from ..processing.audio import pcm16, read_audio, wav_bytes
 from ..processing.tts_text import speech_text
 from ..processing.voice_prompts import READ_ALOUD, get_sys_prompt
 from .completions import Prepared, _Answer, _sse, prepare
 from .convert import RequestPlan
-from .errors import APIError
+from .errors import APIError, from_library_error
 from .runtime import Handle, ServerState
 from .schemas import (
     AssistantMessage,
@@ -249,9 +250,10 @@ async def stream_spoken(state: ServerState, prep: SpokenPrepared, handle: Handle
         yield chunk(Delta(audio=AudioOut(expires_at=int(time.time()) + AUDIO_TTL_S)), finish)
         if include_usage:
             yield chunk(Delta(), usage=answer.usage())
-    except APIError as e:
-        log.info("stream %s ended with an error: %s", response_id, e.message)
-        yield _sse(e.body())
+    except (APIError, MiniCPMVError) as e:
+        err = e if isinstance(e, APIError) else from_library_error(e)
+        log.info("stream %s ended with an error: %s", response_id, err.message)
+        yield _sse(err.body())
     yield "data: [DONE]\n\n"
 
 
