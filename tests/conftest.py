@@ -85,3 +85,23 @@ def tiny_config() -> Any:
 def tiny_state() -> Any:
     """Factory: version -> the tiny checkpoint's state dict in float32."""
     return _checkpoint_state
+
+
+@pytest.fixture(scope="session")
+def pcm_wav():
+    """A writer of 16-bit PCM WAV files: ``pcm_wav(path, samples [N] or [N, channels], rate)``."""
+    import wave
+
+    import numpy as np
+
+    def write(path, samples, rate: int):
+        data = np.asarray(samples, dtype=np.float64)
+        data = data[:, None] if data.ndim == 1 else data
+        with wave.open(str(path), "wb") as f:
+            f.setnchannels(data.shape[1])
+            f.setsampwidth(2)
+            f.setframerate(rate)
+            f.writeframes(np.round(data * 32767).astype("<i2").tobytes())
+        return path
+
+    return write

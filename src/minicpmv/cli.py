@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--id0-quirk", action=argparse.BooleanOptionalAction, default=True,
                       help="the reference's id-0 handling: hide prompt tokens with id 0, drop id 0 from answers "
                            "(default on, as the official chat())")
+    from .cli_speech import add_speech_arguments  # no torch: just the flags
+
+    add_speech_arguments(chat)
 
     ins = sub.add_parser("inspect", help="print version, parameter counts and memory estimate")
     ins.add_argument("path", help="checkpoint directory (weights are not needed) or GGUF file / directory")
@@ -83,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     ui.add_argument("--max-new-tokens", type=int, default=1024, help="initial value of the page's slider")
+    ui.add_argument("--max-audio-seconds", type=float, default=None,
+                    help="MiniCPM-o: cut spoken answers at this length (default: the model's limit)")
 
     from .serve.config import add_serve_arguments  # no FastAPI import: just the flags
 
@@ -126,11 +131,13 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from .api import load
+    from .cli_speech import SpeechPlan
     from .engine.session import ChatSession
     from .processing.image import load_image
 
     if not args.interactive and not args.question:
         raise MiniCPMVError("give a question, or -i for an interactive session")
+    speech = SpeechPlan.from_args(args)  # --audio-out / --voice, checked before the model loads
     images = [load_image(p) for p in args.image]
     audios = _audios(args.audio)
     videos = _videos(args)
@@ -140,13 +147,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
         max_slice_nums=args.max_slice_nums, max_inp_length=_max_inp_length(args, model, bool(videos)),
         **_generation_kwargs(args),
     )
+    if speech is not None:
+        speech.start(session)
     media: list[Any] = [*images, *audios, *videos]
     first: list[Any] = [*media, args.question] if args.question else media
     if args.question:
-        _print_stream(session.ask(first, stream=True))
+        _print_stream(session.ask(speech.question(first) if speech else first, stream=True))
+        if speech is not None:
+            speech.write(session, numbered=args.interactive)
         first = []
     if args.interactive:
-        _interactive(session, first, _video_options(args))
+        after = (lambda s: speech.write(s, numbered=True)) if speech is not None else None
+        _interactive(session, first, _video_options(args), after)
     return 0
 
 
@@ -204,11 +216,12 @@ def _print_stream(chunks: Any) -> None:
     sys.stdout.write("\n")
 
 
-def _interactive(session: Any, pending_images: list[Any], video_options: dict[str, Any] | None = None) -> None:
+def _interactive(session: Any, pending_images: list[Any], video_options: dict[str, Any] | None = None,
+                 after: Any = None) -> None:
     from .processing.image import load_image
 
-    sys.stderr.write("Interactive chat. ':image PATH' attaches an image, ':video PATH' a video, ':reset' clears, "
-                     "':quit' exits.\n")
+    sys.stderr.write("Interactive chat. ':image PATH' attaches an image, ':video PATH' a video, ':audio PATH' an "
+                     "audio clip, ':reset' clears, ':quit' exits.\n")
     while True:
         try:
             line = input("> ").strip()
@@ -233,8 +246,16 @@ def _interactive(session: Any, pending_images: list[Any], video_options: dict[st
             except MiniCPMVError as e:
                 sys.stderr.write(f"error: {e}\n")
             continue
+        if line.startswith(":audio "):
+            try:
+                pending_images += _audios([line[7:].strip()])
+            except MiniCPMVError as e:
+                sys.stderr.write(f"error: {e}\n")
+            continue
         _print_stream(session.ask([*pending_images, line], stream=True))
         pending_images = []
+        if after is not None:
+            after(session)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -292,7 +313,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from .ui import launch
 
     launch(args.model, port=args.port, host=args.host, dtype=args.dtype, device=args.device,
-           max_new_tokens=args.max_new_tokens)
+           max_new_tokens=args.max_new_tokens, max_audio_seconds=args.max_audio_seconds)
     return 0
 
 

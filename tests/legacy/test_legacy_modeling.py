@@ -200,6 +200,9 @@ def test_tts_checkpoint_loads_strictly_into_real_modules(tts_model, tts_checkpoi
             stored |= set(h.keys())
     assert isinstance(tts_model.model.tts, ConditionalChatTTS)
     assert set(tts_model.model.state_dict()) == stored
+
+
+def test_speech_output_without_a_speech_head_is_a_clear_error(legacy_models):
     msgs = [{"role": "user", "content": "Say hello."}]
-    with pytest.raises(FeatureNotAvailableError, match="speech output"):  # chat() wiring comes with the spine
-        tts_model.chat(msgs, generate_audio=True)
+    with pytest.raises(FeatureNotAvailableError, match="no speech head"):
+        legacy_models("o2.6").chat(msgs, generate_audio=True)

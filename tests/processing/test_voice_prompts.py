@@ -48,3 +48,18 @@ def test_cloning_messages_build_a_speech_prompt(tts_model):
     assert prompt.startswith("<|im_start|>user\nClone the voice in the provided audio prompt.\n(<audio>./</audio>)")
     assert prompt.endswith("<|im_start|>assistant\n<|spk_bos|><|spk|><|spk_eos|><|tts_bos|>")  # audio -> TTS template
     assert len(inputs.audio_bounds[0]) == 1
+
+
+def test_with_voice_puts_the_voice_message_first_after_a_system_message():
+    from minicpmv.processing.voice_prompts import with_voice
+
+    msgs = [{"role": "user", "content": "Hi"}]
+    out = with_voice(msgs, REF)
+    assert out[1] is msgs[0] and out[0] == get_sys_prompt(REF, "audio_assistant", "en") and len(msgs) == 1
+    system = [{"role": "system", "content": "Be brief."}, *msgs]
+    out = with_voice(system, None, mode="audio_roleplay", language="zh")
+    assert out[0] is system[0] and out[1]["content"][0] == DEFAULT_VOICE and out[2] is msgs[0]
+    with pytest.raises(InputError, match="conversation"):
+        with_voice("Hi")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="mode"):
+        with_voice(msgs, REF, mode="whisper")

@@ -7,12 +7,14 @@ Layout (README of the vectors): ``<case>/meta.json`` + ``<case>/tensors.npz`` pe
 ``assemble_tts_checkpoint`` builds the official model directory from the archive + that LLM
 checkpoint (sharded safetensors with an index; assets decompressed), checking every hash.
 
-``TTSCaseRunner`` runs one case through the production functions (``engine/speech.py``,
-``processing/tts_text.py``) and yields a ``StageResult`` per stage with the README's
-tolerances: strings, ids, masks, codes and schedules exact; embeddings / hidden states 1e-5;
-raw logits 1e-5 x max|logits| with the arg-max exact; vq features 1e-6; decoder output, mel and
-Vocos backbone 1e-4 (+ rtol 1e-4); waveforms 1e-5; cross-fade 1e-6; teacher-forced sampler
-probabilities 1e-6. Used by ``conformance.run_cases``; nothing in the library imports it.
+``TTSCaseRunner`` runs one case through the production paths (``chat(generate_audio=True)``
+for ``e2e_chat``, a ``LiveSession`` for the streaming cases, the speech functions of
+``engine/speech.py`` and ``processing/tts_text.py`` for the stage-level cases) and yields a
+``StageResult`` per stage with the README's tolerances: strings, ids, masks, codes and
+schedules exact; embeddings / hidden states 1e-5; raw logits 1e-5 x max|logits| with the
+arg-max exact; vq features 1e-6; decoder output, mel and Vocos backbone 1e-4 (+ rtol 1e-4);
+waveforms 1e-5; cross-fade 1e-6; teacher-forced sampler probabilities 1e-6. Used by
+``conformance.run_cases``; nothing in the library imports it.
 """
 
 from __future__ import annotations
@@ -31,13 +33,13 @@ import torch
 from safetensors import safe_open
 
 from ..engine.chat import ChatModel
+from ..engine.live import LiveSession
 from ..engine.sampling import SamplingParams
 from ..engine.speech import (
     SpeechSynthesizer,
     crossfade,
     get_synthesizer,
     official_answer_text,
-    speak_answer,
     speaker_hidden,
 )
 from ..engine.speech_codes import SpeechTrace
@@ -246,10 +248,11 @@ class TTSCaseRunner:
     def _streaming(self, synth: SpeechSynthesizer, first_chunk: str) -> Iterator[StageResult]:
         n, meta = self.name, self.meta
         trace = SpeechTrace()
-        stream = synth.stream(self._spk(), synth.default_options(seed=0), first_chunk=first_chunk,  # type: ignore[arg-type]
-                              trace=trace)
-        chunks = [c for piece in meta["llm_text_pieces"] for c in stream.feed(piece)] + stream.finish()
-        yield exact(n, "codes", stream.gen.codes.tolist(), self.t["codes"].tolist())
+        session = LiveSession(self.cm, speech_options=synth.default_options(seed=0), speech_trace=trace,
+                              first_chunk=first_chunk)  # type: ignore[arg-type]
+        chunks = list(session.say(meta["llm_text_pieces"], voice=self._spk()))
+        codes = None if trace.codes is None else trace.codes.tolist()
+        yield exact(n, "codes", codes, self.t["codes"].tolist())
         yield exact(n, "chunk_lens", [len(c.audio_wav) for c in chunks], [c["wav_len"] for c in meta["chunks"]])
         yield exact(n, "chunk_texts", [c.text for c in chunks], [c["text"] for c in meta["chunks"]])
         for i, c in enumerate(chunks[: len(meta["chunks"])]):
@@ -298,7 +301,12 @@ class TTSCaseRunner:
         yield exact(n, "tts_token_len", cond.n_tokens, meta["tts_token_len"])
         yield exact(n, "tts_input_ids", cond.ids, t["tts_input_ids"].tolist())
         trace = SpeechTrace(keep_steps=True)
-        out = speak_answer(cm, batch, ids, options=synth.default_options(seed=0), synthesizer=synth, trace=trace)
+        out = cm.chat(meta["msgs"], **call, sampling=False, max_new_tokens=16, use_tts_template=True,
+                      generate_audio=True, return_spk_embed=True, speech_options=synth.default_options(seed=0),
+                      speech_trace=trace)
+        yield exact(n, "chat_text", out.text, meta["answer_text"].replace("<|tts_eos|>", ""))
+        spk = out.spk_embeds[0].numpy() if out.spk_embeds is not None else np.zeros(0, np.float32)
+        yield close(n, "chat_spk_embeds", spk, t["spk_hidden"], TOL_EMBED)
         yield _logits(n, "first_step_logits", trace.step_logits[0].numpy(), t["first_step_logits"])
         yield exact(n, "codes", None if trace.codes is None else trace.codes.tolist(), t["codes"].tolist())
         yield exact(n, "prefill_calls", _calls(trace.prefill_calls, _PREFILL), _calls(meta["prefill_calls"], _PREFILL))

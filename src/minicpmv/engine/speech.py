@@ -56,6 +56,7 @@ from .generate import prefill_positions
 from .speech_codes import CodeGenerator, SpeechOptions, SpeechTrace
 
 SAMPLING_RATE = 24000
+FRAME_SAMPLES = 512  # waveform samples per code frame (2 mel frames x hop 256)
 CROSSFADE = 2048  # samples shared by consecutive streamed chunks (4 mel frames x hop 256 x 2)
 _SEGMENT_SHIFT = 180  # a stream starts a new segment at a sentence end past reserved - 180 tokens
 _SEGMENT_TEXT_IDS = 5  # text ids and ...
@@ -66,12 +67,14 @@ _OVERLAP_FRAMES = 4  # code frames re-vocoded before each streamed chunk
 @dataclass
 class OmniOutput:
     """Text with its speech: ``audio_wav`` float32 [N] at ``sampling_rate`` (24 kHz); ``spk_embeds``
-    is the LLM speaker state [1, llm_dim] when asked for (official ``OmniOutput``)."""
+    is the LLM speaker state [1, llm_dim] when asked for (official ``OmniOutput``); streamed
+    chunks carry their part of the text and the last one the ``finish_reason``."""
 
     text: str = ""
     spk_embeds: torch.Tensor | None = None
     audio_wav: np.ndarray | None = None
     sampling_rate: int | None = None
+    finish_reason: str | None = None  # set on the last chunk of a streamed answer
 
 
 def crossfade(prev: torch.Tensor, new: torch.Tensor, overlap: int = CROSSFADE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,7 +177,8 @@ class SpeechSynthesizer:
               trace: SpeechTrace | None = None, forced: torch.Tensor | None = None) -> torch.Tensor:
         """Code frames [T, num_vq] for ``text`` (official ``_generate_mel_spec``): text chunk k is
         prefilled before the k-th call of ``chunk_frames`` frames; after the last chunk, calls go on
-        until the end id or more than ``max_frames`` frames. ``forced`` teacher-forces frames."""
+        until the end id; any call that leaves more than ``max_frames`` frames is the last.
+        ``forced`` teacher-forces frames."""
         options = options or self.default_options()
         speaker = self.speaker_embedding(speaker_hidden)
         cond = self.tts_text(text)
@@ -187,8 +191,8 @@ class SpeechSynthesizer:
             begin, end = self.chunk_range(k)
             if end > begin:
                 gen.prefill_text(cond.ids, begin, end, speaker)
-            if gen.generate(options.chunk_frames):
-                return gen.codes
+            if gen.generate(options.chunk_frames) or gen.codes.shape[0] > options.max_frames:
+                return gen.codes  # (the official limit, 2048, is never reached in this loop: 31 x 25 frames)
         while not gen.generate(options.chunk_frames):
             if gen.codes.shape[0] > options.max_frames:
                 break

@@ -147,6 +147,25 @@ class MiniCPMV(nn.Module):
         pooled = F.avg_pool1d(emb.transpose(1, 2), step, step).transpose(1, 2)  # [n, T//step, H]
         return [pooled[i, : audio_token_count(f, step)] for i, f in enumerate(frames)]
 
+    def encode_audio_streaming(self, segment: torch.Tensor, cache: KVCacheProtocol) -> torch.Tensor:
+        """One log-mel piece [n_mels, F] of a live audio stream -> LLM rows [T, H] (official
+        ``get_audio_embedding_streaming``): the encoder continues ``cache`` (earlier pieces of
+        the stream), then projection, pooling and the piece's token count as ``encode_audio``."""
+        audio = self.config.audio
+        if audio is None:
+            raise FeatureNotAvailableError("this checkpoint has no audio encoder (init_audio / audio_config)")
+        if segment.dim() != 2 or segment.shape[1] < 1:
+            raise InputError(f"an audio piece must be log-mel [n_mels, frames], got {tuple(segment.shape)}")
+        hidden = self.apm(segment[None], None, cache)  # [1, T, d]
+        emb = self.audio_projection_layer(hidden)  # [1, T, H]
+        pooled = F.avg_pool1d(emb.transpose(1, 2), audio.pool_step, audio.pool_step).transpose(1, 2)  # [1, T/2, H]
+        return pooled[0, : audio_token_count(int(segment.shape[1]), audio.pool_step)]  # [n, H]
+
+    @property
+    def audio_positions(self) -> int:
+        """Encoder positions a streaming audio cache can hold (the Whisper position table)."""
+        return int(self.apm.embed_positions.num_embeddings) if self.config.audio is not None else 0
+
     # -- embeddings ----------------------------------------------------------------------------
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:

@@ -71,5 +71,17 @@ def voice_cloning_messages(ref_audio: np.ndarray, text: str, language: str = "en
     return [get_sys_prompt(ref_audio, "voice_cloning", language), _user([READ_ALOUD, text])]
 
 
+def with_voice(msgs: list[dict[str, Any]], voice: np.ndarray | None = None, *, mode: str = "audio_assistant",
+               language: str = "en") -> list[dict[str, Any]]:
+    """``msgs`` with the official voice message first (a new list; ``msgs`` is not changed):
+    ``voice`` is a 16 kHz mono reference clip to speak with (voice cloning), None for the
+    model's default voice; ``mode`` and ``language`` as ``get_sys_prompt``. A leading system
+    message stays first, the voice message follows it."""
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+        raise InputError("with_voice takes a conversation: a list of {'role', 'content'} messages")
+    head = msgs[:1] if msgs and msgs[0].get("role") == "system" else []
+    return [*head, get_sys_prompt(voice, mode, language), *msgs[len(head):]]
+
+
 def _user(content: list[Any]) -> dict[str, Any]:
     return {"role": "user", "content": content}
