@@ -246,8 +246,8 @@ def measure(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     warm = minicpmv.ChatSession(cm, **greedy)  # text only: first touch of the LLM weights
     r["warmup_s"], r["text_decode_tok_s"], _ = timed_turn(warm, "Hello!", args.warmup_tokens)
 
-    proc, enc = Timed(cm.processor), Timed(cm.encode_features)
-    cm.processor, cm.encode_features = proc, enc  # instance attributes: timing only
+    proc, enc = Timed(cm.runner.processor), Timed(cm.runner.encode_features)
+    cm.runner.processor, cm.runner.encode_features = proc, enc  # instance attributes: timing only
     image = test_image(args.image_size)
     session = minicpmv.ChatSession(cm, **greedy)
     r["ttft_s"], r["decode_tok_s"], r["tokens"] = timed_turn(
@@ -259,7 +259,7 @@ def measure(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         session, ["And what is in the top left corner?"], args.new_tokens)
     r["second_vision_s"], r["second_prefill_tokens"] = enc.seconds, session.last_prefill_tokens
     r["peak_rss_B"] = status_kib("VmHWM") * 1024
-    cm.processor, cm.encode_features = proc.fn, enc.fn
+    cm.runner.processor, cm.runner.encode_features = proc.fn, enc.fn
     bw.append(read_bandwidth())
     mm.append(matmul_peak(dtype))
     r.update(read_bw_Bps=max(bw), read_bw_samples=bw, matmul_flops=max(mm), matmul_samples=mm,

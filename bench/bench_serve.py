@@ -16,6 +16,7 @@ over ``sequential`` at the same client count (all measured in this one run).
 Examples:
   python bench/bench_serve.py                          # tiny 4.5 checkpoint, about a minute
   python bench/bench_serve.py --model DIR --dtype bfloat16 --max-tokens 64 --image
+  python bench/bench_serve.py --src OTHER/src --json out.json   # serve another source tree's code
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import asyncio
 import base64
 import io
+import json
 import os
 import socket
 import subprocess
@@ -56,7 +58,7 @@ def start_server(args: argparse.Namespace, extra: list[str]) -> tuple[subprocess
            "--port", str(port), "--served-model-name", "bench", "--max-model-len", str(args.max_model_len),
            "--max-queue", "256", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+                            env={**os.environ, "PYTHONPATH": str(args.src)})
     url = f"http://127.0.0.1:{port}"
     for _ in range(1200):
         if proc.poll() is not None:
@@ -116,6 +118,8 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--image", action="store_true", help="add a 224x224 image to every request")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--src", type=Path, default=ROOT / "src", help="source tree the servers run (default: this one)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
     args = p.parse_args()
     image_url = _image_url() if args.image else None
     results: dict[tuple[str, int], tuple[float, float]] = {}
@@ -141,6 +145,9 @@ def main() -> None:
             ratio = f" x{tps / base[1]:.2f}" if base and m != "sequential" else ""
             cells.append(f"{tps:8.1f} tok/s {rps:5.1f} r/s{ratio}".rjust(24))
         print(f"{c:>7} | " + " | ".join(cells))
+    if args.json:
+        figures = {f"{m}_{c}c_tok_s": tps for (m, c), (_, tps) in results.items()}
+        Path(args.json).write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

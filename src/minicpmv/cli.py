@@ -1,4 +1,4 @@
-"""The ``minicpmv`` command line: chat, inspect, conformance, quantize, serve, ui, finetune, export.
+"""The ``minicpmv`` command line: chat, inspect, conformance, quantize, serve, ui, batch, finetune, export, ...
 
 Thin: it parses arguments, calls the public API and prints. All behaviour lives in the library.
 Errors of the library (``MiniCPMVError``) become a one-line message and exit status 2; so do
@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from .errors import MiniCPMVError
 
 log = logging.getLogger("minicpmv")
 
-INTERACTIVE_HELP = ("':image PATH' attaches an image, ':video PATH' a video, ':reset' clears, ':quit' exits "
+INTERACTIVE_HELP = ("':image PATH' attaches an image, ':video PATH' a video, ':audio PATH' an audio clip, "
+                    "':reset' clears, ':quit' exits "
                     "(start a line with '::' to send text that begins with ':')")
 
 
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = add("chat", help="ask a question about images (streams the answer)")
     _add_model_args(chat)
+    chat.add_argument("--mmproj", default=None, help="GGUF vision file (mmproj) of a GGUF --model file")
     chat.add_argument("question", nargs="?", help="the question (omit with -i)")
     chat.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     chat.add_argument("--audio", action="append", default=[],
@@ -72,10 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=None)
     chat.add_argument("--top-k", type=int, default=None)
     chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--id0-quirk", action=argparse.BooleanOptionalAction, default=True,
+                      help="the reference's id-0 handling: hide prompt tokens with id 0, drop id 0 from answers "
+                           "(default on, as the official chat())")
+    from .cli_speech import add_speech_arguments  # no torch: just the flags
+
+    add_speech_arguments(chat)
 
     ins = add("inspect", help="print version, parameter counts and memory estimate")
-    ins.add_argument("path", help="checkpoint directory, Hugging Face repo id (only its config is downloaded) "
-                                  "or minicpmv:demo (weights are not needed)")
+    ins.add_argument("path", help="checkpoint directory, Hugging Face repo id (only its config is downloaded), "
+                                  "GGUF file / directory, or minicpmv:demo (weights are not needed)")
+    ins.add_argument("--mmproj", default=None, help="GGUF vision file (mmproj) of a GGUF model file")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
 
     conf = add("conformance", help="run golden-vector cases against the reference outputs")
@@ -94,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     ui.add_argument("--max-new-tokens", type=int, default=1024, help="initial value of the page's slider")
+    ui.add_argument("--max-audio-seconds", type=float, default=None,
+                    help="MiniCPM-o: cut spoken answers at this length (default: the model's limit)")
 
     from .serve.config import add_serve_arguments  # no FastAPI import: just the flags
 
@@ -101,11 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(srv)
     add_serve_arguments(srv)
 
-    from .train.cli_args import add_demo_arguments, add_export_arguments, add_finetune_arguments  # no torch
+    from .batch.cli_args import add_batch_arguments, add_ray_serve_arguments  # no torch, no Ray
+
+    add_ray_serve_arguments(srv)
+    bat = add("batch", help="answer a prompt about every image/video of a folder, glob or table")
+    _add_model_args(bat)
+    add_batch_arguments(bat)
+
+    from .train.cli_args import (  # no torch
+        add_demo_arguments,
+        add_eval_demo_arguments,
+        add_export_arguments,
+        add_finetune_arguments,
+    )
 
     add_finetune_arguments(add("finetune", help="LoRA / full fine-tuning on official-format data"))
-    add_export_arguments(add("export", help="merge a LoRA adapter into a complete checkpoint"))
+    add_export_arguments(add("export", help="merge a LoRA adapter into a checkpoint; write GGUF (llama.cpp / Ollama)"))
     add_demo_arguments(add("train-demo", help="train the small demo model from scratch on synthetic data"))
+    add_eval_demo_arguments(add("eval-demo", help="the demo model's scores on its independent evaluation"))
     return parser
 
 
@@ -123,28 +148,35 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from .api import load
+    from .cli_speech import SpeechPlan
     from .engine.session import ChatSession
     from .processing.image import load_image
 
     if not args.interactive and not args.question:
         raise MiniCPMVError("give a question, or -i for an interactive session")
+    speech = SpeechPlan.from_args(args)  # --audio-out / --voice, checked before the model loads
     images = [load_image(p) for p in args.image]
     audios = _audios(args.audio)
     videos = _videos(args)
-    model = load(args.model, dtype=args.dtype, device=args.device)
+    model = load(args.model, dtype=args.dtype, device=args.device, mmproj=args.mmproj)
     session = ChatSession(
-        model, system_prompt=args.system, enable_thinking=args.think,
+        model, system_prompt=args.system, enable_thinking=args.think, id0_quirk=args.id0_quirk,
         max_slice_nums=args.max_slice_nums, max_inp_length=_max_inp_length(args, model, bool(videos)),
         **_generation_kwargs(args),
     )
+    if speech is not None:
+        speech.start(session)
     media: list[Any] = [*images, *audios, *videos]
     first: list[Any] = [*media, args.question] if args.question else media
     stream = not args.no_stream
     if args.question:
-        _print_answer(session, first, stream)
+        _print_answer(session, speech.question(first) if speech else first, stream)
+        if speech is not None:
+            speech.write(session, numbered=args.interactive)
         first = []
     if args.interactive:
-        _interactive(session, first, _video_options(args), stream=stream)
+        after = (lambda s: speech.write(s, numbered=True)) if speech is not None else None
+        _interactive(session, first, _video_options(args), stream=stream, after=after)
     return 0
 
 
@@ -207,7 +239,8 @@ def _print_answer(session: Any, content: list[Any], stream: bool) -> None:
 
 
 def _interactive(session: Any, pending: list[Any], video_options: dict[str, Any] | None = None, *,
-                 stream: bool = True) -> None:
+                 stream: bool = True, after: Callable[[Any], None] | None = None) -> None:
+    """Read lines until ':quit' or end of input; ``after(session)`` runs after each answer."""
     sys.stderr.write(f"Interactive chat. {INTERACTIVE_HELP[0].upper()}{INTERACTIVE_HELP[1:]}.\n")
     while True:
         try:
@@ -224,6 +257,8 @@ def _interactive(session: Any, pending: list[Any], video_options: dict[str, Any]
             continue
         _print_answer(session, [*pending, line], stream)
         pending = []
+        if after is not None:
+            after(session)
 
 
 def _command(session: Any, line: str, pending: list[Any], video_options: dict[str, Any]) -> bool:
@@ -236,12 +271,15 @@ def _command(session: Any, line: str, pending: list[Any], video_options: dict[st
         return True
     if name == "reset":
         session.reset()
-    elif name in ("image", "video") and arg:
+    elif name in ("image", "video", "audio") and arg:
         try:
-            pending.append(load_image(arg) if name == "image" else _attach_video(session, arg, video_options))
+            if name == "audio":
+                pending.extend(_audios([arg]))
+            else:
+                pending.append(load_image(arg) if name == "image" else _attach_video(session, arg, video_options))
         except MiniCPMVError as e:
             sys.stderr.write(f"error: {e}\n")
-    elif name in ("image", "video"):
+    elif name in ("image", "video", "audio"):
         sys.stderr.write(f"':{name}' needs a path: ':{name} PATH'\n")
     elif name == "help":
         sys.stderr.write(INTERACTIVE_HELP + "\n")
@@ -251,11 +289,13 @@ def _command(session: Any, line: str, pending: list[Any], video_options: dict[st
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .formats.inspect import inspect_any
     from .loading.checkpoint import DEMO_NAME, resolve_checkpoint
-    from .loading.inspect import inspect_checkpoint
 
-    local = args.path == DEMO_NAME or Path(args.path).expanduser().exists()
-    info = inspect_checkpoint(resolve_checkpoint(args.path, config_only=True))
+    given = Path(args.path).expanduser()
+    local = args.path == DEMO_NAME or given.exists()
+    path = given if given.is_file() or args.mmproj else resolve_checkpoint(args.path, config_only=True)
+    info = inspect_any(path, Path(args.mmproj) if args.mmproj else None)
     info["source"] = "local" if local else "hub"
     if args.json:
         print(json.dumps(info, indent=2))
@@ -264,6 +304,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     unverified = "  [unverified: no reference vectors]" if info.get("unverified") else ""
     title = info.get("title") or f"MiniCPM-V {info['version']}"
     print(f"version      {title} ({info['llm_family']} backbone){unverified}")
+    print(f"format       {info['format']} ({info['stored_gib']:.3f} GiB of weight files)")
     print(f"dtype        {info['dtype']}")
     for name, n in info["parameters"].items():
         print(f"params       {name:<10} {n:>15,d}")
@@ -308,7 +349,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from .ui import launch
 
     launch(args.model, port=args.port, host=args.host, dtype=args.dtype, device=args.device,
-           max_new_tokens=args.max_new_tokens)
+           max_new_tokens=args.max_new_tokens, max_audio_seconds=args.max_audio_seconds)
     return 0
 
 
@@ -316,6 +357,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import check_extra, serve
     from .serve.config import config_from_args
 
+    if args.ray is not None:
+        from .batch.cli_args import cmd_serve_ray
+
+        return cmd_serve_ray(args, config_from_args(args))
+    if args.replicas is not None or args.min_replicas is not None or args.max_replicas is not None:
+        raise MiniCPMVError("--replicas, --min-replicas and --max-replicas need --ray")
     check_extra()
     from .api import load
 
@@ -326,6 +373,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"http://{args.host}:{args.port}/v1 (requests are logged below; Ctrl-C stops)", file=sys.stderr, flush=True)
     serve(config, model=model, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .batch.cli_args import cmd_batch as run
+
+    return run(args)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -346,11 +399,17 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_eval_demo(args: argparse.Namespace) -> int:
+    from .train.cli_args import cmd_eval_demo as run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if getattr(args, "model", "") is None and args.command in ("chat", "ui", "serve"):
+    if getattr(args, "model", "") is None and args.command in ("chat", "ui", "serve", "batch", "eval-demo"):
         from . import demo_model
 
         try:
@@ -361,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(__name__).info("no --model given: using the bundled demo model %s", args.model)
     handlers = {"chat": cmd_chat, "inspect": cmd_inspect, "conformance": cmd_conformance, "ui": cmd_ui,
                 "serve": cmd_serve, "finetune": cmd_finetune, "export": cmd_export, "quantize": cmd_quantize,
-                "train-demo": cmd_train_demo}
+                "train-demo": cmd_train_demo, "batch": cmd_batch, "eval-demo": cmd_eval_demo}
     try:
         if getattr(args, "device", None) not in (None, "auto"):
             from .loading.devices import resolve_device

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import minicpmv
-from minicpmv.engine.chat import build_attention_mask, left_pad
-from minicpmv.engine.compat import official_generation_params
+from minicpmv.engine.compat import attention_mask, left_pad
+from minicpmv.engine.sampling import SamplingParams
 from minicpmv.errors import ContextLengthError, InputError, PlaceholderMismatchError
 
 from .conftest import case_image
@@ -44,7 +44,7 @@ def test_batched_beam_equals_single(model):
 
 def _greedy_without_cache(cm, conv, n):
     """Reference loop: recompute the whole sequence every step (no KV cache)."""
-    batch = cm.prepare([conv])
+    batch = cm.runner.prepare(cm.processor([conv]))
     embeds, mask = batch.inputs_embeds, batch.attention_mask
     out = []
     for _ in range(n):
@@ -61,33 +61,36 @@ def test_cached_equals_uncached(model):
     conv = _convs(_version(model))[0]
     params = dict(GREEDY, max_new_tokens=10, min_new_tokens=10)
     with torch.inference_mode():
-        batch = model.prepare([conv])
-        from minicpmv.engine.compat import official_generation_params
-
-        p = official_generation_params(
-            model.version, sampling=False, enable_thinking=False, max_new_tokens=10, min_new_tokens=10,
-            eos_token_ids=model.terminator_ids(), overrides={"num_beams": 1, "repetition_penalty": 1.0})
-        cached = model.generate_ids(batch, p)[0]
+        batch = model.runner.prepare(model.processor([conv]))
+        p = SamplingParams.from_official(model.version, sampling=False, max_new_tokens=10, min_new_tokens=10,
+                                         overrides={"num_beams": 1, "repetition_penalty": 1.0})
+        cached = model.runner.generate_ids(batch, p)[0]
         uncached = _greedy_without_cache(model, conv, 10)
     assert params["max_new_tokens"] == 10
     assert cached == uncached
 
 
-def test_stream_matches_non_stream(model):
-    """Both against the generated ids, exactly: the stream is their decoded text without the
-    terminator and not stripped (spec §9.5); chat() returns §9.4's post-processed string."""
+def test_official_stream_is_the_unstripped_decode(model):
+    """The reference streamer: every generated id decoded (terminator strings removed), no strip."""
+    conv = _convs(_version(model))[1]
+    chunks = list(model.chat(conv, stream=True, **GREEDY))
+    assert chunks and all(isinstance(c, str) and c for c in chunks)
+    with torch.inference_mode():
+        ids = model.runner.generate_ids(model.runner.prepare(model.processor([conv]), id0_quirk=False),
+                                        SamplingParams(max_new_tokens=12))[0]
+    assert model.chat(conv, **GREEDY) == model.runner.postprocess(ids)  # spec 9.4, exactly
+    shown = [t for t in ids if t not in model.terminator_ids()]
+    assert shown and "".join(chunks) == model.tokenizer.decode(shown, skip_special_tokens=False)
+
+
+def test_respond_stream_concatenates_to_chat_answer(model):
     conv = _convs(_version(model))[1]
     full = model.chat(conv, **GREEDY)
-    chunks = list(model.chat(conv, stream=True, **GREEDY))
-    assert all(isinstance(c, str) for c in chunks) and len(chunks) > 1
-    with torch.inference_mode():
-        p = official_generation_params(model.version, sampling=False, enable_thinking=False, max_new_tokens=12,
-                                       min_new_tokens=0, eos_token_ids=model.terminator_ids(),
-                                       overrides={"num_beams": 1, "repetition_penalty": 1.0})
-        ids = model.generate_ids(model.prepare([conv], mask_bang_token=False), p)[0]
-    shown = [i for i in ids if i not in model.terminator_ids()]
-    assert shown and "".join(chunks) == model.tokenizer.decode(shown)
-    assert full == model.postprocess(ids)
+    events = list(model.respond(conv, stream=True, **GREEDY))
+    assert "".join(e.text for e in events) == full and full
+    assert events[-1].finish_reason in ("stop", "length") and all(e.finish_reason is None for e in events[:-1])
+    response = model.respond(conv, **GREEDY)
+    assert (response.text, response.content, response.reasoning) == (full, full, None)
 
 
 def test_thinking_prefix_45(model45):
@@ -114,16 +117,20 @@ def test_seeded_sampling_is_reproducible(model):
     assert len(others | {a}) > 1 and (others | {a}) != {greedy}
 
 
-def test_bang_quirk_switch(model26):
+def test_id0_quirk_switch(model26):
     conv = [{"role": "user", "content": ["Stop right there ! Now ! Go"]}]
     ids = model26.processor([conv]).input_ids[0]
     assert 0 in ids  # a lone "!" is token 0
     padded, pads = left_pad([ids])
-    on = build_attention_mask(padded, pads, mask_bang_token=True)
-    off = build_attention_mask(padded, pads, mask_bang_token=False)
+    on = attention_mask(padded, pads, hide_id0=True)
+    off = attention_mask(padded, pads, hide_id0=False)
     assert int(on.sum()) < int(off.sum()) == len(ids)
+    inputs = model26.processor([conv])
+    with torch.inference_mode():
+        assert model26.runner.prepare(inputs).attention_mask.tolist() == on.tolist()
+        assert model26.runner.prepare(inputs, id0_quirk=False).attention_mask.tolist() == off.tolist()
     # both modes run; the official mode is the default
-    assert isinstance(model26.chat(conv, mask_bang_token=False, **GREEDY), str)
+    assert isinstance(model26.chat(conv, id0_quirk=False, **GREEDY), str)
 
 
 def test_image_argument_goes_first(model26):

@@ -16,19 +16,17 @@ import pytest
 import torch
 from PIL import Image
 
-from minicpmv.engine.batch import (
-    BatchEngine,
-    BatchEvent,
-    BatchRequest,
-    SamplingOptions,
-    generate_batch,
-    pick_token,
-    row_step,
-)
-from minicpmv.engine.generate import GenerationParams
+from minicpmv.engine.batch import BatchEngine, BatchEvent, BatchRequest, generate_batch, row_step
+from minicpmv.engine.generate import DecodeRow, choose_tokens
+from minicpmv.engine.sampling import SamplingParams
 from minicpmv.errors import ContextLengthError, InputError, OverloadedError
 
 CONF = Path(__file__).resolve().parents[1] / "data" / "conformance"
+
+
+def SamplingOptions(max_new_tokens: int, temperature: float = 0.0, **kw) -> SamplingParams:  # noqa: N802
+    """A request's settings as the server builds them (OpenAI semantics: temperature 0 = greedy)."""
+    return SamplingParams.from_openai(max_tokens=max_new_tokens, temperature=temperature, **kw)
 
 
 
@@ -57,7 +55,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.events: dict[str, list[BatchEvent]] = {}
 
-    def request(self, inputs, options: SamplingOptions, **kw) -> BatchRequest:
+    def request(self, inputs, options: SamplingParams, **kw) -> BatchRequest:
         req = BatchRequest(inputs, options, self._sink, want_logits=True, **kw)
         self.events[req.request_id] = []
         return req
@@ -112,9 +110,10 @@ def test_engine_alone_matches_chat_model_greedy(model):
     engine = BatchEngine(model, max_batch_size=2, max_model_len=1024)
     for conv in _conversations()[4:]:
         tokens, _ = _run_alone(engine, model, conv, SamplingOptions(max_new_tokens=16))
-        batch = model.prepare([conv], mask_bang_token=False)
-        ref = model.generate_ids(batch, GenerationParams(max_new_tokens=16, eos_token_ids=model.terminator_ids()))
-        assert len(tokens) > 0 and tokens == ref[0]
+        batch = model.runner.prepare(model.processor([conv]), id0_quirk=False)
+        ref = model.runner.generate_ids(batch, SamplingParams(max_new_tokens=16))[0]
+        end = next((i + 1 for i, t in enumerate(ref) if t in model.terminator_ids()), len(ref))
+        assert tokens and tokens == ref[:end]  # the engine stops at the terminator; chat() pads after it
 
 
 def test_seeded_sampling_is_batch_invariant(model45):
@@ -213,7 +212,7 @@ def test_failing_prefill_only_fails_its_request(model26):
     engine = BatchEngine(model26, max_batch_size=2, max_model_len=512)
     rec = _Recorder()
     good = rec.request(_inputs(model26, _conversations()[0]), SamplingOptions(max_new_tokens=4))
-    two_rows = model26.prepare(_conversations()[:2], mask_bang_token=False)  # a batch of 2: refused
+    two_rows = model26.runner.prepare(model26.processor(_conversations()[:2]), id0_quirk=False)  # a batch of 2: refused
     bad = rec.request(two_rows, SamplingOptions(max_new_tokens=4))
     engine.submit(bad)
     engine.submit(good)
@@ -272,27 +271,27 @@ def test_fast_mode_runs_only_busy_rows(model26):
     assert [t[0] for t in out] == [t[0] for t in ref]  # the prefill is the same in both modes
 
 
-def test_sampling_options_validation():
-    with pytest.raises(InputError, match="temperature"):
-        SamplingOptions(max_new_tokens=4, temperature=-1)
-    with pytest.raises(InputError, match="top_p"):
-        SamplingOptions(max_new_tokens=4, top_p=0)
-    with pytest.raises(InputError, match="max_new_tokens"):
-        SamplingOptions(max_new_tokens=0)
-    with pytest.raises(InputError, match="logit_bias"):
-        SamplingOptions(max_new_tokens=1, logit_bias=((3, 500.0),))
-    assert SamplingOptions(max_new_tokens=1).greedy
+def _pick(logits, history, params, eos=()):
+    return choose_tokens(logits[None], [DecodeRow(params, generated=list(history))], eos)[0]
 
 
-def test_pick_token_penalties_and_bias():
+def test_choose_tokens_penalties_and_bias():
     logits = torch.tensor([0.0, 5.0, 4.9, 1.0])
-    greedy = SamplingOptions(max_new_tokens=1)
-    assert pick_token(logits, [], greedy, None, ()) == 1
-    assert pick_token(logits, [1], SamplingOptions(max_new_tokens=1, presence_penalty=0.5), None, ()) == 2
-    assert pick_token(logits, [1], SamplingOptions(max_new_tokens=1, frequency_penalty=0.05), None, ()) == 1
-    assert pick_token(logits, [1, 1, 1], SamplingOptions(max_new_tokens=1, frequency_penalty=0.05), None, ()) == 2
-    assert pick_token(logits, [], SamplingOptions(max_new_tokens=1, logit_bias=((3, 10.0),)), None, ()) == 3
-    assert pick_token(logits, [], SamplingOptions(max_new_tokens=1, min_new_tokens=1), None, (1,)) == 2
+    assert _pick(logits, [], SamplingOptions(max_new_tokens=1)) == 1
+    assert _pick(logits, [1], SamplingOptions(max_new_tokens=1, presence_penalty=0.5)) == 2
+    assert _pick(logits, [1], SamplingOptions(max_new_tokens=1, frequency_penalty=0.05)) == 1
+    assert _pick(logits, [1, 1, 1], SamplingOptions(max_new_tokens=1, frequency_penalty=0.05)) == 2
+    assert _pick(logits, [], SamplingOptions(max_new_tokens=1, logit_bias=[(3, 10.0)])) == 3
+    assert _pick(logits, [], SamplingOptions(max_new_tokens=1, min_tokens=1), (1,)) == 2
+
+
+def test_rows_with_different_settings_are_processed_one_by_one():
+    logits = torch.tensor([[0.0, 5.0, 4.9, 1.0], [0.0, 5.0, 4.9, 1.0]])
+    rows = [DecodeRow(SamplingOptions(max_new_tokens=3), generated=[1]),
+            DecodeRow(SamplingOptions(max_new_tokens=3, presence_penalty=0.5), generated=[1])]
+    assert choose_tokens(logits, rows, ()) == [1, 2]
+    rows[0].finish_reason = "stop"
+    assert choose_tokens(logits, rows, ()) == [0, 2]  # a finished row pads
 
 
 class _RowCountSensitive(torch.nn.Linear):

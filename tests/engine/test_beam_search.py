@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minicpmv.engine.generate import GenerationParams, beam_search
+from minicpmv.engine.beam import beam_search
 from minicpmv.engine.kv_cache import KVCache
+from minicpmv.engine.sampling import SamplingParams
 
 COMPATS = ("4.44", "4.55")
 
@@ -43,8 +44,8 @@ def test_hand_traced_two_beams(history_lm_cls, compat: str) -> None:
     mask = torch.ones(1, 1, dtype=torch.long)
 
     def run(n: int) -> list[list[int]]:
-        params = GenerationParams(max_new_tokens=n, num_beams=2, eos_token_ids=(3,), hf_compat=compat)
-        return beam_search(model, embeds, mask, params)
+        params = SamplingParams(max_new_tokens=n, num_beams=2, beam_compat=compat)
+        return beam_search(model, embeds, mask, params, eos_ids=(3,))
 
     assert run(3) == [[1, 3]]
     assert run(1) == [[1]]  # the running beam [b] (-.693) beats hypothesis [] (-1.273)
@@ -84,15 +85,11 @@ HF_BATCH = {
 }
 
 
-def _chat_params(compat: str, n: int) -> GenerationParams:
-    return GenerationParams(
-        max_new_tokens=n,
-        num_beams=3,
-        repetition_penalty=1.2,
-        eos_token_ids=(6, 7),
-        pad_token_id=0,
-        hf_compat=compat,
-    )
+def _chat_params(compat: str, n: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, num_beams=3, repetition_penalty=1.2, beam_compat=compat)
+
+
+EOS = (6, 7)
 
 
 @pytest.mark.parametrize("seed", sorted(HF_SINGLE))
@@ -104,6 +101,7 @@ def test_matches_recorded_transformers_single(history_lm_cls, seed: int, compat:
         model.embed_tokens(torch.tensor([[1, 2]])),
         torch.ones(1, 2, dtype=torch.long),
         _chat_params(compat, 10),
+        eos_ids=EOS,
     )
     assert out == [HF_SINGLE[seed][COMPATS.index(compat)]]
 
@@ -113,7 +111,7 @@ def test_matches_recorded_transformers_single(history_lm_cls, seed: int, compat:
 def test_matches_recorded_transformers_batch(history_lm_cls, seed: int, compat: str) -> None:
     model = _table_model(history_lm_cls, seed, hist_seed=seed + 1000)
     ids = torch.tensor([[0, 0, 3, 1], [2, 5, 0, 4]])
-    out = beam_search(model, model.embed_tokens(ids), (ids != 0).long(), _chat_params(compat, 8))
+    out = beam_search(model, model.embed_tokens(ids), (ids != 0).long(), _chat_params(compat, 8), eos_ids=EOS)
     assert out == HF_BATCH[seed][COMPATS.index(compat)]
 
 
@@ -132,11 +130,11 @@ def test_batched_beams_equal_single_rows(history_lm_cls, compat: str) -> None:
     rows = [[3, 1], [2, 5, 0, 4], [1, 1, 1, 2, 3]]
     width = max(map(len, rows))
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    batch = beam_search(model, model.embed_tokens(ids), (ids != 0).long(), _chat_params(compat, 9))
+    batch = beam_search(model, model.embed_tokens(ids), (ids != 0).long(), _chat_params(compat, 9), eos_ids=EOS)
     assert len({len(r) for r in batch}) == 1
     for row, got in zip(rows, batch, strict=True):
         one = torch.tensor([row])
-        single = beam_search(model, model.embed_tokens(one), (one != 0).long(), _chat_params(compat, 9))
+        single = beam_search(model, model.embed_tokens(one), (one != 0).long(), _chat_params(compat, 9), eos_ids=EOS)
         assert _strip(got, (6, 7)) == _strip(single[0], (6, 7))
 
 
@@ -144,7 +142,7 @@ def test_wrong_cache_reordering_would_be_detected(history_lm_cls, monkeypatch) -
     model = _table_model(history_lm_cls, 22, hist_seed=1022)
     ids = torch.tensor([[0, 0, 3, 1], [2, 5, 0, 4]])
     monkeypatch.setattr(KVCache, "reorder", lambda self, index: None)
-    out = beam_search(model, model.embed_tokens(ids), (ids != 0).long(), _chat_params("4.44", 8))
+    out = beam_search(model, model.embed_tokens(ids), (ids != 0).long(), _chat_params("4.44", 8), eos_ids=EOS)
     assert out != HF_BATCH[22][0]
 
 
@@ -155,12 +153,10 @@ def test_beam_with_transformer_static_and_dynamic_cache(tiny_lm_cls, compat: str
         model.head[:, 256:258] += 0.6
     ids = torch.tensor([[0, 0, 10, 11, 12], [13, 14, 0, 15, 16]])
     mask = (ids != 0).long()
-    params = GenerationParams(
-        max_new_tokens=10, num_beams=3, repetition_penalty=1.2, eos_token_ids=(256, 257), hf_compat=compat
-    )
-    dyn = beam_search(model, model.embed_tokens(ids), mask, params)
+    params = SamplingParams(max_new_tokens=10, num_beams=3, repetition_penalty=1.2, beam_compat=compat)
+    dyn = beam_search(model, model.embed_tokens(ids), mask, params, eos_ids=(256, 257))
     static = beam_search(
-        model, model.embed_tokens(ids), mask, params, cache=KVCache.for_model(model, 2, capacity=20)
+        model, model.embed_tokens(ids), mask, params, eos_ids=(256, 257), cache=KVCache.for_model(model, 2, capacity=20)
     )
     assert dyn == static
 
@@ -172,8 +168,6 @@ def test_beam_min_new_tokens(history_lm_cls) -> None:
     model = history_lm_cls(table)
     embeds = model.embed_tokens(torch.tensor([[2, 3]]))
     for compat in COMPATS:
-        params = GenerationParams(
-            max_new_tokens=6, num_beams=2, eos_token_ids=(5,), min_new_tokens=3, hf_compat=compat
-        )
-        out = beam_search(model, embeds, torch.ones(1, 2, dtype=torch.long), params)[0]
+        params = SamplingParams(max_new_tokens=6, num_beams=2, min_new_tokens=3, beam_compat=compat)
+        out = beam_search(model, embeds, torch.ones(1, 2, dtype=torch.long), params, eos_ids=(5,))[0]
         assert 5 not in out[:3] and out[3] == 5

@@ -57,10 +57,10 @@ def test_a_cache_hit_makes_no_pixel_tensors(model26, monkeypatch) -> None:
     cache = FeatureCache()
     msgs = [[{"role": "user", "content": [_image(), "q"]}]]
     inputs = model26.processor(msgs)
-    first = model26.encode_features(inputs, cache)[0]
+    first = model26.runner.encode_features(inputs, cache)[0]
     assert len(made) == len(inputs.pixel_values[0]) > 1
     made.clear()
-    again = model26.encode_features(model26.processor(msgs), cache)[0]
+    again = model26.runner.encode_features(model26.processor(msgs), cache)[0]
     assert made == [] and torch.equal(first, again)
 
 
@@ -122,17 +122,17 @@ def test_another_session_sharing_the_cache_costs_no_vision(model26, vision_calls
 def test_features_are_encoded_in_bounded_chunks(model26, vision_calls, monkeypatch):
     """Many slices go through the vision tower a few at a time, with features identical to
     one big batch (each slice's features do not depend on its neighbours)."""
-    from minicpmv.engine.chat import _chunks
+    from minicpmv.engine.runner import _chunks
 
     assert list(_chunks([0, 1, 2, 3, 4], [3, 3, 1, 9, 2], 4)) == [[0], [1, 2], [3], [4]]
     inputs = model26.processor([[{"role": "user", "content": [_image(), _image().rotate(90), "q"]}]])
     n = len(inputs.pixel_values[0])
-    whole = model26.encode_features(inputs)[0]
+    whole = model26.runner.encode_features(inputs)[0]
     assert max(vision_calls) > 2
     vision_calls.clear()
     import dataclasses
 
-    monkeypatch.setattr(model26, "config", dataclasses.replace(model26.config, vision_batch_size=2))
-    chunked = model26.encode_features(inputs)[0]
+    monkeypatch.setattr(model26.runner, "config", dataclasses.replace(model26.config, vision_batch_size=2))
+    chunked = model26.runner.encode_features(inputs)[0]
     assert max(vision_calls) <= 2 and sum(vision_calls) == n
     assert torch.equal(whole, chunked)

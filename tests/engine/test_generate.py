@@ -5,13 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minicpmv.engine.generate import (
-    GenerationParams,
-    generate_steps,
-    generate_tokens,
-    prefill_positions,
-)
+from minicpmv.engine.generate import PAD_ID, generate_steps, generate_tokens, prefill_positions
 from minicpmv.engine.kv_cache import KVCache, StaticKVCache
+from minicpmv.engine.sampling import SamplingParams
 from minicpmv.errors import InputError
 
 EOS = (256, 257)
@@ -26,8 +22,9 @@ def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _run(model, ids, mask, cache=None, **kw):
-    params = GenerationParams(**{"max_new_tokens": 10, "eos_token_ids": EOS, **kw})
-    steps = list(generate_steps(model, model.embed_tokens(ids), mask, params, cache=cache))
+    eos = kw.pop("eos_token_ids", EOS)
+    params = SamplingParams(**{"max_new_tokens": 10, **kw})
+    steps = list(generate_steps(model, model.embed_tokens(ids), mask, params, eos_ids=eos, cache=cache))
     return torch.stack([s.tokens for s in steps], 1), torch.stack([s.logits for s in steps], 1)
 
 
@@ -124,11 +121,20 @@ def _eos_lm(history_lm_cls, first_eos_row: int):
 def test_finished_rows_pad_and_generation_stops(history_lm_cls) -> None:
     model = _eos_lm(history_lm_cls, first_eos_row=2)  # 3 -> 1 -> 2 -> eos ; 4 -> 1 -> 2 -> eos
     ids = torch.tensor([[3, 3], [2, 2]])  # row 1 ends with token 2: eos at once
-    params = GenerationParams(max_new_tokens=8, eos_token_ids=(5,), pad_token_id=4)
-    steps = list(generate_steps(model, model.embed_tokens(ids), torch.ones(2, 2, dtype=torch.long), params))
+    params = SamplingParams(max_new_tokens=8)
+    steps = list(generate_steps(model, model.embed_tokens(ids), torch.ones(2, 2, dtype=torch.long), params,
+                                eos_ids=(5,)))
     tokens = torch.stack([s.tokens for s in steps], 1).tolist()
-    assert tokens == [[1, 2, 5], [5, 4, 4]]
+    assert tokens == [[1, 2, 5], [5, PAD_ID, PAD_ID]]
     assert [s.finished.tolist() for s in steps] == [[False, True], [False, True], [True, True]]
+    assert [s.reasons for s in steps] == [(None, "stop"), (None, "stop"), ("stop", "stop")]
+
+
+def test_a_row_at_its_token_limit_finishes_with_length(history_lm_cls) -> None:
+    model = _eos_lm(history_lm_cls, first_eos_row=2)
+    steps = list(generate_steps(model, model.embed_tokens(torch.tensor([[3, 3]])), None,
+                                SamplingParams(max_new_tokens=2), eos_ids=(5,)))
+    assert [s.reasons for s in steps] == [(None,), ("length",)]
 
 
 def test_min_new_tokens_suppresses_eos(history_lm_cls) -> None:
@@ -138,21 +144,21 @@ def test_min_new_tokens_suppresses_eos(history_lm_cls) -> None:
     ids = torch.tensor([[1, 2]])
     mask = torch.ones(1, 2, dtype=torch.long)
     for n in (0, 1, 3):
-        params = GenerationParams(max_new_tokens=8, eos_token_ids=(5,), min_new_tokens=n)
-        out = [int(t) for t in generate_tokens(model, model.embed_tokens(ids), mask, params)]
+        params = SamplingParams(max_new_tokens=8, min_new_tokens=n)
+        out = [int(t) for t in generate_tokens(model, model.embed_tokens(ids), mask, params, eos_ids=(5,))]
         assert len(out) == n + 1 and out[-1] == 5 and 5 not in out[:-1]
 
 
 def test_max_new_tokens_and_generate_tokens_yield_rows(tiny_lm) -> None:
     ids, mask = _left_pad([[9, 8, 7], [6, 5]])
-    params = GenerationParams(max_new_tokens=4)
+    params = SamplingParams(max_new_tokens=4)
     out = list(generate_tokens(tiny_lm, tiny_lm.embed_tokens(ids), mask, params))
     assert len(out) == 4 and all(t.shape == (2,) and t.dtype == torch.long for t in out)
 
 
 def test_mask_none_means_all_visible(tiny_lm) -> None:
     ids = torch.tensor([[9, 8, 7]])
-    params = GenerationParams(max_new_tokens=4)
+    params = SamplingParams(max_new_tokens=4)
     a = list(generate_tokens(tiny_lm, tiny_lm.embed_tokens(ids), None, params))
     b = list(generate_tokens(tiny_lm, tiny_lm.embed_tokens(ids), torch.ones(1, 3, dtype=torch.long), params))
     assert [t.tolist() for t in a] == [t.tolist() for t in b]
@@ -170,7 +176,7 @@ def test_continuing_from_a_cached_prefix(tiny_lm) -> None:
             tiny_lm,
             tiny_lm.embed_tokens(pre),
             (pre != 0).long(),
-            GenerationParams(max_new_tokens=1),
+            SamplingParams(max_new_tokens=1),
             cache=cache,
         )
     )
@@ -245,20 +251,22 @@ def test_matches_recorded_transformers_output(history_lm_cls, case: str) -> None
         dict(max_new_tokens=4, num_beams=0),
         dict(max_new_tokens=4, num_beams=3, do_sample=True),
         dict(max_new_tokens=4, early_stopping="soon"),
-        dict(max_new_tokens=4, eos_token_ids=(-1,)),
-        dict(max_new_tokens=4, pad_token_id=-2),
+        dict(max_new_tokens=4, stop_token_ids=(-1,)),
         dict(max_new_tokens=4, seed=1.5),
-        dict(max_new_tokens=4, hf_compat="4.30"),
+        dict(max_new_tokens=4, beam_compat="4.30"),
+        dict(max_new_tokens=4, presence_penalty=2.5),
+        dict(max_new_tokens=4, logit_bias=((3, 101.0),)),
+        dict(max_new_tokens=4, do_sample=1),
         dict(max_new_tokens=True),
     ],
 )
 def test_invalid_params_raise(kw) -> None:
     with pytest.raises(InputError):
-        GenerationParams(**kw)
+        SamplingParams(**kw)
 
 
 def test_shape_errors(tiny_lm) -> None:
-    params = GenerationParams(max_new_tokens=2)
+    params = SamplingParams(max_new_tokens=2)
     with pytest.raises(InputError):
         list(generate_tokens(tiny_lm, torch.zeros(1, 3), torch.ones(1, 3), params))
     with pytest.raises(InputError):
@@ -266,6 +274,6 @@ def test_shape_errors(tiny_lm) -> None:
     with pytest.raises(InputError):
         list(
             generate_tokens(
-                tiny_lm, torch.zeros(1, 3, 32), None, GenerationParams(max_new_tokens=2, num_beams=2)
+                tiny_lm, torch.zeros(1, 3, 32), None, SamplingParams(max_new_tokens=2, num_beams=2)
             )
         )

@@ -1,21 +1,27 @@
-"""Logits processors against hand-computed examples (HF semantics, edge cases included)."""
+"""SamplingParams (official presets, OpenAI fields, one validation) and the logits processors
+against hand-computed examples (HF semantics, edge cases included)."""
 
 from __future__ import annotations
 
+import logging
 import math
 
+import pytest
 import torch
 
 from minicpmv.engine.sampling import (
+    SamplingParams,
     greedy_choice,
     min_new_tokens_mask,
-    process_scores,
+    process_logits,
     repetition_penalty,
     sample_choice,
     temperature,
     top_k_filter,
     top_p_filter,
 )
+from minicpmv.errors import InputError
+from minicpmv.versions import get_version
 
 INF = float("inf")
 
@@ -97,25 +103,27 @@ def test_top_p_boundary_uses_float32_cumsum_like_hf() -> None:
     assert (torch.isinf(top_p_filter(scores, 0.8))).sum().item() == expected
 
 
-def test_process_scores_order_and_skips() -> None:
+def test_process_logits_order_and_skips() -> None:
     scores = torch.tensor([[2.0, -1.0, 0.5, 1.5, 0.1]])
     gen = torch.tensor([[0]])
-    out = process_scores(
-        scores,
-        gen,
-        repetition_penalty_value=2.0,
-        min_new_tokens=3,
-        eos_ids=(4,),
-        do_sample=True,
-        temperature_value=0.5,
-        top_k=3,
-        top_p=1.0,
-    )
+    p = SamplingParams(repetition_penalty=2.0, min_new_tokens=3, do_sample=True, temperature=0.5, top_k=3)
+    out = process_logits(scores, gen, p, eos_ids=(4,))
     # penalty: 2 -> 1; eos 4 -> -inf; /0.5 -> [2, -2, 1, 3, -inf]; top-3 keeps 3, 2, 1
     assert torch.equal(out, torch.tensor([[2.0, -INF, 1.0, 3.0, -INF]]))
-    greedy = process_scores(scores, gen, do_sample=False, temperature_value=0.5, top_k=1, top_p=0.1)
-    assert torch.equal(greedy, scores)  # warpers only apply when sampling
-    assert torch.equal(process_scores(scores, gen, do_sample=True, top_k=0), scores)
+    greedy = SamplingParams(temperature=0.5, top_k=1, top_p=0.1)
+    assert torch.equal(process_logits(scores, gen, greedy), scores)  # warpers only apply when sampling
+    assert torch.equal(process_logits(scores, gen, SamplingParams(do_sample=True)), scores)
+    assert not torch.equal(process_logits(scores, gen, greedy, sample=True), scores)  # beam search's override
+
+
+def test_openai_penalties_and_bias_come_first() -> None:
+    scores = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    history = torch.tensor([[3, 3, 1]])
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((0, 10.0), (9, 5.0)))
+    out = process_logits(scores, history, p)
+    # bias: id 0 +10 (id 9 is past the vocabulary); id 3: -0.5 - 2*0.25; id 1: -0.5 - 0.25
+    assert torch.equal(out, torch.tensor([[11.0, 1.25, 3.0, 3.0]]))
+    assert torch.equal(scores, torch.tensor([[1.0, 2.0, 3.0, 4.0]]))  # input untouched
 
 
 def test_choices() -> None:
@@ -134,3 +142,66 @@ def test_sampling_distribution_roughly_matches_softmax() -> None:
     draws = sample_choice(scores, torch.Generator().manual_seed(1))
     freq = torch.bincount(draws, minlength=3).float() / 4000
     assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.03)
+
+
+# ---------------------------------------------------------------------------- SamplingParams
+def _official(version, sampling=True, thinking=False, **kw):
+    return SamplingParams.from_official(
+        get_version(version), sampling=sampling, enable_thinking=thinking,
+        max_new_tokens=kw.pop("max_new_tokens", 20), min_new_tokens=kw.pop("min_new_tokens", 0), overrides=kw)
+
+
+def test_official_sampling_presets() -> None:
+    p = _official("2.6")
+    assert (p.do_sample, p.top_p, p.top_k, p.temperature, p.repetition_penalty) == (True, 0.8, 100, 0.7, 1.05)
+    assert _official("4.5").repetition_penalty == 1.03
+    t = _official("4.5", thinking=True)
+    assert (t.do_sample, t.temperature, t.top_k, t.top_p, t.repetition_penalty) == (True, 0.7, 50, 1.0, 1.0)
+
+
+def test_official_non_sampling_is_beam_search_with_version_compat() -> None:
+    p = _official("2.6", sampling=False)
+    assert (p.do_sample, p.num_beams, p.repetition_penalty, p.beam_compat) == (False, 3, 1.2, "4.44")
+    assert _official("4.5", sampling=False).beam_compat == "4.55"
+
+
+def test_official_merge_applies_only_preset_keys(caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        p = _official("2.6", sampling=False, num_beams=1, repetition_penalty=1.0, top_k=3, temperature=0.1)
+    assert (p.num_beams, p.repetition_penalty, p.top_k, p.temperature, p.greedy) == (1, 1.0, 0, 1.0, True)
+    assert "top_k" in caplog.text and "temperature" in caplog.text
+    q = _official("2.6", top_k=5, num_beams=4)
+    assert q.top_k == 5 and q.num_beams == 1
+    r = _official("4.5", thinking=True, temperature=0.3, top_p=0.5)  # thinking: only temperature settable
+    assert r.temperature == 0.3 and r.top_p == 1.0
+
+
+def test_official_seed_and_token_limits() -> None:
+    assert _official("2.6", seed=3).seed == 3
+    assert _official("2.6", min_new_tokens=4).min_new_tokens == 4
+    with pytest.raises(InputError, match="max_new_tokens"):
+        _official("2.6", max_new_tokens=0)
+    with pytest.raises(InputError, match="temperature"):
+        _official("2.6", temperature=0.0)  # the one validation: the preset path checks it too
+
+
+def test_openai_fields() -> None:
+    g = SamplingParams.from_openai(max_tokens=5, temperature=0)
+    assert (g.do_sample, g.temperature, g.greedy) == (False, 1.0, True)
+    s = SamplingParams.from_openai(max_tokens=5, temperature=0.5, top_p=0.9, top_k=4, presence_penalty=1.0,
+                                   min_tokens=2, seed=9, logit_bias=[(3, -1.0)], stop_token_ids=[7])
+    assert (s.do_sample, s.temperature, s.top_p, s.top_k, s.presence_penalty, s.min_new_tokens, s.seed) == (
+        True, 0.5, 0.9, 4, 1.0, 2, 9)
+    assert s.logit_bias == ((3, -1.0),) and s.stop_token_ids == (7,)
+    for bad in (dict(temperature=-1), dict(top_p=1.5), dict(presence_penalty=3), dict(max_tokens=0),
+                dict(logit_bias=[(1, 200.0)]), dict(top_k=-2)):
+        with pytest.raises(InputError):
+            SamplingParams.from_openai(**{"max_tokens": 5, **bad})
+
+
+def test_same_explicit_values_give_the_same_params_from_both_constructors() -> None:
+    official = _official("2.6", temperature=0.9, top_p=0.7, top_k=20, repetition_penalty=1.1, seed=4,
+                         max_new_tokens=12)
+    openai = SamplingParams.from_openai(max_tokens=12, temperature=0.9, top_p=0.7, top_k=20,
+                                        repetition_penalty=1.1, seed=4)
+    assert openai.replace(beam_compat=official.beam_compat) == official

@@ -43,7 +43,7 @@ def test_chat_stream_and_session_agree(version, legacy_models):
     second = session.ask("And its color?")
     history = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And its color?"}]
     assert second == cm.chat(history, **GREEDY)
-    assert session.last_prefill_tokens < len(cm.prepare([history]).input_ids[0])  # the KV prefix was reused
+    assert session.last_prefill_tokens < len(cm.processor([history]).input_ids[0])  # the KV prefix was reused
 
 
 @pytest.mark.parametrize("version", LEGACY)

@@ -14,10 +14,11 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from minicpmv.config import ProcessorConfig
+from minicpmv.engine import compat
 from minicpmv.errors import ContextLengthError, InputError, PlaceholderMismatchError
 from minicpmv.processing.chat_template import IMAGE_TAG
 from minicpmv.processing.image import make_slices
-from minicpmv.processing.processor import ModelInputs, Processor, pad_left, split_temporal_ids
+from minicpmv.processing.processor import ModelInputs, Processor, split_temporal_ids
 from minicpmv.processing.slicing import plan_slices
 from minicpmv.processing.tokenizer import Tokenizer
 from minicpmv.versions import QWEN2_CHAT_TEMPLATE, get_version
@@ -35,6 +36,14 @@ VIDEO = DATA / "real-4.5" / "cases" / "video_6frames_temporal_3" / "inputs"
 
 def _lists(rows: list) -> list:
     return [[list(x) for x in row] for row in rows]
+
+
+def _padded(out: ModelInputs, *, hide_id0: bool = True) -> tuple[list, list, list]:
+    """The batch as the engine lays it out (``engine/compat.py``): left-padded ids, the
+    reference's attention mask and the shifted image bounds."""
+    ids, pads = compat.left_pad(out.input_ids)
+    mask = compat.attention_mask(ids, pads, hide_id0=hide_id0)
+    return ids.tolist(), mask.tolist(), compat.shift_bounds(out.image_bounds, pads)
 
 
 def _frames(n: int = 6) -> list[Image.Image]:
@@ -56,7 +65,7 @@ def test_real45_case(real45_processor: Processor, load_case, case: Path) -> None
     assert out.prompts == meta["chat_template_prompts"]
     assert out.expanded_prompts == meta["expanded_prompts"]
     assert out.input_ids == meta["input_ids"]
-    zeros = [[i for i, m in enumerate(row) if m == 0] for row in out.attention_mask]
+    zeros = [[i for i, m in enumerate(row) if m == 0] for row in _padded(out)[1]]
     assert zeros == meta["attention_mask_zero_positions"]
     assert _lists(out.image_bounds) == meta["image_bound"]
     assert _lists(out.tgt_sizes) == meta["tgt_sizes"]
@@ -97,7 +106,7 @@ def _pixel_stats(pv: np.ndarray) -> list[float]:
 def test_conformance_case(conformance_processors, load_case, version: str, case: Path) -> None:
     convs, params, meta = load_case(case)
     out = conformance_processors[version](convs, **params["chat_kwargs"])
-    ids, mask, bounds = out.padded()
+    ids, mask, bounds = _padded(out)
     assert out.prompts == meta["chat_template_prompts"]
     assert out.expanded_prompts == meta["expanded_prompts"]
     assert ids == meta["input_ids"]
@@ -117,7 +126,7 @@ def test_batched_conversations_are_left_padded(conformance_processors, load_case
     (a, _, meta_a), (b, _, meta_b) = load_case(root / "single_448"), load_case(root / "fewshot")
     out = conformance_processors["4.5"](a + b)
     assert out.input_ids == meta_a["input_ids"] + meta_b["input_ids"]
-    ids, mask, bounds = out.padded()
+    ids, mask, bounds = _padded(out)
     pad = len(meta_b["input_ids"][0]) - len(meta_a["input_ids"][0])
     assert pad > 0 and ids[0] == [0] * pad + meta_a["input_ids"][0] and ids[1] == meta_b["input_ids"][0]
     assert mask[0][:pad] == [0] * pad and all(mask[0][pad:])
@@ -126,13 +135,15 @@ def test_batched_conversations_are_left_padded(conformance_processors, load_case
     assert out.temporal_ids == meta_a["temporal_ids_from_processor"] + meta_b["temporal_ids_from_processor"]
 
 
-def test_pad_left_masks_id_zero_and_padding() -> None:
-    ids, mask, bounds = pad_left([[5, 0, 6], [7]], [[(1, 2)], []])
-    assert ids == [[5, 0, 6], [0, 0, 7]]
-    assert mask == [[1, 0, 1], [0, 0, 1]]
-    assert bounds == [[(1, 2)], []]
-    with pytest.raises(InputError):
-        pad_left([[1]], [[], []])
+def test_entries_follow_the_slices() -> None:
+    """One resampler entry per slice, or per (frame group, slice index) with temporal ids."""
+    proc = Processor.from_dir(DATA / "real-4.5" / "release", get_version("4.5"))
+    frames = _frames(6)
+    out = proc([_video_conv(frames)], temporal_ids=[[0, 1], [2, 3], [4, 5]], max_slice_nums=1)
+    assert out.entries == [[(0, 2), (2, 2), (4, 2)]] and out.temporal_ids == [[[0, 1], [2, 3], [4, 5]]]
+    plain = proc([_video_conv(frames[:2])])
+    n = len(plain.pixel_values[0])
+    assert plain.entries == [[(i, 1) for i in range(n)]] and plain.temporal_ids == [[[-1]] * n]
 
 
 # ---------------------------------------------------------------------------- chat template choice
@@ -159,7 +170,7 @@ def test_fallback_template_only_without_checkpoint_template(tmp_path: Path, load
         convs, params, meta = load_case(case)
         out = proc(convs, **params["chat_kwargs"])
         assert out.prompts == meta["chat_template_prompts"], case.name
-        assert out.padded()[0] == meta["input_ids"], case.name
+        assert _padded(out)[0] == meta["input_ids"], case.name
 
 
 def test_checkpoint_template_wins_over_fallback(tmp_path: Path) -> None:

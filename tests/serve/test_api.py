@@ -16,7 +16,7 @@ import pytest
 
 from .conftest import NAME, image_part, random_image
 
-GREEDY = {"sampling": False, "num_beams": 1, "repetition_penalty": 1.0, "mask_bang_token": False}
+GREEDY = {"sampling": False, "num_beams": 1, "repetition_penalty": 1.0, "id0_quirk": False}
 
 
 def _chat_text(model, messages, *, max_new_tokens, system_prompt="", enable_thinking=False) -> str:

@@ -79,9 +79,11 @@ def test_bytes_that_are_not_an_image(server):
 
 
 def test_wrong_content_part_type(server):
-    part = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    part = {"type": "file", "file": {"file_data": "AAAA", "filename": "a.pdf"}}
     err = _error(server.post(_body(_user(part))), 400)
     assert "messages" in err["message"]
+    part = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}  # audio: MiniCPM-o only
+    assert "audio input" in _error(server.post(_body(_user(part))), 400, "unsupported")["message"]
     with pytest.raises(openai.BadRequestError):
         server.client().chat.completions.create(model=NAME, messages=_user({"type": "image", "image": "x"}))
 
@@ -186,14 +188,14 @@ def test_internal_error_is_500_with_request_id_and_server_keeps_serving(server, 
 
 def test_engine_error_during_prefill_is_isolated(server, monkeypatch):
     engine = server.state.engine
-    real = engine.chat_model.encode_features
+    real = engine.runner.encode_features
 
     def failing(inputs, *a, **k):
         if "kaboom" in inputs.prompts[0]:
             raise InputError("simulated bad image features")
         return real(inputs, *a, **k)
 
-    monkeypatch.setattr(engine.chat_model, "encode_features", failing)
+    monkeypatch.setattr(engine.runner, "encode_features", failing)
     _error(server.post(_body([{"role": "user", "content": "kaboom"}])), 400, "invalid_request")
     assert server.post(_body([{"role": "user", "content": "fine"}])).status_code == 200
 

@@ -11,58 +11,10 @@ import pytest
 
 from minicpmv.cli import build_parser
 from minicpmv.serve.config import GenerationDefaults, ServerConfig, config_from_args
-from minicpmv.serve.convert import plan_request, resolved_conversation, sampling_options
+from minicpmv.serve.convert import plan_request, resolved_conversation, sampling_params
 from minicpmv.serve.errors import APIError
 from minicpmv.serve.media import MediaPolicy, checked_address, decode_data_url, fetch_media, resolve_local
-from minicpmv.serve.output import ChoiceText, ReasoningSplitter
 from minicpmv.serve.schemas import ChatCompletionRequest
-
-
-# ---------------------------------------------------------------------------- reasoning / text
-@pytest.mark.parametrize("text, reasoning, content", [
-    ("plan it\n</think>\n\nthe answer", "plan it", "the answer"),
-    ("no end tag, cut off\n", "no end tag, cut off\n", ""),
-    ("</think>direct", "", "direct"),
-    ("a</thi", "a</thi", ""),
-    ("x\n\n</think>\n\ny\n</think>z", "x", "y\n</think>z"),
-])
-def test_reasoning_split_whole_and_char_by_char(text, reasoning, content):
-    whole = ReasoningSplitter(True)
-    r, c = whole.push(text)
-    r2, c2 = whole.flush()
-    assert (r + r2, c + c2) == (reasoning, content)
-    split = ReasoningSplitter(True)
-    parts = [split.push(ch) for ch in text] + [split.flush()]
-    assert ("".join(p[0] for p in parts), "".join(p[1] for p in parts)) == (reasoning, content)
-
-
-def test_reasoning_off_is_all_content():
-    s = ReasoningSplitter(False)
-    assert s.push("\nhello </think> x") == ("", "hello </think> x")
-
-
-def _choice(stops: list[str], thinking: bool = False) -> ChoiceText:
-    return ChoiceText(lambda ids: "".join(chr(i) for i in ids), skip_ids=[0], stops=stops, thinking=thinking)
-
-
-def test_choice_text_stop_string_across_tokens():
-    text = _choice(["STOP"])
-    out = [text.feed(ord(ch)) for ch in "abc ST"]
-    assert "".join(c for _, c in out) == "abc "  # "ST" is held: it may start the stop string
-    assert text.feed(ord("O")) == ("", "") and not text.stopped
-    text.feed(ord("P"))
-    assert text.stopped and text.feed(ord("z")) == ("", "")
-    assert text.finish() == ("", "") and text.texts(False) == (None, "abc ")
-    assert text.completion_tokens == 9
-
-
-def test_choice_text_releases_held_text_and_skips_terminators():
-    text = _choice(["STOP"], thinking=True)
-    for ch in "why</think>ST":
-        text.feed(ord(ch))
-    text.feed(0)  # a terminator id: counted, not shown
-    text.finish()
-    assert text.texts(True) == ("why", "ST") and text.completion_tokens == 14
 
 
 # ---------------------------------------------------------------------------- media
@@ -168,12 +120,12 @@ def test_too_many_images_and_thinking_unsupported():
 def test_sampling_defaults_and_overrides():
     defaults = GenerationDefaults(temperature=0.6, top_p=0.95, top_k=20, repetition_penalty=1.1)
     plan = _plan(_req(), defaults)
-    opts = sampling_options(plan, prompt_tokens=10, max_model_len=100)
+    opts = sampling_params(plan, prompt_tokens=10, max_model_len=100)
     assert (opts.temperature, opts.top_p, opts.top_k, opts.repetition_penalty) == (0.6, 0.95, 20, 1.1)
     assert opts.max_new_tokens == 90  # no max_tokens: the rest of the context
     plan = _plan(_req(temperature=0, top_k=-1, max_tokens=5, max_completion_tokens=7, seed=-1,
                       logit_bias={"3": -100}), defaults)
-    opts = sampling_options(plan, prompt_tokens=10, max_model_len=100)
+    opts = sampling_params(plan, prompt_tokens=10, max_model_len=100)
     assert opts.greedy and opts.top_k == 0 and opts.max_new_tokens == 7 and opts.seed == 2**63 - 1
     assert opts.logit_bias == ((3, -100.0),)
 
@@ -181,9 +133,9 @@ def test_sampling_defaults_and_overrides():
 def test_tiny_temperatures_are_greedy_and_tiny_penalties_refused():
     """Found by the request fuzzer: temperature 5e-324 divided the logits into inf (500). Like
     vLLM, a temperature under 1e-5 means greedy; a repetition penalty under 1e-3 is refused."""
-    opts = sampling_options(_plan(_req(temperature=5e-324)), prompt_tokens=10, max_model_len=100)
-    assert opts.greedy and opts.temperature == 0.0
-    assert sampling_options(_plan(_req(temperature=1e-5)), 10, 100).temperature == 1e-5
+    assert sampling_params(_plan(_req(temperature=5e-324)), prompt_tokens=10, max_model_len=100).greedy
+    tiny = sampling_params(_plan(_req(temperature=1e-5)), 10, 100)
+    assert not tiny.greedy and tiny.temperature == 1e-5
     with pytest.raises(ValueError, match="repetition_penalty"):
         _req(repetition_penalty=1e-300)
 
@@ -205,3 +157,37 @@ def test_cli_flags_map_onto_the_config():
     assert not cfg.batch_invariant and cfg.max_model_len == 2048 and cfg.model_name() == "MiniCPM-V-4_5"
     assert ServerConfig(model="x", served_model_name="named").model_name() == "named"
     assert not ServerConfig().allow_remote_media and ServerConfig().media_dir is None
+
+
+def test_speech_flags_map_onto_the_config(tmp_path):
+    from minicpmv.errors import InputError
+
+    ref = tmp_path / "ref.wav"
+    ref.write_bytes(b"RIFF")
+    args = build_parser().parse_args(["serve", "--model", "m", "--voice", f"narrator={ref}", "--voice-language", "zh",
+                                      "--max-audio-seconds", "30", "--max-input-audio-seconds", "10",
+                                      "--max-speech-input-chars", "500"])
+    cfg = config_from_args(args)
+    assert cfg.voices == (("narrator", str(ref.resolve())),) and cfg.voice_language == "zh"
+    assert (cfg.max_audio_seconds, cfg.max_input_audio_seconds, cfg.max_speech_input_chars) == (30, 10, 500)
+    for flags, match in [(["--voice", "narrator"], "NAME=REF_AUDIO"), (["--voice", f"default={ref}"], "built-in"),
+                         (["--voice", f"a={ref}", "--voice", f"a={ref}"], "twice"),
+                         (["--voice", f"a={tmp_path / 'missing.wav'}"], "does not exist"),
+                         (["--max-audio-seconds", "0"], "must be positive")]:
+        with pytest.raises(InputError, match=match):
+            config_from_args(build_parser().parse_args(["serve", "--model", "m", *flags]))
+
+
+def test_spoken_requests_are_planned():
+    audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    plan = _plan(_req(messages=[{"role": "user", "content": [audio, {"type": "text", "text": "Hi"}]}],
+                      modalities=["text", "audio"], audio={"voice": {"id": "narrator"}, "format": "pcm16"}))
+    assert plan.speak and plan.voice == "narrator" and plan.audio_format == "pcm16" and not plan.own_voice_prompt
+    assert [r.kind for r in plan.media] == ["audio"] and plan.media[0].url == "data:audio/wav;base64,AAAA"
+    plan = _plan(_req(messages=[{"role": "system", "content": [{"type": "text", "text": "Clone it."}, audio]},
+                                {"role": "developer", "content": "Briefly."}, {"role": "user", "content": "Hi"}],
+                      modalities=["audio", "text"], audio={"voice": "default", "format": "wav"}))
+    assert plan.own_voice_prompt and plan.system_prompt == ""
+    assert [m["role"] for m in plan.conversation] == ["system", "user"]
+    assert plan.conversation[0]["content"][0] == "Clone it." and plan.conversation[0]["content"][2] == "Briefly."
+    assert not _plan(_req(audio={"voice": "default", "format": "wav"})).speak  # audio without the modality

@@ -14,7 +14,7 @@ import pytest
 
 from .conftest import NAME, LiveServer
 
-GREEDY = {"sampling": False, "num_beams": 1, "repetition_penalty": 1.0, "mask_bang_token": False}
+GREEDY = {"sampling": False, "num_beams": 1, "repetition_penalty": 1.0, "id0_quirk": False}
 
 
 def _video(frames: int = 10, fps: int = 10, w: int = 64, h: int = 48) -> bytes:

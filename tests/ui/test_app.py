@@ -8,13 +8,8 @@ import sys
 import gradio as gr  # a [dev] dependency: a missing gradio fails these tests, it does not skip them
 import pytest
 
-from minicpmv.ui.app import (
-    Handlers,
-    answer_messages,
-    build_app,
-    error_status,
-    render,
-)
+from minicpmv.engine.stream import TextEvent
+from minicpmv.ui.app import Handlers, Partial, answer_messages, build_app, error_status, render
 from minicpmv.ui.logic import TabChat, Turn
 
 CONTROLS = ("sampling", 1.0, 1.0, 8, 9, False)  # mode, temperature, top-p, max tokens, max slices, thinking
@@ -41,34 +36,36 @@ def test_build_app(which, request):
 
 
 def test_answer_messages_plain():
-    assert answer_messages("Hello") == [{"role": "assistant", "content": "Hello"}]
-    assert answer_messages("", final=False) == [{"role": "assistant", "content": "…"}]  # waiting
-    assert answer_messages("") == [{"role": "assistant", "content": "*(empty answer)*"}]
+    assert answer_messages(None, "Hello") == [{"role": "assistant", "content": "Hello"}]
+    assert answer_messages(None, "", final=False) == [{"role": "assistant", "content": "…"}]  # waiting
+    assert answer_messages(None, "") == [{"role": "assistant", "content": "*(empty answer)*"}]
 
 
 def test_answer_messages_reasoning_is_collapsed_when_done():
-    msgs = answer_messages("<think>\nlook at the roof\n</think>\n\nA house.")
+    msgs = answer_messages("look at the roof", "A house.")
     assert msgs[0]["metadata"] == {"title": "Reasoning", "status": "done"}  # status done = collapsed
     assert msgs[0]["content"] == "look at the roof"
     assert msgs[1] == {"role": "assistant", "content": "A house."}
 
 
 def test_answer_messages_reasoning_streaming():
-    msgs = answer_messages("<think>\nlook", final=False)
-    assert len(msgs) == 1 and msgs[0]["metadata"]["status"] == "pending"  # open while it streams
-    msgs = answer_messages("<think>\nlook\n</think>\n\n", final=False)
-    assert msgs[0]["metadata"]["status"] == "done" and msgs[1]["content"] == "…"
+    msgs = answer_messages("look", "", final=False)
+    assert msgs[0]["metadata"]["status"] == "pending" and msgs[1]["content"] == "…"  # open while it streams
+    msgs = answer_messages("look", "A", final=False)
+    assert msgs[0]["metadata"]["status"] == "done" and msgs[1]["content"] == "A"
 
 
 def test_answer_messages_stopped_inside_reasoning():
-    msgs = answer_messages("<think>\nlook and look")
+    msgs = answer_messages("look and look", "", finish_reason="length")
     assert msgs[0]["metadata"]["status"] == "done"  # collapsed: the answer is over
     assert "stopped inside the reasoning" in msgs[1]["content"]
 
 
 def test_render_turns_with_files(house):
-    turns = [Turn(text="What?", files=[str(house)], items=[], answer="A house.")]
-    assert render(turns, Turn(text="More?", files=[], items=[]), "It is") == [
+    turns = [Turn(text="What?", files=[str(house)], items=[], answer="A house.", content="A house.")]
+    partial = Partial(False)
+    partial.add(TextEvent(text="It is", content="It is"))
+    assert render(turns, Turn(text="More?", files=[], items=[]), partial) == [
         {"role": "user", "content": {"path": str(house)}},
         {"role": "user", "content": "What?"},
         {"role": "assistant", "content": "A house."},
@@ -86,14 +83,14 @@ def test_error_status_escapes_html_and_markdown():
 def test_submit_streams_then_reports(shared26, house):
     h = Handlers(gr, shared26)
     steps = list(h.submit({"text": "What is it?", "files": [str(house)]}, None, *CONTROLS))
-    box, tab, chat, status = steps[0]
-    assert box == {"text": "", "files": []} and status == "Generating…"
+    box, tab, chat, status, audio, recording = steps[0]
+    assert box == {"text": "", "files": []} and status == "Generating…" and audio is None and recording is None
     assert isinstance(tab, TabChat) and chat == []
     assert len(steps) >= 3  # cleared box, pending turn, at least one streamed chunk, final
-    *_, (box, tab, chat, status) = steps
-    assert status.startswith("Answered in")
+    *_, (box, tab, chat, status, audio, _) = steps
+    assert status.startswith("Answered in") and audio == gr.skip()  # not spoken: the player is left alone
     assert [m["role"] for m in chat] == ["user", "user", "assistant"]
-    assert chat[2]["content"] == tab.turns[0].answer
+    assert chat[2]["content"] == tab.turns[0].answer == tab.turns[0].content
 
 
 def test_submit_bad_file_keeps_input_and_shows_error(shared26, house, corrupt_png):
@@ -101,7 +98,7 @@ def test_submit_bad_file_keeps_input_and_shows_error(shared26, house, corrupt_pn
     tab = TabChat(shared26)
     steps = list(h.submit({"text": "q", "files": [str(house), str(corrupt_png)]}, tab, *CONTROLS))
     assert len(steps) == 1
-    box, same_tab, chat, status = steps[0]
+    box, same_tab, chat, status, _, _ = steps[0]
     assert box == gr.skip()  # the user's text and files stay in the box
     assert same_tab is tab and chat == [] and tab.turns == []
     assert "broken&#95;photo.png" in status and "not a recognised image format" in status
@@ -110,28 +107,29 @@ def test_submit_bad_file_keeps_input_and_shows_error(shared26, house, corrupt_pn
 
 def test_submit_bad_settings_shows_error(shared26):
     h = Handlers(gr, shared26)
-    (_, _, _, status), = h.submit({"text": "q", "files": []}, None, "sampling", 0.0, 1.0, 8, 9, False)
+    (_, _, _, status, _, _), = h.submit({"text": "q", "files": []}, None, "sampling", 0.0, 1.0, 8, 9, False)
     assert "temperature must be &gt; 0" in status or "temperature must be &#62; 0" in status
 
 
 def test_regenerate_and_clear(shared26, house):
     h = Handlers(gr, shared26)
-    *_, (_, tab, chat, _) = h.submit({"text": "q", "files": [str(house)]}, None, *BEAM)
-    *_, (_, tab2, chat2, status) = h.regenerate(tab, *BEAM)
+    *_, (_, tab, chat, *_) = h.submit({"text": "q", "files": [str(house)]}, None, *BEAM)
+    *_, (_, tab2, chat2, status, *_) = h.regenerate(tab, *BEAM)
     assert tab2 is tab and chat2 == chat and status.startswith("Regenerated the last answer in")
-    box, tab3, chat3, status3 = h.clear(tab)
+    box, tab3, chat3, status3, audio3, recording3 = h.clear(tab)
+    assert audio3 is None and recording3 is None
     assert tab3 is tab and tab.turns == [] and chat3 == [] and status3 == ""
 
 
 def test_regenerate_before_any_question(shared26):
-    (_, _, chat, status), = Handlers(gr, shared26).regenerate(None, *CONTROLS)
+    (_, _, chat, status, *_), = Handlers(gr, shared26).regenerate(None, *CONTROLS)
     assert chat == [] and "no answer to regenerate" in status
 
 
 def test_thinking_answer_renders_reasoning(shared45, house):
     h = Handlers(gr, shared45)
-    *_, (_, tab, chat, status) = h.submit({"text": "q", "files": [str(house)]}, None,
-                                          "sampling", 0.7, 0.8, 10, 9, True)
+    *_, (_, tab, chat, status, *_) = h.submit({"text": "q", "files": [str(house)]}, None,
+                                              "sampling", 0.7, 0.8, 10, 9, True)
     reasoning = [m for m in chat if m.get("metadata")]
     assert len(reasoning) == 1 and reasoning[0]["metadata"]["title"] == "Reasoning"
 
@@ -159,7 +157,7 @@ def test_clear_stops_a_streaming_answer(shared26, house):
     steps = h.submit({"text": "q", "files": [str(house)]}, None, "sampling", 1.0, 1.0, 40, 9, False)
     next(steps)  # box cleared
     next(steps)  # pending turn shown
-    _, tab, _, _ = next(steps)  # first streamed chunk: the model lock is held
+    _, tab, *_ = next(steps)  # first streamed chunk: the model lock is held
     assert shared26.lock.locked()
     assert h.clear(tab)[2] == []
     assert list(steps) == []  # the handler stops at once without drawing the old conversation again

@@ -1,4 +1,4 @@
-"""The browser-independent UI logic: uploads, decoding options, reasoning split, per-tab chats."""
+"""The browser-independent UI logic: uploads, page options, per-tab chats (answers as text events)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,13 @@ import threading
 
 import pytest
 
+from minicpmv.engine.sampling import SamplingParams
 from minicpmv.errors import FeatureNotAvailableError, ImageError, InputError, VideoError
 from minicpmv.ui import logic
-from minicpmv.ui.logic import DecodingOptions, TabChat, read_upload, read_uploads, split_reasoning, video_supported
+from minicpmv.ui.logic import PageOptions, TabChat, page_options, read_upload, read_uploads, video_supported
+from minicpmv.versions import get_version
+
+V26, V45 = get_version("2.6"), get_version("4.5")
 
 GREEDY_KW = dict(mode="sampling", temperature=1.0, top_p=1.0, max_new_tokens=12)
 
@@ -61,58 +65,49 @@ def test_corrupt_video_names_the_file(tmp_path):
     assert "'holiday.mp4'" in str(e.value) and str(tmp_path) not in str(e.value)
 
 
-# ------------------------------------------------------------------ decoding options
-def test_sampling_kwargs():
-    opts = DecodingOptions(mode="sampling", temperature=0.3, top_p=0.5, max_new_tokens=7)
-    assert opts.generation_kwargs(supports_thinking=False) == {
-        "sampling": True, "temperature": 0.3, "top_p": 0.5, "max_new_tokens": 7}
+# ------------------------------------------------------------------ page options
+def DecodingOptions(**kw) -> PageOptions:  # noqa: N802 - the page's controls, as the handlers read them
+    return page_options(V26 if not kw.get("thinking") else V45, **kw)
 
 
-def test_thinking_sampling_passes_only_temperature():
-    opts = DecodingOptions(temperature=0.6, top_p=0.5, thinking=True)
-    kw = opts.generation_kwargs(supports_thinking=True)
-    assert "top_p" not in kw and kw["temperature"] == 0.6
-    # a version without thinking keeps the normal preset keys
-    assert "top_p" in opts.generation_kwargs(supports_thinking=False)
+def test_sampling_controls_become_the_official_preset_with_overrides():
+    opts = page_options(V26, mode="sampling", temperature=0.3, top_p=0.5, max_new_tokens=7)
+    want = SamplingParams.from_official(V26, max_new_tokens=7, overrides={"temperature": 0.3, "top_p": 0.5})
+    assert opts.params == want and (opts.params.temperature, opts.params.top_p, opts.params.top_k) == (0.3, 0.5, 100)
 
 
-def test_beam_kwargs_take_no_sampling_keys():
-    opts = DecodingOptions(mode="beam", temperature=0.3, max_new_tokens=9)
-    assert opts.generation_kwargs(supports_thinking=True) == {"sampling": False, "max_new_tokens": 9}
+def test_thinking_sampling_sets_only_temperature(caplog):
+    opts = page_options(V45, temperature=0.6, top_p=0.5, thinking=True)
+    assert (opts.params.temperature, opts.params.top_p, opts.thinking) == (0.6, 1.0, True)
+    assert "ignoring" not in caplog.text  # top-p is not even offered to the thinking preset
+    assert page_options(V26, top_p=0.5, thinking=True).params.top_p == 0.5  # no thinking on 2.6
+    assert page_options(V26, thinking=True).thinking is False
+
+
+def test_beam_controls_are_the_official_beam_preset():
+    opts = page_options(V26, mode="beam", temperature=0.3, max_new_tokens=9)
+    assert opts.params == SamplingParams.from_official(V26, sampling=False, max_new_tokens=9)
 
 
 @pytest.mark.parametrize("kw, match", [
     (dict(mode="greedy"), "decoding mode"),
     (dict(temperature=0.0), "temperature"),
-    (dict(top_p=0.0), "top-p"),
-    (dict(top_p=1.5), "top-p"),
-    (dict(max_new_tokens=0), "max new tokens"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(max_slice_nums=0), "max slices"),
 ])
 def test_bad_options(kw, match):
     with pytest.raises(InputError, match=match):
-        DecodingOptions(**kw)
+        page_options(V26, **kw)
 
 
 def test_beam_ignores_temperature_validation():
-    assert DecodingOptions(mode="beam", temperature=0.0).mode == "beam"
-
-
-# ------------------------------------------------------------------ reasoning split
-@pytest.mark.parametrize("text, expected", [
-    ("plain answer", (None, "plain answer", True)),
-    ("<think>\nstep one", ("step one", "", False)),
-    ("<think>\nstep one\n</think>\n\nThe answer.", ("step one", "The answer.", True)),
-    ("<think>\n\n</think>\n\nOnly answer", ("", "Only answer", True)),
-])
-def test_split_reasoning(text, expected):
-    r = split_reasoning(text)
-    assert (r.reasoning, r.answer, r.reasoning_done) == expected
+    assert page_options(V26, mode="beam", temperature=0.0).params.num_beams == 3
 
 
 # ------------------------------------------------------------------ per-tab chats
 def _drain(stream) -> str:
-    return "".join(stream)
+    return "".join(e.text for e in stream)
 
 
 def test_ask_streams_the_answer_and_records_the_turn(shared26, house):
@@ -122,7 +117,8 @@ def test_ask_streams_the_answer_and_records_the_turn(shared26, house):
     assert len(tab.turns) == 1
     turn = tab.turns[0]
     assert turn.text == "What is this?" and turn.files == [str(house)]
-    assert turn.answer == text.strip() and text.strip()
+    assert turn.answer == text and text  # the streamed text is the answer, stripped as chat() strips it
+    assert (turn.content, turn.reasoning) == (text, None)
     assert [m["role"] for m in tab.session.history] == ["user", "assistant"]
 
 
@@ -176,7 +172,7 @@ def test_regenerate_replaces_the_last_answer(shared26, house):
     assert again == first  # beam search is deterministic
     assert len(tab.turns) == 1 and len(tab.session.history) == 2
     other = _drain(tab.regenerate(DecodingOptions(mode="beam", max_new_tokens=3)))
-    assert tab.turns[0].answer == other.strip() and tab.session.history[-1]["content"] == [other.strip()]
+    assert tab.turns[0].answer == other and tab.session.history[-1]["content"] == [other]
 
 
 def test_regenerate_without_turns(shared26):
@@ -210,18 +206,21 @@ def test_clear(shared26, house):
     assert tab.turns == [] and tab.session is None and tab.epoch == 1
 
 
-def test_thinking_answer_has_reasoning_prefix(shared45, house):
+def test_thinking_answer_is_split_into_reasoning_and_answer(shared45, house):
     tab = TabChat(shared45)
-    text = _drain(tab.ask("Think.", [house], DecodingOptions(max_new_tokens=6, thinking=True)))
-    assert text.startswith("<think>\n")
-    assert split_reasoning(text).reasoning is not None
+    events = list(tab.ask("Think.", [house], DecodingOptions(max_new_tokens=6, thinking=True)))
+    turn = tab.turns[0]
+    assert turn.answer.startswith("<think>\n") and turn.reasoning is not None
+    assert "".join(e.reasoning for e in events) == turn.reasoning
+    assert "".join(e.content for e in events) == turn.content
     assert tab.session.enable_thinking is True
 
 
 def test_thinking_is_ignored_for_versions_without_it(shared26, house):
     tab = TabChat(shared26)
-    text = _drain(tab.ask("Think.", [house], DecodingOptions(max_new_tokens=4, thinking=True)))
+    text = _drain(tab.ask("Think.", [house], page_options(V26, max_new_tokens=4, thinking=True)))
     assert not text.startswith("<think>") and tab.session.enable_thinking is False
+    assert tab.turns[0].reasoning is None
 
 
 def test_max_slices_reaches_the_session(shared26, house):
@@ -242,7 +241,7 @@ def test_few_shot_streams_an_answer(shared26, house, small_png):
          {"role": "user", "content": [read_upload(house), "Colour?"]}],
         sampling=False, max_new_tokens=6, max_slice_nums=None,
     )
-    assert text.strip() == plain
+    assert text == plain
 
 
 def test_few_shot_bad_example_file(shared26, house, corrupt_png):

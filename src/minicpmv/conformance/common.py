@@ -2,8 +2,9 @@
 taps both runners use.
 
 ``StageResult`` is one line of the report; ``exact`` compares values that must be equal (ids,
-strings), ``close`` compares arrays within an absolute tolerance (NaN anywhere fails, also when
-several arrays are pooled: ``worst_error`` propagates NaN instead of skipping it).
+strings), ``close`` compares arrays within an absolute tolerance and ``allclose`` within
+``atol + rtol * |expected|`` (NaN anywhere fails, also when several arrays are pooled:
+``worst_error`` propagates NaN instead of skipping it).
 ``features_and_vision`` runs the model's own ``encode_features`` and records, on the way, the
 vision tower output the resampler read (so the vision and resampler stages test the path
 ``chat()`` takes). ``unpad`` cuts a generated row after its first terminator (what follows must
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 
 from ..engine.chat import ChatModel
-from ..engine.generate import GenerationParams
+from ..engine.generate import PAD_ID
+from ..engine.sampling import SamplingParams
 
 
 @dataclass
@@ -68,8 +70,18 @@ def close(case: str, stage: str, got: np.ndarray, want: np.ndarray, tol: float) 
     return StageResult(case, stage, err <= tol, err, tol)
 
 
+def allclose(case: str, stage: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: float) -> StageResult:
+    """Within ``atol + rtol * |want|`` everywhere (NaN fails); the error shown is the worst absolute one."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    if got.shape != want.shape:
+        return StageResult(case, stage, False, note=f"shape {got.shape} != expected {want.shape}")
+    err = worst_error([(got, want)])
+    ok = bool(np.all(np.abs(got - want) <= atol + rtol * np.abs(want)))  # NaN fails
+    return StageResult(case, stage, ok, err, atol, note=f"(+ rtol {rtol:g})")
+
+
 def features_and_vision(cm: ChatModel, inputs: Any) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
-    """``cm.encode_features(inputs)`` and the vision tower output of every slice, [L_s, Dv] in
+    """``cm.runner.encode_features(inputs)`` and the vision tower output of every slice, [L_s, Dv] in
     processor order, as the resampler received it inside that call."""
     seen: list[torch.Tensor] = []
 
@@ -80,7 +92,7 @@ def features_and_vision(cm: ChatModel, inputs: Any) -> tuple[list[torch.Tensor |
 
     handle = cm.model.resampler.register_forward_pre_hook(tap)
     try:
-        features = cm.encode_features(inputs)
+        features = cm.runner.encode_features(inputs)
     finally:
         handle.remove()
     return features, seen
@@ -96,7 +108,8 @@ def unpad(row: Sequence[int], terminators: Iterable[int], pad_id: int = 0) -> li
     return list(row)
 
 
-def generate_kwargs(params: GenerationParams, names: Iterable[str]) -> dict[str, Any]:
-    """Our decoding settings under the reference's ``generate`` kwarg ``names``."""
-    ours = {"eos_token_id": list(params.eos_token_ids)}
+def generate_kwargs(params: SamplingParams, eos_ids: Sequence[int], names: Iterable[str]) -> dict[str, Any]:
+    """Our decoding settings (``params`` and the release's terminators ``eos_ids``) under the
+    reference's ``generate`` kwarg ``names``."""
+    ours = {"eos_token_id": [*eos_ids, *params.stop_token_ids], "pad_token_id": PAD_ID}
     return {n: ours[n] if n in ours else getattr(params, n, "<not set>") for n in names}

@@ -27,11 +27,9 @@ import torch
 from PIL import Image
 
 from ..engine.chat import ChatModel, normalise_msgs
-from ..engine.compat import official_generation_params
-from ..engine.generate import generate_steps
-from ..engine.kv_cache import KVCache
+from ..engine.sampling import SamplingParams
 from ..errors import MiniCPMVError
-from .common import StageResult, close, exact, features_and_vision, unpad, worst_error
+from .common import StageResult, allclose, close, exact, features_and_vision, unpad
 
 TOL = 1e-4  # resampler, audio encoder, audio embeddings (atol and rtol)
 TOL_FEATURES = 1e-4  # log-mel
@@ -89,15 +87,6 @@ def load_npz_case(case_dir: Path) -> tuple[list[dict[str, Any]], Image.Image | N
     return msgs, image, params
 
 
-def _allclose(case: str, stage: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: float) -> StageResult:
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    if got.shape != want.shape:
-        return StageResult(case, stage, False, note=f"shape {got.shape} != expected {want.shape}")
-    err = worst_error([(got, want)])
-    ok = bool(np.all(np.abs(got - want) <= atol + rtol * np.abs(want)))  # NaN fails
-    return StageResult(case, stage, ok, err, atol, note=f"(+ rtol {rtol:g})")
-
-
 class NpzCaseRunner:
     """Runs every stage of one second-format case against a loaded float32 ChatModel."""
 
@@ -130,7 +119,7 @@ class NpzCaseRunner:
             features, vision = features_and_vision(self.cm, inputs)
             yield from self._vision_stages(inputs, features, vision)
             yield from self._audio_stages(inputs, features)
-            batch = self.cm.prepare_from(inputs, features)
+            batch = self.cm.runner.prepare(inputs, features=features)
             logits = self.cm.model(batch.inputs_embeds, None, batch.attention_mask)[0, -1]  # [V]
             yield close(self.name, "prefill_logits", logits.numpy(), self.t["prefill_last_logits"], TOL_LOGITS)
             yield from self._generation_stages(batch)
@@ -172,12 +161,12 @@ class NpzCaseRunner:
         if "vision_0" not in self.t:
             return
         got = vision[0].numpy() if vision else np.zeros((0,))
-        yield _allclose(self.name, "vision_0", got, self.t["vision_0"], *TOL_VISION)
+        yield allclose(self.name, "vision_0", got, self.t["vision_0"], *TOL_VISION)
         n_img, q = len(inputs.tgt_sizes[0]), self.cm.config.query_num
         rows = features[0][: n_img * q] if features[0] is not None else torch.zeros(0)  # image rows first
         want = self.t["resampler"]
         res = rows.reshape(n_img, q, -1)[: want.shape[0]]  # [<=2, Q, H]
-        yield _allclose(self.name, "resampler", res.numpy(), want, TOL, TOL)
+        yield allclose(self.name, "resampler", res.numpy(), want, TOL, TOL)
 
     def _audio_stages(self, inputs: Any, features: list[torch.Tensor | None]) -> Iterator[StageResult]:
         if "audio_features" not in self.t:
@@ -190,32 +179,27 @@ class NpzCaseRunner:
             padded[i, :, : s.shape[1]] = s
         yield close(self.name, "audio_features", padded, self.t["audio_features"], TOL_FEATURES)
         hidden, _ = self.cm.model.audio_hidden([torch.from_numpy(s) for s in segs])  # [n, T, d]
-        yield _allclose(self.name, "apm_last_hidden", hidden.numpy(), self.t["apm_last_hidden"], TOL, TOL)
+        yield allclose(self.name, "apm_last_hidden", hidden.numpy(), self.t["apm_last_hidden"], TOL, TOL)
         image_rows = len(inputs.tgt_sizes[0]) * self.cm.config.query_num
         emb = features[0][image_rows:] if features[0] is not None else torch.zeros(0)  # [T_total, H] after images
-        yield _allclose(self.name, "audio_embeds", emb.numpy(), self.t["audio_embeds"], TOL, TOL)
+        yield allclose(self.name, "audio_embeds", emb.numpy(), self.t["audio_embeds"], TOL, TOL)
 
     def _params(self, call: dict[str, Any]) -> Any:
         kw = dict(call)
-        return official_generation_params(
-            self.cm.version, sampling=kw.pop("sampling"), enable_thinking=False,
-            max_new_tokens=kw.pop("max_new_tokens"), min_new_tokens=0,
-            eos_token_ids=self.cm.terminator_ids(), overrides=kw,
-        )
+        return SamplingParams.from_official(
+            self.cm.version, sampling=kw.pop("sampling"), max_new_tokens=kw.pop("max_new_tokens"), overrides=kw)
 
     def _generation_stages(self, batch: Any) -> Iterator[StageResult]:
-        cache = KVCache.for_model(self.cm.model, 1)
-        steps = generate_steps(self.cm.model, batch.inputs_embeds, batch.attention_mask, self._params(self.greedy),
-                               cache)
+        steps = self.cm.runner.steps(batch, self._params(self.greedy))
         greedy = [int(s.tokens[0]) for s in steps]
         yield exact(self.name, "greedy_ids", greedy, self.t["greedy_ids"].tolist())
-        yield exact(self.name, "greedy_text", self.cm.postprocess(greedy), self.meta["greedy_text"])
+        yield exact(self.name, "greedy_text", self.cm.runner.postprocess(greedy), self.meta["greedy_text"])
         if self.beam is None:
             return
-        beam = self.cm.generate_ids(batch, self._params(self.beam))[0]
-        ends = self.cm.terminator_ids()
+        beam = self.cm.runner.generate_ids(batch, self._params(self.beam))[0]
+        ends = self.cm.runner.eos_ids
         yield exact(self.name, "beam_ids", unpad(beam, ends), unpad(self.t["beam_ids"].tolist(), ends))
-        yield exact(self.name, "beam_text", self.cm.postprocess(beam), self.meta["beam_text"])
+        yield exact(self.name, "beam_text", self.cm.runner.postprocess(beam), self.meta["beam_text"])
 
     def _chat_stages(self) -> Iterator[StageResult]:
         """``ChatModel.chat()`` called as the reference was, against the texts it returned (not for

@@ -28,9 +28,8 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from ..engine.chat import ChatModel, normalise_msgs
-from ..engine.compat import official_generation_params
-from ..engine.generate import generate_steps
-from ..engine.kv_cache import KVCache
+from ..engine.compat import thinking_flag
+from ..engine.sampling import SamplingParams
 from ..errors import MiniCPMVError
 from .common import StageResult, close, exact, features_and_vision, generate_kwargs, unpad, worst_error
 
@@ -81,7 +80,7 @@ class CaseRunner:
             max_slice_nums=kw.pop("max_slice_nums", None),
             use_image_id=kw.pop("use_image_id", None),
             temporal_ids=kw.pop("temporal_ids", None),
-            enable_thinking=self.enable_thinking if self.cm.version.supports_thinking else None,
+            enable_thinking=thinking_flag(self.cm.version, self.enable_thinking),
         )
         if kw:
             raise MiniCPMVError(f"{self.name}: unknown chat_kwargs {sorted(kw)}")
@@ -94,7 +93,7 @@ class CaseRunner:
         with torch.inference_mode():
             features, vision = features_and_vision(self.cm, inputs)
             yield from self._vision_stages(vision, features)
-            batch = self.cm.prepare_from(inputs, features)
+            batch = self.cm.runner.prepare(inputs, features=features)
             yield exact(self.name, "attention_mask", batch.attention_mask.tolist(),
                          self.t["attention_mask"].tolist())
             e = batch.inputs_embeds.double()
@@ -166,17 +165,15 @@ class CaseRunner:
     def _gen_params(self, kwargs: dict[str, Any]) -> Any:
         kw = dict(kwargs)
         sampling = kw.pop("sampling", True)
-        return official_generation_params(
+        return SamplingParams.from_official(
             self.cm.version, sampling=sampling, enable_thinking=self.enable_thinking,
-            max_new_tokens=kw.pop("max_new_tokens", 2048), min_new_tokens=kw.pop("min_new_tokens", 0),
-            eos_token_ids=self.cm.terminator_ids(), overrides=kw,
+            max_new_tokens=kw.pop("max_new_tokens", 2048), min_new_tokens=kw.pop("min_new_tokens", 0), overrides=kw,
         )
 
     def _greedy_stages(self, batch: Any) -> Iterator[StageResult]:
         params = self._gen_params(self.params["greedy_kwargs"])
-        cache = KVCache.for_model(self.cm.model, batch.input_ids.shape[0])
         tokens, logits = [], []
-        for step in generate_steps(self.cm.model, batch.inputs_embeds, batch.attention_mask, params, cache):
+        for step in self.cm.runner.steps(batch, params):
             tokens.append(step.tokens)
             logits.append(step.logits)
         got_ids = torch.stack(tokens, 1)  # [B, n]
@@ -187,7 +184,7 @@ class CaseRunner:
         padded = np.zeros_like(want_ids)
         padded[:, :n] = got_ids.numpy()[:, : want_ids.shape[1]]
         yield exact(self.name, "greedy_ids", padded.tolist(), want_ids.tolist())
-        answers = [self.cm.postprocess(r) for r in got_ids.tolist()]
+        answers = [self.cm.runner.postprocess(r) for r in got_ids.tolist()]
         prefix = self.cm.version.thinking_prefix if self.enable_thinking else ""
         want = self.meta["greedy_answer"]
         got: Any = [prefix + a for a in answers]
@@ -197,9 +194,10 @@ class CaseRunner:
         params = self._gen_params(self.params["beam_kwargs"])
         want_kwargs = self.meta.get("beam_generate_kwargs")
         if want_kwargs is not None:
-            yield exact(self.name, "beam_generate_kwargs", generate_kwargs(params, want_kwargs), want_kwargs)
-        rows = self.cm.generate_ids(batch, params)
-        ends = self.cm.terminator_ids()
+            got_kwargs = generate_kwargs(params, self.cm.runner.eos_ids, want_kwargs)
+            yield exact(self.name, "beam_generate_kwargs", got_kwargs, want_kwargs)
+        rows = self.cm.runner.generate_ids(batch, params)
+        ends = self.cm.runner.eos_ids
         want = [unpad(w, ends) for w in self.t["beam_ids"].tolist()]  # batched rows are padded after their end
         yield exact(self.name, "beam_ids", [unpad(r, ends) for r in rows], want)
 
@@ -211,7 +209,8 @@ class CaseRunner:
         want_kwargs = self.meta.get("generate_kwargs")
         if want_kwargs is not None:
             params = self._gen_params(self.params["greedy_kwargs"])
-            yield exact(self.name, "generate_kwargs", generate_kwargs(params, want_kwargs), want_kwargs)
+            got_kwargs = generate_kwargs(params, self.cm.runner.eos_ids, want_kwargs)
+            yield exact(self.name, "generate_kwargs", got_kwargs, want_kwargs)
         if self.params.get("beam_kwargs"):
             beam = self.cm.chat(self.msgs, **chat_kwargs, **self.params["beam_kwargs"])
             yield exact(self.name, "chat_beam", beam, self.meta["beam_answer"])

@@ -1,12 +1,13 @@
 """Continuous batching: many generation requests share one decode batch.
 
-``BatchEngine`` owns a slot-based KV cache (``max_batch_size`` rows of ``max_model_len``
-positions, preallocated). A new request waits in a FIFO queue; at the next token boundary it is
-prefilled *alone* (batch 1, exactly as ``ChatModel`` would prefill it: image features from
-``ChatModel.encode_features``, embeddings from ``ChatModel.prepare_from``), its keys/values are
-copied into free slots (one per choice, ``n``), and from then on it decodes together with every
-other running row, one token per step. A row that finishes (terminator, stop token id, token
-limit) or is cancelled leaves at once and frees its slot for the next waiting request.
+``BatchEngine`` owns a ``SlotKVCache`` (``max_batch_size`` rows of ``max_model_len`` positions,
+preallocated). A new request waits in a FIFO queue; at the next token boundary it is prefilled
+*alone* (batch 1, exactly as ``ChatModel`` would prefill it: ``ModelRunner.prepare`` gives the
+embeddings, the image features coming from the engine's feature cache) straight into a free slot,
+copied into one more slot per further choice (``n``), and from then on it decodes together with
+every other running row, one token per step. Tokens are chosen by the token loop's own
+``choose_tokens`` (the same processors and sampler as ``chat()``). A row that finishes
+(terminator, stop token id, token limit) or is cancelled leaves at once and frees its slot.
 
 How rows of different lengths share the cache: each row's tokens sit left-aligned in its slot
 (position 0 .. len-1, no left padding); a decode step writes every row's new key/value at that
@@ -31,99 +32,43 @@ checkpoints. The price is some compute for idle rows; ``batch_invariant=False`` 
 rows up to the highest busy slot with the exact window and the default SDPA kernel: faster, but
 logits may then differ in the last bits between batches (about 1e-6 on the tiny checkpoints).
 
-This module does not parse HTTP, decode text, match stop strings or split reasoning (see
-``minicpmv.serve``); it works on token ids. It is thread-safe for ``submit``/``cancel`` from any
-thread while ``step`` runs in one thread (``start`` runs it in a background thread).
+This module does not parse HTTP or decode text (``stream.TextStream`` does); it works on token
+ids. It is thread-safe for ``submit``/``cancel`` from any thread while ``step`` runs in one
+thread (``start`` runs it in a background thread).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import secrets
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
+from ..checks import is_int
 from ..errors import ContextLengthError, InputError, MiniCPMVError, OverloadedError
 from ..processing.processor import ModelInputs
-from .chat import ChatModel, PreparedBatch
+from .chat import ChatModel
 from .features import FeatureCache
-from .generate import prefill_positions
-from .sampling import greedy_choice, process_scores, sample_choice
+from .generate import DecodeRow, choose_tokens, forward_last, prefill_positions
+from .kv_cache import SlotKVCache
+from .runner import PreparedBatch
+from .sampling import SamplingParams, make_generator
+from .stream import FinishReason
 
 log = logging.getLogger(__name__)
 
-FinishReason = Literal["stop", "length", "cancelled", "error"]
 WIDTH_STEP = 64  # batch-invariant decoding attends over a multiple of this many positions
 
 
 # ---------------------------------------------------------------------------- public records
-@dataclass(frozen=True)
-class SamplingOptions:
-    """Per-request decoding settings. ``temperature == 0`` means greedy decoding.
-
-    ``repetition_penalty`` has HF semantics (generated tokens only, like ``chat()``);
-    ``presence_penalty`` / ``frequency_penalty`` / ``logit_bias`` have OpenAI semantics and are
-    applied to the raw logits first. ``seed`` seeds choice i with ``seed + i``.
-    """
-
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    min_new_tokens: int = 0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    logit_bias: tuple[tuple[int, float], ...] = ()
-
-    def __post_init__(self) -> None:
-        _validate_options(self)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-def _validate_options(o: SamplingOptions) -> None:
-    def need(ok: bool, what: str) -> None:
-        if not ok:
-            raise InputError(f"invalid sampling option: {what}")
-
-    need(_is_int(o.max_new_tokens) and o.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {o.max_new_tokens!r}")
-    need(_is_int(o.min_new_tokens) and o.min_new_tokens >= 0, f"min_new_tokens must be >= 0, got {o.min_new_tokens!r}")
-    need(_finite(o.temperature) and o.temperature >= 0, f"temperature must be >= 0, got {o.temperature!r}")
-    need(_finite(o.top_p) and 0 < o.top_p <= 1, f"top_p must be in (0, 1], got {o.top_p!r}")
-    need(_is_int(o.top_k) and o.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {o.top_k!r}")
-    need(_finite(o.repetition_penalty) and o.repetition_penalty > 0,
-         f"repetition_penalty must be > 0, got {o.repetition_penalty!r}")
-    for name in ("presence_penalty", "frequency_penalty"):
-        v = getattr(o, name)
-        need(_finite(v) and -2 <= v <= 2, f"{name} must be in [-2, 2], got {v!r}")
-    need(o.seed is None or _is_int(o.seed), f"seed must be an integer, got {o.seed!r}")
-    need(all(_is_int(t) and t >= 0 for t in o.stop_token_ids), f"bad stop_token_ids {o.stop_token_ids!r}")
-    need(all(_is_int(t) and t >= 0 and _finite(b) and -100 <= b <= 100 for t, b in o.logit_bias),
-         "logit_bias maps token ids >= 0 to biases in [-100, 100]")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 @dataclass(frozen=True)
 class BatchEvent:
     """One generated token of one choice, or the end of a choice.
@@ -147,14 +92,15 @@ EventCallback = Callable[[BatchEvent], None]
 @dataclass
 class BatchRequest:
     """A conversation to answer: processor output for exactly one conversation (or an already
-    prepared batch of one row), the sampling options, and where to send events."""
+    prepared batch of one row), its sampling settings (choice i draws with ``seed + i``), and
+    where to send events. ``id0_quirk`` applies the reference's id-0 prompt mask."""
 
     inputs: ModelInputs | PreparedBatch
-    options: SamplingOptions
+    params: SamplingParams
     on_event: EventCallback
     n: int = 1
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    mask_bang_token: bool = False
+    id0_quirk: bool = False
     want_logits: bool = False
 
     @property
@@ -175,108 +121,17 @@ class EngineStats:
     busy_rows_sum: int = 0  # sum over decode steps of the rows that were busy
 
 
-# ---------------------------------------------------------------------------- caches
-class _PrefillCache:
-    """One prefill's keys/values, handed back unchanged (what a fresh ``KVCache`` does)."""
-
-    def __init__(self, num_layers: int) -> None:
-        self.k: list[torch.Tensor] = [torch.empty(0)] * num_layers
-        self.v: list[torch.Tensor] = [torch.empty(0)] * num_layers
-
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k[layer_idx], self.v[layer_idx] = k, v  # [1, n_kv, T, hd]
-        return k, v
-
-    def get_seq_length(self) -> int:
-        return 0
-
-
-class _SlotCache:
-    """``slots`` rows x ``capacity`` positions per layer, plus the per-row key mask.
-
-    During a decode step (``begin``) it implements the model's cache protocol: ``update`` writes
-    row r's new key/value at ``write[r]`` and returns the first ``width`` positions of the first
-    ``rows`` slots; ``get_seq_length`` reports ``width - 1`` cached positions.
-    """
-
-    def __init__(self, lm: Any, slots: int, capacity: int) -> None:
-        shape = (slots, lm.num_kv_heads, capacity, lm.head_dim)  # [S, n_kv, C, hd]
-        self.k = [torch.zeros(shape, dtype=lm.dtype, device=lm.device) for _ in range(lm.num_layers)]
-        self.v = [torch.zeros(shape, dtype=lm.dtype, device=lm.device) for _ in range(lm.num_layers)]
-        self.mask = torch.zeros(slots, capacity, dtype=torch.long, device=lm.device)  # [S, C]
-        self._rows, self._width = slots, capacity
-        self._write = torch.zeros(slots, dtype=torch.long, device=lm.device)  # [S]
-
-    def load(self, slot: int, pre: _PrefillCache, mask_row: torch.Tensor) -> None:
-        t = int(mask_row.shape[0])
-        for kb, vb, k, v in zip(self.k, self.v, pre.k, pre.v, strict=True):
-            kb[slot, :, :t] = k[0]  # [n_kv, T, hd]
-            vb[slot, :, :t] = v[0]
-        self.mask[slot].zero_()
-        self.mask[slot, :t] = mask_row
-
-    def release(self, slot: int) -> None:
-        self.mask[slot].zero_()
-
-    def begin(self, rows: int, width: int, write: torch.Tensor) -> None:
-        self._rows, self._width, self._write = rows, width, write  # write: [rows]
-
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        kb, vb = self.k[layer_idx], self.v[layer_idx]
-        idx = torch.arange(self._rows, device=kb.device)
-        kb[idx, :, self._write] = k[:, :, 0]  # k: [rows, n_kv, 1, hd] -> one position per row
-        vb[idx, :, self._write] = v[:, :, 0]
-        return kb[: self._rows, :, : self._width], vb[: self._rows, :, : self._width]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._width - 1
-
-
 @dataclass
-class _Row:
-    """One running choice: where it lives in the cache and what it generated so far."""
+class _Row(DecodeRow):
+    """One running choice: the token loop's row plus where it lives in the slot cache."""
 
-    request: BatchRequest
-    index: int
-    slot: int
-    length: int  # positions in the cache
-    visible: int  # visible positions (the HF position of the next token is this value)
-    prompt_tokens: int
-    generator: torch.Generator | None
-    generated: list[int] = field(default_factory=list)
+    request: BatchRequest | None = None
+    index: int = 0
+    slot: int = 0
+    length: int = 0  # positions in the cache
+    visible: int = 0  # visible positions (the HF position of the next token is this value)
+    prompt_tokens: int = 0
     pending: int = 0  # chosen token not yet fed to the model
-
-
-# ---------------------------------------------------------------------------- token choice
-def pick_token(
-    logits: torch.Tensor,
-    generated: list[int],
-    options: SamplingOptions,
-    generator: torch.Generator | None,
-    eos_ids: tuple[int, ...],
-) -> int:
-    """Choose the next token from raw logits ``[V]`` (greedy when temperature is 0)."""
-    scores = logits.float()[None]  # [1, V]
-    if options.logit_bias:
-        scores = scores.clone()
-        for tok, bias in options.logit_bias:
-            if tok < scores.shape[-1]:
-                scores[0, tok] += bias
-    if generated and (options.presence_penalty or options.frequency_penalty):
-        ids, counts = torch.unique(torch.tensor(generated, device=scores.device), return_counts=True)
-        penalty = options.presence_penalty + options.frequency_penalty * counts.to(scores.dtype)  # [u]
-        scores = scores.clone()
-        scores[0, ids] -= penalty
-    prev = torch.tensor([generated], dtype=torch.long, device=scores.device)  # [1, n]
-    scores = process_scores(
-        scores, prev,
-        repetition_penalty_value=options.repetition_penalty, min_new_tokens=options.min_new_tokens,
-        eos_ids=eos_ids, do_sample=not options.greedy,
-        temperature_value=options.temperature if not options.greedy else 1.0,
-        top_k=options.top_k or None, top_p=options.top_p,
-    )
-    choice = greedy_choice(scores) if options.greedy else sample_choice(scores, generator)
-    return int(choice[0])
 
 
 # ---------------------------------------------------------------------------- row counts
@@ -330,25 +185,26 @@ class BatchEngine:
         prefill_budget: int = 8192,
         feature_cache: FeatureCache | None = None,
     ) -> None:
-        limit = model.config.text.max_position_embeddings
+        runner = model.runner
+        limit = runner.context_length
         capacity = min(limit, 4096) if max_model_len is None else int(max_model_len)
         if not 2 <= capacity <= limit:
             raise InputError(f"max_model_len must be in [2, {limit}] for this checkpoint, got {capacity}")
-        if not _is_int(max_batch_size) or max_batch_size < 1:
+        if not is_int(max_batch_size) or max_batch_size < 1:
             raise InputError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
-        if not _is_int(max_queue) or max_queue < 0:
+        if not is_int(max_queue) or max_queue < 0:
             raise InputError(f"max_queue must be an integer >= 0, got {max_queue!r}")
-        self.chat_model = model
-        self.lm = model.model
+        self.runner = runner
+        self.lm = runner.model
         self.max_batch_size = max_batch_size
         self.max_model_len = capacity
         self.max_queue = max_queue
         self.batch_invariant = batch_invariant
         self.prefill_budget = prefill_budget
-        self.eos_ids = tuple(model.terminator_ids())
+        self.eos_ids = runner.eos_ids
         self.stats = EngineStats()
         self.features = feature_cache if feature_cache is not None else FeatureCache()  # engine thread only
-        self._cache = _SlotCache(self.lm, max_batch_size, capacity)
+        self._cache = SlotKVCache.for_model(self.lm, max_batch_size, capacity)
         self.row_step = row_step(self.lm, max_batch_size) if batch_invariant else 1
         self._rows: dict[int, _Row] = {}  # slot -> row (engine thread only)
         self._free = list(range(max_batch_size))  # lowest slot first
@@ -376,9 +232,9 @@ class BatchEngine:
 
     def check(self, request: BatchRequest) -> None:
         """Raise the error ``submit`` would raise for this request's shape (no queue checks)."""
-        if not _is_int(request.n) or not 1 <= request.n <= self.max_batch_size:
+        if not is_int(request.n) or not 1 <= request.n <= self.max_batch_size:
             raise InputError(f"n must be between 1 and {self.max_batch_size} (the batch size), got {request.n!r}")
-        t, new = request.prompt_len, request.options.max_new_tokens
+        t, new = request.prompt_len, request.params.max_new_tokens
         if t < 1:
             raise InputError("the prompt holds no tokens")
         if t + new > self.max_model_len:
@@ -504,37 +360,40 @@ class BatchEngine:
         else:
             if len(req.inputs) != 1:
                 raise InputError(f"a batch request holds one conversation, got {len(req.inputs)}")
-            features = self.chat_model.encode_features(req.inputs, self.features)  # same image: no re-encode
-            prep = self.chat_model.prepare_from(req.inputs, features, mask_bang_token=req.mask_bang_token)
+            prep = self.runner.prepare(req.inputs, feature_cache=self.features, id0_quirk=req.id0_quirk)
         if prep.inputs_embeds.shape[0] != 1:
             raise InputError(f"a batch request holds one conversation, got {prep.inputs_embeds.shape[0]}")
         return prep
 
     def _prefill(self, req: BatchRequest) -> None:
+        """Prefill the request alone into its first slot; further choices copy that slot."""
         prep = self._prepare(req)
         mask = prep.attention_mask.to(device=self.lm.device, dtype=torch.long)  # [1, T]
-        pre = _PrefillCache(self.lm.num_layers)
-        out = self.lm.forward(prep.inputs_embeds, prefill_positions(mask), mask, cache=pre, last_only=True)
-        logits = out[:, -1, :].float()  # [1, V]
         t = int(mask.shape[1])
+        slots = [self._free.pop(0) for _ in range(req.n)]
+        try:
+            cache = self._cache.prefill(slots[0], mask[0])
+            logits = forward_last(self.lm, prep.inputs_embeds, prefill_positions(mask), mask, cache)  # [1, V]
+        except BaseException:
+            self._free = sorted(self._free + slots)
+            raise
         self.stats.prefills += 1
         self.stats.prompt_tokens += t
         rows = []
-        for i in range(req.n):
-            slot = self._free.pop(0)
-            self._cache.load(slot, pre, mask[0])
-            row = _Row(req, i, slot, length=t, visible=int(mask.sum()), prompt_tokens=t,
-                       generator=self._generator(req.options, i))
+        for i, slot in enumerate(slots):
+            if i:
+                self._cache.copy_slot(slots[0], slot, t)
+            row = _Row(req.params, self._generator(req.params, i), request=req, index=i, slot=slot, length=t,
+                       visible=int(mask.sum()), prompt_tokens=t)
             self._rows[slot] = row
             rows.append(row)
-        for row in rows:
-            self._choose(row, logits[0])
+        self._choose(rows, logits.expand(len(rows), -1))
 
-    def _generator(self, options: SamplingOptions, index: int) -> torch.Generator | None:
-        if options.greedy:
-            return None
-        seed = options.seed + index if options.seed is not None else secrets.randbits(63)
-        return torch.Generator(device=self.lm.device).manual_seed(seed)
+    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+        """Choice ``index`` draws with ``seed + index`` (a fresh random seed without one)."""
+        if params.do_sample and params.seed is None:
+            params = replace(params, seed=secrets.randbits(63))
+        return make_generator(params, self.lm.device, index)
 
     def _shape(self) -> tuple[int, int]:
         """(rows, key width) of the next decode step; see the module docstring."""
@@ -555,13 +414,12 @@ class BatchEngine:
             tokens[r.slot], positions[r.slot], write[r.slot] = r.pending, r.visible, r.length
             self._cache.mask[r.slot, r.length] = 1
         dev = self.lm.device
-        self._cache.begin(rows_n, width, torch.tensor(write, dtype=torch.long, device=dev))
         try:
+            cache = self._cache.decode(rows_n, width, torch.tensor(write, dtype=torch.long, device=dev))
             embeds = self.lm.embed_tokens(torch.tensor(tokens, dtype=torch.long, device=dev)[:, None])  # [R, 1, H]
             pos = torch.tensor(positions, dtype=torch.long, device=dev)[:, None]  # [R, 1]
             with self._attention_kernel():
-                out = self.lm.forward(embeds, pos, self._cache.mask[:rows_n, :width], cache=self._cache, last_only=True)
-            logits = out[:, -1, :].float()  # [R, V]
+                logits = forward_last(self.lm, embeds, pos, self._cache.mask[:rows_n, :width], cache)  # [R, V]
         except Exception as e:  # noqa: BLE001 - fail the running rows, keep the engine alive
             log.exception("decode step failed; ending %d running rows", len(busy))
             self._fail_all(e)
@@ -571,7 +429,7 @@ class BatchEngine:
         for r in busy:
             r.length += 1
             r.visible += 1
-            self._choose(r, logits[r.slot])
+        self._choose(busy, logits[[r.slot for r in busy]])
 
     def _attention_kernel(self) -> contextlib.AbstractContextManager[Any]:
         if not self.batch_invariant:
@@ -580,27 +438,23 @@ class BatchEngine:
 
         return sdpa_kernel([SDPBackend.MATH])
 
-    def _choose(self, row: _Row, logits: torch.Tensor) -> None:
-        opts = row.request.options
-        tok = pick_token(logits, row.generated, opts, row.generator, self.eos_ids)
-        row.generated.append(tok)
-        self.stats.generated_tokens += 1
-        finish: FinishReason | None = None
-        if tok in self.eos_ids or tok in opts.stop_token_ids:
-            finish = "stop"
-        elif len(row.generated) >= opts.max_new_tokens:
-            finish = "length"
-        elif row.length >= self.max_model_len:
-            finish = "length"  # cannot happen when submit's length check held; kept as a guard
-        event = BatchEvent(
-            row.request.request_id, row.index, token_id=tok, finish_reason=finish,
-            prompt_tokens=row.prompt_tokens, logits=logits if row.request.want_logits else None,
-        )
-        if finish is not None:
-            self._release(row)
-        else:
-            row.pending = tok
-        self._emit(row.request, event)
+    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Pick each row's next token from its logits ([R, V], row order) and send the events."""
+        chosen = choose_tokens(logits, rows, self.eos_ids)
+        for row, tok, row_logits in zip(rows, chosen, logits, strict=True):
+            finish = row.accept(tok, self.eos_ids)
+            self.stats.generated_tokens += 1
+            if finish is None and row.length >= self.max_model_len:
+                finish = "length"  # cannot happen when submit's length check held; kept as a guard
+            req = row.request
+            assert req is not None
+            event = BatchEvent(req.request_id, row.index, token_id=tok, finish_reason=finish,
+                               prompt_tokens=row.prompt_tokens, logits=row_logits if req.want_logits else None)
+            if finish is not None:
+                self._release(row)
+            else:
+                row.pending = tok
+            self._emit(req, event)
 
     # -- endings -------------------------------------------------------------------------------
     def _release(self, row: _Row) -> None:
@@ -635,7 +489,7 @@ class BatchEngine:
 
 
 def generate_batch(
-    engine: BatchEngine, requests: list[tuple[ModelInputs | PreparedBatch, SamplingOptions]]
+    engine: BatchEngine, requests: list[tuple[ModelInputs | PreparedBatch, SamplingParams]]
 ) -> list[list[int]]:
     """Run ``requests`` through ``engine`` in the calling thread; return each one's token ids.
 
@@ -644,8 +498,8 @@ def generate_batch(
     """
     results: list[list[int]] = [[] for _ in requests]
     errors: list[BaseException] = []
-    for (inputs, options), sink in zip(requests, results, strict=True):
-        engine.submit(BatchRequest(inputs, options, _collector(sink, errors)))
+    for (inputs, params), sink in zip(requests, results, strict=True):
+        engine.submit(BatchRequest(inputs, params, _collector(sink, errors)))
     started = time.perf_counter()
     engine.run_until_idle()
     log.debug("generate_batch: %d requests in %.3f s", len(requests), time.perf_counter() - started)

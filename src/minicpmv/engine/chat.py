@@ -1,364 +1,320 @@
-"""``ChatModel``: the official ``chat()`` contract on top of processor, model and generator.
+"""``ChatModel``: the official ``chat()`` contract, as a thin facade over ``ModelRunner``.
 
-This file wires the layers together: messages → ``Processor`` → image features → merged
-embeddings → token generator → text, reproducing the reference's observable behaviour (spec
-§8.2, §9): presets, the id-0 quirk (switchable), output post-processing, the thinking prefix and
-streaming. It owns no per-conversation state (``ChatSession`` in ``session.py`` does). It does
-not parse CLI arguments or HTTP requests.
+``chat()`` takes the reference's keyword arguments and returns what it returns (a string, a
+list for a batch, an iterator of text chunks with ``stream=True``), reproducing its observable
+behaviour through the quirk seam (``compat.py``) and the official presets
+(``SamplingParams.from_official``). ``respond()`` answers the same calls with more: a
+``ChatResponse`` per conversation (the official text, the reasoning and the answer of thinking
+mode split apart, the finish reason and token counts), or with ``stream=True`` the
+``TextEvent``s of the answer. The work itself (inputs -> embeddings -> tokens -> text) is the
+runner's; this file owns no per-conversation state (``ChatSession`` does) and parses no CLI
+arguments or HTTP requests.
+
+MiniCPM-o speech (``generate_audio=True``, official keywords ``output_audio_path``,
+``return_spk_embed``, ``return_dict``): ``chat()`` returns an ``OmniOutput`` (text + 24 kHz
+waveform), or with ``stream=True`` its chunks (the official streaming path); ``respond()`` adds
+the audio to its ``ChatResponse``. ``generate_audio=True`` turns the speech template on (the
+official code silently gives no audio without it); a batch with speech is refused (the official
+speech head takes one conversation). The speech work is ``spoken.py``'s.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..config import ModelConfig
-from ..errors import ContextLengthError, FeatureNotAvailableError, InputError
-from ..processing.processor import ModelInputs, Processor
+from ..errors import FeatureNotAvailableError, InputError
+from ..processing.processor import Processor
 from ..versions import VersionSpec
-from .compat import official_generation_params
-from .features import FeatureCache, entry_key, slice_digest
-from .generate import GenerationParams, beam_search, generate_tokens
-from .kv_cache import KVCache
-from .stream import StreamDecoder
+from . import compat
+from .runner import ModelRunner, PreparedBatch
+from .sampling import SamplingParams
+from .speech import OmniOutput
+from .spoken import SpeechRequest, answer_with_speech, stream_with_speech
+from .stream import FinishReason, TextEvent, TextStream, merge_events
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ChatResponse:
+    """One conversation's answer. ``text`` is what the official ``chat()`` returns; in thinking
+    mode ``reasoning`` holds the thought and ``content`` the answer after ``</think>`` (without
+    thinking ``reasoning`` is None and ``content`` is the answer)."""
+
+    text: str
+    content: str
+    reasoning: str | None
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    # MiniCPM-o with generate_audio=True: the spoken answer (float32 [N]) and its rate; the
+    # speaker state [1, llm_dim] with return_spk_embed=True
+    audio_wav: Any = None
+    sampling_rate: int | None = None
+    spk_embeds: torch.Tensor | None = None
+
+
+# chat() keywords of the speech part (official ones and ours), popped by ChatModel._speech_request
+SPEECH_KEYS = ("output_audio_path", "return_spk_embed", "return_dict", "speech_options", "speech_trace",
+               "first_chunk", "max_audio_seconds")
+
+
 @dataclass
-class PreparedBatch:
-    """Everything the generator needs for one call, plus what the caller may inspect."""
+class ChatCall:
+    """One call's conversations and settings after the official keyword handling."""
 
-    inputs: ModelInputs
-    input_ids: torch.Tensor  # [B, T] left-padded with 0
-    attention_mask: torch.Tensor  # [B, T] 1 = visible key
-    inputs_embeds: torch.Tensor  # [B, T, H]
-    pad_lengths: list[int]
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, list[int]]:
-    """Left-pad token rows into one LongTensor [B, T]; returns the pad length of each row."""
-    width = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, T]
-    pads = []
-    for b, row in enumerate(rows):
-        pad = width - len(row)
-        pads.append(pad)
-        if row:
-            out[b, pad:] = torch.tensor(list(row), dtype=torch.long)
-    return out, pads
-
-
-def build_attention_mask(
-    input_ids: torch.Tensor, pad_lengths: Sequence[int], *, mask_bang_token: bool
-) -> torch.Tensor:
-    """1 for visible tokens; 0 for left padding and (official quirk) every token with id 0."""
-    mask = torch.ones_like(input_ids)  # [B, T]
-    for b, pad in enumerate(pad_lengths):
-        mask[b, :pad] = 0
-    if mask_bang_token:
-        mask = mask * (input_ids != 0).long()
-    return mask
+    conversations: list[list[dict[str, Any]]]
+    batched: bool
+    params: SamplingParams
+    proc_kwargs: dict[str, Any]
+    thinking: bool
+    id0_quirk: bool
+    speech: SpeechRequest | None = None  # set when an OmniOutput is asked for (generate_audio, ...)
 
 
 class ChatModel:
-    """A loaded checkpoint: model weights, processor and version, with the official chat()."""
+    """A loaded checkpoint with the official chat(); ``runner`` does the work."""
 
     def __init__(
-        self,
-        model: torch.nn.Module,
-        processor: Processor,
-        version: VersionSpec,
-        config: ModelConfig,
-        *,
-        path: str = "",
+        self, model: torch.nn.Module, processor: Processor, version: VersionSpec, config: ModelConfig, *, path: str = ""
     ) -> None:
-        self.model = model
-        self.processor = processor
-        self.version = version
-        self.config = config
+        self.runner = ModelRunner(model, processor, version, config)
         self.path = path
-        self.encoded_entries = 0  # resampler entries encoded so far; tests assert on it
 
-    # ------------------------------------------------------------------ helpers
-    @property
-    def tokenizer(self) -> Any:
-        return self.processor.tokenizer
+    model = property(lambda self: self.runner.model, doc="the MiniCPMV network")
+    processor = property(lambda self: self.runner.processor)
+    version = property(lambda self: self.runner.version)
+    config = property(lambda self: self.runner.config)
+    tokenizer = property(lambda self: self.runner.tokenizer)
+    device = property(lambda self: self.runner.device)
 
     @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    def encoded_entries(self) -> int:
+        return self.runner.encoded_entries
 
     def terminator_ids(self) -> tuple[int, ...]:
-        ids = []
-        for tok in self.version.terminators:
-            tid = self.tokenizer.token_to_id(tok)
-            if tid is not None:
-                ids.append(tid)
-        if not ids:
-            raise InputError(f"none of the terminator tokens {self.version.terminators} is in the vocabulary")
-        return tuple(ids)
+        return self.runner.eos_ids
 
-    def encode_features(
-        self, inputs: ModelInputs, cache: FeatureCache | None = None
-    ) -> list[torch.Tensor | None]:
-        """Resampler outputs per conversation ([n_b, Q, H] or None), encoding only cache misses.
+    def prepare(self, conversations: list[list[dict[str, Any]]], *, id0_quirk: bool = True,
+                **proc_kwargs: Any) -> PreparedBatch:
+        """Processor + ``runner.prepare``: the padded ids, mask and merged embeddings of a batch."""
+        return self.runner.prepare(self.processor(conversations, **proc_kwargs), id0_quirk=id0_quirk)
 
-        Keys come from the slices' digests (``slice_digest``). With the processor's lazy
-        ``PatchList`` the float pixel tensors are made one vision chunk at a time, for the entries
-        that miss only (other sequences already hold theirs).
-        """
-        pvs = inputs.pixel_values
-        per_conv = [_entries_of(inputs, b) for b in range(len(pvs))]
-        entries = [e for conv in per_conv for e in conv]
-        keys = [entry_key([slice_digest(pvs[e.conv], i) for i in e.slices], e.sizes, e.temporal)
-                if cache is not None else None for e in entries]
-        found = [cache.get(k) if cache is not None and k is not None else None for k in keys]
-        todo = [i for i, f in enumerate(found) if f is None]
-        for chunk in _chunks(todo, [len(e.slices) for e in entries], self.config.vision_batch_size):
-            group = [entries[j] for j in chunk]
-            pv = [torch.from_numpy(pvs[e.conv][i]) for e in group for i in e.slices]  # made here, per chunk
-            sizes = torch.tensor([s for e in group for s in e.sizes], dtype=torch.long)  # [S, 2]
-            tids = [list(e.temporal) for e in group] if self.config.resampler.temporal else None
-            feats = self.model.encode_images(pv, sizes, tids)  # [len(chunk), Q, H]
-            self.encoded_entries += len(chunk)
-            for n, j in enumerate(chunk):
-                found[j] = feats[n]
-                if cache is not None:
-                    cache.put(keys[j], feats[n])  # type: ignore[arg-type]
-        out: list[torch.Tensor | None] = []
-        start = 0
-        for conv in per_conv:
-            n = len(conv)
-            out.append(torch.stack(found[start : start + n]) if n else None)  # type: ignore[misc]  # [n, Q, H]
-            start += n
-        return self._append_audio(inputs, out)
-
-    def _append_audio(self, inputs: ModelInputs, feats: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """MiniCPM-o: each conversation's audio rows [T, H] after its image rows (flattened to
-        [n*Q + T, H]), in the order of ``image_bounds + audio_bounds``. All clips of the batch are
-        encoded together, as the reference does."""
-        audio = getattr(inputs, "audio_features", None) or []
-        if not any(audio):
-            return feats
-        rows = self.model.encode_audio([torch.from_numpy(a) for conv in audio for a in conv])  # [T_i, H]
-        out: list[torch.Tensor | None] = []
-        k = 0
-        for b, f in enumerate(feats):
-            n = len(audio[b])
-            parts = ([f.reshape(-1, f.shape[-1])] if f is not None else []) + list(rows[k : k + n])
-            k += n
-            out.append(torch.cat([t.to(parts[0].dtype) for t in parts]) if parts else None)  # [rows, H]
-        return out
-
-    def prepare(
-        self, conversations: list[list[dict[str, Any]]], *, mask_bang_token: bool = True, **proc_kwargs: Any
-    ) -> PreparedBatch:
-        inputs = self.processor(conversations, **proc_kwargs)
-        features = self.encode_features(inputs)
-        return self.prepare_from(inputs, features, mask_bang_token=mask_bang_token)
-
-    def prepare_from(
-        self, inputs: ModelInputs, features: list[torch.Tensor | None], *, mask_bang_token: bool = True
-    ) -> PreparedBatch:
-        ids, pads = left_pad(inputs.input_ids)
-        limit = self.config.text.max_position_embeddings
-        if ids.shape[1] >= limit:
-            raise ContextLengthError(
-                f"the prompt has {ids.shape[1]} tokens but the model's context is {limit} tokens; "
-                "shorten the conversation or use fewer/smaller images (max_slice_nums)"
-            )
-        ids = ids.to(self.device)
-        # 2.0 / 2.5 call generate() without an attention mask: no id-0 quirk there
-        mask_bang_token = mask_bang_token and self.version.prompt_masks_id0
-        mask = build_attention_mask(ids, pads, mask_bang_token=mask_bang_token)
-        audio_bounds = getattr(inputs, "audio_bounds", None) or [[] for _ in pads]
-        bounds = [[(s + pad, e + pad) for s, e in [*inputs.image_bounds[b], *audio_bounds[b]]]
-                  for b, pad in enumerate(pads)]
-        embeds = self.model.embed(ids, features, bounds)  # [B, T, H]
-        return PreparedBatch(inputs, ids, mask, embeds, pads)
-
-    def postprocess(self, ids: Sequence[int], *, mask_bang_token: bool = True) -> str:
-        """Spec §9.4: drop id 0, a leading bos, a trailing terminator; decode; strip."""
-        ids = [int(i) for i in ids if not (mask_bang_token and int(i) == 0)]
-        bos = self.tokenizer.bos_token_id
-        if ids and bos is not None and ids[0] == bos:
-            ids = ids[1:]
-        if ids and ids[-1] in self.terminator_ids():
-            ids = ids[:-1]
-        text = _strip_all(self.tokenizer.decode(ids, skip_special_tokens=False), self.version.strip_from_answer)
-        return text.strip() if self.version.strip_answer else text
-
-    # ------------------------------------------------------------------ chat
+    # ------------------------------------------------------------------ official
     def chat(
-        self,
-        msgs: Any,
-        image: Any = None,
-        *,
-        max_new_tokens: int = 2048,
-        min_new_tokens: int = 0,
-        sampling: bool = True,
-        max_inp_length: int | None = None,
-        system_prompt: str = "",
-        stream: bool = False,
-        max_slice_nums: int | None = None,
-        use_image_id: bool | None = None,
-        temporal_ids: Any = None,
-        enable_thinking: bool = False,
-        mask_bang_token: bool = True,
-        use_tts_template: bool = False,
-        generate_audio: bool = False,
-        **gen_kwargs: Any,
-    ) -> str | list[str] | Iterator[str]:
+        self, msgs: Any, image: Any = None, *, stream: bool = False, **kwargs: Any
+    ) -> str | list[str] | Iterator[str] | OmniOutput | Iterator[OmniOutput]:
         """Answer one conversation (a list of messages) or a batch (a list of conversations).
 
-        Keyword arguments follow the official ``MiniCPMV.chat``; ``mask_bang_token=False`` turns
-        off the reference's id-0 quirk (spec §16.1). Extra generation kwargs are merged like the
-        reference does (see ``compat.py``); ``seed`` makes sampling reproducible. MiniCPM-o:
-        ``msgs`` may hold audio clips (16 kHz mono numpy arrays or ``{"type": "audio", ...}``),
-        ``use_tts_template`` selects the speech template, and ``generate_audio=True`` raises
-        ``FeatureNotAvailableError`` (speech output is not implemented).
+        Keyword arguments are the official ``MiniCPMV.chat``'s (``max_new_tokens``,
+        ``min_new_tokens``, ``sampling``, ``max_inp_length``, ``system_prompt``,
+        ``max_slice_nums``, ``use_image_id``, ``temporal_ids``, ``enable_thinking``, and
+        generation keys merged by the official rule, see ``SamplingParams.from_official``), plus
+        ``seed`` (reproducible sampling), ``id0_quirk=False`` (turn off the reference's id-0
+        handling, spec §16.1), ``params=`` (a ``SamplingParams`` that replaces the presets).
+        MiniCPM-o: ``msgs`` may hold audio clips, ``use_tts_template`` picks the speech template;
+        ``generate_audio=True`` returns an ``OmniOutput`` (text + 24 kHz ``audio_wav``; written as
+        a WAV to ``output_audio_path``), with ``stream=True`` an iterator of ``OmniOutput`` chunks
+        (text and audio as they are produced); ``return_spk_embed`` / ``return_dict`` as the
+        official; ``speech_options=SpeechOptions(...)`` sets the speech sampling (e.g. ``seed``,
+        ``greedy``, ``max_frames``), ``first_chunk`` the streaming variant, ``max_audio_seconds``
+        cuts the spoken answer at that length.
         """
-        conversations, batched = normalise_msgs(msgs, image)
-        if generate_audio:
-            raise FeatureNotAvailableError(
-                f"speech output (generate_audio=True) is not available yet for {self.version.title}: the TTS "
-                "weights load but are not run; call chat() without generate_audio to get the text answer"
-            )
-        if enable_thinking and not self.version.supports_thinking:
-            raise InputError(f"MiniCPM-V {self.version.name} has no thinking mode (enable_thinking=True)")
-        params = official_generation_params(
-            self.version,
-            sampling=sampling,
-            enable_thinking=enable_thinking,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            eos_token_ids=self.terminator_ids(),
-            overrides=gen_kwargs,
-        )
-        proc_kwargs = dict(
-            system_prompt=system_prompt,
-            max_slice_nums=max_slice_nums,
-            use_image_id=use_image_id,
-            temporal_ids=temporal_ids,
-            enable_thinking=enable_thinking if self.version.supports_thinking else None,
-            max_length=max_inp_length,
-        )
-        if use_tts_template:
-            proc_kwargs["use_tts_template"] = True
+        call = self._call(msgs, image, kwargs)
+        if call.speech is not None:
+            return self._omni(call, stream)
         if stream:
-            if batched:
+            if call.batched:
                 raise InputError("stream=True supports a single conversation, not a batch")
-            # The reference's streaming path passes no attention mask, so the id-0 quirk is off there.
-            return self._stream(conversations, params, proc_kwargs, enable_thinking)
+            return self._official_stream(call)
+        answers = self._answers(call)
+        return answers if call.batched else answers[0]
+
+    def _answers(self, call: ChatCall) -> list[str]:
         with torch.inference_mode():
-            batch = self.prepare(conversations, mask_bang_token=mask_bang_token, **proc_kwargs)
-            rows = self.generate_ids(batch, params)
-        prefix = self.version.thinking_prefix if enable_thinking else ""
-        answers = [prefix + self.postprocess(r, mask_bang_token=mask_bang_token) for r in rows]
-        return answers if batched else answers[0]
+            rows = self.runner.generate_ids(self._prepare(call), call.params)
+        prefix = compat.thinking_prefix(self.version, call.thinking)
+        return [prefix + self.runner.postprocess(r, id0_quirk=call.id0_quirk) for r in rows]
 
-    def generate_ids(
-        self, batch: PreparedBatch, params: GenerationParams, cache: KVCache | None = None
-    ) -> list[list[int]]:
-        """Generated ids per row (new tokens only, finished rows padded with pad id like HF)."""
-        if cache is None:
-            cache = KVCache.for_model(self.model, batch.input_ids.shape[0])
-        if params.num_beams > 1:
-            return beam_search(self.model, batch.inputs_embeds, batch.attention_mask, params, cache=cache)
-        steps = list(generate_tokens(self.model, batch.inputs_embeds, batch.attention_mask, params, cache=cache))
-        if not steps:
-            return [[] for _ in range(batch.input_ids.shape[0])]
-        return torch.stack(steps, dim=1).tolist()  # [B, steps]
+    def _official_stream(self, call: ChatCall) -> Iterator[str]:
+        """The reference's streamer: word chunks, terminator strings removed, no attention mask
+        (so no id-0 handling), the thinking prefix yielded a character at a time."""
+        rules = compat.official_stream_rules(self.version, self.tokenizer)
 
-    def _stream(
-        self,
-        conversations: list[list[dict[str, Any]]],
-        params: GenerationParams,
-        proc_kwargs: dict[str, Any],
-        enable_thinking: bool,
-    ) -> Iterator[str]:
-        terminators = set(self.terminator_ids())
-        term_text = [self.tokenizer.id_to_token(t) for t in terminators] + list(self.version.strip_from_answer)
+        plain = dataclasses.replace(call, id0_quirk=False)
 
         def run() -> Iterator[str]:
-            if enable_thinking:
-                yield from self.version.thinking_prefix  # the reference streams it char by char
-            with torch.inference_mode():
-                batch = self.prepare(conversations, mask_bang_token=False, **proc_kwargs)
-                cache = KVCache.for_model(self.model, 1)
-                # word-boundary chunks, like the reference's TextIteratorStreamer
-                decoder = StreamDecoder(
-                    lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False), chunking="word"
-                )
-                for step in generate_tokens(
-                    self.model, batch.inputs_embeds, batch.attention_mask, params, cache=cache
-                ):
-                    tok = int(step[0])
-                    if tok in terminators:
-                        break
-                    delta = decoder.feed([tok])
-                    if delta:
-                        yield _strip_all(delta, term_text)
-                tail = decoder.flush()
-                if tail:
-                    yield _strip_all(tail, term_text)
+            yield from compat.thinking_prefix(self.version, call.thinking)
+            for event in self._events(plain, TextStream(self.runner.decode, rules, chunking="word")):
+                if event.text:
+                    yield event.text
 
         return run()
 
+    def _omni(self, call: ChatCall, stream: bool) -> OmniOutput | Iterator[OmniOutput]:
+        """chat() asked for an ``OmniOutput`` (speech, speaker state or ``return_dict``)."""
+        speech = call.speech
+        assert speech is not None
+        if call.batched:  # only return_dict reaches here (_speech_request refuses the rest)
+            return OmniOutput(text=self._answers(call))  # type: ignore[arg-type]
+        if stream:
+            if not speech.generate_audio:
+                return OmniOutput(text=self._official_stream(call))
+            return stream_with_speech(self, self._prepare(call), call.params, speech)
+        with torch.inference_mode():
+            batch = self._prepare(call)
+            ids = self.runner.generate_ids(batch, call.params)[0]
+        return answer_with_speech(self, batch, ids, speech)
 
-def _chunks(todo: list[int], slice_counts: list[int], batch: int) -> Iterator[list[int]]:
-    """Consecutive runs of ``todo`` entries holding at most ``batch`` slices (at least one entry
-    each), so that the vision activations of many images or video frames are never all alive."""
-    run: list[int] = []
-    held = 0
-    for i in todo:
-        if run and held + slice_counts[i] > batch:
-            yield run
-            run, held = [], 0
-        run.append(i)
-        held += slice_counts[i]
-    if run:
-        yield run
+    # ------------------------------------------------------------------ richer answers
+    def respond(
+        self, msgs: Any, image: Any = None, *, stream: bool = False, stops: list[str] | None = None, **kwargs: Any
+    ) -> ChatResponse | list[ChatResponse] | Iterator[TextEvent]:
+        """``chat()``'s call, answered with ``ChatResponse`` objects (or, with ``stream=True``, the
+        ``TextEvent``s of one conversation's answer). ``stops``: strings that end the answer.
+
+        With ``generate_audio=True`` the response also holds ``audio_wav`` / ``sampling_rate``
+        (and ``spk_embeds`` with ``return_spk_embed``); streamed, it yields ``OmniOutput``
+        chunks (text + audio) whose last one carries the finish reason."""
+        call = self._call(msgs, image, kwargs)
+        if call.speech is not None:
+            return self._spoken_response(call, stream, stops or ())
+        if stream:
+            if call.batched:
+                raise InputError("stream=True supports a single conversation, not a batch")
+            text = self.runner.text_stream(id0_quirk=call.id0_quirk, thinking=call.thinking, stops=stops or ())
+            return self._events(call, text)
+        with torch.inference_mode():
+            batch = self._prepare(call)
+            rows = self.runner.generate_ids(batch, call.params)
+        prompt_lens = [len(ids) for ids in batch.inputs.input_ids]
+        out = [self._response(r, n, call, stops or ()) for r, n in zip(rows, prompt_lens, strict=True)]
+        return out if call.batched else out[0]
+
+    def _spoken_response(self, call: ChatCall, stream: bool,
+                         stops: list[str] | tuple) -> ChatResponse | Iterator[OmniOutput]:
+        speech = call.speech
+        assert speech is not None
+        if call.batched:
+            raise InputError("respond() with return_dict answers one conversation at a time")
+        if stream:
+            if stops:
+                raise InputError("stops cannot be combined with a streamed spoken answer")
+            return stream_with_speech(self, self._prepare(call), call.params, speech)
+        with torch.inference_mode():
+            batch = self._prepare(call)
+            ids = self.runner.generate_ids(batch, call.params)[0]
+        response = self._response(ids, len(batch.inputs.input_ids[0]), call, stops)
+        spoken = answer_with_speech(self, batch, ids, speech)
+        return dataclasses.replace(response, audio_wav=spoken.audio_wav, sampling_rate=spoken.sampling_rate,
+                                   spk_embeds=spoken.spk_embeds)
+
+    def _events(self, call: ChatCall, text: TextStream) -> Iterator[TextEvent]:
+        with torch.inference_mode():
+            for step in self.runner.steps(self._prepare(call), call.params):
+                event = text.feed(int(step.tokens[0]))
+                reason = step.reasons[0] or ("stop" if text.stopped else None)
+                if reason is not None:
+                    yield merge_events(event, text.finish(reason))
+                    return
+                if event.text:
+                    yield event
+
+    def _response(self, ids: list[int], prompt_tokens: int, call: ChatCall, stops: list[str] | tuple) -> ChatResponse:
+        """The response of one row of ``generate_ids`` (rows run on with padding after their end)."""
+        stop_ids = {*self.runner.eos_ids, *call.params.stop_token_ids}
+        end = next((i + 1 for i, t in enumerate(ids) if t in stop_ids), len(ids))
+        text = self.runner.text_stream(id0_quirk=call.id0_quirk, thinking=call.thinking, stops=stops)
+        for t in ids[:end]:
+            if text.stopped:
+                break
+            text.feed(t)
+        reason: FinishReason = "stop" if end < len(ids) or ids[end - 1] in stop_ids or text.stopped else "length"
+        text.finish(reason)
+        official = compat.thinking_prefix(self.version, call.thinking) + self.runner.postprocess(
+            ids, id0_quirk=call.id0_quirk)
+        return ChatResponse(text=official, content=text.content, reasoning=text.reasoning if call.thinking else None,
+                            finish_reason=reason, prompt_tokens=prompt_tokens,
+                            completion_tokens=text.completion_tokens, token_ids=list(text.token_ids))
+
+    # ------------------------------------------------------------------ keyword handling
+    def _call(self, msgs: Any, image: Any, kwargs: dict[str, Any]) -> ChatCall:
+        kw = dict(kwargs)
+        conversations, batched = normalise_msgs(msgs, image)
+        speech = self._speech_request(kw, batched)
+        thinking = bool(kw.pop("enable_thinking", False))
+        compat.check_thinking(self.version, thinking)
+        proc_kwargs = {
+            "system_prompt": kw.pop("system_prompt", ""), "max_slice_nums": kw.pop("max_slice_nums", None),
+            "use_image_id": kw.pop("use_image_id", None), "temporal_ids": kw.pop("temporal_ids", None),
+            "enable_thinking": compat.thinking_flag(self.version, thinking),
+            "max_length": kw.pop("max_inp_length", None),
+        }
+        if kw.pop("use_tts_template", speech is not None and speech.generate_audio):
+            proc_kwargs["use_tts_template"] = True
+        id0_quirk = bool(kw.pop("id0_quirk", True))
+        params = official_params(self.version, kw)
+        return ChatCall(conversations, batched, params, proc_kwargs, thinking, id0_quirk, speech)
+
+    def _speech_request(self, kw: dict[str, Any], batched: bool) -> SpeechRequest | None:
+        """The speech keywords (popped from ``kw``); None when no ``OmniOutput`` is asked for."""
+        generate_audio = bool(kw.pop("generate_audio", False))
+        given = {k: kw.pop(k) for k in SPEECH_KEYS if k in kw}
+        return_spk, return_dict = bool(given.get("return_spk_embed")), bool(given.get("return_dict"))
+        if not (generate_audio or return_spk or return_dict):
+            extra = sorted(k for k in given if given[k] is not None and k not in ("return_spk_embed", "return_dict"))
+            if extra:
+                raise InputError(f"{', '.join(extra)} only apply with generate_audio=True")
+            return None
+        if generate_audio or return_spk:
+            if getattr(self.model, "tts", None) is None and generate_audio:
+                raise FeatureNotAvailableError(
+                    f"{self.version.title} checkpoint {self.path or ''} has no speech head (its config.json needs "
+                    "init_tts=true and a tts_config, as MiniCPM-o 2.6 has): call chat() without generate_audio")
+            if batched:
+                raise InputError("generate_audio / return_spk_embed answer one conversation, not a batch (the "
+                                 "official speech head takes one); call chat() once per conversation")
+            if generate_audio and kw.get("use_tts_template", True) is False:
+                raise InputError("generate_audio=True needs the speech template (use_tts_template=True, the default "
+                                 "with generate_audio): without it the model has no <|spk|> slot to speak from")
+        return SpeechRequest(
+            generate_audio=generate_audio, output_audio_path=given.get("output_audio_path"),
+            options=given.get("speech_options"), trace=given.get("speech_trace"), return_spk_embed=return_spk,
+            first_chunk=given.get("first_chunk") or "hold", max_seconds=given.get("max_audio_seconds"))
+
+    def _prepare(self, call: ChatCall) -> PreparedBatch:
+        return self.prepare(call.conversations, id0_quirk=call.id0_quirk, **call.proc_kwargs)
 
 
-class _Entry(NamedTuple):
-    """One resampler entry of conversation ``conv``: its slice indices into ``pixel_values[conv]``,
-    their tgt sizes and temporal ids."""
+def official_params(version: VersionSpec, kwargs: dict[str, Any]) -> SamplingParams:
+    """The ``SamplingParams`` of chat()-style keywords (``params=`` wins; it excludes the others).
 
-    conv: int
-    slices: list[int]
-    sizes: list[Any]
-    temporal: list[int]
-
-
-def _entries_of(inputs: ModelInputs, b: int) -> list[_Entry]:
-    """Split conversation b's slices into resampler entries (one slice each, or 4.5's temporal groups)."""
-    n_slices, sizes = len(inputs.pixel_values[b]), inputs.tgt_sizes[b]
-    if len(sizes) != n_slices:
-        raise InputError(f"conversation {b} has {n_slices} slices but {len(sizes)} tgt sizes")
-    if inputs.temporal_ids is None:
-        return [_Entry(b, [i], [sizes[i]], [-1]) for i in range(n_slices)]
-    out, pos = [], 0
-    for ids in inputs.temporal_ids[b] if n_slices else []:
-        n = len(ids)
-        out.append(_Entry(b, list(range(pos, pos + n)), list(sizes[pos : pos + n]), list(ids)))
-        pos += n
-    if pos != n_slices:
-        raise InputError(f"temporal ids cover {pos} slices but the conversation has {n_slices}")
-    return out
-
-
-def _strip_all(text: str, needles: Sequence[str]) -> str:
-    for n in needles:
-        text = text.replace(n, "")
-    return text
+    Consumes ``params``, ``sampling``, ``max_new_tokens``, ``min_new_tokens`` and the generation
+    keys from ``kwargs``; ``enable_thinking`` is read, not consumed."""
+    params = kwargs.pop("params", None)
+    if params is not None:
+        if not isinstance(params, SamplingParams):
+            raise InputError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if kwargs.keys() - {"enable_thinking"}:
+            raise InputError(f"give generation settings either as params= or as keywords, not both "
+                             f"(got {sorted(kwargs.keys() - {'enable_thinking'})})")
+        return params
+    thinking = bool(kwargs.pop("enable_thinking", False))
+    return SamplingParams.from_official(
+        version, sampling=kwargs.pop("sampling", True), enable_thinking=thinking,
+        max_new_tokens=kwargs.pop("max_new_tokens", 2048), min_new_tokens=kwargs.pop("min_new_tokens", 0),
+        overrides=kwargs,
+    )
 
 
 def normalise_msgs(msgs: Any, image: Any) -> tuple[list[list[dict[str, Any]]], bool]:

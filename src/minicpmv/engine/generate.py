@@ -1,121 +1,104 @@
-"""Token generation with Hugging Face ``generate(inputs_embeds=..., attention_mask=...)`` semantics.
+"""The token loop: prefill, then one token per row per step, with transformers' semantics.
 
-``generate_steps`` / ``generate_tokens`` run greedy decoding or sampling one step at a time
-(per-row finish; finished rows keep emitting ``pad_token_id``), ``beam_search`` runs beam
-search and returns HF's padded output rows. Only embeddings are given to the model, so the
-running ``input_ids`` start empty: logits processors (repetition penalty) see generated tokens
-only and beam hypotheses are normalised by the generated length (spec §9.2).
+Two pieces every decoding path shares:
 
-Positions follow HF: prefill ``cumsum(mask) - 1`` with masked positions set to 1; each later
-step appends a visible key and takes position ``(#ones so far) - 1``.
+* ``choose_tokens(logits, rows, eos_ids)``: the step of each running sequence (a ``DecodeRow``:
+  its settings, random generator and generated ids): logits processors, greedy choice or a draw,
+  and whether the row finished (a terminator, a stop id, or its token limit). Rows sharing their
+  settings are processed as one ``[R, V]`` batch.
+* a decoder that turns chosen tokens into the next logits over a KV cache: ``DenseDecoder`` here
+  (all rows share one length, left-padded, the layout of ``generate(inputs_embeds=...,
+  attention_mask=...)``), the slot decoder of ``batch.py`` for continuous batching.
 
-transformers 4.44 (used for the 2.6 reference) and >= 4.50 (4.55 for 4.5) implement beam search
-differently; they can stop at different steps (the early-stop heuristic compares with the best
-candidate, eos included, in 4.44 but with the best *running* beam in 4.55) and lay the output
-out differently. ``GenerationParams.hf_compat`` picks which one is reproduced.
+``generate_steps`` is the loop of a fixed batch (``chat()``, ``ChatSession``); finished rows keep
+emitting ``PAD_ID`` as transformers does. ``BatchEngine`` runs the same ``choose_tokens`` over its
+changing rows; beam search (``beam.py``) uses ``DenseDecoder`` and the same processors.
 
+Positions follow transformers: prefill ``cumsum(mask) - 1`` with masked positions set to 1; each
+later step appends a visible key and takes position ``(#visible so far) - 1``. Only embeddings
+are given to the model, so the running ids start empty: processors see generated tokens only.
 This module builds no attention masks inside the model, loads nothing and decodes no text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..errors import InputError
 from .kv_cache import KVCache
-from .sampling import greedy_choice, process_scores, sample_choice
+from .sampling import SamplingParams, greedy_choice, make_generator, process_logits, sample_choice
+from .stream import FinishReason
 
-HfCompat = Literal["4.44", "4.55"]
-_NEG = -1.0e9  # HF's "impossible" beam score
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """Decoding settings (names and defaults as transformers' GenerationConfig where shared).
-
-    ``top_k`` None or 0 disables top-k (transformers' own default is 50: pass it explicitly).
-    ``hf_compat`` selects the transformers beam-search implementation to reproduce.
-    """
-
-    max_new_tokens: int
-    min_new_tokens: int = 0
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    early_stopping: bool | str = False
-    eos_token_ids: tuple[int, ...] = ()
-    pad_token_id: int = 0
-    seed: int | None = None
-    hf_compat: HfCompat = "4.55"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
-        _validate(self)
+PAD_ID = 0  # what finished rows emit (the reference passes pad_token_id 0)
 
 
-def _validate(p: GenerationParams) -> None:
-    def bad(msg: str) -> None:
-        raise InputError(f"invalid generation parameter: {msg}")
+@dataclass
+class DecodeRow:
+    """One sequence being decoded: its settings, generator and what it generated so far."""
 
-    if not _is_int(p.max_new_tokens) or p.max_new_tokens < 1:
-        bad(f"max_new_tokens must be an integer >= 1, got {p.max_new_tokens!r}")
-    if not _is_int(p.min_new_tokens) or p.min_new_tokens < 0:
-        bad(f"min_new_tokens must be an integer >= 0, got {p.min_new_tokens!r}")
-    if not _finite(p.temperature) or p.temperature <= 0:
-        bad(f"temperature must be > 0 (use do_sample=False for greedy), got {p.temperature!r}")
-    if p.top_k is not None and (not _is_int(p.top_k) or p.top_k < 0):
-        bad(f"top_k must be None or an integer >= 0, got {p.top_k!r}")
-    if not _finite(p.top_p) or not 0.0 <= p.top_p <= 1.0:
-        bad(f"top_p must be in [0, 1], got {p.top_p!r}")
-    if not _finite(p.repetition_penalty) or p.repetition_penalty <= 0:
-        bad(f"repetition_penalty must be > 0, got {p.repetition_penalty!r}")
-    if not _is_int(p.num_beams) or p.num_beams < 1:
-        bad(f"num_beams must be an integer >= 1, got {p.num_beams!r}")
-    if p.num_beams > 1 and p.do_sample:
-        bad("beam sampling (num_beams > 1 with do_sample=True) is not supported")
-    if not _finite(p.length_penalty):
-        bad(f"length_penalty must be a finite number, got {p.length_penalty!r}")
-    if p.early_stopping not in (True, False, "never"):
-        bad(f"early_stopping must be True, False or 'never', got {p.early_stopping!r}")
-    if any(i < 0 for i in p.eos_token_ids):
-        bad(f"eos_token_ids must be non-negative, got {p.eos_token_ids}")
-    if not _is_int(p.pad_token_id) or p.pad_token_id < 0:
-        bad(f"pad_token_id must be an integer >= 0, got {p.pad_token_id!r}")
-    if p.seed is not None and not _is_int(p.seed):
-        bad(f"seed must be None or an integer, got {p.seed!r}")
-    if p.hf_compat not in ("4.44", "4.55"):
-        bad(f"hf_compat must be '4.44' or '4.55', got {p.hf_compat!r}")
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    generated: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def accept(self, token: int, eos_ids: Sequence[int]) -> FinishReason | None:
+        """Record ``token``; return why the row finished with it (None: it goes on)."""
+        self.generated.append(token)
+        if token in eos_ids or token in self.params.stop_token_ids:
+            self.finish_reason = "stop"
+        elif len(self.generated) >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+        return self.finish_reason
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def choose_tokens(logits: torch.Tensor, rows: Sequence[DecodeRow], eos_ids: Sequence[int]) -> list[int]:
+    """One token for each row from its raw logits ``[R, V]`` (float32); finished rows get
+    ``PAD_ID`` (and keep their history aligned). Does not call ``accept``."""
+    if _shared(rows):
+        scores = process_logits(logits, _history(rows, logits.device), rows[0].params, eos_ids)  # [R, V]
+        chosen = _pick(scores, rows)
+    else:
+        chosen = []
+        for i, r in enumerate(rows):
+            scores = process_logits(logits[i : i + 1], _history([r], logits.device), r.params, eos_ids)  # [1, V]
+            chosen += _pick(scores, [r])
+    return [PAD_ID if r.finished else t for r, t in zip(rows, chosen, strict=True)]
 
 
-def _finite(x: Any) -> bool:
-    if not isinstance(x, (int, float)) or isinstance(x, bool):
-        return False
-    return abs(float(x)) != float("inf") and x == x
+def _shared(rows: Sequence[DecodeRow]) -> bool:
+    """True when one processor call serves every row (same settings, same history length)."""
+    p, n = rows[0].params, len(rows[0].generated)
+    if len(rows) > 1 and (p.presence_penalty or p.frequency_penalty):
+        return False  # those penalties are computed one row at a time
+    return all(r.params == p and len(r.generated) == n for r in rows)
 
 
-@dataclass(frozen=True)
-class StepOutput:
-    """One decoding step: chosen ``tokens`` [B], the ``logits`` [B, V] (raw float32, before any
-    processor) they were chosen from, and which rows are ``finished`` [B] after this step."""
-
-    tokens: torch.Tensor
-    logits: torch.Tensor
-    finished: torch.Tensor
+def _history(rows: Sequence[DecodeRow], device: torch.device) -> torch.Tensor:
+    """Generated ids [R, n] of rows of equal length; only the shape when no processor reads ids."""
+    p, n = rows[0].params, len(rows[0].generated)
+    if p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty:
+        return torch.empty(len(rows), n, dtype=torch.long, device=device)  # min_new_tokens reads n only
+    return torch.tensor([r.generated for r in rows], dtype=torch.long, device=device)
 
 
-# -- shared plumbing ---------------------------------------------------------------------------
+def _pick(scores: torch.Tensor, rows: Sequence[DecodeRow]) -> list[int]:
+    """Argmax, or draws: rows sharing one generator (or torch's global one) draw together in
+    row order, as transformers does for a batch; rows with their own generators draw alone."""
+    if not rows[0].params.do_sample:
+        return greedy_choice(scores).tolist()
+    if all(r.generator is rows[0].generator for r in rows):
+        return sample_choice(scores, rows[0].generator).tolist()
+    return [int(sample_choice(scores[i : i + 1], r.generator)[0]) for i, r in enumerate(rows)]
+
+
 def prefill_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """HF position ids for a (possibly padded) mask [B, L]: ``cumsum - 1``, masked entries = 1."""
     mask = attention_mask.long()
@@ -123,299 +106,109 @@ def prefill_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(mask == 0, 1)
 
 
-def _start(
-    model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None
-) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
-    """Check shapes, create the cache if needed, run the prefill; return (cache, mask, logits [B,V])."""
-    if inputs_embeds.dim() != 3:
-        raise InputError(f"inputs_embeds must be [B, T, H], got shape {tuple(inputs_embeds.shape)}")
-    b, t, _ = inputs_embeds.shape
-    if t == 0:
-        raise InputError("inputs_embeds holds no positions: nothing to generate from")
-    if cache is None:
-        cache = KVCache.for_model(model, b)
-    past = cache.get_seq_length()
-    if past and cache.batch_size not in (None, b):
-        raise InputError(f"the cache holds {cache.batch_size} rows but inputs_embeds has {b}")
-    if attention_mask is None:
-        attention_mask = torch.ones(b, past + t, dtype=torch.long, device=inputs_embeds.device)
-    mask = attention_mask.to(device=inputs_embeds.device, dtype=torch.long)  # [B, past+T]
-    if mask.shape != (b, past + t):
-        raise InputError(
-            f"attention_mask must be [B={b}, cached {past} + new {t}] but has shape {tuple(mask.shape)}"
-        )
-    pos = prefill_positions(mask)[:, past:]  # [B, T]
-    logits = _forward(model, inputs_embeds, pos, mask, cache)
-    return cache, mask, logits
-
-
-def _forward(
-    model: Any, embeds: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache: KVCache
-) -> torch.Tensor:
+def forward_last(model: Any, embeds: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
+    """The model's float32 logits at the last position of each row: [B, V]."""
     with torch.no_grad():
         out = model.forward(embeds, pos, mask, cache=cache, last_only=True)  # [B, 1, V]
-    return out[:, -1, :].float()  # [B, V]
+    return out[:, -1, :].float()
 
 
-def _advance(
-    model: Any, tokens: torch.Tensor, mask: torch.Tensor, cache: KVCache
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Feed one new token per row; return (grown mask, logits [B, V])."""
-    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # [B, L+1]
-    pos = mask.sum(-1, keepdim=True) - 1  # [B, 1]
-    with torch.no_grad():
-        embeds = model.embed_tokens(tokens[:, None])  # [B, 1, H]
-    return mask, _forward(model, embeds, pos, mask, cache)
+class DenseDecoder:
+    """Rows of one length in a ``KVCache`` with a growing key mask ``[B, L]`` (1 = visible)."""
+
+    def __init__(self, model: Any, cache: KVCache, mask: torch.Tensor) -> None:
+        self.model, self.cache, self.mask = model, cache, mask
+
+    @classmethod
+    def start(
+        cls, model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None
+    ) -> tuple[DenseDecoder, torch.Tensor]:
+        """Check shapes, make the cache if needed, prefill; return (decoder, logits [B, V])."""
+        if inputs_embeds.dim() != 3:
+            raise InputError(f"inputs_embeds must be [B, T, H], got shape {tuple(inputs_embeds.shape)}")
+        b, t, _ = inputs_embeds.shape
+        if t == 0:
+            raise InputError("inputs_embeds holds no positions: nothing to generate from")
+        cache = KVCache.for_model(model, b) if cache is None else cache
+        past = cache.get_seq_length()
+        if past and cache.batch_size not in (None, b):
+            raise InputError(f"the cache holds {cache.batch_size} rows but inputs_embeds has {b}")
+        if attention_mask is None:
+            attention_mask = torch.ones(b, past + t, dtype=torch.long, device=inputs_embeds.device)
+        mask = attention_mask.to(device=inputs_embeds.device, dtype=torch.long)  # [B, past+T]
+        if mask.shape != (b, past + t):
+            raise InputError(
+                f"attention_mask must be [B={b}, cached {past} + new {t}] but has shape {tuple(mask.shape)}")
+        pos = prefill_positions(mask)[:, past:]  # [B, T]
+        return cls(model, cache, mask), forward_last(model, inputs_embeds, pos, mask, cache)
+
+    def advance(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row ([B]); return the next logits [B, V]."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)  # [B, L+1]
+        pos = self.mask.sum(-1, keepdim=True) - 1  # [B, 1]
+        with torch.no_grad():
+            embeds = self.model.embed_tokens(tokens.to(self.mask.device)[:, None])  # [B, 1, H]
+        return forward_last(self.model, embeds, pos, self.mask, self.cache)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep rows ``rows`` (repeats allowed) of the cache and the mask, e.g. to expand beams."""
+        self.cache.select_rows(rows)
+        self.mask = self.mask[rows.to(self.mask.device)]
 
 
-def _process(
-    scores: torch.Tensor, generated: torch.Tensor, p: GenerationParams, sample: bool
-) -> torch.Tensor:
-    return process_scores(
-        scores, generated,
-        repetition_penalty_value=p.repetition_penalty, min_new_tokens=p.min_new_tokens,
-        eos_ids=p.eos_token_ids, do_sample=sample, temperature_value=p.temperature,
-        top_k=p.top_k, top_p=p.top_p,
-    )
+@dataclass(frozen=True)
+class StepOutput:
+    """One step of ``generate_steps``: the chosen ``tokens`` [B], the raw float32 ``logits``
+    [B, V] they were chosen from, which rows are ``finished`` [B] after this step, and why each
+    row finished (``reasons``, None while it runs)."""
+
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    finished: torch.Tensor
+    reasons: tuple[FinishReason | None, ...] = ()
 
 
-# -- greedy / sampling --------------------------------------------------------------------------
 def generate_steps(
     model: Any,
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    params: GenerationParams,
+    params: SamplingParams,
+    *,
+    eos_ids: Sequence[int] = (),
     cache: KVCache | None = None,
 ) -> Iterator[StepOutput]:
-    """Greedy or sampled decoding, one ``StepOutput`` per step (HF ``_sample`` semantics).
+    """Greedy or sampled decoding of a fixed batch, one ``StepOutput`` per step.
 
     ``inputs_embeds`` [B, T, H] are the new positions; ``attention_mask`` [B, past+T] covers what
-    ``cache`` already holds plus them (None = all visible). Stops after ``max_new_tokens`` or
-    once every row has emitted an eos; the last token is not fed back into the cache.
+    ``cache`` already holds plus them (None = all visible). The rows share one generator seeded
+    with ``params.seed`` (torch's global one without a seed), so a seeded call draws what
+    transformers draws after ``torch.manual_seed(seed)``. Stops after ``max_new_tokens`` or once
+    every row finished; the last token is not fed back to the cache.
     """
     if params.num_beams != 1:
         raise InputError("generate_steps decodes with num_beams=1; use beam_search for beams")
-    cache, mask, logits = _start(model, inputs_embeds, attention_mask, cache)
-    device = inputs_embeds.device
-    generator = None
-    if params.do_sample and params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
-    eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
-    generated = torch.zeros(inputs_embeds.shape[0], 0, dtype=torch.long, device=device)  # [B, 0]
-    unfinished = torch.ones(inputs_embeds.shape[0], dtype=torch.bool, device=device)
-    for step in range(params.max_new_tokens):
-        scores = _process(logits, generated, params, params.do_sample)
-        chosen = sample_choice(scores, generator) if params.do_sample else greedy_choice(scores)
-        chosen = torch.where(unfinished, chosen, torch.full_like(chosen, params.pad_token_id))  # [B]
-        generated = torch.cat([generated, chosen[:, None]], dim=1)
-        unfinished = unfinished & ~torch.isin(chosen, eos)
-        yield StepOutput(tokens=chosen, logits=logits, finished=~unfinished)
-        if step + 1 == params.max_new_tokens or not bool(unfinished.any()):
+    decoder, logits = DenseDecoder.start(model, inputs_embeds, attention_mask, cache)
+    generator = make_generator(params, logits.device)
+    rows = [DecodeRow(params, generator) for _ in range(logits.shape[0])]
+    while True:
+        chosen = choose_tokens(logits, rows, eos_ids)
+        for r, t in zip(rows, chosen, strict=True):
+            if r.finished:
+                r.generated.append(t)  # transformers keeps padding finished rows
+            else:
+                r.accept(t, eos_ids)
+        tokens = torch.tensor(chosen, dtype=torch.long, device=logits.device)  # [B]
+        finished = torch.tensor([r.finished for r in rows], device=logits.device)  # [B]
+        yield StepOutput(tokens, logits, finished, tuple(r.finish_reason for r in rows))
+        if bool(finished.all()) or len(rows[0].generated) >= params.max_new_tokens:
             return
-        mask, logits = _advance(model, chosen, mask, cache)
+        logits = decoder.advance(tokens)
 
 
 def generate_tokens(
-    model: Any,
-    inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    params: GenerationParams,
-    cache: KVCache | None = None,
+    model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, params: SamplingParams,
+    *, eos_ids: Sequence[int] = (), cache: KVCache | None = None,
 ) -> Iterator[torch.Tensor]:
     """Like ``generate_steps`` but yields only the chosen tokens, ``LongTensor [B]`` per step."""
-    for step in generate_steps(model, inputs_embeds, attention_mask, params, cache):
+    for step in generate_steps(model, inputs_embeds, attention_mask, params, eos_ids=eos_ids, cache=cache):
         yield step.tokens
-
-
-# -- beam search -------------------------------------------------------------------------------
-def beam_search(
-    model: Any,
-    inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    params: GenerationParams,
-    cache: KVCache | None = None,
-) -> list[list[int]]:
-    """HF beam search (no sampling); returns one row of generated ids per batch row.
-
-    Rows are laid out as the chosen transformers version returns them (``hf_compat``), all of
-    the same length. The cache is expanded to ``B * num_beams`` rows and reordered in place, so
-    it is not reusable for the next turn afterwards.
-    """
-    nb = params.num_beams
-    cache, mask, logits = _start(model, inputs_embeds, attention_mask, cache)
-    b, vocab = logits.shape
-    keep = max(2, 1 + len(params.eos_token_ids)) * nb
-    if keep > nb * vocab:
-        raise InputError(f"beam search needs {keep} candidates but only {nb * vocab} exist")
-    rows = torch.arange(b, device=logits.device).repeat_interleave(nb)  # [B*nb]
-    cache.select_rows(rows)
-    logits, mask = logits[rows], mask[rows]
-    state: _LegacyBeams | _VectorBeams = (_LegacyBeams if params.hf_compat == "4.44" else _VectorBeams)(
-        params, b, keep
-    )
-    seqs = torch.zeros(b * nb, 0, dtype=torch.long, device=logits.device)  # [B*nb, 0]
-    beam_scores = torch.zeros(b, nb, dtype=torch.float32, device=logits.device)
-    beam_scores[:, 1:] = _NEG
-    beam_scores = beam_scores.view(-1)  # [B*nb]
-    for step in range(params.max_new_tokens):
-        logp = torch.log_softmax(logits, dim=-1)  # [B*nb, V]
-        total = _process(logp, seqs, params, False) + beam_scores[:, None]
-        top_s, top_i = torch.topk(total.view(b, nb * vocab), keep, dim=1, largest=True, sorted=True)
-        src_beam = torch.div(top_i, vocab, rounding_mode="floor")  # [B, keep]
-        beam_scores, tokens, src_rows, stop = state.step(top_s, top_i % vocab, src_beam, seqs, step)
-        seqs = torch.cat([seqs[src_rows], tokens[:, None]], dim=1)  # [B*nb, step+1]
-        if stop or step + 1 == params.max_new_tokens:
-            break
-        cache.reorder(src_rows)
-        mask, logits = _advance(model, tokens, mask, cache)
-    return state.finalize(seqs, beam_scores)
-
-
-class _LegacyBeams:
-    """transformers 4.44: BeamSearchScorer with per-row BeamHypotheses (python floats)."""
-
-    def __init__(self, p: GenerationParams, batch: int, keep: int) -> None:
-        self.p, self.batch, self.keep, self.nb = p, batch, keep, p.num_beams
-        self.hyps: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
-        self.worst = [1e9] * batch
-        self.done = [False] * batch
-
-    def _add(self, b: int, tokens: list[int], sum_logprobs: float, gen_len: int) -> None:
-        score = sum_logprobs / (gen_len ** self.p.length_penalty)
-        hyps = self.hyps[b]
-        if len(hyps) < self.nb or score > self.worst[b]:
-            hyps.append((score, tokens))
-            if len(hyps) > self.nb:
-                ranked = sorted((s, i) for i, (s, _) in enumerate(hyps))
-                del hyps[ranked[0][1]]
-                self.worst[b] = ranked[1][0]
-            else:
-                self.worst[b] = min(score, self.worst[b])
-
-    def _is_done(self, b: int, best_sum: float, cur_len: int) -> bool:
-        if len(self.hyps[b]) < self.nb:
-            return False
-        stopping, lp = self.p.early_stopping, self.p.length_penalty
-        if stopping is True:
-            return True
-        length = self.p.max_new_tokens if (stopping == "never" and lp > 0.0) else cur_len
-        return self.worst[b] >= best_sum / length ** lp
-
-    def step(
-        self, top_s: torch.Tensor, top_t: torch.Tensor, src: torch.Tensor, seqs: torch.Tensor, step: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-        nb, eos, dev = self.nb, set(self.p.eos_token_ids), top_s.device
-        cand_s, cand_t, cand_src = top_s.tolist(), top_t.tolist(), src.tolist()  # python floats/ints
-        prev = seqs.tolist()
-        scores = [[0.0] * nb for _ in range(self.batch)]
-        tokens = [[self.p.pad_token_id] * nb for _ in range(self.batch)]
-        rows = [[b * nb] * nb for b in range(self.batch)]
-        for b in range(self.batch):
-            if self.done[b]:
-                continue
-            filled = 0
-            for rank in range(self.keep):
-                tok, row = cand_t[b][rank], b * nb + cand_src[b][rank]
-                if tok in eos:
-                    if rank < nb:
-                        self._add(b, list(prev[row]), cand_s[b][rank], step + 1)
-                else:
-                    scores[b][filled], tokens[b][filled], rows[b][filled] = cand_s[b][rank], tok, row
-                    filled += 1
-                if filled == nb:
-                    break
-            self.done[b] = self.done[b] or self._is_done(b, max(cand_s[b]), step + 1)
-        return (
-            torch.tensor(scores, dtype=top_s.dtype, device=dev).view(-1),
-            torch.tensor(tokens, dtype=torch.long, device=dev).view(-1),
-            torch.tensor(rows, dtype=torch.long, device=dev).view(-1),
-            all(self.done),
-        )
-
-    def finalize(self, seqs: torch.Tensor, beam_scores: torch.Tensor) -> list[list[int]]:
-        for b in range(self.batch):
-            if not self.done[b]:
-                for i in range(self.nb):
-                    row = b * self.nb + i
-                    self._add(b, seqs[row].tolist(), float(beam_scores[row]), seqs.shape[1])
-        best = []
-        for hyps in self.hyps:
-            top = hyps[0]
-            for h in hyps[1:]:
-                top = h if h[0] >= top[0] else top  # sorted()+pop(): the later one wins ties
-            best.append(top[1])
-        longest = max(len(h) for h in best)
-        width = min(longest + 1, self.p.max_new_tokens)
-        eos0 = self.p.eos_token_ids[0] if self.p.eos_token_ids else self.p.pad_token_id
-        out = []
-        for h in best:
-            row = h + ([eos0] if len(h) < width else [])
-            out.append(row + [self.p.pad_token_id] * (width - len(row)))
-        return out
-
-
-class _VectorBeams:
-    """transformers >= 4.50 (4.55): vectorised beam search over static-shaped float32 tensors."""
-
-    def __init__(self, p: GenerationParams, batch: int, keep: int) -> None:
-        self.p, self.batch, self.keep, self.nb = p, batch, keep, p.num_beams
-        eos = p.eos_token_ids
-        # HF computes `pad or eos[0]`, so a pad id of 0 falls through to the first eos id.
-        self.fill = (p.pad_token_id or eos[0]) if eos else -1
-        self.fin_scores = torch.full((batch, self.nb), _NEG, dtype=torch.float32)
-        self.fin_flag = torch.zeros(batch, self.nb, dtype=torch.bool)
-        self.fin_seqs = torch.full((batch, self.nb, p.max_new_tokens), self.fill, dtype=torch.long)
-        self.fin_len = torch.zeros(batch, self.nb, dtype=torch.long)
-        self.unsatisfied = torch.ones(batch, 1, dtype=torch.bool)
-        self.top_mask = torch.arange(keep) < self.nb  # [keep]
-
-    def step(
-        self, top_s: torch.Tensor, top_t: torch.Tensor, src: torch.Tensor, seqs: torch.Tensor, step: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-        nb, dev = self.nb, top_s.device
-        top_s, top_t, src = top_s.cpu(), top_t.cpu(), src.cpu()
-        eos = torch.tensor(self.p.eos_token_ids, dtype=torch.long)
-        hits = torch.isin(top_t, eos) | (step + 1 >= self.p.max_new_tokens)  # [B, keep]
-        run_lp = top_s + hits.to(torch.float32) * _NEG
-        nxt = torch.topk(run_lp, k=nb)[1]  # [B, nb]
-        run_scores = torch.gather(run_lp, 1, nxt)
-        src_rows = torch.gather(src, 1, nxt) + torch.arange(self.batch)[:, None] * nb  # [B, nb]
-        tokens = torch.gather(top_t, 1, nxt)
-        self._update_finished(top_s, top_t, src, seqs.cpu(), hits, step)
-        length = step + 1
-        if self.p.early_stopping == "never" and self.p.length_penalty > 0.0:
-            length = self.p.max_new_tokens
-        best = run_scores[:, :1] / (length ** self.p.length_penalty)  # [B, 1]
-        worst = torch.where(self.fin_flag, torch.min(self.fin_scores, dim=1, keepdim=True)[0], _NEG)
-        self.unsatisfied = self.unsatisfied & torch.any(best > worst, dim=-1, keepdim=True)
-        full_stop = bool(self.fin_flag.all()) and self.p.early_stopping is True
-        go_on = bool(self.unsatisfied.any()) and not full_stop and not bool(hits.all())
-        return (run_scores.view(-1).to(dev), tokens.view(-1).to(dev), src_rows.view(-1).to(dev), not go_on)
-
-    def _update_finished(
-        self, top_s: torch.Tensor, top_t: torch.Tensor, src: torch.Tensor, seqs: torch.Tensor,
-        hits: torch.Tensor, step: int,
-    ) -> None:
-        nb, n = self.nb, self.p.max_new_tokens
-        just_done = hits & self.top_mask[None, :]  # [B, keep]
-        scores = top_s / ((step + 1) ** self.p.length_penalty)
-        full = torch.all(self.fin_flag, dim=-1, keepdim=True) & (self.p.early_stopping is True)
-        scores = scores + full.to(torch.float32) * _NEG
-        scores = scores + (~self.unsatisfied).to(torch.float32) * _NEG
-        scores = scores + (~just_done) * _NEG
-        cand = seqs.view(self.batch, nb, -1)[torch.arange(self.batch)[:, None], src]  # [B, keep, step]
-        cand_full = torch.full((self.batch, self.keep, n), self.fill, dtype=torch.long)
-        cand_full[:, :, :step] = cand
-        cand_full[:, :, step] = top_t
-        merged_scores = torch.cat([self.fin_scores, scores], dim=1)  # [B, nb+keep]
-        pick = torch.topk(merged_scores, k=nb)[1]  # [B, nb]
-        self.fin_scores = torch.gather(merged_scores, 1, pick)
-        self.fin_flag = torch.gather(torch.cat([self.fin_flag, just_done], dim=1), 1, pick)
-        cand_len = torch.full((self.batch, self.keep), step + 1, dtype=torch.long)
-        self.fin_len = torch.gather(torch.cat([self.fin_len, cand_len], dim=1), 1, pick)
-        merged_seqs = torch.cat([self.fin_seqs, cand_full], dim=1)  # [B, nb+keep, n]
-        self.fin_seqs = merged_seqs[torch.arange(self.batch)[:, None], pick]
-
-    def finalize(self, seqs: torch.Tensor, beam_scores: torch.Tensor) -> list[list[int]]:
-        width = int(self.fin_len[:, 0].max())
-        return self.fin_seqs[:, 0, :width].tolist()

@@ -1,16 +1,22 @@
 """Key/value caches for incremental decoding.
 
-``KVCache`` keeps one buffer per layer with spare capacity, grown geometrically (so a decode step
-copies only its own keys, not the whole history as ``torch.cat`` would); ``StaticKVCache``
-preallocates a buffer of fixed capacity. Both write new entries in place and hand out views of
-the filled part. Both implement the duck-typed
-protocol the attention layers use (``update(layer_idx, k, v) -> (k_all, v_all)`` with shapes
-``[B, n_kv, T, hd]`` and ``get_seq_length()``), plus the bookkeeping generation needs: row
-reordering for beam search (``reorder``), changing the batch (``select_rows``), truncation
-(``crop``) and copying (``clone``).
+Every cache kind of the engine lives here. All implement the duck-typed protocol the attention
+layers use (``update(layer_idx, k, v) -> (k_all, v_all)`` with shapes ``[B, n_kv, T, hd]`` and
+``get_seq_length()``):
 
-This module does not know about models beyond the four attributes read by ``for_model``, and it
-never builds attention masks or positions (the engine does).
+* ``KVCache``: one buffer per layer with spare capacity, grown geometrically (a decode step
+  copies only its own keys, not the whole history as ``torch.cat`` would); all rows share one
+  length (left-padded batches, as transformers lays them out). Bookkeeping for generation: row
+  reordering for beam search (``reorder``), changing the batch (``select_rows``), truncation
+  (``crop``, for conversation reuse) and copying (``clone``).
+* ``StaticKVCache``: the same with a fixed, preallocated capacity (an update past it raises).
+* ``SlotKVCache``: ``slots`` independent rows of ``capacity`` positions for continuous batching;
+  each row has its own length and key mask, a prefill fills one slot, a decode step writes one
+  position per row at that row's own length.
+
+This module does not know about models beyond the attributes read by ``for_model``, and it never
+computes positions (the engine does); the slot cache keeps each row's key mask because rows of
+different lengths share one decode call.
 """
 
 from __future__ import annotations
@@ -172,3 +178,76 @@ def _check_compatible(old: torch.Tensor, new: torch.Tensor) -> None:
             f"cache holds k of shape {tuple(old.shape)} but got {tuple(new.shape)}; "
             "batch, head and head_dim sizes must match"
         )
+
+
+class SlotKVCache:
+    """``slots`` rows x ``capacity`` positions per layer, plus each row's key mask ``[S, C]``.
+
+    Used in two modes. ``prefill(slot)``: ``update`` stores one sequence's keys/values (batch 1)
+    in that slot and hands them back unchanged, so the prefill attends exactly as with a fresh
+    cache. ``decode(rows, width, write)``: ``update`` writes row r's new key/value at
+    ``write[r]`` and returns the first ``width`` positions of the first ``rows`` slots;
+    ``get_seq_length`` then reports ``width - 1`` cached positions.
+    """
+
+    def __init__(
+        self, num_layers: int, slots: int, num_kv_heads: int, head_dim: int, capacity: int, *,
+        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    ) -> None:
+        if slots < 1 or capacity < 1:
+            raise InputError(f"a slot cache needs slots >= 1 and capacity >= 1, got {slots}, {capacity}")
+        shape = (slots, num_kv_heads, capacity, head_dim)  # [S, n_kv, C, hd]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.mask = torch.zeros(slots, capacity, dtype=torch.long, device=device)  # [S, C]
+        self.slots, self.capacity = slots, capacity
+        self._prefill_slot: int | None = None
+        self._rows, self._width = slots, capacity
+        self._write = torch.zeros(slots, dtype=torch.long, device=device)  # [S]
+
+    @classmethod
+    def for_model(cls, model: Any, slots: int, capacity: int) -> SlotKVCache:
+        return cls(model.num_layers, slots, model.num_kv_heads, model.head_dim, capacity,
+                   dtype=model.dtype, device=model.device)
+
+    def prefill(self, slot: int, mask_row: torch.Tensor) -> SlotKVCache:
+        """Let the next forward pass (one sequence) fill ``slot``; ``mask_row`` [T] is its key mask."""
+        t = int(mask_row.shape[0])
+        if t > self.capacity:
+            raise ContextLengthError(f"a prompt of {t} tokens does not fit a slot of {self.capacity} positions")
+        self._prefill_slot = slot
+        self.mask[slot].zero_()
+        self.mask[slot, :t] = mask_row
+        return self
+
+    def decode(self, rows: int, width: int, write: torch.Tensor) -> SlotKVCache:
+        """Let the next forward pass decode one token for each of the first ``rows`` slots."""
+        self._prefill_slot = None
+        self._rows, self._width, self._write = rows, width, write  # write: [rows]
+        return self
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Give slot ``dst`` the first ``length`` positions of ``src`` (choices sharing a prompt)."""
+        for kb, vb in zip(self.k, self.v, strict=True):
+            kb[dst, :, :length] = kb[src, :, :length]
+            vb[dst, :, :length] = vb[src, :, :length]
+        self.mask[dst].zero_()
+        self.mask[dst, :length] = self.mask[src, :length]
+
+    def release(self, slot: int) -> None:
+        self.mask[slot].zero_()
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kb, vb = self.k[layer_idx], self.v[layer_idx]
+        if self._prefill_slot is not None:
+            t = k.shape[2]
+            kb[self._prefill_slot, :, :t] = k[0]  # [n_kv, T, hd]
+            vb[self._prefill_slot, :, :t] = v[0]
+            return k, v
+        idx = torch.arange(self._rows, device=kb.device)
+        kb[idx, :, self._write] = k[:, :, 0]  # k: [rows, n_kv, 1, hd] -> one position per row
+        vb[idx, :, self._write] = v[:, :, 0]
+        return kb[: self._rows, :, : self._width], vb[: self._rows, :, : self._width]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self._prefill_slot is not None else self._width - 1

@@ -1,15 +1,23 @@
-"""Incremental detokenisation and stop-string matching for streamed generation.
+"""From token ids to text events: incremental detokenisation, stop strings, answer rules and
+the reasoning / answer split. Every streaming consumer (``chat(stream=True)``, ``ChatSession``,
+the server and the web UI) reads the same ``TextStream``.
 
-``StreamDecoder`` turns token ids, fed one or a few at a time, into text deltas whose
-concatenation equals decoding all ids at once; it never emits half of a multi-byte UTF-8
-character (a decoded tail ending in U+FFFD is held back until more ids arrive or ``flush``).
-It works for context-dependent decoders too (e.g. SentencePiece's leading-space handling) by
-decoding a small window that starts before the new ids. ``chunking="word"`` reproduces the
-chunk boundaries of transformers' ``TextStreamer`` instead (flush at "\\n" and CJK characters,
-else up to the last space), which the reference ``chat(stream=True)`` uses.
-
-``StopMatcher`` scans streamed text for stop strings, holding back any tail that could still
-become one. ``TextEvent`` is the record streaming callers hand on.
+* ``StreamDecoder`` turns ids fed one or a few at a time into text deltas whose concatenation
+  equals decoding all ids at once; it never emits half of a multi-byte UTF-8 character (a
+  decoded tail ending in U+FFFD is held back until more ids arrive or ``flush``), and works for
+  context-dependent decoders (SentencePiece's leading space) by decoding a small window.
+  ``chunking="word"`` reproduces transformers' ``TextStreamer`` chunks instead (flush at "\n"
+  and CJK characters, else up to the last space), as the reference ``chat(stream=True)`` does.
+* ``StopMatcher`` finds client stop strings, holding back any tail that could still become one.
+* ``AnswerRules`` say which ids produce no text (terminators, the official id-0 drop), which are
+  dropped only as the first token (bos), which strings are removed, and whether the answer is
+  whitespace-stripped (done incrementally: leading whitespace is dropped, trailing whitespace
+  held until more text follows). ``compat.py`` builds them per release.
+* ``ReasoningSplitter``: thinking mode (4.5; the prompt ends in ``<think>\n``) routes text
+  before ``</think>`` to the reasoning, the rest to the answer (newlines next to the tag are
+  dropped on both sides); an answer cut off before ``</think>`` is reasoning only.
+* ``TextStream`` chains them and emits ``TextEvent`` records (text, reasoning, content deltas,
+  the ids, the finish reason).
 
 Nothing here knows about models or tokenizer files: decoding is a callable passed in.
 """
@@ -17,22 +25,13 @@ Nothing here knows about models or tokenizer files: decoding is a callable passe
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import InputError
 
 DecodeFn = Callable[[list[int]], str]
 _REPLACEMENT = "\ufffd"
-
-
-@dataclass(frozen=True)
-class TextEvent:
-    """A piece of streamed output: new text, the ids that produced it, why the stream ended."""
-
-    delta: str
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: Literal["stop", "length"] | None = None
 
 
 class StreamDecoder:
@@ -81,16 +80,6 @@ class StreamDecoder:
         self._emitted.append(delta)
         return delta
 
-    def event(
-        self, token_ids: int | Iterable[int], finish_reason: Literal["stop", "length"] | None = None
-    ) -> TextEvent:
-        """``feed`` the ids (and ``flush`` when ``finish_reason`` is given) as one ``TextEvent``."""
-        ids = [token_ids] if isinstance(token_ids, int) else [int(t) for t in token_ids]
-        delta = self.feed(ids)
-        if finish_reason is not None:
-            delta += self.flush()
-        return TextEvent(delta=delta, token_ids=ids, finish_reason=finish_reason)
-
     def _feed_token(self) -> str:
         before = self._decode(self._ids[self._prefix : self._read])
         now = self._decode(self._ids[self._prefix :])
@@ -116,6 +105,17 @@ class StreamDecoder:
             delta = text[self._printed : text.rfind(" ") + 1]
         self._printed += len(delta)
         return delta
+
+
+def _partial_suffix(buf: str, needles: Sequence[str]) -> int:
+    """Length of the longest tail of ``buf`` that is a proper prefix of one of ``needles``."""
+    best = 0
+    for needle in needles:
+        for n in range(min(len(needle) - 1, len(buf)), best, -1):
+            if buf.endswith(needle[:n]):
+                best = n
+                break
+    return best
 
 
 def _is_cjk(cp: int) -> bool:
@@ -154,7 +154,7 @@ class StopMatcher:
         if hit is not None:
             self._held, self.matched = "", hit[1]
             return buf[: hit[0]], hit[1]
-        hold = self._partial_len(buf)
+        hold = _partial_suffix(buf, self.stops)
         self._held = buf[len(buf) - hold :] if hold else ""
         return buf[: len(buf) - hold], None
 
@@ -162,12 +162,189 @@ class StopMatcher:
         held, self._held = self._held, ""
         return held
 
-    def _partial_len(self, buf: str) -> int:
-        """Length of the longest tail of ``buf`` that is a proper prefix of some stop string."""
-        best = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(buf)), best, -1):
-                if buf.endswith(s[:n]):
-                    best = n
-                    break
-        return best
+
+class _Remover:
+    """Remove every occurrence of some strings from streamed text (held back while a tail could
+    still become one), so the result equals ``.replace`` on the whole text."""
+
+    def __init__(self, needles: Sequence[str]) -> None:
+        self.needles = tuple(n for n in needles if n)
+        self._held = ""
+
+    def push(self, text: str) -> str:
+        if not self.needles:
+            return text
+        buf = self._held + text
+        for needle in self.needles:
+            buf = buf.replace(needle, "")
+        hold = _partial_suffix(buf, self.needles)
+        self._held = buf[len(buf) - hold :] if hold else ""
+        return buf[: len(buf) - hold]
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+THINK_END = "</think>"
+
+
+class ReasoningSplitter:
+    """Route streamed text to reasoning until ``</think>``, then to content (module docstring)."""
+
+    def __init__(self, thinking: bool) -> None:
+        self.in_reasoning = thinking
+        self._held = ""
+        self._content_started = False
+
+    def push(self, text: str) -> tuple[str, str]:
+        """(reasoning, content) released by ``text``."""
+        if not self.in_reasoning:
+            return "", self._content(text)
+        buf = self._held + text
+        i = buf.find(THINK_END)
+        if i >= 0:
+            self.in_reasoning, self._held = False, ""
+            return buf[:i].rstrip("\n"), self._content(buf[i + len(THINK_END):])
+        hold = _partial_suffix(buf, (THINK_END,))
+        keep = len(buf) - hold
+        while keep > 0 and buf[keep - 1] == "\n":
+            keep -= 1  # newlines right before a possible </think> are dropped if it comes
+        self._held = buf[keep:]
+        return buf[:keep], ""
+
+    def flush(self) -> tuple[str, str]:
+        held, self._held = self._held, ""
+        return (held, "") if self.in_reasoning else ("", self._content(held))
+
+    def _content(self, text: str) -> str:
+        if not self._content_started:
+            text = text.lstrip("\n")
+            self._content_started = bool(text)
+        return text
+
+
+
+
+@dataclass(frozen=True)
+class AnswerRules:
+    """How generated ids become answer text (see the module docstring; built by ``compat.py``)."""
+
+    hidden_ids: frozenset[int] = frozenset()
+    leading_ids: frozenset[int] = frozenset()
+    strip_texts: tuple[str, ...] = ()
+    strip: bool = False
+
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class TextEvent:
+    """What one step of a stream released: ``text`` is the answer's new text (thinking mode:
+    reasoning, ``</think>`` and answer as the model wrote them); ``reasoning`` / ``content`` are
+    the same text split (without the tag); ``finish_reason`` is set on the last event."""
+
+    text: str = ""
+    reasoning: str = ""
+    content: str = ""
+    token_ids: tuple[int, ...] = ()
+    finish_reason: FinishReason | None = None
+
+
+class TextStream:
+    """Token ids in, ``TextEvent``s out, for one answer (one choice of a request).
+
+    ``feed(id)`` per generated id, ``finish(reason)`` at the end. ``stops`` are client stop
+    strings (the match and what follows are dropped; ``stopped`` turns true); ``thinking``
+    splits reasoning from the answer; ``chunking`` is ``StreamDecoder``'s.
+    """
+
+    def __init__(
+        self, decode: DecodeFn, rules: AnswerRules = AnswerRules(), *, thinking: bool = False,
+        stops: Sequence[str] = (), chunking: Literal["token", "word"] = "token",
+    ) -> None:
+        self.rules = rules
+        self._decoder = StreamDecoder(decode, chunking=chunking)
+        self._stops = StopMatcher(stops) if stops else None
+        self._remover = _Remover(rules.strip_texts)
+        self._split = ReasoningSplitter(thinking)
+        self._started = False  # a visible character was emitted (leading whitespace is dropped before)
+        self._held_space = ""  # trailing whitespace, emitted only if more text follows
+        self._first = True
+        self.token_ids: list[int] = []
+        self._text: list[str] = []
+        self._reasoning: list[str] = []
+        self._content: list[str] = []
+
+    @property
+    def stopped(self) -> bool:
+        """A client stop string was found: nothing more will be emitted."""
+        return self._stops is not None and self._stops.matched is not None
+
+    @property
+    def text(self) -> str:
+        return "".join(self._text)
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(self._reasoning)
+
+    @property
+    def content(self) -> str:
+        return "".join(self._content)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def feed(self, token_id: int) -> TextEvent:
+        token_id = int(token_id)
+        self.token_ids.append(token_id)
+        first, self._first = self._first, False
+        hidden = token_id in self.rules.hidden_ids or (first and token_id in self.rules.leading_ids)
+        if hidden or self.stopped:
+            return TextEvent(token_ids=(token_id,))
+        return self._emit(self._decoder.feed([token_id]), (token_id,), None, final=False)
+
+    def finish(self, reason: FinishReason) -> TextEvent:
+        text = "" if self.stopped else self._decoder.flush()
+        return self._emit(text, (), reason, final=True)
+
+    def _emit(self, text: str, ids: tuple[int, ...], reason: FinishReason | None, *, final: bool) -> TextEvent:
+        if self._stops is not None:
+            text, _ = self._stops.push(text)
+            if final:
+                text += self._stops.flush()  # held text that did not become a stop string
+        text = self._remover.push(text) + (self._remover.flush() if final else "")
+        text = self._strip(text, final)
+        reasoning, content = self._split.push(text) if text else ("", "")
+        if final:
+            r2, c2 = self._split.flush()
+            reasoning, content = reasoning + r2, content + c2
+        self._text.append(text)
+        self._reasoning.append(reasoning)
+        self._content.append(content)
+        return TextEvent(text, reasoning, content, ids, reason)
+
+    def _strip(self, text: str, final: bool) -> str:
+        """Whitespace of the answer's two ends removed, incrementally (``rules.strip``)."""
+        if not self.rules.strip:
+            return text
+        if not self._started:
+            text = text.lstrip()
+            self._started = bool(text)
+        if not text:
+            return ""
+        body = text.rstrip()
+        out = self._held_space + body if body else ""
+        self._held_space = (self._held_space if not body else "") + text[len(body):]
+        if final:
+            self._held_space = ""
+        return out
+
+
+def merge_events(first: TextEvent, second: TextEvent) -> TextEvent:
+    """One event holding both (the last token's text and the stream's final flush)."""
+    return TextEvent(first.text + second.text, first.reasoning + second.reasoning, first.content + second.content,
+                     first.token_ids + second.token_ids, second.finish_reason or first.finish_reason)

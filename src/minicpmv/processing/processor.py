@@ -19,8 +19,11 @@ drop an image placeholder, a ContextLengthError is raised instead of silently pr
 inputs whose image features no longer fit (text-only truncation is kept, with a warning).
 Unbalanced image markers typed in the text raise PlaceholderMismatchError.
 
-Batching helper: ``pad_left`` left-pads with id 0 and shifts the bounds (what the reference
-does for batched chat()). No torch here; the model side turns these lists into tensors.
+Each conversation's slices come with their resampler *entries* (``ModelInputs.entries``): one
+slice each, or 4.5's frame groups (a group's frames, per slice index, are encoded together with
+the group's temporal ids), computed here where the groups are known. Padding, attention masks
+and the reference's id-0 quirk belong to the engine (``engine/compat.py``). No torch here; the
+model side turns these lists into tensors.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..checks import is_int
 from ..config import ProcessorConfig, read_json_object
 from ..errors import (
     ConfigError,
@@ -45,28 +49,38 @@ from ..errors import (
     TokenizerError,
 )
 from ..versions import VersionSpec
-from .audio import AudioFeatureConfig, audio_token_count, clip_features, expand_audio_tags, extract_audio
+from .audio import (
+    AudioFeatureConfig,
+    audio_token_count,
+    check_waveform,
+    clip_features,
+    expand_audio_tags,
+    extract_audio,
+)
 from .chat_template import IMAGE_TAG, ChatTemplate, FlatConversation, flatten_conversation
 from .image import PatchList, image_content_hash, make_slices
 from .placeholders import image_placeholder, placeholder_scheme
 from .slicing import SlicePlan, plan_slices
 from .tokenizer import Tokenizer
+from .video import ImageChain
 
 log = logging.getLogger(__name__)
 
 Bound = tuple[int, int]
+Entry = tuple[int, int]  # (first slice index, number of slices) of one resampler entry
 
 
 @dataclass
 class ModelInputs:
-    """Processor output, one entry per conversation (lists are unpadded; see ``pad_left``)."""
+    """Processor output, one entry per conversation (lists are unpadded)."""
 
     input_ids: list[list[int]]
-    attention_mask: list[list[int]]  # ids != 0 (the reference's id-0 quirk, spec §7)
     pixel_values: list[Sequence[np.ndarray]]  # each [3, P, L*P] float32, processor order (PatchList)
     tgt_sizes: list[list[tuple[int, int]]]  # (h, w) in patches, one per pixel_values entry
     image_bounds: list[list[Bound]]  # [start, end) of each <unk> run
     temporal_ids: list[list[list[int]]] | None  # one id list per resampler entry (4.5 only)
+    # (first slice, slice count) of each resampler entry, in placeholder order
+    entries: list[list[Entry]]
     prompts: list[str]  # chat-template output, images as (<image>./</image>)
     expanded_prompts: list[str]  # the text that was tokenized
     slices: list[list[Image.Image]] = field(default_factory=list)  # per pixel_values entry
@@ -79,36 +93,8 @@ class ModelInputs:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def padded(self, pad_id: int = 0) -> tuple[list[list[int]], list[list[int]], list[list[Bound]]]:
-        """Left-padded ids, attention mask and shifted bounds of the whole batch."""
-        return pad_left(self.input_ids, self.image_bounds, pad_id=pad_id)
-
-
-def pad_left(
-    input_ids: list[list[int]], image_bounds: list[list[Bound]] | None = None, *, pad_id: int = 0
-) -> tuple[list[list[int]], list[list[int]], list[list[Bound]]]:
-    """Left-pad every row to the longest one; return (ids, attention_mask, shifted bounds).
-
-    The mask is 0 on padding and, as in the reference, on real tokens whose id is 0.
-    """
-    if image_bounds is not None and len(image_bounds) != len(input_ids):
-        raise InputError(f"{len(input_ids)} id rows but {len(image_bounds)} bound rows")
-    bounds_in = image_bounds if image_bounds is not None else [[] for _ in input_ids]
-    longest = max((len(r) for r in input_ids), default=0)
-    ids_out, mask_out, bounds_out = [], [], []
-    for row, bounds in zip(input_ids, bounds_in, strict=True):
-        pad = longest - len(row)
-        ids_out.append([pad_id] * pad + list(row))
-        mask_out.append([0] * pad + [int(t != 0) for t in row])
-        bounds_out.append([(s + pad, e + pad) for s, e in bounds])
-    return ids_out, mask_out, bounds_out
-
 
 # ---------------------------------------------------------------------------- temporal ids
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def split_temporal_ids(temporal_ids: Any, n_conv: int) -> list[list[list[int]] | None]:
@@ -136,7 +122,7 @@ def _check_groups(groups: Any, conv: int) -> list[list[int]]:
     for g, group in enumerate(groups):
         if not isinstance(group, (list, tuple)) or not group:
             raise InputError(f"{where}: group {g} must be a non-empty list of ints, got {group!r:.80}")
-        if not all(_is_int(t) and t >= 0 for t in group):
+        if not all(is_int(t) and t >= 0 for t in group):
             raise InputError(f"{where}: group {g} must hold non-negative integer time ids, got {group!r:.80}")
         out.append([int(t) for t in group])
     return out
@@ -191,6 +177,7 @@ class _Conversation:
     pixel_values: PatchList
     tgt_sizes: list[tuple[int, int]]
     temporal: list[list[int]]
+    entries: list[Entry]
     slices: list[Image.Image]
     hashes: list[str]
     audio_features: list[np.ndarray] = field(default_factory=list)
@@ -296,7 +283,7 @@ class Processor:
         if enable_thinking and not self.version.supports_thinking:
             raise InputError(f"MiniCPM-V {self.version.name} has no thinking mode (enable_thinking)")
         length = self.version.max_inp_length if max_length is None else max_length
-        if not _is_int(length) or length < 1:
+        if not is_int(length) or length < 1:
             raise InputError(f"max_length must be a positive integer, got {length!r}")
         return _Options(
             system_prompt=system_prompt,
@@ -309,26 +296,51 @@ class Processor:
         )
 
     def render(self, messages: list[dict[str, str]], enable_thinking: bool | None = None,
-               audio: bool = False) -> str:
+               audio: bool = False, *, add_generation_prompt: bool = True) -> str:
         """The chat-template text, called as chat() calls apply_chat_template (``audio``: the
         release's audio template, o2.6's speech framing)."""
         kwargs: dict[str, Any] = dict(self.tokenizer.special_tokens_map)
         if self.version.supports_thinking:
             kwargs["enable_thinking"] = bool(enable_thinking)  # chat() always passes it (False)
         template = self.audio_template if audio and self.audio_template is not None else self.template
-        return template.render(messages, add_generation_prompt=True, **kwargs)
+        return template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
 
     def _plan(self, size: tuple[int, int], max_slice_nums: int) -> SlicePlan:
         s = self.cfg.slice
         return plan_slices(size[0], size[1], max_slice_nums=max_slice_nums,
                            scale_resolution=s.scale_resolution, patch_size=s.patch_size)
 
+    def prompt_inputs(
+        self, prompt: str, images: Sequence[Image.Image] = (), clips: Sequence[np.ndarray] = (), *,
+        max_slice_nums: int | None = None, use_image_id: bool | None = None, chunk_input: bool = True,
+        max_length: int | None = None,
+    ) -> ModelInputs:
+        """One already-framed prompt (no chat template is applied) with its images and 16 kHz
+        clips in the order of its ``(<image>./</image>)`` / ``(<audio>./</audio>)`` tags: the
+        pieces of a live session (the official ``streaming_prefill`` calls the processor on its
+        framed text). Placeholders, slicing, audio features and bounds as for a conversation."""
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+        opts = self._options("", max_slice_nums, use_image_id, None, max_length)
+        opts.chunk_input = bool(chunk_input)
+        checked = [check_waveform(c, None, self.audio_cfg, f"audio clip {i}") for i, c in enumerate(clips)]
+        if checked and not self.version.audio_input:
+            raise InputError(f"{self.version.title} does not take audio input; use a MiniCPM-o checkpoint")
+        flat = FlatConversation(messages=[], images=ImageChain([img.convert("RGB") for img in images]))
+        self._check_image_count(len(flat.images), 0)
+        return self._collect([self._expand(prompt, flat, checked, opts, None, 0)])
+
     def _one(self, conv: Any, opts: _Options, groups: list[list[int]] | None, index: int) -> _Conversation:
         conv, clips, system = self._split_inputs(conv, opts.system_prompt, index)
         flat = flatten_conversation(conv, system_prompt=system, video_policy=self.version.video)
-        images = flat.images
-        self._check_image_count(len(images), index)
+        self._check_image_count(len(flat.images), index)
         prompt = self.render(flat.messages, opts.enable_thinking, audio=bool(clips) or opts.tts_template)
+        return self._expand(prompt, flat, clips, opts, groups, index)
+
+    def _expand(self, prompt: str, flat: FlatConversation, clips: list[np.ndarray], opts: _Options,
+                groups: list[list[int]] | None, index: int) -> _Conversation:
+        """A rendered prompt with its media -> placeholders, ids, bounds, slices, audio features."""
+        images = flat.images
         slice_nums, with_ids = self._media_settings(flat, opts)
         plans = [self._plan(size, n) for size, n in zip(images.sizes(), slice_nums, strict=True)]
         groups = self._video_groups(flat, groups, index)
@@ -353,6 +365,7 @@ class Processor:
             pixel_values=PatchList(slices, s.patch_size, cfg.norm_mean, cfg.norm_std),
             tgt_sizes=[plans[i].tgt_sizes[k] for i, k in order],
             temporal=_temporal_output(groups, frames, plans),
+            entries=_entries(frames, plans),
             slices=slices,
             hashes=hashes,
             audio_features=[seg for clip in clips for seg in clip_features(clip, self.audio_cfg)],
@@ -489,11 +502,11 @@ class Processor:
         temporal = [r.temporal for r in results] if self.version.processor_temporal_ids else None
         return ModelInputs(
             input_ids=[r.ids for r in results],
-            attention_mask=[[int(t != 0) for t in r.ids] for r in results],
             pixel_values=[r.pixel_values for r in results],
             tgt_sizes=[r.tgt_sizes for r in results],
             image_bounds=[r.bounds for r in results],
             temporal_ids=temporal,
+            entries=[r.entries for r in results],
             prompts=[r.prompt for r in results],
             expanded_prompts=[r.expanded for r in results],
             slices=[r.slices for r in results],
@@ -518,6 +531,17 @@ def _temporal_output(groups: list[list[int]] | None, frames: list[range],
         return [[-1] for fr in frames for _ in range(plans[fr.start].num_slices)]
     return [list(g) for g, fr in zip(groups, frames, strict=True)
             for _ in range(plans[fr.start].num_slices)]
+
+
+def _entries(frames: list[range], plans: list[SlicePlan]) -> list[Entry]:
+    """Resampler entries in slice order (group -> slice index -> frame): each (group, slice
+    index) is one entry of len(group) consecutive slices."""
+    out, start = [], 0
+    for fr in frames:
+        for _ in range(plans[fr.start].num_slices):
+            out.append((start, len(fr)))
+            start += len(fr)
+    return out
 
 
 def _system_text(content: Any, index: int) -> str:

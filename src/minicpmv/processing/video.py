@@ -152,6 +152,57 @@ def group_ids(ids: Sequence[int], size: int) -> list[list[int]]:
     return [list(ids[i : i + size]) for i in range(0, len(ids), size)]
 
 
+# ---------------------------------------------------------------------------- recipes
+
+
+class StrideRecipe:
+    """2.6: every round(native fps / fps)-th frame, one frame per resampler entry."""
+
+    def frames_per_entry(self, policy: VideoPolicy) -> int:
+        return 1
+
+    def sample(self, policy: VideoPolicy, num_frames: int, native_fps: float,
+               force_packing: int | None) -> tuple[list[int], int]:
+        return stride_indices(num_frames, native_fps, fps=policy.fps, max_frames=policy.max_frames), 1
+
+    def packing_for(self, policy: VideoPolicy, num_frames: int, force_packing: int | None) -> int:
+        return 1
+
+    def groups(self, policy: VideoPolicy, timestamps: Sequence[float], duration: float,
+               packing: int) -> list[list[int]] | None:
+        return None  # no temporal ids
+
+
+class PackedRecipe:
+    """4.5: ``fps`` frames per second in groups of up to ``max_packing`` frames, temporal ids."""
+
+    def frames_per_entry(self, policy: VideoPolicy) -> int:
+        return policy.max_packing
+
+    def sample(self, policy: VideoPolicy, num_frames: int, native_fps: float,
+               force_packing: int | None) -> tuple[list[int], int]:
+        return packed_indices(num_frames, native_fps, fps=policy.fps, max_frames=policy.max_frames,
+                              max_packing=policy.max_packing, force_packing=force_packing)
+
+    def packing_for(self, policy: VideoPolicy, num_frames: int, force_packing: int | None) -> int:
+        return min(force_packing or math.ceil(num_frames / policy.max_frames), policy.max_packing)
+
+    def groups(self, policy: VideoPolicy, timestamps: Sequence[float], duration: float,
+               packing: int) -> list[list[int]] | None:
+        return group_ids(nearest_time_ids(timestamps, duration, policy.time_scale), packing)
+
+
+RECIPES: dict[str, StrideRecipe | PackedRecipe] = {"stride": StrideRecipe(), "packed": PackedRecipe()}
+
+
+def recipe_of(policy: VideoPolicy) -> StrideRecipe | PackedRecipe:
+    """The frame-sampling strategy a version's ``VideoPolicy`` names."""
+    try:
+        return RECIPES[policy.recipe]
+    except KeyError:
+        raise InputError(f"unknown video recipe {policy.recipe!r}; known: {', '.join(RECIPES)}") from None
+
+
 # ---------------------------------------------------------------------------- options
 
 
@@ -657,18 +708,11 @@ class Video:
         return out
 
     def _plan(self, eff: VideoPolicy, num_frames: int, native_fps: float) -> tuple[list[int], int]:
-        if eff.recipe == "stride":
-            return stride_indices(num_frames, native_fps, fps=eff.fps, max_frames=eff.max_frames), 1
-        if eff.recipe == "packed":
-            return packed_indices(num_frames, native_fps, fps=eff.fps, max_frames=eff.max_frames,
-                                  max_packing=eff.max_packing, force_packing=self.options.packing)
-        raise InputError(f"unknown video recipe {eff.recipe!r}")
+        return recipe_of(eff).sample(eff, num_frames, native_fps, self.options.packing)
 
     def _finish(self, eff: VideoPolicy, frames: Sequence[Image.Image], indices: list[int], ts: list[float],
                 duration: float, packing: int, info: VideoInfo | None) -> VideoFrames:
-        groups = None
-        if eff.recipe == "packed":
-            groups = group_ids(nearest_time_ids(ts, duration, eff.time_scale), packing)
+        groups = recipe_of(eff).groups(eff, ts, duration, packing)
         log.info("%r: %d frame(s), packing %d", self, len(frames), packing)
         return VideoFrames(frames, indices, ts, groups, packing, self.options.max_slice_nums,
                            self.options.use_image_id, info)
@@ -693,13 +737,12 @@ class Video:
         frames = self._frames or []
         ts = self._timestamps or [i / eff.fps for i in range(len(frames))]
         positions = list(range(len(frames)))
-        cap = eff.max_frames * (eff.max_packing if eff.recipe == "packed" else 1)
+        recipe = recipe_of(eff)
+        cap = eff.max_frames * recipe.frames_per_entry(eff)
         if len(positions) > cap:
             log.info("%r: keeping %d of %d frames (max_frames=%d)", self, cap, len(frames), eff.max_frames)
             positions = uniform_sample(positions, cap)
-        packing = 1
-        if eff.recipe == "packed":
-            packing = min(self.options.packing or math.ceil(len(positions) / eff.max_frames), eff.max_packing)
+        packing = recipe.packing_for(eff, len(positions), self.options.packing)
         kept_ts = [ts[p] for p in positions]
         return self._finish(eff, [frames[p] for p in positions], positions, kept_ts,
                             kept_ts[-1] + eff.time_scale, packing, None)

@@ -3,7 +3,8 @@
 ``create_app(config, model=None)`` builds the app without touching the model; the model is
 loaded (unless one is passed in) and the ``BatchEngine`` thread started in the app's lifespan,
 and stopped on shutdown. Routes: ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /health``. ``GuardMiddleware`` gives every request an id (``X-Request-ID``), refuses headers
+``GET /health``, and ``POST /v1/audio/speech`` (``speech.py``, which also answers chat requests
+that ask for audio). ``GuardMiddleware`` gives every request an id (``X-Request-ID``), refuses headers
 over ``max_header_bytes`` with 431 and bodies over ``max_body_bytes`` with 413 (by Content-Length,
 and while reading a chunked body), and turns any exception that escapes a route into a logged 500
 that names the request id.
@@ -24,7 +25,7 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -39,7 +40,8 @@ from .completions import Prepared, complete, prepare, stream
 from .config import ServerConfig
 from .errors import APIError, client_closed, install_error_handlers, request_id_of
 from .runtime import ServerState
-from .schemas import ChatCompletionRequest, ImagePart, ModelCard, ModelList, VideoPart
+from .schemas import ChatCompletionRequest, ImagePart, InputAudioPart, ModelCard, ModelList, VideoPart
+from .speech import complete_spoken, install_speech_routes, prepare_spoken, stream_spoken
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +142,14 @@ def _timeout() -> APIError:
 
 
 def _has_media(body: ChatCompletionRequest) -> bool:
-    return any(isinstance(part, (ImagePart, VideoPart)) for msg in body.messages
+    return any(isinstance(part, (ImagePart, VideoPart, InputAudioPart)) for msg in body.messages
                if isinstance(msg.content, list) for part in msg.content)
 
 
 async def _prepare_in_time(state: ServerState, body: ChatCompletionRequest, slots: asyncio.Semaphore,
-                           deadline: float) -> Prepared:
-    """``prepare`` within the request's deadline, holding a decoding slot when it has media."""
+                           deadline: float, preparer: Callable[..., Awaitable[Prepared]]) -> Prepared:
+    """``preparer`` (``prepare`` or ``prepare_spoken``) within the request's deadline, holding a
+    decoding slot when the request has media."""
     loop = asyncio.get_running_loop()
     media = _has_media(body)
     if media:
@@ -155,7 +158,7 @@ async def _prepare_in_time(state: ServerState, body: ChatCompletionRequest, slot
         except asyncio.TimeoutError:
             raise _timeout() from None
     try:
-        prep = await prepare(state, body)
+        prep = await preparer(state, body)
     finally:
         if media:
             slots.release()
@@ -177,8 +180,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     release = state.acquire()
     handle = None
     try:
-        prep = await _prepare_in_time(state, body, request.app.state.decoding, deadline)
-        handle = state.submit(prep.inputs, prep.options, prep.plan.n)
+        spoken = body.wants_audio  # a spoken answer: speech.py's pipeline around the same engine
+        prep = await _prepare_in_time(state, body, request.app.state.decoding, deadline,
+                                      prepare_spoken if spoken else prepare)
+        handle = state.submit(prep.inputs, prep.params, prep.plan.n)
         handle.deadline = min(handle.deadline, deadline)
         response_id = f"chatcmpl-{handle.request_id}"
         if body.stream:
@@ -190,8 +195,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                 streaming.close()
                 owned()
 
-            return _ClosingStream(stream(state, prep, streaming, response_id, include_usage), on_close)
-        result = await complete(state, prep, handle, response_id, request.is_disconnected)
+            make_events: Any = stream_spoken if spoken else stream
+            return _ClosingStream(make_events(state, prep, streaming, response_id, include_usage), on_close)
+        finish: Any = complete_spoken if spoken else complete
+        result = await finish(state, prep, handle, response_id, request.is_disconnected)
     finally:
         if handle is not None:
             handle.close()
@@ -248,4 +255,5 @@ def create_app(config: ServerConfig, *, model: ChatModel | None = None) -> FastA
     app.post("/v1/chat/completions", response_model=None)(chat_completions)
     app.get("/v1/models")(list_models)
     app.get("/health")(health)
+    install_speech_routes(app)
     return app

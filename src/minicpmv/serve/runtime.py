@@ -19,8 +19,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from ..engine.batch import BatchEngine, BatchEvent, BatchRequest, SamplingOptions
+from ..engine.batch import BatchEngine, BatchEvent, BatchRequest
 from ..engine.chat import ChatModel
+from ..engine.sampling import SamplingParams
 from ..processing.processor import ModelInputs
 from .config import GenerationDefaults, ServerConfig
 from .errors import APIError
@@ -103,13 +104,6 @@ class ServerState:
         self.limit = config.max_batch_size + config.max_queue
         self.draining = False
 
-    @property
-    def hidden_ids(self) -> tuple[int, ...]:
-        """Token ids never shown in answers: terminators and the release's stripped tokens."""
-        tok = self.model.tokenizer
-        extra = [tok.token_to_id(t) for t in getattr(self.model.version, "strip_from_answer", ())]
-        return self.engine.eos_ids + tuple(i for i in extra if i is not None)
-
     def acquire(self) -> Callable[[], None]:
         """Count one request in flight, or refuse it (429 when full, 503 when not serving).
 
@@ -131,11 +125,10 @@ class ServerState:
 
         return release
 
-    def submit(self, inputs: ModelInputs, options: SamplingOptions, n: int) -> Handle:
+    def submit(self, inputs: ModelInputs, params: SamplingParams, n: int) -> Handle:
         """Queue a request in the engine; events arrive on the returned handle."""
         loop = asyncio.get_running_loop()
-        request = BatchRequest(inputs, options, on_event=lambda e: None, n=n,
-                               mask_bang_token=self.config.mask_bang_token)
+        request = BatchRequest(inputs, params, on_event=lambda e: None, n=n, id0_quirk=self.config.id0_quirk)
         handle = Handle(self.engine, request.request_id, n, loop.time() + self.config.request_timeout_s)
 
         def on_event(event: BatchEvent) -> None:

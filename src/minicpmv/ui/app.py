@@ -1,4 +1,8 @@
-"""The Gradio page of ``minicpmv ui``: chat with images (and video), decoding controls, few-shot.
+"""The Gradio page of ``minicpmv ui``: chat with images (and video, audio), decoding controls, few-shot.
+
+MiniCPM-o: a microphone / audio-file question box, audio files in the chat input, and a
+"Speech" panel (spoken answers on or off, the default voice or a reference clip cloned as an
+assistant or a role-play character); the spoken answer plays in the page when it is ready.
 
 ``build_app(shared)`` lays out the page and wires its events to ``logic.py``; ``launch(...)``
 loads the model once and serves the page on the local machine (never a public share link,
@@ -20,15 +24,9 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..engine.stream import TextEvent
 from ..errors import MiniCPMVError
-from .logic import (
-    DecodingOptions,
-    SharedModel,
-    TabChat,
-    Turn,
-    split_reasoning,
-    video_supported,
-)
+from .logic import PageOptions, SharedModel, TabChat, Turn, VoiceChoice, page_options, video_supported, voice_choice
 
 log = logging.getLogger(__name__)
 
@@ -54,38 +52,54 @@ def import_gradio() -> Any:
 STOPPED_IN_REASONING = "*(The answer stopped inside the reasoning: raise “Max new tokens”.)*"
 
 
-def answer_messages(text: str, *, final: bool = True) -> list[dict[str, Any]]:
+class Partial:
+    """An answer as it streams in: reasoning (thinking mode) and answer text so far."""
+
+    def __init__(self, thinking: bool) -> None:
+        self.reasoning: str | None = "" if thinking else None
+        self.content = ""
+        self.finish_reason: str | None = None
+
+    def add(self, event: TextEvent) -> None:
+        if self.reasoning is not None:
+            self.reasoning += event.reasoning
+        self.content += event.content
+        self.finish_reason = event.finish_reason or self.finish_reason
+
+
+def answer_messages(reasoning: str | None, content: str, *, final: bool = True,
+                    finish_reason: str | None = None) -> list[dict[str, Any]]:
     """An assistant answer as chatbot messages; thinking-mode reasoning goes in a block of its own.
 
-    The reasoning block is open while it streams and collapsed (status "done") once it is closed
-    or the answer is final.
+    The reasoning block is open while it streams and collapsed (status "done") once the answer
+    has begun or is final.
     """
-    split = split_reasoning(text)
     out: list[dict[str, Any]] = []
-    if split.reasoning is not None:
-        status = "done" if split.reasoning_done or final else "pending"
-        out.append({"role": "assistant", "content": split.reasoning or "…",
+    if reasoning is not None:
+        status = "done" if content or final else "pending"
+        out.append({"role": "assistant", "content": reasoning or "…",
                     "metadata": {"title": "Reasoning", "status": status}})
-        if final and not split.reasoning_done:
+        if final and not content and finish_reason == "length":
             out.append({"role": "assistant", "content": STOPPED_IN_REASONING})
-    if split.answer or (split.reasoning is None) or (split.reasoning_done and not final):
-        out.append({"role": "assistant", "content": split.answer or ("*(empty answer)*" if final else "…")})
+            return out
+    if content or reasoning is None or not final:
+        out.append({"role": "assistant", "content": content or ("*(empty answer)*" if final else "…")})
     return out
 
 
-def turn_messages(turn: Turn, answer: str | None = None) -> list[dict[str, Any]]:
-    """User files and text of one turn, then its answer (``answer``: a partial, streaming one)."""
+def turn_messages(turn: Turn, partial: Partial | None = None) -> list[dict[str, Any]]:
+    """User files and text of one turn, then its answer (``partial``: a streaming one)."""
     msgs: list[dict[str, Any]] = [{"role": "user", "content": {"path": f}} for f in turn.files]
     if turn.text.strip():
         msgs.append({"role": "user", "content": turn.text})
-    if answer is None:
-        return msgs + answer_messages(turn.answer)
-    return msgs + answer_messages(answer, final=False)
+    if partial is None:
+        return msgs + answer_messages(turn.reasoning, turn.content, finish_reason=turn.finish_reason)
+    return msgs + answer_messages(partial.reasoning, partial.content, final=False)
 
 
-def render(turns: list[Turn], pending: Turn | None = None, partial: str = "") -> list[dict[str, Any]]:
+def render(turns: list[Turn], pending: Turn | None = None, partial: Partial | None = None) -> list[dict[str, Any]]:
     msgs = [m for t in turns for m in turn_messages(t)]
-    return msgs + (turn_messages(pending, partial) if pending is not None else [])
+    return msgs + (turn_messages(pending, partial or Partial(False)) if pending is not None else [])
 
 
 _MD_ESCAPES = {c: f"&#{ord(c)};" for c in "\\`*_[]<>&|~"}
@@ -97,69 +111,97 @@ def error_status(e: BaseException | str) -> str:
     return f'<span class="error">Error: {text}</span>'
 
 
-def _options(mode: str, temperature: float, top_p: float, max_tokens: float, max_slices: float,
-             thinking: bool) -> DecodingOptions:
-    return DecodingOptions(mode=mode, temperature=float(temperature), top_p=float(top_p),
-                           max_new_tokens=int(max_tokens), max_slice_nums=int(max_slices),
-                           thinking=bool(thinking))
+def _options(shared: SharedModel, mode: str, temperature: float, top_p: float, max_tokens: float,
+             max_slices: float, thinking: bool) -> PageOptions:
+    return page_options(shared.model.version, mode=mode, temperature=float(temperature), top_p=float(top_p),
+                        max_new_tokens=int(max_tokens), max_slice_nums=int(max_slices), thinking=bool(thinking))
+
+
+N_CONTROLS = 6  # decoding controls; then the speech controls (speak, voice, reference clip)
+
+
+def _split(shared: SharedModel, values: tuple) -> tuple[PageOptions, VoiceChoice]:
+    """(decoding options, voice) of the handler's values (the speech controls may be left out)."""
+    speak, voice, reference = (*values[N_CONTROLS : N_CONTROLS + 3], False, None, None)[:3]
+    return _options(shared, *values[:N_CONTROLS]), voice_choice(bool(speak), voice or "default", reference)
+
+
+def played(turn: Turn | None) -> Any:
+    """A spoken answer as the page's player takes it: (rate, 16-bit samples), or None."""
+    if turn is None or turn.audio is None:
+        return None
+    import numpy as np
+
+    rate, wav = turn.audio
+    return rate, np.round(np.clip(wav, -1.0, 1.0) * 32767.0).astype(np.int16)
 
 
 # ---------------------------------------------------------------------- handlers
 class Handlers:
-    """Event handlers of the page; every generator yields (input box, tab state, chatbot, status)."""
+    """Event handlers of the page; every generator yields (input box, tab state, chatbot, status,
+    spoken answer, audio question)."""
 
     def __init__(self, gr: Any, shared: SharedModel) -> None:
         self.gr = gr
         self.shared = shared
 
     def _stream(
-        self, tab: TabChat, stream: Generator[str, None, None], base: list[Turn], pending: Turn,
-        done: str = "Answered",
+        self, tab: TabChat, stream: Generator[TextEvent, None, None], base: list[Turn], pending: Turn,
+        thinking: bool, done: str = "Answered", speak: bool = False,
     ) -> Iterator[tuple]:
-        skip, text, t0, epoch = self.gr.skip(), "", time.perf_counter(), tab.epoch
-        yield skip, tab, render(base, pending, ""), "Generating…"
+        skip, partial, t0, epoch = self.gr.skip(), Partial(thinking), time.perf_counter(), tab.epoch
+        yield skip, tab, render(base, pending, partial), "Generating…", skip, skip
         try:
-            for chunk in stream:
+            for event in stream:
                 if tab.epoch != epoch:  # "Clear" was pressed: stop generating, show nothing more
                     return  # (the finally below closes the stream, which releases the model lock)
-                text += chunk
-                yield skip, tab, render(base, pending, text), "Generating…"
+                partial.add(event)
+                yield skip, tab, render(base, pending, partial), "Generating…", skip, skip
         except MiniCPMVError as e:
-            yield skip, tab, render(tab.turns), error_status(e)
+            yield skip, tab, render(tab.turns), error_status(e), skip, skip
             return
         except Exception as e:  # a bug: keep the page usable, log the traceback on the server
             log.exception("generation failed")
-            yield skip, tab, render(tab.turns), error_status(f"internal error ({type(e).__name__}): {e}")
+            yield skip, tab, render(tab.turns), error_status(f"internal error ({type(e).__name__}): {e}"), skip, skip
             return
         finally:
             stream.close()  # also when the browser goes away and this handler is closed
-        yield skip, tab, render(tab.turns), f"{done} in {time.perf_counter() - t0:.1f} s."
+        audio = played(tab.turns[-1] if tab.turns else None) if speak else skip
+        yield skip, tab, render(tab.turns), f"{done} in {time.perf_counter() - t0:.1f} s.", audio, skip
 
-    def submit(self, message: dict[str, Any] | None, tab: TabChat | None, *controls: Any) -> Iterator[tuple]:
+    def submit(self, message: dict[str, Any] | None, tab: TabChat | None, *values: Any) -> Iterator[tuple]:
         tab = tab if tab is not None else TabChat(self.shared)
+        skip = self.gr.skip()
         message = message or {}
         text, files = str(message.get("text") or ""), list(message.get("files") or [])
+        recording = values[N_CONTROLS + 3] if len(values) > N_CONTROLS + 3 else None
+        files += [recording] if recording else []
         try:
-            stream = tab.ask(text, files, _options(*controls))
+            options, voice = _split(self.shared, values)
+            stream = tab.ask(text, files, options, voice)
         except MiniCPMVError as e:
-            yield self.gr.skip(), tab, render(tab.turns), error_status(e)
+            yield skip, tab, render(tab.turns), error_status(e), skip, skip
             return
-        yield {"text": "", "files": []}, tab, render(tab.turns), "Generating…"
-        yield from self._stream(tab, stream, list(tab.turns), Turn(text=text, files=[str(f) for f in files], items=[]))
+        yield {"text": "", "files": []}, tab, render(tab.turns), "Generating…", None, None
+        pending = Turn(text=text, files=[str(f) for f in files], items=[])
+        yield from self._stream(tab, stream, list(tab.turns), pending, options.thinking, speak=voice.speak)
 
-    def regenerate(self, tab: TabChat | None, *controls: Any) -> Iterator[tuple]:
+    def regenerate(self, tab: TabChat | None, *values: Any) -> Iterator[tuple]:
         tab = tab if tab is not None else TabChat(self.shared)
+        skip = self.gr.skip()
         try:
-            stream = tab.regenerate(_options(*controls))
+            options, voice = _split(self.shared, values)
+            stream = tab.regenerate(options, voice)
         except MiniCPMVError as e:
-            yield self.gr.skip(), tab, render(tab.turns), error_status(e)
+            yield skip, tab, render(tab.turns), error_status(e), skip, skip
             return
-        yield from self._stream(tab, stream, tab.turns[:-1], tab.turns[-1], done="Regenerated the last answer")
+        yield from self._stream(tab, stream, tab.turns[:-1], tab.turns[-1], options.thinking,
+                                done="Regenerated the last answer", speak=voice.speak)
 
     def clear(self, tab: TabChat | None) -> tuple:
         if tab is not None:
             tab.clear()
-        return {"text": "", "files": []}, tab, [], ""
+        return {"text": "", "files": []}, tab, [], "", None, None
 
     def add_example(self, examples: list, image: str | None, question: str, answer: str) -> tuple:
         if not image or not question.strip() or not answer.strip():
@@ -171,13 +213,15 @@ class Handlers:
         if not image:
             yield self.gr.skip(), error_status("upload a test image")
             return
-        text, stream = "", None
+        stream = None
         try:
-            stream = self.shared.few_shot(examples, image, question or "", _options(*controls))
+            options = _options(self.shared, *controls)
+            partial = Partial(options.thinking)
+            stream = self.shared.few_shot(examples, image, question or "", options)
             yield [], "Generating…"
-            for chunk in stream:
-                text += chunk
-                yield answer_messages(text, final=False), "Generating…"
+            for event in stream:
+                partial.add(event)
+                yield answer_messages(partial.reasoning, partial.content, final=False), "Generating…"
         except MiniCPMVError as e:
             yield self.gr.skip(), error_status(e)
             return
@@ -188,7 +232,7 @@ class Handlers:
         finally:
             if stream is not None:
                 stream.close()  # releases the model lock if the browser went away
-        yield answer_messages(text), "Done."
+        yield answer_messages(partial.reasoning, partial.content, finish_reason=partial.finish_reason), "Done."
 
 
 def _gallery(examples: list) -> list[tuple[str, str]]:
@@ -212,21 +256,41 @@ def _controls(gr: Any, shared: SharedModel, max_new_tokens: int) -> list[Any]:
     return [mode, temperature, top_p, max_tokens, max_slices, thinking]
 
 
+def _speech_controls(gr: Any, shared: SharedModel) -> list[Any]:
+    """Spoken answers and the voice (MiniCPM-o; hidden for models without audio)."""
+    with gr.Accordion("Speech", open=True, visible=shared.takes_audio):
+        speak = gr.Checkbox(value=False, label="Spoken answer", elem_id="speak", interactive=shared.speaks,
+                            info=None if shared.speaks else "this model has no speech head")
+        voice = gr.Radio([("Default voice", "default"), ("Clone the reference clip", "clone"),
+                          ("Role-play the reference clip", "roleplay")], value="default", label="Voice",
+                         elem_id="voice")
+        reference = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Reference clip (voice cloning)",
+                             elem_id="voice-ref")
+    return [speak, voice, reference]
+
+
 def _chat_tab(gr: Any, h: Handlers, controls: list[Any]) -> None:
     tab = gr.State(None)  # this browser tab's TabChat, created on its first question
+    audio_in = h.shared.takes_audio
     chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=520, buttons=["copy"])
+    answer_audio = gr.Audio(label="Spoken answer", autoplay=True, interactive=False, elem_id="answer-audio",
+                            visible=h.shared.speaks)
     status = gr.Markdown("", elem_id="status")
     kinds = "images or a video" if video_supported() else "images (video is not supported yet)"
+    kinds += ", audio" if audio_in else ""
     box = gr.MultimodalTextbox(
         placeholder=f"Attach {kinds}, type a question, press Enter", file_count="multiple",
-        file_types=["image", "video"], show_label=False, elem_id="input", sources=["upload"],
+        file_types=["image", "video", "audio"] if audio_in else ["image", "video"], show_label=False,
+        elem_id="input", sources=["upload"],
     )
+    recording = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Audio question (sent with "
+                         "the next message)", elem_id="audio-in", visible=audio_in)
     with gr.Row():
         regen = gr.Button("Regenerate", elem_id="regenerate")
         clear = gr.Button("Clear", elem_id="clear")
-    outputs = [box, tab, chatbot, status]
+    outputs = [box, tab, chatbot, status, answer_audio, recording]
     # Events that run the model share one queue slot (the model is shared); Clear runs at once.
-    box.submit(h.submit, [box, tab, *controls], outputs, concurrency_id=MODEL_QUEUE, concurrency_limit=1)
+    box.submit(h.submit, [box, tab, *controls, recording], outputs, concurrency_id=MODEL_QUEUE, concurrency_limit=1)
     regen.click(h.regenerate, [tab, *controls], outputs, concurrency_id=MODEL_QUEUE, concurrency_limit=1)
     clear.click(h.clear, [tab], outputs, queue=False)
     chatbot.clear(h.clear, [tab], outputs, queue=False)  # the chatbot's own trash button
@@ -269,10 +333,11 @@ def build_app(shared: SharedModel, *, max_new_tokens: int = 1024, title: str | N
         with gr.Row():
             with gr.Column(scale=1, min_width=240):
                 controls = _controls(gr, shared, max_new_tokens)
+                speech = _speech_controls(gr, shared)
             with gr.Column(scale=3):
                 with gr.Tabs():
                     with gr.Tab("Chat"):
-                        _chat_tab(gr, h, controls)
+                        _chat_tab(gr, h, [*controls, *speech])
                     with gr.Tab("Few-shot"):
                         _few_shot_tab(gr, h, controls)
     return demo
@@ -293,10 +358,11 @@ def launch(
     dtype: str = "bfloat16",
     device: str = "cpu",
     max_new_tokens: int = 1024,
+    max_audio_seconds: float | None = None,
 ) -> None:
     """Load ``model`` once and serve the page at http://HOST:PORT until interrupted."""
     gr = import_gradio()
-    shared = SharedModel.load(model, dtype=dtype, device=device)
+    shared = SharedModel.load(model, dtype=dtype, device=device, max_audio_seconds=max_audio_seconds)
     demo = build_app(shared, max_new_tokens=max_new_tokens)
     _, url, _ = demo.queue().launch(
         server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False,

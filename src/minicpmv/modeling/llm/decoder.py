@@ -26,7 +26,10 @@ from ..layers import (
 
 
 class DecoderLayer(nn.Module):
-    """``x += attn(norm(x)); x += mlp(norm(x))``."""
+    """``x += attn(norm(x)) * s; x += mlp(norm(x)) * s``; ``residual_scale`` s is 1 (no multiply)
+    except in backbones that scale their residual branches (MiniCPM)."""
+
+    residual_scale = 1.0
 
     def __init__(self, cfg: TextConfig, layer_idx: int, *, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
@@ -52,8 +55,10 @@ class DecoderLayer(nn.Module):
         mask: AttnMask,
         cache: KVCacheProtocol | None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)  # [B, T, H]
-        return x + self.mlp(self.post_attention_layernorm(x))  # [B, T, H]
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)  # [B, T, H]
+        x = x + (attn if self.residual_scale == 1.0 else attn * self.residual_scale)
+        mlp = self.mlp(self.post_attention_layernorm(x))  # [B, T, H]
+        return x + (mlp if self.residual_scale == 1.0 else mlp * self.residual_scale)
 
 
 class DecoderModel(nn.Module):
@@ -82,8 +87,19 @@ class DecoderModel(nn.Module):
         device = inputs_embeds.device
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=device).expand(b, t)  # [B, T]
-        cos, sin = self.rotary_emb(position_ids.to(device), inputs_embeds.dtype)  # [B, T, hd] x2
         mask = build_attn_mask(attention_mask, t, past, inputs_embeds.dtype, device)
+        return self.run(inputs_embeds, position_ids, mask, cache)
+
+    def run(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: AttnMask,
+        cache: KVCacheProtocol | None,
+    ) -> torch.Tensor:
+        """The blocks and the final norm under a mask the caller prepared (``forward`` builds
+        the causal one; the MiniCPM-o speech decoder has its own visibility rule): [B, T, H]."""
+        cos, sin = self.rotary_emb(position_ids.to(inputs_embeds.device), inputs_embeds.dtype)  # [B, T, hd] x2
         h = inputs_embeds
         for layer in self.layers:
             h = layer(h, cos, sin, mask, cache)  # [B, T, H]

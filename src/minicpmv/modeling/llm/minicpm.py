@@ -20,7 +20,6 @@ import torch
 
 from ...config import TextConfig
 from ...errors import ConfigError
-from ..layers import AttnMask, KVCacheProtocol
 from .decoder import DecoderForCausalLM, DecoderLayer
 
 
@@ -38,18 +37,6 @@ class MiniCPMDecoderLayer(DecoderLayer):
         super().__init__(cfg, layer_idx, qkv_bias=qkv_bias, qk_norm=qk_norm)
         _, scale_depth, _ = _required(cfg)
         self.residual_scale = scale_depth / math.sqrt(cfg.num_hidden_layers)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: AttnMask,
-        cache: KVCacheProtocol | None,
-    ) -> torch.Tensor:
-        s = self.residual_scale
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache) * s  # [B, T, H]
-        return x + self.mlp(self.post_attention_layernorm(x)) * s  # [B, T, H]
 
 
 class MiniCPMForCausalLM(DecoderForCausalLM):

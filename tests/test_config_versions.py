@@ -11,7 +11,7 @@ from minicpmv.config import ModelConfig, ProcessorConfig
 from minicpmv.errors import ConfigError, UnknownVersionError
 from minicpmv.versions import VERSIONS, detect_version, get_version
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parent / "data"
 REAL45 = json.loads((DATA / "real-4.5" / "release" / "config.json").read_text())
 
 
