@@ -132,6 +132,11 @@ class ChatCompletionRequest(BaseModel):
     def wants_audio(self) -> bool:
         return bool(self.modalities) and "audio" in self.modalities  # type: ignore[operator]
 
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_temperature_is_greedy(cls, value: float | None) -> float | None:
+        return 0.0 if value is not None and value < GREEDY_BELOW else value
+
 
 class SpeechRequestBody(BaseModel):
     """POST /v1/audio/speech body (OpenAI's speech endpoint)."""
@@ -149,11 +154,6 @@ class SpeechRequestBody(BaseModel):
     @property
     def voice_name(self) -> str:
         return self.voice if isinstance(self.voice, str) else self.voice.id
-
-    @field_validator("temperature")
-    @classmethod
-    def _tiny_temperature_is_greedy(cls, value: float | None) -> float | None:
-        return 0.0 if value is not None and value < GREEDY_BELOW else value
 
 
 # ---------------------------------------------------------------------------- responses
