@@ -1,26 +1,37 @@
-"""The ``minicpmv`` command line: chat, inspect, conformance, serve, ui, batch, finetune, ...
+"""The ``minicpmv`` command line: chat, inspect, conformance, quantize, serve, ui, batch, finetune, export, ...
 
 Thin: it parses arguments, calls the public API and prints. All behaviour lives in the library.
-Errors of the library (``MiniCPMVError``) become a one-line message and exit status 2.
+Errors of the library (``MiniCPMVError``) become a one-line message and exit status 2; so do
+unknown or unavailable devices (checked before anything loads) and, for ``serve``, a model that
+cannot be loaded (it is loaded before the server starts). ``-v`` works before or after the
+command; ``--version``; ``python -m minicpmv`` runs this too.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .errors import MiniCPMVError
 
 log = logging.getLogger("minicpmv")
 
+INTERACTIVE_HELP = ("':image PATH' attaches an image, ':video PATH' a video, ':audio PATH' an audio clip, "
+                    "':reset' clears, ':quit' exits "
+                    "(start a line with '::' to send text that begins with ':')")
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
-                   help="checkpoint directory or Hugging Face repo id (default: the bundled demo model)")
+                   help="checkpoint directory or Hugging Face repo id (default: the bundled demo model, "
+                        "also named minicpmv:demo)")
     p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16 (default bfloat16)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
 
@@ -28,9 +39,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minicpmv", description="Run MiniCPM-V checkpoints natively.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("--version", action="version", version=f"minicpmv {__version__}")
+    verbose = argparse.ArgumentParser(add_help=False)  # -v after the command too (not resetting the one before)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
+    add = functools.partial(sub.add_parser, parents=[verbose])
 
-    chat = sub.add_parser("chat", help="ask a question about images (streams the answer)")
+    chat = add("chat", help="ask a question about images (streams the answer)")
     _add_model_args(chat)
     chat.add_argument("--mmproj", default=None, help="GGUF vision file (mmproj) of a GGUF --model file")
     chat.add_argument("question", nargs="?", help="the question (omit with -i)")
@@ -50,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default="", help="system prompt")
     chat.add_argument("--think", action="store_true", help="enable thinking mode (4.5)")
     chat.add_argument("-i", "--interactive", action="store_true", help="multi-turn session on the terminal")
+    chat.add_argument("--no-stream", action="store_true", help="print each answer once it is complete")
     chat.add_argument("--greedy", action="store_true", help="greedy decoding instead of the official sampling")
     chat.add_argument("--beam", action="store_true", help="the official non-sampling mode (beam search, 3 beams)")
     chat.add_argument("--max-new-tokens", type=int, default=512)
@@ -65,23 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_speech_arguments(chat)
 
-    ins = sub.add_parser("inspect", help="print version, parameter counts and memory estimate")
-    ins.add_argument("path", help="checkpoint directory (weights are not needed) or GGUF file / directory")
+    ins = add("inspect", help="print version, parameter counts and memory estimate")
+    ins.add_argument("path", help="checkpoint directory, Hugging Face repo id (only its config is downloaded), "
+                                  "GGUF file / directory, or minicpmv:demo (weights are not needed)")
     ins.add_argument("--mmproj", default=None, help="GGUF vision file (mmproj) of a GGUF model file")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
 
-    conf = sub.add_parser("conformance", help="run golden-vector cases against the reference outputs")
+    conf = add("conformance", help="run golden-vector cases against the reference outputs")
     conf.add_argument("cases", nargs="+", type=Path, help="case directories (or directories of cases)")
     conf.add_argument("--checkpoint", type=Path, default=None, help="default: CASE_DIR/../_checkpoint")
 
-    qz = sub.add_parser("quantize", help="write a weight-only int8 / int4 copy of a checkpoint")
+    qz = add("quantize", help="write a weight-only int8 / int4 copy of a checkpoint")
     qz.add_argument("--model", "-m", required=True, help="float checkpoint directory or Hugging Face repo id")
     qz.add_argument("--to", required=True, choices=["int8", "int4"], help="weight format of the LLM linear layers")
     qz.add_argument("--output", "-o", required=True, type=Path, help="new checkpoint directory (must not exist)")
     qz.add_argument("--group-size", type=int, default=None, help="int4: input columns per scale (32/64/128/256; 128)")
     qz.add_argument("--no-lm-head", action="store_true", help="keep lm_head in the checkpoint's float dtype")
 
-    ui = sub.add_parser("ui", help="local web UI: chat with images in the browser (needs the [ui] extra)")
+    ui = add("ui", help="local web UI: chat with images in the browser (needs the [ui] extra)")
     _add_model_args(ui)
     ui.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
@@ -91,14 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .serve.config import add_serve_arguments  # no FastAPI import: just the flags
 
-    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the [serve] extra)")
+    srv = add("serve", help="OpenAI-compatible HTTP server (needs the [serve] extra)")
     _add_model_args(srv)
     add_serve_arguments(srv)
 
     from .batch.cli_args import add_batch_arguments, add_ray_serve_arguments  # no torch, no Ray
 
     add_ray_serve_arguments(srv)
-    bat = sub.add_parser("batch", help="answer a prompt about every image/video of a folder, glob or table")
+    bat = add("batch", help="answer a prompt about every image/video of a folder, glob or table")
     _add_model_args(bat)
     add_batch_arguments(bat)
 
@@ -109,11 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_finetune_arguments,
     )
 
-    add_finetune_arguments(sub.add_parser("finetune", help="LoRA / full fine-tuning on official-format data"))
-    add_export_arguments(sub.add_parser("export", help="merge a LoRA adapter into a checkpoint; write GGUF "
-                                                  "(llama.cpp / Ollama)"))
-    add_demo_arguments(sub.add_parser("train-demo", help="train the small demo model from scratch on synthetic data"))
-    add_eval_demo_arguments(sub.add_parser("eval-demo", help="the demo model's scores on its independent evaluation"))
+    add_finetune_arguments(add("finetune", help="LoRA / full fine-tuning on official-format data"))
+    add_export_arguments(add("export", help="merge a LoRA adapter into a checkpoint; write GGUF (llama.cpp / Ollama)"))
+    add_demo_arguments(add("train-demo", help="train the small demo model from scratch on synthetic data"))
+    add_eval_demo_arguments(add("eval-demo", help="the demo model's scores on its independent evaluation"))
     return parser
 
 
@@ -151,14 +168,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
         speech.start(session)
     media: list[Any] = [*images, *audios, *videos]
     first: list[Any] = [*media, args.question] if args.question else media
+    stream = not args.no_stream
     if args.question:
-        _print_stream(session.ask(speech.question(first) if speech else first, stream=True))
+        _print_answer(session, speech.question(first) if speech else first, stream)
         if speech is not None:
             speech.write(session, numbered=args.interactive)
         first = []
     if args.interactive:
         after = (lambda s: speech.write(s, numbered=True)) if speech is not None else None
-        _interactive(session, first, _video_options(args), after)
+        _interactive(session, first, _video_options(args), stream=stream, after=after)
     return 0
 
 
@@ -209,19 +227,21 @@ def _audios(paths: list[str]) -> list[Any]:
     return out
 
 
-def _print_stream(chunks: Any) -> None:
-    for chunk in chunks:
+def _print_answer(session: Any, content: list[Any], stream: bool) -> None:
+    if not stream:
+        sys.stdout.write(session.ask(content) + "\n")
+        sys.stdout.flush()
+        return
+    for chunk in session.ask(content, stream=True):
         sys.stdout.write(chunk)
         sys.stdout.flush()
     sys.stdout.write("\n")
 
 
-def _interactive(session: Any, pending_images: list[Any], video_options: dict[str, Any] | None = None,
-                 after: Any = None) -> None:
-    from .processing.image import load_image
-
-    sys.stderr.write("Interactive chat. ':image PATH' attaches an image, ':video PATH' a video, ':audio PATH' an "
-                     "audio clip, ':reset' clears, ':quit' exits.\n")
+def _interactive(session: Any, pending: list[Any], video_options: dict[str, Any] | None = None, *,
+                 stream: bool = True, after: Callable[[Any], None] | None = None) -> None:
+    """Read lines until ':quit' or end of input; ``after(session)`` runs after each answer."""
+    sys.stderr.write(f"Interactive chat. {INTERACTIVE_HELP[0].upper()}{INTERACTIVE_HELP[1:]}.\n")
     while True:
         try:
             line = input("> ").strip()
@@ -229,39 +249,54 @@ def _interactive(session: Any, pending_images: list[Any], video_options: dict[st
             break
         if not line:
             continue
-        if line in (":quit", ":q", ":exit"):
-            break
-        if line == ":reset":
-            session.reset()
+        if line.startswith("::"):
+            line = line[1:]  # escaped: text that begins with ':'
+        elif line.startswith(":"):
+            if _command(session, line, pending, video_options or {}):
+                break
             continue
-        if line.startswith(":image "):
-            try:
-                pending_images.append(load_image(line[7:].strip()))
-            except MiniCPMVError as e:
-                sys.stderr.write(f"error: {e}\n")
-            continue
-        if line.startswith(":video "):
-            try:
-                pending_images.append(_attach_video(session, line[7:].strip(), video_options or {}))
-            except MiniCPMVError as e:
-                sys.stderr.write(f"error: {e}\n")
-            continue
-        if line.startswith(":audio "):
-            try:
-                pending_images += _audios([line[7:].strip()])
-            except MiniCPMVError as e:
-                sys.stderr.write(f"error: {e}\n")
-            continue
-        _print_stream(session.ask([*pending_images, line], stream=True))
-        pending_images = []
+        _print_answer(session, [*pending, line], stream)
+        pending = []
         if after is not None:
             after(session)
 
 
+def _command(session: Any, line: str, pending: list[Any], video_options: dict[str, Any]) -> bool:
+    """Run one ':command' of the interactive mode; True when the session should end."""
+    from .processing.image import load_image
+
+    name, _, arg = line[1:].partition(" ")
+    arg = arg.strip()
+    if name in ("quit", "q", "exit"):
+        return True
+    if name == "reset":
+        session.reset()
+    elif name in ("image", "video", "audio") and arg:
+        try:
+            if name == "audio":
+                pending.extend(_audios([arg]))
+            else:
+                pending.append(load_image(arg) if name == "image" else _attach_video(session, arg, video_options))
+        except MiniCPMVError as e:
+            sys.stderr.write(f"error: {e}\n")
+    elif name in ("image", "video", "audio"):
+        sys.stderr.write(f"':{name}' needs a path: ':{name} PATH'\n")
+    elif name == "help":
+        sys.stderr.write(INTERACTIVE_HELP + "\n")
+    else:
+        sys.stderr.write(f"unknown command ':{name}' (nothing was sent); {INTERACTIVE_HELP}\n")
+    return False
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .formats.inspect import inspect_any
+    from .loading.checkpoint import DEMO_NAME, resolve_checkpoint
 
-    info = inspect_any(Path(args.path), Path(args.mmproj) if args.mmproj else None)
+    given = Path(args.path).expanduser()
+    local = args.path == DEMO_NAME or given.exists()
+    path = given if given.is_file() or args.mmproj else resolve_checkpoint(args.path, config_only=True)
+    info = inspect_any(path, Path(args.mmproj) if args.mmproj else None)
+    info["source"] = "local" if local else "hub"
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -278,7 +313,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if quant := info.get("quantization"):
         print(f"quantized    {quant['format']}: {quant['quantized_parameters']:,d} parameters; "
               f"{quant['stored_gib']:.2f} GiB as stored")
-    print(f"weights      {'present' if info['has_weights'] else 'absent (config only)'}")
+    absent = "absent (config only)" if info["source"] == "local" else "not downloaded (repo id: config only)"
+    print(f"weights      {'present' if info['has_weights'] else absent}")
     return 0
 
 
@@ -318,7 +354,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import serve
+    from .serve import check_extra, serve
     from .serve.config import config_from_args
 
     if args.ray is not None:
@@ -327,8 +363,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return cmd_serve_ray(args, config_from_args(args))
     if args.replicas is not None or args.min_replicas is not None or args.max_replicas is not None:
         raise MiniCPMVError("--replicas, --min-replicas and --max-replicas need --ray")
-    serve(config_from_args(args), host=args.host, port=args.port,
-          log_level="info" if args.verbose else "warning")
+    check_extra()
+    from .api import load
+
+    config = config_from_args(args)
+    model = load(config.model, dtype=config.dtype, device=config.device)  # before the server: errors are one line
+    name = config.model_name(Path(model.path).name if model.path else "minicpmv")
+    print(f"minicpmv serve: {name} (MiniCPM-V {model.version.name}) loaded; the OpenAI API will be at "
+          f"http://{args.host}:{args.port}/v1 (requests are logged below; Ctrl-C stops)", file=sys.stderr, flush=True)
+    serve(config, model=model, host=args.host, port=args.port, log_level="info")
     return 0
 
 
@@ -379,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
                 "serve": cmd_serve, "finetune": cmd_finetune, "export": cmd_export, "quantize": cmd_quantize,
                 "train-demo": cmd_train_demo, "batch": cmd_batch, "eval-demo": cmd_eval_demo}
     try:
+        if getattr(args, "device", None) not in (None, "auto"):
+            from .loading.devices import resolve_device
+
+            resolve_device(args.device)  # a typo or a missing GPU: one line, before anything loads
         return handlers[args.command](args)
     except MiniCPMVError as e:
         print(f"minicpmv: error: {e}", file=sys.stderr)

@@ -80,5 +80,10 @@ class FeatureNotAvailableError(MiniCPMVError, NotImplementedError):
     """The checkpoint supports a feature that this package does not implement yet."""
 
 
+class OutputError(MiniCPMVError):
+    """An output (checkpoint, export, quantized copy) cannot be written: the folder is in use, the
+    disk is full, permissions, ... Nothing half-written is left behind."""
+
+
 class OverloadedError(MiniCPMVError):
     """The batch engine's queue is full (or it is shutting down); retry the request later."""

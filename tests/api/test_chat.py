@@ -78,8 +78,9 @@ def test_official_stream_is_the_unstripped_decode(model):
     with torch.inference_mode():
         ids = model.runner.generate_ids(model.runner.prepare(model.processor([conv]), id0_quirk=False),
                                         SamplingParams(max_new_tokens=12))[0]
-    ids = [t for t in ids if t not in model.terminator_ids()]
-    assert "".join(chunks) == model.tokenizer.decode(ids, skip_special_tokens=False)
+    assert model.chat(conv, **GREEDY) == model.runner.postprocess(ids)  # spec 9.4, exactly
+    shown = [t for t in ids if t not in model.terminator_ids()]
+    assert shown and "".join(chunks) == model.tokenizer.decode(shown, skip_special_tokens=False)
 
 
 def test_respond_stream_concatenates_to_chat_answer(model):
@@ -110,6 +111,10 @@ def test_seeded_sampling_is_reproducible(model):
     a = model.chat(conv, max_new_tokens=8, seed=7)
     b = model.chat(conv, max_new_tokens=8, seed=7)
     assert a == b
+    # and it really samples: other seeds give other answers, and not (only) the greedy one
+    others = {model.chat(conv, max_new_tokens=8, seed=s) for s in (8, 9, 10)}
+    greedy = model.chat(conv, **{**GREEDY, "max_new_tokens": 8})
+    assert len(others | {a}) > 1 and (others | {a}) != {greedy}
 
 
 def test_id0_quirk_switch(model26):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from minicpmv.conformance import CaseRunner, expand_case_dirs
@@ -18,7 +20,9 @@ def test_case(version, case, model26, model45):
     failed = [r.line() for r in results if not r.ok]
     assert not failed, "\n".join(failed)
     stages = {r.stage for r in results}
-    assert {"template", "expanded", "input_ids", "logits", "greedy_ids"} <= stages
+    assert {"template", "expanded", "input_ids", "logits", "greedy_ids", "chat_greedy", "generate_kwargs"} <= stages
+    if json.loads((case / "inputs" / "params.json").read_text()).get("beam_kwargs"):
+        assert {"beam_ids", "chat_beam", "beam_generate_kwargs"} <= stages  # chat() itself, beam search
 
 
 def test_all_public_cases_present():

@@ -152,3 +152,42 @@ def test_prepacked_and_quantized_models_can_be_cast_after_load() -> None:
     quant.model.float()
     assert _logits(quant).dtype == torch.float32
     assert isinstance(quant.chat([{"role": "user", "content": ["hello"]}], sampling=False, max_new_tokens=3), str)
+
+
+# ---------------------------------------------------------------------------- issue 20
+
+
+def test_quantized_files_follow_the_umask_and_leave_the_demo_card_behind(tmp_path) -> None:
+    """Every written file gets the umask's mode (safetensors alone writes 0600), and the demo
+    model's DEMO_CARD.json (figures of the bf16 weights) is not copied to the int8 copy."""
+    import os
+    import stat
+
+    from minicpmv import demo_model
+
+    out = tmp_path / "demo-int8"
+    old = os.umask(0o027)
+    try:
+        assert main(["quantize", "--model", str(demo_model.path()), "--to", "int8", "--output", str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert (demo_model.path() / "DEMO_CARD.json").is_file() and not (out / "DEMO_CARD.json").exists()
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o640}, modes
+
+
+def test_full_disk_while_quantizing_leaves_nothing(tmp_path, capsys, monkeypatch) -> None:
+    import errno
+
+    from minicpmv.quant import writer
+
+    def full_disk(tensors, path, **kw):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(writer, "save_safetensors", full_disk)
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(CKPT["2.6"]), "--to", "int8", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []

@@ -5,9 +5,11 @@ from __future__ import annotations
 import wave
 
 import pytest
+import torch
 from PIL import Image
 
 from minicpmv import ChatSession
+from minicpmv.engine.sampling import SamplingParams
 from minicpmv.errors import InputError
 
 from .conftest import CONF, LEGACY, case_audio, case_image
@@ -26,7 +28,15 @@ def test_chat_stream_and_session_agree(version, legacy_models):
     answer = cm.chat(first, **GREEDY)
     assert isinstance(answer, str)
     streamed = "".join(cm.chat(first, stream=True, **{**GREEDY, "sampling": True, "top_k": 1}))
-    assert streamed.strip() == answer.strip()
+    with torch.inference_mode():  # both against the greedy ids, exactly (spec §9.4 / §9.5)
+        params = SamplingParams.from_official(cm.version, sampling=False, max_new_tokens=6,
+                                              overrides={"num_beams": 1, "repetition_penalty": 1.0})
+        ids = cm.runner.generate_ids(cm.prepare([first]), params)[0]
+    assert answer == cm.runner.postprocess(ids)
+    shown = cm.tokenizer.decode([i for i in ids if i not in cm.terminator_ids()])
+    for text in (*cm.version.strip_from_answer, *(cm.tokenizer.id_to_token(t) for t in cm.terminator_ids())):
+        shown = shown.replace(text, "")
+    assert streamed and streamed == shown
     session = ChatSession(cm, **GREEDY)
     assert session.ask([_image(), "What is this?"]) == answer
     second = session.ask("And its color?")

@@ -39,6 +39,8 @@ def test_case(version, case, legacy_models):
         assert {"audio_features", "audio_feature_lens", "apm_last_hidden", "audio_embeds", "audio_bounds"} <= stages
     if version != "2.0":
         assert "template" in stages
+    official_chat_raised = bool(json.loads((case / "expected" / "meta.json").read_text()).get("official_chat_error"))
+    assert ({"chat_greedy", "chat_beam"} <= stages) is not official_chat_raised  # chat() itself
 
 
 def test_all_public_cases_present():

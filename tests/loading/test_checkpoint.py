@@ -328,3 +328,60 @@ def test_copy_side_files_keeps_data_and_drops_weights_indexes_and_code(tmp_path)
     assert copy_side_files(src, dst, skip=["config.json"]) == sorted(set(keep) - {"config.json"})
     assert sorted(p.name for p in dst.iterdir()) == sorted(set(keep) - {"config.json"})
     assert (dst / "tokenizer.json").read_text() == "tokenizer.json"
+
+
+# --- shard names stay inside the checkpoint folder (issue 20) ----------------------------------
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "nested-dotdot"])
+def test_index_shards_outside_the_folder_are_refused(ckpt_copy, tmp_path, where) -> None:
+    """An index may only name files inside its own folder: a shard reached through ``..`` or an
+    absolute path is refused before it is opened (even when the file exists and is valid)."""
+    path = ckpt_copy("2.6")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (path / WEIGHTS).rename(outside / WEIGHTS)
+    name = {"parent": f"../elsewhere/{WEIGHTS}", "absolute": str(outside / WEIGHTS),
+            "nested-dotdot": f"sub/../../elsewhere/{WEIGHTS}"}[where]
+    keys = list(load_file(str(outside / WEIGHTS)))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: name for k in keys}}))
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        load_model(path)
+
+
+def test_index_shard_symlinked_like_the_hub_cache_is_allowed(ckpt_copy, tmp_path) -> None:
+    """The Hugging Face cache links snapshot files to ../../blobs/<hash>: the check is on the
+    names the index lists, not on where their links point."""
+    path = ckpt_copy("2.6")
+    blob = tmp_path / "blobs" / "0123abcd"
+    blob.parent.mkdir()
+    (path / WEIGHTS).rename(blob)
+    os.symlink(blob, path / "model-00001-of-00001.safetensors")
+    keys = list(load_file(str(blob)))
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: "model-00001-of-00001.safetensors" for k in keys}}))
+    assert load_model(path, dtype=torch.float32) is not None
+
+
+def test_index_shard_in_a_subfolder_is_allowed(ckpt_copy) -> None:
+    path = ckpt_copy("2.6")
+    (path / "weights").mkdir()
+    (path / WEIGHTS).rename(path / "weights" / WEIGHTS)
+    keys = list(load_file(str(path / "weights" / WEIGHTS)))
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: f"weights/{WEIGHTS}" for k in keys}}))
+    assert load_model(path, dtype=torch.float32) is not None
+
+
+def test_copy_side_files_never_copies_the_demo_card(tmp_path) -> None:
+    """DEMO_CARD.json holds the figures of the bundled demo weights; a quantized or fine-tuned
+    copy has other weights, so the card must not travel with them."""
+    from minicpmv.loading.checkpoint import copy_side_files
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    for name in ("config.json", "DEMO_CARD.json"):
+        (src / name).write_text("{}")
+    assert copy_side_files(src, dst) == ["config.json"]
+    assert not (dst / "DEMO_CARD.json").exists()

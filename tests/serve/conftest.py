@@ -83,6 +83,20 @@ class LiveServer(ServerClient):
 
 
 
+@pytest.fixture
+def slow_steps(monkeypatch):
+    """Make every decode step take >= 5 ms, so 900 tokens surely outlast a disconnect."""
+    from minicpmv.engine.batch import BatchEngine
+
+    real = BatchEngine._decode_step
+
+    def slow(self):
+        time.sleep(0.005)
+        real(self)
+
+    monkeypatch.setattr(BatchEngine, "_decode_step", slow)
+
+
 @pytest.fixture(scope="module")
 def server45(model45):
     with LiveServer(model45, max_batch_size=8, max_queue=64) as srv:

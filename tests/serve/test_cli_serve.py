@@ -55,3 +55,7 @@ def test_serve_command_end_to_end():
     # uvicorn shuts down gracefully, then re-raises the signal it caught (exit by SIGTERM)
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "Traceback" not in out, out
+    # without -v: what was loaded, the address, a ready line and one line per request
+    assert "_checkpoint (MiniCPM-V 2.6) loaded" in out and f"http://127.0.0.1:{port}" in out, out
+    assert "Application startup complete" in out, out
+    assert '"POST /v1/chat/completions HTTP/1.1" 200' in out and '"GET /v1/models HTTP/1.1" 200' in out, out

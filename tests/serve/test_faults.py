@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
-import time
+import json
+import socket
 
 import httpx
 import openai
@@ -42,20 +43,6 @@ def _no_leaks(request):
     yield
     if "server" in request.fixturenames:
         request.getfixturevalue("server").wait_idle()
-
-
-@pytest.fixture
-def slow_steps(monkeypatch):
-    """Make every decode step take >= 5 ms, so 900 tokens surely outlast a disconnect."""
-    from minicpmv.engine.batch import BatchEngine
-
-    real = BatchEngine._decode_step
-
-    def slow(self):
-        time.sleep(0.005)
-        real(self)
-
-    monkeypatch.setattr(BatchEngine, "_decode_step", slow)
 
 
 def _user(*parts: dict) -> list[dict]:
@@ -142,6 +129,12 @@ def test_local_paths(server, media_dir):
                "media_path_forbidden")
     _error(server.post(_body(_user({"type": "image_url", "image_url": {"url": "missing.png"}}))), 400,
            "media_not_found")
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "a\x00b.png", "file:///srv/a%00.png", "http://x:99999/a.png"])
+def test_malformed_media_urls_are_400_not_500(server, url):
+    err = _error(server.post(_body(_user({"type": "image_url", "image_url": {"url": url}}))), 400, "invalid_url")
+    assert err["param"] == "messages"
 
 
 def test_local_paths_off_without_media_dir(server26, media_dir):
@@ -269,3 +262,115 @@ def test_non_streaming_client_disconnect_is_noticed(server, slow_steps):
                    json=_body([{"role": "user", "content": "long"}], max_tokens=900))
     server.wait_idle()
     assert engine.stats.generated_tokens - before < 900
+
+
+# ---------------------------------------------------------------------------- faults under load (issue 20)
+
+
+def _say(i: int, **kw) -> dict:
+    return {"model": NAME, "messages": [{"role": "user", "content": f"Tell me about number {i}"}], "max_tokens": 6,
+            "temperature": 0, **kw}
+
+
+def _answers(srv: LiveServer, n: int) -> list[str]:
+    with cf.ThreadPoolExecutor(8) as pool:
+        resps = list(pool.map(lambda i: srv.post(_say(i)), range(n)))
+    assert all(r.status_code == 200 for r in resps), [r.text for r in resps if r.status_code != 200]
+    return [r.json()["choices"][0]["message"]["content"] for r in resps]
+
+
+def test_64_clients_hang_up_mid_stream(model26, slow_steps):
+    """64 streaming clients at once (8 decode, the rest wait) each read the first event and hang
+    up: every slot is freed, generation stops early, and the next requests get exactly the
+    answers they get on an idle server (nothing lost, nothing mixed up)."""
+    with LiveServer(model26, max_batch_size=8, max_queue=64) as srv:
+        before = _answers(srv, 8)
+        engine = srv.state.engine
+        generated = engine.stats.generated_tokens
+
+        def hang_up(i: int) -> int:
+            with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=_say(i, max_tokens=900, stream=True),
+                              timeout=120) as resp:
+                next(resp.iter_lines())
+                return resp.status_code
+
+        with cf.ThreadPoolExecutor(64) as pool:
+            assert list(pool.map(hang_up, range(64))) == [200] * 64
+        srv.wait_idle()
+        assert engine.stats.generated_tokens - generated < 64 * 900 // 10
+        assert _answers(srv, 8) == before
+
+
+def _raw_request(port: int, body: bytes, *, rcvbuf: int | None = None) -> socket.socket:
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    return sock
+
+
+def _read_sse(sock: socket.socket) -> str:
+    """The content text of a whole SSE response read from a raw socket (h11 parses HTTP)."""
+    import h11
+
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="POST", target="/", headers=[("Host", "t"), ("Content-Length", "0")]))
+    conn.send(h11.EndOfMessage())
+    data = b""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(sock.recv(65536))
+        elif isinstance(event, h11.Data):
+            data += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            break
+    texts = []
+    for line in data.decode().splitlines():
+        if line.startswith("data: {"):
+            for choice in json.loads(line[6:]).get("choices", []):
+                texts.append(choice["delta"].get("content") or "")
+    assert data.decode().rstrip().endswith("data: [DONE]")
+    return "".join(texts)
+
+
+def test_slow_clients_do_not_hold_up_the_others(model26):
+    """Clients that send their headers or body a little at a time and never finish, and one that
+    does not read its stream, do not delay anybody else; the slow reader's stream is complete
+    when it finally reads."""
+    with LiveServer(model26, max_batch_size=4, max_queue=16) as srv:
+        before = _answers(srv, 4)
+        slow = []
+        for _ in range(16):  # slowloris: an unfinished request line and headers
+            s = socket.create_connection(("127.0.0.1", srv.port))
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+            slow.append(s)
+        for _ in range(4):  # a body that stops half way
+            s = socket.create_connection(("127.0.0.1", srv.port))
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"model\": \"tiny\", ")
+            slow.append(s)
+        body = json.dumps(_say(3, max_tokens=400, stream=True)).encode()
+        reader = _raw_request(srv.port, body, rcvbuf=4096)  # does not read for now
+        try:
+            assert _answers(srv, 4) == before  # served as if alone
+            full = srv.post(_say(3, max_tokens=400)).json()["choices"][0]["message"]["content"]
+            assert _read_sse(reader) == full  # nothing of the slow reader's answer was lost
+        finally:
+            reader.close()
+            for s in slow:
+                s.close()
+        srv.wait_idle()
+
+
+@pytest.mark.parametrize("headers", [{"X-Big": "a" * 100_000}, {f"X-H{i}": "v" * 20 for i in range(3000)}])
+def test_oversized_headers_are_refused(server, headers):
+    resp = httpx.post(f"{server.url}/v1/chat/completions", json=_body([{"role": "user", "content": "hi"}]),
+                      headers=headers, timeout=60)
+    err = _error(resp, 431, "headers_too_large")
+    assert "header" in err["message"]
+    ok = httpx.post(f"{server.url}/v1/chat/completions", json=_body([{"role": "user", "content": "hi"}]),
+                    headers={"X-Fine": "a" * 8_000}, timeout=60)
+    assert ok.status_code == 200

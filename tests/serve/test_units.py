@@ -13,7 +13,7 @@ from minicpmv.cli import build_parser
 from minicpmv.serve.config import GenerationDefaults, ServerConfig, config_from_args
 from minicpmv.serve.convert import plan_request, resolved_conversation, sampling_params
 from minicpmv.serve.errors import APIError
-from minicpmv.serve.media import MediaPolicy, _check_host, decode_data_url, fetch_media, resolve_local
+from minicpmv.serve.media import MediaPolicy, checked_address, decode_data_url, fetch_media, resolve_local
 from minicpmv.serve.schemas import ChatCompletionRequest
 
 
@@ -48,15 +48,16 @@ def test_local_files_confined(tmp_path):
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "10.1.2.3", "192.168.0.10", "169.254.169.254",
-                                  "::1", "0.0.0.0", "::ffff:127.0.0.1"])
+                                  "::1", "0.0.0.0", "::ffff:127.0.0.1", "::127.0.0.1", "64:ff9b::7f00:1",
+                                  "2002:7f00:1::"])
 def test_non_public_hosts_refused(host):
     with pytest.raises(APIError) as e:
-        asyncio.run(_check_host(host, 80))
+        asyncio.run(checked_address(host, 80, MediaPolicy()))
     assert e.value.code == "media_address_forbidden"
 
 
 def test_public_ip_literal_allowed_and_schemes():
-    asyncio.run(_check_host("8.8.8.8", 443))
+    assert str(asyncio.run(checked_address("8.8.8.8", 443, MediaPolicy()))) == "8.8.8.8"
     with pytest.raises(APIError, match="remote media URLs are disabled"):
         asyncio.run(fetch_media("https://example.com/a.png", MediaPolicy()))
     with pytest.raises(APIError, match="unsupported media URL scheme"):
@@ -127,6 +128,16 @@ def test_sampling_defaults_and_overrides():
     opts = sampling_params(plan, prompt_tokens=10, max_model_len=100)
     assert opts.greedy and opts.top_k == 0 and opts.max_new_tokens == 7 and opts.seed == 2**63 - 1
     assert opts.logit_bias == ((3, -100.0),)
+
+
+def test_tiny_temperatures_are_greedy_and_tiny_penalties_refused():
+    """Found by the request fuzzer: temperature 5e-324 divided the logits into inf (500). Like
+    vLLM, a temperature under 1e-5 means greedy; a repetition penalty under 1e-3 is refused."""
+    assert sampling_params(_plan(_req(temperature=5e-324)), prompt_tokens=10, max_model_len=100).greedy
+    tiny = sampling_params(_plan(_req(temperature=1e-5)), 10, 100)
+    assert not tiny.greedy and tiny.temperature == 1e-5
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        _req(repetition_penalty=1e-300)
 
 
 def test_generation_defaults_from_dict():

@@ -35,6 +35,16 @@ def qa_records(n: int) -> list[dict]:
     return out
 
 
+class PickleTrap:
+    """Unpickling this object creates ``marker`` (proves that a loader never unpickles)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.marker), "w"))
+
+
 @pytest.fixture(scope="session")
 def chat26():
     import minicpmv

@@ -37,6 +37,7 @@ CHROMIUM_ARGS = [
 ]
 WAIT_MS = 90_000  # generous bound for any single page state on a busy 2-core machine
 STARTUP_S = 180
+LOGS: dict[str, Path] = {}  # server URL -> its log (stdout and stderr of `minicpmv ui`)
 
 
 def _free_port() -> int:
@@ -74,6 +75,7 @@ def serve(version: str, tmp: Path, model: Path | None = None, extra: tuple[str, 
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}/"
+    LOGS[url] = log
     try:
         _wait_until_serving(url, proc, log)
         yield url
@@ -171,6 +173,17 @@ WATCH_ANSWERS = """() => {
 
 
 # ---------------------------------------------------------------------- tests
+def test_the_command_prints_its_address_and_no_share_hint(server: str) -> None:
+    """The CLI offers no share links, so the log must not suggest `share=True`; it prints where
+    the page is instead."""
+    want = f"open {server.rstrip('/')}"
+    deadline = time.monotonic() + 60  # the line is printed right after the page starts serving
+    while want not in (text := LOGS[server].read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert want in text, text
+    assert "share=True" not in text and "public link" not in text, text
+
+
 def test_upload_image_ask_and_stream_answer(page: Page, tmp_path: Path, server: str, requested: list[str]) -> None:
     page.evaluate(WATCH_ANSWERS)
     attach(page, HOUSE)

@@ -314,3 +314,53 @@ def test_image_chain_reads_frames_only_when_asked(tmp_path, decode_log):
     with pytest.raises(IndexError):
         chain[5]
     assert [im.size for im in chain] == chain.sizes()
+
+
+# ---------------------------------------------------------------------------- frame pixel limit (issue 20)
+
+
+def test_frames_over_the_pixel_limit_are_refused_before_any_decoding(tmp_path, decode_log):
+    """The container's frame size is checked against ``max_pixels`` right after the demux pass,
+    before a frame is decoded (64x48 = 3072 pixels)."""
+    path = write_video(tmp_path / "c.mp4", 10, 10)
+    with pytest.raises(VideoError, match=r"64x48 = 3072 pixels, over the limit of 3071"):
+        load_video(path, "2.6", max_pixels=3071)
+    with pytest.raises(VideoError, match="over the limit"):
+        Video(path.read_bytes(), max_pixels=3071).expand(vmod.get_version("4.5").video)
+    assert decode_log == []
+    assert read_code(load_video(path, "2.6", max_pixels=3072).frames[0]) == 0  # at the limit: decodes
+
+
+def test_a_frame_larger_than_its_header_is_refused_before_conversion(tmp_path, monkeypatch):
+    """A stream whose header claims small frames but decodes large ones (or changes size mid-way)
+    is stopped at the first oversized frame, before it becomes an RGB image."""
+    path = write_video(tmp_path / "c.mp4", 10, 10)
+    real = vmod._index
+
+    def lying(src, what):
+        idx = real(src, what)
+        return vmod._Index(vmod.replace(idx.info, width=16, height=16), idx.pts, idx.keys)
+
+    monkeypatch.setattr(vmod, "_index", lying)
+    converted = []
+    monkeypatch.setattr(av.VideoFrame, "to_image", lambda self, *a, **k: converted.append(1))
+    with pytest.raises(VideoError, match=r"frame 0 .*64x48.* over the limit of 1000"):
+        load_video(path, "2.6", max_pixels=1000)
+    assert converted == []
+
+
+def test_the_default_frame_limit_is_the_image_limit(tmp_path, monkeypatch):
+    from minicpmv.processing import image as imod
+
+    path = write_video(tmp_path / "c.mp4", 4, 4)
+    monkeypatch.setattr(imod, "DEFAULT_MAX_PIXELS", 3000)
+    with pytest.raises(VideoError, match="over the limit of 3000"):
+        load_video(path, "2.6")
+
+
+def test_frame_lists_follow_the_pixel_limit():
+    big = np.zeros((48, 64, 3), np.uint8)
+    with pytest.raises(InputError, match="64x48 = 3072 pixels"):
+        load_video([big, big], "2.6", max_pixels=100)
+    with pytest.raises(InputError, match="max_pixels must be a positive integer"):
+        Video([big], max_pixels=0)

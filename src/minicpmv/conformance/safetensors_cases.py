@@ -4,8 +4,13 @@ A case directory holds ``inputs/`` (msgs.json, params.json, images) and ``expect
 (meta.json, tensors.safetensors, slices/*.png) in the format documented in
 ``tests/data/conformance/README.md``; cases with ``expected/tensors.npz`` (2.0, 2.5,
 o2.6) are run by ``conformance_npz.NpzCaseRunner`` instead (``make_runner`` picks).
-``run_case`` loads the checkpoint in float32, feeds the inputs through our processor, vision
-tower, resampler, embedding merge and generator, and returns one ``StageResult`` per stage.
+``CaseRunner`` feeds the inputs of a case through the loaded float32 model: our processor, the
+model's own ``encode_features`` (the vision tower output the resampler read there is tapped for
+the vision stages), the embedding merge and generator, and finally ``ChatModel.chat()`` itself,
+called as the reference was, against ``greedy_answer`` / ``beam_answer``; the ``generate``
+kwargs the reference recorded are compared with our decoding settings. Slice PNGs are matched
+to pixel_values entries through ``pixel_values_source_slice`` (the PNGs are in frame order, the
+entries in processor order). One ``StageResult`` per stage.
 This module is a tool on top of the public API; nothing in the library imports it.
 """
 
@@ -26,8 +31,7 @@ from ..engine.chat import ChatModel, normalise_msgs
 from ..engine.compat import thinking_flag
 from ..engine.sampling import SamplingParams
 from ..errors import MiniCPMVError
-from ..modeling.vision_siglip import pack_slices
-from .common import StageResult, close, exact
+from .common import StageResult, close, exact, features_and_vision, generate_kwargs, unpad, worst_error
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +91,8 @@ class CaseRunner:
         yield from self._prompt_stages(inputs)
         yield from self._pixel_stages(inputs)
         with torch.inference_mode():
-            features = self.cm.runner.encode_features(inputs)
-            yield from self._vision_stages(inputs, features)
+            features, vision = features_and_vision(self.cm, inputs)
+            yield from self._vision_stages(vision, features)
             batch = self.cm.runner.prepare(inputs, features=features)
             yield exact(self.name, "attention_mask", batch.attention_mask.tolist(),
                          self.t["attention_mask"].tolist())
@@ -98,6 +102,7 @@ class CaseRunner:
             yield from self._greedy_stages(batch)
             if self.params.get("beam_kwargs"):
                 yield from self._beam_stage(batch)
+        yield from self._chat_stages()
 
     def _prompt_stages(self, inputs: Any) -> Iterator[StageResult]:
         m = self.meta
@@ -115,17 +120,18 @@ class CaseRunner:
             yield exact(self.name, "temporal_ids", inputs.temporal_ids, m["temporal_ids_from_processor"])
 
     def _pixel_stages(self, inputs: Any) -> Iterator[StageResult]:
-        slices = [s for conv in inputs.slices for s in conv]
-        bad = []
-        for k in range(len(self.meta["slice_index"])):
-            with Image.open(self.dir / "expected" / "slices" / f"slice_{k:03d}.png") as im:
+        slices = [s for conv in inputs.slices for s in conv]  # processor order
+        source = self.meta.get("pixel_values_source_slice") or list(range(len(self.meta["slice_index"])))
+        bad: list[Any] = []
+        for k, png in enumerate(source):
+            with Image.open(self.dir / "expected" / "slices" / f"slice_{png:03d}.png") as im:
                 want = np.asarray(im.convert("RGB"))
             got = np.asarray(slices[k]) if k < len(slices) else None
             if got is None or got.shape != want.shape or not np.array_equal(got, want):
                 bad.append(k)
-        if len(slices) != len(self.meta["slice_index"]):
-            bad.append(f"count {len(slices)} != {len(self.meta['slice_index'])}")
-        yield StageResult(self.name, "slices", not bad, note=f"mismatching slices {bad}" if bad else "")
+        if len(slices) != len(source):
+            bad.append(f"count {len(slices)} != {len(source)}")
+        yield StageResult(self.name, "slices", not bad, note=f"mismatching entries {bad}" if bad else "")
         flat = [p for conv in inputs.pixel_values for p in conv]
         if not flat:
             return
@@ -135,24 +141,20 @@ class CaseRunner:
         err = float(np.max(np.abs(stats - want))) if stats.shape == want.shape else None
         yield StageResult(self.name, "pixel_values", ok, err, RTOL_PIXEL_STATS, note="(rtol)")
 
-    def _vision_stages(self, inputs: Any, features: list[torch.Tensor | None]) -> Iterator[StageResult]:
-        flat = [torch.from_numpy(p) for conv in inputs.pixel_values for p in conv]
-        if not flat:
+    def _vision_stages(self, vision: list[torch.Tensor], features: list[torch.Tensor | None]) -> Iterator[StageResult]:
+        """``vision``: per slice [L_s, Dv], what the resampler read inside encode_features."""
+        if not vision:
             return
-        sizes = torch.tensor([s for conv in inputs.tgt_sizes for s in conv], dtype=torch.long)
-        padded, mask = pack_slices(flat, sizes)  # [S, 3, P, Lmax*P], [S, 1, Lmax]
-        vpm = self.cm.model.vpm
-        vis = vpm(padded.to(self.cm.model.dtype), mask, sizes)  # [S, Lmax, Dv]
-        worst = 0.0
-        colsum = []
-        for s in range(len(flat)):
-            rows = torch.from_numpy(self.t[f"vpm_rows_{s:03d}"])
-            got = vis[s, rows].double().numpy()
-            worst = max(worst, float(np.max(np.abs(got - self.t[f"vpm_out_{s:03d}"]))))
-            n = int(sizes[s, 0] * sizes[s, 1])
-            colsum.append(vis[s, :n].double().sum(0).numpy())
+        n = sum(1 for k in self.t if k.startswith("vpm_out_"))
+        if len(vision) != n:
+            yield StageResult(self.name, "vision", False, note=f"{len(vision)} slices, expected {n}")
+            return
+        pairs = [(v[torch.from_numpy(self.t[f"vpm_rows_{s:03d}"])].double().numpy(), self.t[f"vpm_out_{s:03d}"])
+                 for s, v in enumerate(vision)]
+        worst = worst_error(pairs)  # NaN fails
         yield StageResult(self.name, "vision", worst <= TOL_TENSOR, worst, TOL_TENSOR)
-        yield close(self.name, "vision_colsum", np.stack(colsum), self.t["vpm_colsum"], TOL_SUM)
+        colsum = np.stack([v.double().sum(0).numpy() for v in vision])
+        yield close(self.name, "vision_colsum", colsum, self.t["vpm_colsum"], TOL_SUM)
         feats = torch.cat([f for f in features if f is not None]).double()  # [N, Q, D]
         rows = torch.from_numpy(self.t["resampler_rows"])
         yield close(self.name, "resampler", feats[:, rows].numpy(), self.t["resampler_out_sel"], TOL_TENSOR)
@@ -190,10 +192,28 @@ class CaseRunner:
 
     def _beam_stage(self, batch: Any) -> Iterator[StageResult]:
         params = self._gen_params(self.params["beam_kwargs"])
+        want_kwargs = self.meta.get("beam_generate_kwargs")
+        if want_kwargs is not None:
+            got_kwargs = generate_kwargs(params, self.cm.runner.eos_ids, want_kwargs)
+            yield exact(self.name, "beam_generate_kwargs", got_kwargs, want_kwargs)
         rows = self.cm.runner.generate_ids(batch, params)
-        want = self.t["beam_ids"].tolist()
-        got = [list(r) + [0] * (len(w) - len(r)) for r, w in zip(rows, want, strict=True)]
-        yield exact(self.name, "beam_ids", got, want)
+        ends = self.cm.runner.eos_ids
+        want = [unpad(w, ends) for w in self.t["beam_ids"].tolist()]  # batched rows are padded after their end
+        yield exact(self.name, "beam_ids", [unpad(r, ends) for r in rows], want)
+
+    def _chat_stages(self) -> Iterator[StageResult]:
+        """``ChatModel.chat()`` called as the reference was, against its returned strings."""
+        chat_kwargs = {k: v for k, v in self.proc_kwargs.items() if v is not None}  # the call's chat_kwargs
+        answer = self.cm.chat(self.msgs, **chat_kwargs, **self.params["greedy_kwargs"])
+        yield exact(self.name, "chat_greedy", answer, self.meta["greedy_answer"])
+        want_kwargs = self.meta.get("generate_kwargs")
+        if want_kwargs is not None:
+            params = self._gen_params(self.params["greedy_kwargs"])
+            got_kwargs = generate_kwargs(params, self.cm.runner.eos_ids, want_kwargs)
+            yield exact(self.name, "generate_kwargs", got_kwargs, want_kwargs)
+        if self.params.get("beam_kwargs"):
+            beam = self.cm.chat(self.msgs, **chat_kwargs, **self.params["beam_kwargs"])
+            yield exact(self.name, "chat_beam", beam, self.meta["beam_answer"])
 
 
 def _pixel_stats(p: np.ndarray) -> list[float]:

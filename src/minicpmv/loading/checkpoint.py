@@ -18,17 +18,20 @@ are never imported. This module does not tokenize, build processors or run the m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ..config import ModelConfig, read_json_object
@@ -37,6 +40,7 @@ from ..errors import (
     ConfigError,
     MissingWeightsError,
     OfflineError,
+    OutputError,
     ShapeMismatchError,
     UnexpectedWeightsError,
     UnsafeCheckpointError,
@@ -56,10 +60,14 @@ INDEX_FILE = "model.safetensors.index.json"
 # what copy_side_files never copies: weights in any format, their indexes, and code
 _NOT_SIDE_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".safetensors.index.json",
                    ".bin.index.json", ".py")
+# files that describe one set of weights (the bundled demo model's card): never carried to a copy
+_WEIGHT_CARDS = ("DEMO_CARD.json",)
 _UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _MAX_LISTED = 20
 VISION_PREFIXES = ("vpm.", "resampler.")  # what ``vision_dtype`` applies to
+DEMO_NAME = "minicpmv:demo"  # the bundled demo model (neither a path nor a repo id)
+CONFIG_PATTERNS = ["config.json", "*.safetensors.index.json", "generation_config.json"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,8 +75,15 @@ VISION_PREFIXES = ("vpm.", "resampler.")  # what ``vision_dtype`` applies to
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_checkpoint(path_or_repo_id: str | Path, *, revision: str | None = None) -> Path:
-    """A local checkpoint directory for a directory path or a Hugging Face repo id."""
+def resolve_checkpoint(path_or_repo_id: str | Path, *, revision: str | None = None,
+                       config_only: bool = False) -> Path:
+    """A local checkpoint directory for a directory path, a Hugging Face repo id (downloaded, or
+    read from the local cache when offline) or ``minicpmv:demo`` (the bundled demo model).
+    ``config_only`` downloads just the config files of a repo (what ``inspect`` needs)."""
+    if str(path_or_repo_id) == DEMO_NAME:
+        from ..demo_model import path as demo_path
+
+        return demo_path()
     p = Path(path_or_repo_id).expanduser()
     if p.is_dir():
         return p
@@ -77,10 +92,10 @@ def resolve_checkpoint(path_or_repo_id: str | Path, *, revision: str | None = No
     text = str(path_or_repo_id)
     if not _REPO_ID.match(text) or text.startswith((".", "~")) or "//" in text:
         raise CheckpointError(f"{text!r} is neither an existing directory nor a Hugging Face repo id")
-    return _download(text, revision)
+    return _download(text, revision, CONFIG_PATTERNS if config_only else ALLOW_PATTERNS)
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
@@ -92,7 +107,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
     except ImportError as e:  # pragma: no cover - declared dependency
         raise CheckpointError(f"{repo_id!r} is not a local directory and huggingface_hub is missing") from e
     try:
-        local = snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS)
+        local = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except LocalEntryNotFoundError as e:
         raise OfflineError(
             f"cannot download {repo_id!r}: the Hugging Face Hub is unreachable or offline mode is on "
@@ -114,13 +129,58 @@ def _download(repo_id: str, revision: str | None) -> Path:
 def copy_side_files(src: Path, dst: Path, *, skip: Iterable[str] = ()) -> list[str]:
     """Copy the files of checkpoint directory ``src`` that a new checkpoint written from it keeps
     (tokenizer, preprocessor and generation configs, ...) into ``dst``: everything but weights,
-    weight indexes, code (``*.py``: never carried over) and the names in ``skip``. Returns the names."""
-    skipped = set(skip)
+    weight indexes, code (``*.py``: never carried over), the demo model's ``DEMO_CARD.json`` (its
+    figures describe other weights) and the names in ``skip``. Returns the names."""
+    skipped = {*skip, *_WEIGHT_CARDS}
     names = [f.name for f in sorted(src.iterdir())
              if f.is_file() and not f.name.endswith(_NOT_SIDE_FILES) and f.name not in skipped]
-    for name in names:
-        shutil.copy2(src / name, dst / name)
+    for name in names:  # contents only: the copy gets the mode a new file gets (as `cp` does)
+        shutil.copyfile(src / name, dst / name)
+        os.chmod(dst / name, new_file_mode())
     return names
+
+
+@contextlib.contextmanager
+def new_output_folder(out: Path) -> Iterator[Path]:
+    """A temporary sibling folder to write a new checkpoint into, renamed to ``out`` when the block
+    ends normally and removed when it fails (a full disk leaves nothing half written). ``out`` must
+    not exist or be empty: nothing is overwritten. An ``OSError`` inside becomes ``OutputError``."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputError(f"the output {out} exists and is not empty; nothing is overwritten: choose a new folder")
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except OSError as e:
+        raise OutputError(f"writing {out} failed: {e.strerror or e}"
+                          + (f" ({e.filename})" if e.filename else "")) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def new_file_mode() -> int:
+    """The mode a newly created file gets under this process's umask (0o666 minus the mask)."""
+    try:  # Linux: read the mask without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, *,
+                     metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, with the file mode its neighbours get from the umask
+    (save_file creates its files 0600)."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, new_file_mode())
 
 
 def read_config(path: str | Path, *, version: str | None = None) -> tuple[dict[str, Any], VersionSpec]:
@@ -209,7 +269,7 @@ def _from_index(index: Path) -> dict[str, Path]:
             raise TypeError("weight_map is not an object")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
-    shards = {name: index.parent / name for name in set(weight_map.values())}
+    shards = {name: _shard_path(index, name) for name in set(weight_map.values())}
     missing = sorted(name for name, f in shards.items() if not f.is_file())
     if missing:
         raise CheckpointError(f"shard file(s) listed in {index.name} are missing: {', '.join(missing)}")
@@ -225,6 +285,18 @@ def _from_index(index: Path) -> dict[str, Path]:
             )
         keys.update({k: f for k in listed})
     return keys
+
+
+def _shard_path(index: Path, name: Any) -> Path:
+    """The file an index entry names, which must lie inside the index's folder: a relative path
+    without ``..`` (checked on the name, so the hub cache's symlinked snapshot files still load)."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise CheckpointError(f"{index.name} names a shard that is not a file name: {name!r}")
+    rel = PurePosixPath(name.replace("\\", "/"))
+    if rel.is_absolute() or PureWindowsPath(name).drive or ".." in rel.parts:
+        raise CheckpointError(f"{index.name} names the shard {name!r}, outside the checkpoint folder; "
+                              "an index may only list files inside its own folder")
+    return index.parent / rel
 
 
 def _open(f: Path) -> Any:

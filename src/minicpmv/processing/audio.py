@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import wave
 from dataclasses import dataclass
 from functools import lru_cache
@@ -70,7 +71,10 @@ class AudioFeatureConfig:
 
 def check_waveform(x: Any, sampling_rate: int | None, cfg: AudioFeatureConfig, where: str) -> np.ndarray:
     """A validated float32 1-D waveform, or AudioError saying what to change."""
-    if sampling_rate is not None and int(sampling_rate) != cfg.sampling_rate:
+    if sampling_rate is not None and (isinstance(sampling_rate, bool)
+                                      or not isinstance(sampling_rate, (int, float, np.integer, np.floating))):
+        raise AudioError(f"{where}: sampling_rate must be a number of Hz, got {sampling_rate!r:.40}")
+    if sampling_rate is not None and sampling_rate != cfg.sampling_rate:
         raise AudioError(
             f"{where}: audio has a sample rate of {sampling_rate} Hz but MiniCPM-o needs {cfg.sampling_rate} Hz "
             "mono; resample it first (e.g. with soundfile/librosa/ffmpeg)"
@@ -106,8 +110,12 @@ def load_wav(path: str | Path | io.BytesIO) -> tuple[np.ndarray, int]:
             raw = f.readframes(f.getnframes())
     except FileNotFoundError as e:
         raise AudioError(f"audio file {p} does not exist") from e
-    except (wave.Error, EOFError, OSError) as e:
-        raise AudioError(f"{p} is not a readable PCM WAV file ({e}); convert it to 16-bit PCM WAV") from e
+    except (wave.Error, EOFError, OSError, RuntimeError, ValueError, struct.error) as e:  # what wave raises
+        raise AudioError(f"{p} is not a readable PCM WAV file ({e or type(e).__name__}); convert it to 16-bit "
+                         "PCM WAV") from e
+    if channels < 1 or rate < 1:
+        raise AudioError(f"{p}: the WAV header says {channels} channel(s) at {rate} Hz")
+    raw = raw[: len(raw) - len(raw) % (width * channels)]  # a truncated last frame is dropped
     if width == 1:
         data = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
     elif width in (2, 4):

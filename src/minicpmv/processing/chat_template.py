@@ -81,9 +81,9 @@ class ChatTemplate:
             )
         except TemplateError:
             raise
-        except (jinja2.TemplateError, TypeError, ValueError, AttributeError, KeyError,
-                IndexError) as e:
-            raise TemplateError(f"chat template cannot render these messages: {e}") from e
+        except (jinja2.TemplateError, TypeError, ValueError, AttributeError, LookupError, ArithmeticError,
+                RecursionError) as e:  # what template code itself can raise (it is data, not ours)
+            raise TemplateError(f"chat template cannot render these messages: {type(e).__name__}: {e}") from e
 
 
 # ---------------------------------------------------------------------------- flattening

@@ -73,6 +73,7 @@ from PIL import Image
 
 from ..errors import InputError, VideoError
 from ..versions import VersionSpec, VideoPolicy, get_version
+from . import image as _image
 from .image import LazySequence, load_image
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,8 @@ VideoSource = str | PathLike | bytes | bytearray | memoryview | BinaryIO
 INSTALL_HINT = "video input needs PyAV: pip install 'minicpmv[video]'"
 MAX_DECODER_THREADS = 4
 FRAME_CACHE_BYTES = 64 * 2**20  # decoded frames a SampledFrames keeps (the rest are decoded again)
-OPTION_KEYS = ("fps", "max_frames", "packing", "max_packing", "max_slice_nums", "use_image_id", "timestamps")
+OPTION_KEYS = ("fps", "max_frames", "packing", "max_packing", "max_slice_nums", "use_image_id", "max_pixels",
+               "timestamps")
 
 
 # ---------------------------------------------------------------------------- sampling (pure)
@@ -214,17 +216,23 @@ class VideoOptions:
     max_packing: int | None = None  # 4.5: MAX_NUM_PACKING
     max_slice_nums: int | None = None  # slicing of the frames (None: call's value, else policy)
     use_image_id: bool | None = None
+    max_pixels: int | None = None  # pixels per decoded frame (None: the image limit, DEFAULT_MAX_PIXELS)
 
     def __post_init__(self) -> None:
         if self.fps is not None and not (isinstance(self.fps, (int, float)) and math.isfinite(self.fps)
                                          and self.fps > 0 and not isinstance(self.fps, bool)):
             raise InputError(f"video fps must be a positive number, got {self.fps!r}")
-        for name in ("max_frames", "packing", "max_packing", "max_slice_nums"):
+        for name in ("max_frames", "packing", "max_packing", "max_slice_nums", "max_pixels"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1):
                 raise InputError(f"video {name} must be a positive integer, got {v!r}")
         if self.use_image_id is not None and not isinstance(self.use_image_id, bool):
             raise InputError(f"video use_image_id must be True or False, got {self.use_image_id!r}")
+
+    @property
+    def pixel_limit(self) -> int:
+        """Most pixels a frame may have (checked before a frame is decoded into an image)."""
+        return int(self.max_pixels or _image.DEFAULT_MAX_PIXELS)
 
     def resolve(self, policy: VideoPolicy) -> VideoPolicy:
         """The policy with these overrides applied (and checked against the model's limits)."""
@@ -279,6 +287,13 @@ def _describe(src: object) -> str:
     if isinstance(src, (bytes, bytearray, memoryview)):
         return f"video bytes ({len(src)} bytes)"
     return f"video {type(src).__name__}"
+
+
+def check_frame_pixels(width: int, height: int, limit: int, what: str) -> None:
+    """VideoError when a ``width`` x ``height`` frame is over ``limit`` pixels (decompression bombs)."""
+    if width * height > limit:
+        raise VideoError(f"{what} is {width}x{height} = {width * height} pixels, over the limit of {limit} "
+                         "pixels per frame (max_pixels); downscale the video or raise the limit")
 
 
 class _Opened:
@@ -432,10 +447,17 @@ def _decode_sequential(container: Any, stream: Any, wanted: list[int]) -> Iterat
 
 
 def iter_video_frames(src: VideoSource, indices: Sequence[int], *, index: _Index | None = None,
-                      what: str | None = None) -> Iterator[tuple[int, Image.Image]]:
+                      what: str | None = None, max_pixels: int | None = None) -> Iterator[tuple[int, Image.Image]]:
     """(frame index, RGB image) for the distinct ``indices`` in increasing order; decodes only
-    what is needed to reach them. Raises VideoError for unreadable or corrupt videos."""
+    what is needed to reach them. Raises VideoError for unreadable or corrupt videos and for a
+    frame over ``max_pixels`` (default: the image limit), before it becomes an image."""
     what = what or _describe(src)
+    limit = int(max_pixels or _image.DEFAULT_MAX_PIXELS)
+
+    def rgb(k: int, frame: Any) -> Image.Image:
+        check_frame_pixels(int(frame.width), int(frame.height), limit, f"{what}: frame {k}")
+        return frame.to_image()
+
     idx = index or _index(src, what)
     wanted = sorted(set(int(i) for i in indices))
     if wanted and not 0 <= wanted[0] <= wanted[-1] < idx.info.num_frames:
@@ -448,14 +470,14 @@ def iter_video_frames(src: VideoSource, indices: Sequence[int], *, index: _Index
                 with _Opened(src, what) as (container, stream):
                     for k, frame in _decode_indexed(container, stream, idx, wanted):
                         done.add(k)
-                        yield k, frame.to_image()
+                        yield k, rgb(k, frame)
                 return
             except _NotIndexed as e:
                 log.info("%s: %s; decoding sequentially", what, e)
         with _Opened(src, what) as (container, stream):
             for k, frame in _decode_sequential(container, stream, wanted):
                 if k not in done:
-                    yield k, frame.to_image()
+                    yield k, rgb(k, frame)
     except av.FFmpegError as e:
         raise VideoError(f"{what} could not be decoded (corrupt data or unsupported codec): {e}") from e
 
@@ -472,12 +494,13 @@ class SampledFrames(LazySequence[Image.Image]):
     """
 
     def __init__(self, source: VideoSource, index: _Index, indices: Sequence[int], *, what: str,
-                 cache_bytes: int | None = None) -> None:
+                 cache_bytes: int | None = None, max_pixels: int | None = None) -> None:
         self._indices = [int(k) for k in indices]
         if any(b < a for a, b in zip(self._indices, self._indices[1:], strict=False)):
             raise InputError("sampled frame indices must be in increasing order")
         self._source, self._index, self._what = source, index, what
         self._budget = FRAME_CACHE_BYTES if cache_bytes is None else int(cache_bytes)
+        self._max_pixels = max_pixels
         self._cache: dict[int, Image.Image] = {}
         self._cached_bytes = 0
 
@@ -501,7 +524,8 @@ class SampledFrames(LazySequence[Image.Image]):
         k = self._indices[i]
         img = self._cache.get(k)
         if img is None:
-            _, img = next(iter(iter_video_frames(self._source, [k], index=self._index, what=self._what)))
+            _, img = next(iter(iter_video_frames(self._source, [k], index=self._index, what=self._what,
+                                                 max_pixels=self._max_pixels)))
             self._keep(k, img)
         return img
 
@@ -509,7 +533,8 @@ class SampledFrames(LazySequence[Image.Image]):
         missing = sorted(set(self._indices) - self._cache.keys())
         decoded: Iterator[tuple[int, Image.Image]] = iter(())
         if missing:
-            decoded = iter_video_frames(self._source, missing, index=self._index, what=self._what)
+            decoded = iter_video_frames(self._source, missing, index=self._index, what=self._what,
+                                        max_pixels=self._max_pixels)
         last: tuple[int, Image.Image] | None = None
         for k in self._indices:
             img = self._cache.get(k)
@@ -599,13 +624,14 @@ class VideoFrames:
     info: VideoInfo | None = None
 
 
-def _to_rgb(frame: Any, i: int) -> Image.Image:
+def _to_rgb(frame: Any, i: int, max_pixels: int) -> Image.Image:
     if isinstance(frame, np.ndarray):
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
             raise InputError(f"video frame {i} must be a HxWx3 uint8 array, got {frame.shape} {frame.dtype}")
+        check_frame_pixels(frame.shape[1], frame.shape[0], max_pixels, f"video frame {i}")
         return Image.fromarray(frame, "RGB")
     if isinstance(frame, Image.Image):
-        return load_image(frame)
+        return load_image(frame, max_pixels=max_pixels)
     raise InputError(f"video frame {i} must be a PIL image or an HxWx3 uint8 array, got {type(frame).__name__}")
 
 
@@ -640,7 +666,7 @@ class Video:
         if isinstance(source, (list, tuple)):
             if not source:
                 raise VideoError("a video given as frames needs at least one frame")
-            self._frames = [_to_rgb(f, i) for i, f in enumerate(source)]
+            self._frames = [_to_rgb(f, i, self.options.pixel_limit) for i, f in enumerate(source)]
             if timestamps is not None:
                 self._timestamps = _check_timestamps(timestamps, len(self._frames))
             self.source: Any = None
@@ -694,10 +720,12 @@ class Video:
     def _from_file(self, eff: VideoPolicy) -> VideoFrames:
         info = self.info()
         assert info is not None
+        limit = self.options.pixel_limit
+        check_frame_pixels(info.width, info.height, limit, f"{_describe(self.source)}: its frames")
         indices, packing = self._plan(eff, info.num_frames, info.fps)
         assert self._index is not None
         frames: Sequence[Image.Image] = SampledFrames(self.source, self._index, indices,
-                                                      what=_describe(self.source))
+                                                      what=_describe(self.source), max_pixels=limit)
         if not isinstance(self.source, (str, PathLike, bytes, bytearray, memoryview)):
             frames = list(frames)  # a file object may be closed by its owner: decode it now
         else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,10 @@ from ..loading.checkpoint import (
     INDEX_FILE,
     build_on_meta,
     copy_side_files,
+    new_output_folder,
     read_config,
     resolve_checkpoint,
+    save_safetensors,
     weight_files,
 )
 from .linear import QuantSpec, check_quantizable, quant_targets, quantize_weight
@@ -54,8 +55,6 @@ def write_quantized_checkpoint(
     linear layers as storage tensors, every other tensor as stored) + index, and every other data
     file of ``src`` (tokenizer, preprocessor, generation config). One tensor in memory at a time
     (plus the shard being filled). Returns a summary (counts, bytes)."""
-    from safetensors.torch import save_file
-
     if cfg.quantization is not None:
         raise InputError(f"{src} is already quantized ({QuantSpec.from_config(cfg.quantization).describe()})")
     model = build_on_meta(cfg)
@@ -65,12 +64,15 @@ def write_quantized_checkpoint(
     if spec.lm_head and not any(name.endswith("lm_head") for name in targets):  # tied: stays float
         spec = dataclasses.replace(spec, lm_head=False)
     weights = {f"{name}.weight" for name in targets}
-    if out.exists() and any(out.iterdir()):
-        raise InputError(f"output directory {out} exists and is not empty")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    writer = _ShardWriter(tmp, shard_bytes, save_file)
+    with new_output_folder(out) as tmp:  # written in full or not at all; never over an existing model
+        writer = _write(tmp, src, stored, weights, spec, raw_config, shard_bytes)
+    log.info("wrote %s: %d layers quantized (%s), %d bytes", out, len(targets), spec.describe(), writer.total)
+    return {"layers": len(targets), "bytes": writer.total, "shards": max(writer.count, 1), "spec": spec.describe()}
+
+
+def _write(tmp: Path, src: Path, stored: dict[str, Path], weights: set[str], spec: QuantSpec,
+           raw_config: dict[str, Any], shard_bytes: int) -> _ShardWriter:
+    writer = _ShardWriter(tmp, shard_bytes, save_safetensors)
     handles: dict[Path, Any] = {}
     for key in sorted(stored):
         f = stored[key]
@@ -97,11 +99,7 @@ def write_quantized_checkpoint(
     copy_side_files(src, tmp, skip=["config.json"])
     config = {**raw_config, "quantization_config": spec.to_config()}
     (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    log.info("wrote %s: %d layers quantized (%s), %d bytes", out, len(targets), spec.describe(), writer.total)
-    return {"layers": len(targets), "bytes": writer.total, "shards": max(n_shards, 1), "spec": spec.describe()}
+    return writer
 
 
 class _ShardWriter:
@@ -125,7 +123,7 @@ class _ShardWriter:
         if not self.current:
             return
         name = f"shard-{self.count:05d}.safetensors"
-        self.save(self.current, str(self.folder / name), metadata={"format": "pt"})
+        self.save(self.current, self.folder / name, metadata={"format": "pt"})
         self.where.update({k: name for k in self.current})
         self.count += 1
         self.current, self.size = {}, 0

@@ -4,9 +4,17 @@
 loaded (unless one is passed in) and the ``BatchEngine`` thread started in the app's lifespan,
 and stopped on shutdown. Routes: ``POST /v1/chat/completions``, ``GET /v1/models``,
 ``GET /health``, and ``POST /v1/audio/speech`` (``speech.py``, which also answers chat requests
-that ask for audio). ``GuardMiddleware`` gives every request an id (``X-Request-ID``), refuses bodies
-over ``max_body_bytes`` with 413 (by Content-Length, and while reading a chunked body), and turns
-any exception that escapes a route into a logged 500 that names the request id.
+that ask for audio). ``GuardMiddleware`` gives every request an id (``X-Request-ID``), refuses headers
+over ``max_header_bytes`` with 431 and bodies over ``max_body_bytes`` with 413 (by Content-Length,
+and while reading a chunked body), and turns any exception that escapes a route into a logged 500
+that names the request id.
+
+Resources, per request: the timeout runs from arrival (waiting for a decoding slot, fetching and
+decoding media, the engine queue and generation all count; a request whose preparation ends
+past its deadline is answered 504 without being queued); at most ``max_decoding`` requests with
+media fetch and decode them at once; the decoded full-size media are dropped once the processor
+has made the model-size slices, so a request waiting in the engine holds only those. A client
+that hangs up before a non-streamed answer is complete is logged and answered 499.
 
 Routes stay thin: the pipeline lives in ``completions.py``. No model at import time.
 """
@@ -17,7 +25,7 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,11 +36,11 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine.chat import ChatModel
-from .completions import complete, prepare, stream
+from .completions import Prepared, complete, prepare, stream
 from .config import ServerConfig
-from .errors import APIError, error_body, install_error_handlers
+from .errors import APIError, client_closed, install_error_handlers, request_id_of
 from .runtime import ServerState
-from .schemas import ChatCompletionRequest, ModelCard, ModelList
+from .schemas import ChatCompletionRequest, ImagePart, InputAudioPart, ModelCard, ModelList, VideoPart
 from .speech import complete_spoken, install_speech_routes, prepare_spoken, stream_spoken
 
 log = logging.getLogger(__name__)
@@ -44,11 +52,12 @@ class _BodyTooLarge(HTTPException):
 
 
 class GuardMiddleware:
-    """Request ids, body-size limit, and a 500 for anything that escapes (pure ASGI)."""
+    """Request ids, header and body size limits, and a 500 for anything that escapes (pure ASGI)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_header_bytes: int = 32 * 1024) -> None:
         self.app = app
         self.max_body = max_body_bytes
+        self.max_header = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,7 +74,14 @@ class GuardMiddleware:
                 MutableHeaders(scope=message).append("X-Request-ID", rid)
             await send(message)
 
-        length = dict(scope.get("headers", [])).get(b"content-length", b"0")
+        headers = scope.get("headers", [])
+        size = sum(len(k) + len(v) + 4 for k, v in headers)  # "name: value\r\n"
+        if size > self.max_header:
+            await _send_error(send_with_id, APIError(
+                431, f"the request headers hold {size} bytes ({len(headers)} headers), over the server's limit of "
+                f"{self.max_header} bytes", code="headers_too_large"))
+            return
+        length = dict(headers).get(b"content-length", b"0")
         if length.isdigit() and int(length) > self.max_body:
             await _send_error(send_with_id, APIError(413, str(_BodyTooLarge(self.max_body).detail),
                                                      code="body_too_large"))
@@ -121,9 +137,43 @@ def _state(request: Request) -> ServerState:
     return state
 
 
+def _timeout() -> APIError:
+    return APIError(504, "the request took longer than the server's request timeout", code="timeout")
+
+
+def _has_media(body: ChatCompletionRequest) -> bool:
+    return any(isinstance(part, (ImagePart, VideoPart, InputAudioPart)) for msg in body.messages
+               if isinstance(msg.content, list) for part in msg.content)
+
+
+async def _prepare_in_time(state: ServerState, body: ChatCompletionRequest, slots: asyncio.Semaphore,
+                           deadline: float, preparer: Callable[..., Awaitable[Prepared]]) -> Prepared:
+    """``preparer`` (``prepare`` or ``prepare_spoken``) within the request's deadline, holding a
+    decoding slot when the request has media."""
+    loop = asyncio.get_running_loop()
+    media = _has_media(body)
+    if media:
+        try:
+            await asyncio.wait_for(slots.acquire(), max(deadline - loop.time(), 0.0))
+        except asyncio.TimeoutError:
+            raise _timeout() from None
+    try:
+        prep = await preparer(state, body)
+    finally:
+        if media:
+            slots.release()
+    for ref in prep.plan.media:
+        ref.value = None  # the full-size decoded media: the inputs hold the model-size slices
+    if loop.time() >= deadline:
+        raise _timeout()
+    return prep
+
+
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     """POST /v1/chat/completions"""
+    arrived = asyncio.get_running_loop().time()
     state = _state(request)
+    deadline = arrived + state.config.request_timeout_s
     if body.model != state.name:
         raise APIError(404, f"the model {body.model!r} does not exist; this server serves {state.name!r}",
                        code="model_not_found", param="model")
@@ -131,8 +181,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     handle = None
     try:
         spoken = body.wants_audio  # a spoken answer: speech.py's pipeline around the same engine
-        prep = await (prepare_spoken(state, body) if spoken else prepare(state, body))
+        prep = await _prepare_in_time(state, body, request.app.state.decoding, deadline,
+                                      prepare_spoken if spoken else prepare)
         handle = state.submit(prep.inputs, prep.params, prep.plan.n)
+        handle.deadline = min(handle.deadline, deadline)
         response_id = f"chatcmpl-{handle.request_id}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -153,7 +205,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         if release is not None:
             release()
     if result is None:
-        return JSONResponse(error_body(400, "client disconnected", code="client_disconnected"), status_code=499)
+        log.info("request %s: the client disconnected before the answer was complete (499); generation cancelled",
+                 request_id_of(request))
+        return client_closed().response(request_id_of(request))
     return JSONResponse(result.model_dump())
 
 
@@ -185,6 +239,7 @@ def create_app(config: ServerConfig, *, model: ChatModel | None = None) -> FastA
             chat_model = await asyncio.to_thread(load, config.model, dtype=config.dtype, device=config.device)
         state = ServerState(config, chat_model)
         state.engine.start()
+        app.state.decoding = asyncio.Semaphore(max(1, config.max_decoding))
         app.state.server = state
         log.info("serving %s (MiniCPM-V %s): batch %d, context %d", state.name, chat_model.version.name,
                  state.engine.max_batch_size, state.engine.max_model_len)
@@ -196,7 +251,7 @@ def create_app(config: ServerConfig, *, model: ChatModel | None = None) -> FastA
 
     app = FastAPI(title="minicpmv", version="1", lifespan=lifespan)
     install_error_handlers(app)
-    app.add_middleware(GuardMiddleware, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(GuardMiddleware, max_body_bytes=config.max_body_bytes, max_header_bytes=config.max_header_bytes)
     app.post("/v1/chat/completions", response_model=None)(chat_completions)
     app.get("/v1/models")(list_models)
     app.get("/health")(health)

@@ -91,7 +91,7 @@ def video_item(state: ServerState, data: bytes) -> dict[str, Any]:
                        param="messages")
     per_entry = recipe_of(policy).frames_per_entry(policy)
     max_frames = max(1, min(policy.max_frames, state.config.max_video_frames // per_entry))
-    return {"type": "video", "video": data, "max_frames": max_frames}
+    return {"type": "video", "video": data, "max_frames": max_frames, "max_pixels": state.config.max_pixels}
 
 
 VoiceMessages = Callable[[RequestPlan], list[dict[str, Any]]]

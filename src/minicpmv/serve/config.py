@@ -34,8 +34,10 @@ class ServerConfig:
     max_model_len: int | None = None
     max_queue: int = 64
     batch_invariant: bool = True
-    request_timeout_s: float = 600.0
+    request_timeout_s: float = 600.0  # from arrival: media fetching and decoding, queueing and generation
+    max_decoding: int = 2  # requests whose media are fetched and decoded at the same time
     max_body_bytes: int = 50 * 2**20
+    max_header_bytes: int = 32 * 2**10  # all request headers together (431 beyond)
     max_images: int = 16
     max_video_frames: int = 64
     max_pixels: int = 40_000_000
@@ -105,8 +107,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"requests waiting beyond the batch before 429 (default {d.max_queue})")
     p.add_argument("--no-batch-invariance", action="store_true",
                    help="faster decoding whose last bits may depend on the other requests in the batch")
-    p.add_argument("--request-timeout", type=float, default=d.request_timeout_s, help="seconds per request")
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout_s,
+                   help="seconds per request, from its arrival (media decoding and waiting count)")
+    p.add_argument("--max-decoding", type=int, default=d.max_decoding,
+                   help=f"requests whose images/videos are decoded at the same time (default {d.max_decoding})")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="largest request body")
+    p.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
+                   help=f"largest request header block (default {d.max_header_bytes})")
     p.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
     p.add_argument("--max-video-frames", type=int, default=d.max_video_frames, help="video frames per request")
     p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="pixels per image (decompression bombs)")
@@ -157,7 +164,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model=args.model, served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
         max_batch_size=args.max_batch_size, max_model_len=args.max_model_len, max_queue=args.max_queue,
         batch_invariant=not args.no_batch_invariance, request_timeout_s=args.request_timeout,
-        max_body_bytes=args.max_body_bytes, max_images=args.max_images, max_video_frames=args.max_video_frames,
+        max_decoding=args.max_decoding, max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes,
+        max_images=args.max_images, max_video_frames=args.max_video_frames,
         max_pixels=args.max_pixels, allow_remote_media=args.allow_remote_media, media_dir=args.media_dir,
         id0_quirk=args.id0_quirk, voices=parse_voices(args.voice), voice_language=args.voice_language,
         max_audio_seconds=args.max_audio_seconds, max_input_audio_seconds=args.max_input_audio_seconds,

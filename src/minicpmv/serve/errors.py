@@ -10,7 +10,9 @@ to the log, the server keeps serving).
 Status codes: 400 invalid request (bad JSON, schema, content part, image, base64, too many
 images, prompt longer than the context, remote media disabled), 403 local file outside the media
 directory, 404 unknown model or route, 413 body too large, 429 too many requests in flight
-(Retry-After), 500 internal error, 503 engine not available (Retry-After), 504 request timeout.
+(Retry-After), 431 request headers too large, 499 the client hung up (logged; nobody reads the
+body), 500 internal error, 503 engine not available (Retry-After), 504 request timeout (counted
+from the request's arrival).
 This module does not know about the model or the engine.
 """
 
@@ -38,8 +40,12 @@ from ..errors import (
 log = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 403: "permission_error", 404: "not_found_error",
-          413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-          503: "server_error", 504: "timeout_error"}
+          413: "invalid_request_error", 429: "rate_limit_error", 431: "invalid_request_error",
+          499: "client_closed_request",
+          500: "server_error", 503: "server_error", 504: "timeout_error"}
+
+
+_HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 
 
 class APIError(Exception):
@@ -117,7 +123,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        err = APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        message = str(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in message:  # FastAPI: not UTF-8 / not JSON
+            message = "invalid request: the body is not valid JSON text (UTF-8)"
+        err = APIError(exc.status_code, message, code=_HTTP_CODES.get(exc.status_code, "http_error"))
         return err.response(request_id_of(request))
 
     @app.exception_handler(Exception)
@@ -125,6 +134,13 @@ def install_error_handlers(app: FastAPI) -> None:
         rid = request_id_of(request)
         log.error("internal error in request %s", rid, exc_info=exc)
         return internal_error(rid).response(rid)
+
+
+def client_closed() -> APIError:
+    """499 (nginx's "client closed request"): the client hung up before the answer was ready;
+    nobody reads the body, but the status, log line and body agree."""
+    return APIError(499, "the client closed the connection before the answer was complete",
+                    code="client_disconnected")
 
 
 def internal_error(request_id: str) -> APIError:

@@ -61,17 +61,20 @@ class Handle:
     async def events(self, disconnected: Disconnected | None = None, poll_s: float = 0.5) -> AsyncIterator[BatchEvent]:
         """Events until every choice finished; 504 past the deadline; stops if the client left."""
         loop = asyncio.get_running_loop()
+        checked = loop.time()
         while not self.done:
             remaining = self.deadline - loop.time()
             if remaining <= 0:
                 raise APIError(504, "the request took longer than the server's request timeout", code="timeout")
-            try:
-                event = await asyncio.wait_for(self.queue.get(), min(remaining, poll_s))
-            except asyncio.TimeoutError:
-                if disconnected is not None and await disconnected():
+            if disconnected is not None and loop.time() - checked >= poll_s:  # also while tokens flow
+                checked = loop.time()
+                if await disconnected():
                     log.info("client of request %s disconnected; cancelling it", self.request_id)
                     self.close()
                     return
+            try:
+                event = await asyncio.wait_for(self.queue.get(), min(remaining, poll_s))
+            except asyncio.TimeoutError:
                 continue
             if event.finish_reason is not None:
                 self._finished.add(event.index)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy decoding (vLLM's rule; 5e-324 would divide logits into inf)
 
 
 class _Strict(BaseModel):
@@ -107,7 +109,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    repetition_penalty: float | None = Field(default=None, ge=1e-3, le=10.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     min_tokens: int = Field(default=0, ge=0)
@@ -129,6 +131,11 @@ class ChatCompletionRequest(BaseModel):
     @property
     def wants_audio(self) -> bool:
         return bool(self.modalities) and "audio" in self.modalities  # type: ignore[operator]
+
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_temperature_is_greedy(cls, value: float | None) -> float | None:
+        return 0.0 if value is not None and value < GREEDY_BELOW else value
 
 
 class SpeechRequestBody(BaseModel):

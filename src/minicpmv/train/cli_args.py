@@ -46,7 +46,6 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export-dtype", default="bfloat16", help="dtype of the exported checkpoint")
     p.add_argument("--show-sample", action="store_true", help="print the first sample with its label mask")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--exit-after-step", type=int, default=None, help=argparse.SUPPRESS)  # crash test hook
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,8 +75,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                       warmup_steps=args.warmup_steps, max_length=args.max_length,
                       max_skip_ratio=args.max_skip_ratio, max_slice_nums=args.max_slice_nums,
                       precision=args.precision, save_every=args.save_every, resume=args.resume, seed=args.seed,
-                      device=args.device, export_dtype=args.export_dtype, progress=not args.no_progress,
-                      exit_after_step=args.exit_after_step)
+                      device=args.device, export_dtype=args.export_dtype, progress=not args.no_progress)
     result = train(cfg, show_sample=print if args.show_sample else None)
     last = max(result.losses, default=None)
     if last is not None:

@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import CheckpointError, FeatureNotAvailableError
-from ..loading.checkpoint import copy_side_files
+from ..loading.checkpoint import copy_side_files, new_file_mode, save_safetensors
 from ..modeling.vlm import MiniCPMV
 from .data import IGNORE, Sample
 
@@ -163,20 +165,66 @@ def save_adapter(peft_model: Any, core: MiniCPMV, out: Path) -> None:
     peft_model.save_pretrained(str(out))
     extra = {n: t for n, t in trainable_state(core).items() if "lora_" not in n}
     if extra:
-        save_file(extra, str(out / EXTRA_FILE))
+        save_safetensors(extra, out / EXTRA_FILE)
+    for f in out.iterdir():  # PEFT writes its safetensors 0600; give them their neighbours' mode
+        if f.is_file():
+            os.chmod(f, new_file_mode())
+
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {path}: {e} (truncated or corrupted?)") from e
+
+
+def check_adapter(core: MiniCPMV, adapter: Path) -> None:
+    """CheckpointError, in one line, unless ``adapter`` is a saved adapter that fits ``core``:
+    every LoRA weight names a layer of the model with matching in/out features, and every extra
+    weight names a parameter of the same shape (an adapter of another base model fails here)."""
+    if not (adapter / "adapter_config.json").is_file():
+        raise CheckpointError(f"no LoRA adapter at {adapter} (expected adapter_config.json, as `minicpmv finetune` "
+                              "writes in OUTPUT/adapter)")
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{adapter} has no adapter_model.safetensors")
+    params = dict(core.named_parameters())
+    bad = []
+    for key, t in _read_weights(weights).items():
+        layer, _, part = key.removeprefix(_PEFT_PREFIX).rpartition(".lora_")
+        module = dict(core.named_modules()).get(layer) if part else None
+        if not isinstance(module, nn.Linear):
+            bad.append(f"{key} names no linear layer of this model")
+            continue
+        need = (t.shape[0], module.in_features) if part.startswith("A") else (module.out_features, t.shape[1])
+        if tuple(t.shape) != need:
+            bad.append(f"{layer}: the adapter's lora_{part.split('.')[0]} is {list(t.shape)}, this model's layer "
+                       f"needs {list(need)}")
+    extra = adapter / EXTRA_FILE
+    for n, t in (_read_weights(extra) if extra.is_file() else {}).items():
+        if n not in params or params[n].shape != t.shape:
+            got = list(params[n].shape) if n in params else "no such parameter"
+            bad.append(f"{EXTRA_FILE}: {n} is {list(t.shape)}, the model has {got}")
+    if bad:
+        raise CheckpointError(f"the adapter at {adapter} does not fit this base model ({len(bad)} weight(s); "
+                              f"e.g. {bad[0]}); was it trained on another checkpoint?")
 
 
 def apply_adapter(core: MiniCPMV, adapter: Path) -> Any:
     """Load a saved adapter (and its extra weights) onto ``core``; returns the PeftModel."""
-    peft_model = _peft().PeftModel.from_pretrained(core, str(adapter))
+    check_adapter(core, adapter)
+    try:
+        peft_model = _peft().PeftModel.from_pretrained(core, str(adapter))
+    except (ValueError, RuntimeError, KeyError, OSError) as e:
+        raise CheckpointError(f"cannot load the adapter at {adapter}: {str(e).splitlines()[0]}") from e
     extra = adapter / EXTRA_FILE
     if extra.is_file():
-        state = load_file(str(extra))
         params = dict(core.named_parameters())
         with torch.no_grad():
-            for n, t in state.items():
-                if n not in params:
-                    raise CheckpointError(f"{extra}: {n} is not a parameter of the model")
+            for n, t in _read_weights(extra).items():
                 params[n].copy_(t)
     return peft_model
 
@@ -195,8 +243,11 @@ def save_checkpoint_dir(core: MiniCPMV, base_dir: Path, out: Path, dtype: torch.
     if core.config.text.tie_word_embeddings:
         state.pop("llm.lm_head.weight", None)
     tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / "model.safetensors")
+    try:
+        save_safetensors(state, tmp, metadata={"format": "pt"})
+        tmp.replace(out / "model.safetensors")
+    finally:
+        tmp.unlink(missing_ok=True)
     cfg_path = out / "config.json"
     if cfg_path.is_file():
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))

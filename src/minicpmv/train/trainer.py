@@ -7,7 +7,13 @@ not depend on the number of processes. The loss of a step is the summed token cr
 divided by the step's supervised-token count over all ranks, hence 2 processes x batch 1 equal
 1 process x batch 2. Checkpoints (``checkpoints/step-N``) are written to a temporary directory
 and renamed; they hold the trainable weights, optimizer, scheduler, per-rank RNG state and the
-step (which fixes the data position). ``log.jsonl`` records the loss of every step.
+step (which fixes the data position), as safetensors + JSON (``state.py``: nothing is ever
+unpickled on resume). ``log.jsonl`` records the loss of every step.
+
+An output folder holds one run: a new run needs a new or empty folder (a finished or unrelated
+one is refused, nothing is overwritten), ``resume`` continues the unfinished run in it. The
+folder is created only once the model and data have loaded, so a run that fails early leaves
+nothing behind.
 
 This module does not parse arguments (``cli.py``) or build samples (``data.py``).
 """
@@ -19,22 +25,20 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
 from ..api import load, parse_dtype
-from ..errors import CheckpointError, InputError, MiniCPMVError
+from ..errors import CheckpointError, InputError, MiniCPMVError, OutputError
+from ..loading.checkpoint import save_safetensors
+from ..loading.devices import resolve_device
 from .data import DatasetStats, Sample, build_dataset, format_sample
 from .model import (
     LossModule,
@@ -47,6 +51,7 @@ from .model import (
     save_checkpoint_dir,
     trainable_state,
 )
+from .state import load_tree, rng_state, save_tree, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +84,6 @@ class TrainConfig:
     device: str = "auto"
     export_dtype: str = "bfloat16"
     progress: bool = True
-    exit_after_step: int | None = None  # testing: SIGKILL the process after this step
 
 
 @dataclass
@@ -102,7 +106,7 @@ def _init_dist(device: torch.device) -> None:
 
 def _device(cfg: TrainConfig) -> torch.device:
     if cfg.device != "auto":
-        return torch.device(cfg.device)
+        return resolve_device(cfg.device)
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
@@ -139,21 +143,6 @@ def _schedule(cfg: TrainConfig, total: int) -> Any:
     return factor
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -165,15 +154,17 @@ def save_training_state(out: Path, step: int, core: torch.nn.Module, opt: Any, s
     final = out / "checkpoints" / f"step-{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if final.exists():
+            raise CheckpointError(f"{final} already exists; a run never writes a checkpoint twice "
+                                  "(is another run using this output folder?)")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing it
         tmp.mkdir(parents=True)
     _barrier()
-    torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
+    save_tree(rng_state(), tmp, f"rng-{rank}")
     _barrier()
     if rank == 0:
-        save_file(trainable_state(core), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
-                   tmp / "state.pt")
+        save_safetensors(trainable_state(core), tmp / "trainable.safetensors")
+        save_tree({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step}, tmp, "state")
         tmp.rename(final)
     _barrier()
     return final
@@ -186,16 +177,35 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def _restore(ckpt: Path, core: torch.nn.Module, opt: Any, sched: Any) -> int:
     rank, _ = _dist()
+    if not (ckpt / "state.json").is_file() and (ckpt / "state.pt").exists():
+        raise CheckpointError(f"{ckpt} holds its state in state.pt, a pickle file (older minicpmv); it is not "
+                              "loaded because unpickling can run code. Start the run again in a new folder")
     load_trainable_state(core, ckpt / "trainable.safetensors")
-    state = torch.load(ckpt / "state.pt", weights_only=False)
+    state = load_tree(ckpt, "state")
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    rng = ckpt / f"rng-{rank}.pt"
-    if not rng.is_file():
+    if not (ckpt / f"rng-{rank}.json").is_file():
         raise CheckpointError(f"{ckpt} has no RNG state for rank {rank}; resume with the same number of processes")
-    _set_rng_state(torch.load(rng, weights_only=False))
+    set_rng_state(load_tree(ckpt, f"rng-{rank}"))
     log.info("resumed from %s (step %d)", ckpt, state["step"])
     return int(state["step"])
+
+
+def check_output_folder(out: Path, resume: bool) -> None:
+    """A new run needs a new or empty folder; ``resume`` needs an unfinished run (or nothing)."""
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        raise InputError(f"the output {out} is a file; give a folder")
+    if not entries:
+        return
+    if not resume:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise InputError(f"the output folder {out} is not empty ({shown}); nothing is overwritten: choose a new "
+                         "folder, or pass --resume to continue the run in it")
+    if (out / "metrics.json").is_file():
+        raise InputError(f"the run in {out} has finished (metrics.json); nothing to resume: choose a new folder")
+    if not (out / "train_config.json").is_file():
+        raise InputError(f"{out} does not hold a fine-tuning run (no train_config.json); nothing to resume")
 
 
 def _autocast(cfg: TrainConfig, device: torch.device) -> Any:
@@ -268,15 +278,17 @@ def train(cfg: TrainConfig, show_sample: Any = None) -> RunResult:
     device = _device(cfg)
     _init_dist(device)
     rank, world = _dist()
-    torch.manual_seed(cfg.seed)
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out, cfg.resume)
+    _barrier()  # every rank has looked before rank 0 writes anything
+    torch.manual_seed(cfg.seed)
     chat = load(cfg.model, dtype="float32", device=device)
     core = chat.model
     samples, stats = build_dataset(chat.processor, cfg.data, cfg.max_length, max_skip_ratio=cfg.max_skip_ratio,
                                    max_slice_nums=cfg.max_slice_nums)
     if show_sample is not None and rank == 0 and samples:
         show_sample(format_sample(chat.processor, samples[0]))
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves nothing
     peft_model = prepare_model(core, cfg.tune)
     core.train()
     loss_module = LossModule(core)
@@ -330,18 +342,20 @@ def _loop(module: Any, samples: list[Sample], cfg: TrainConfig, device: torch.de
         bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             save_training_state(out, step + 1, core, opt, sched)
-        if cfg.exit_after_step is not None and step + 1 == cfg.exit_after_step:
-            os.kill(os.getpid(), signal.SIGKILL)  # simulated crash (tests)
     bar.close()
     return losses
 
 
 def _finish(cfg: TrainConfig, base: str, core: Any, peft_model: Any, result: RunResult) -> None:
     out = Path(cfg.output)
-    if peft_model is not None:
-        save_adapter(peft_model, core, out / "adapter")
-        core = merged_model(peft_model)
-    save_checkpoint_dir(core, Path(base), out, parse_dtype(cfg.export_dtype))
+    try:
+        if peft_model is not None:
+            save_adapter(peft_model, core, out / "adapter")
+            core = merged_model(peft_model)
+        save_checkpoint_dir(core, Path(base), out, parse_dtype(cfg.export_dtype))
+    except OSError as e:
+        raise OutputError(f"writing the trained model into {out} failed: {e.strerror or e}; the checkpoints in "
+                          f"{out / 'checkpoints'} are intact: free the space and run again with --resume") from e
     metrics = {"steps": max(result.losses, default=0), "final_loss": result.losses.get(max(result.losses, default=0)),
                "eval_loss": result.eval_loss, "samples_skipped": result.stats.skipped,
                "samples_total": result.stats.total}
@@ -350,10 +364,16 @@ def _finish(cfg: TrainConfig, base: str, core: Any, peft_model: Any, result: Run
 
 def export_merged(base: str, adapter: str, output: str, *, dtype: str = "bfloat16") -> Path:
     """``minicpmv export --merge-lora``: base checkpoint + PEFT adapter -> merged official checkpoint."""
+    from ..loading.checkpoint import new_output_folder
     from .model import apply_adapter
 
-    chat = load(base, dtype="float32")
-    peft_model = apply_adapter(chat.model, Path(adapter))
-    out = Path(output)
-    save_checkpoint_dir(merged_model(peft_model), Path(chat.path), out, parse_dtype(dtype))
+    out, adapter_dir = Path(output), Path(adapter)
+    if not (adapter_dir / "adapter_config.json").is_file():  # before the base model loads
+        raise CheckpointError(f"no LoRA adapter at {adapter_dir} (expected adapter_config.json, as "
+                              "`minicpmv finetune` writes in OUTPUT/adapter)")
+    torch_dtype = parse_dtype(dtype)
+    with new_output_folder(out) as tmp:  # checked now; written in full or not at all
+        chat = load(base, dtype="float32")
+        peft_model = apply_adapter(chat.model, adapter_dir)
+        save_checkpoint_dir(merged_model(peft_model), Path(chat.path), tmp, torch_dtype)
     return out

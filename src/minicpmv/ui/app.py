@@ -18,6 +18,7 @@ from __future__ import annotations
 import html
 import logging
 import os
+import sys
 import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -363,7 +364,11 @@ def launch(
     gr = import_gradio()
     shared = SharedModel.load(model, dtype=dtype, device=device, max_audio_seconds=max_audio_seconds)
     demo = build_app(shared, max_new_tokens=max_new_tokens)
-    demo.queue().launch(
+    _, url, _ = demo.queue().launch(
         server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False,
         show_error=True, theme=theme(gr), css=CSS, max_file_size="200mb", pwa=False, mcp_server=False,
+        quiet=True, prevent_thread_lock=True,  # quiet: Gradio would suggest share=True, which we never offer
     )
+    print(f"minicpmv ui: {shared.model.path} loaded; open {str(url).rstrip('/')} in a browser "
+          "(this machine only; Ctrl-C stops)", file=sys.stderr, flush=True)
+    demo.block_thread()
