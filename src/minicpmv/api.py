@@ -17,8 +17,10 @@ import torch
 
 from .config import ModelConfig, ProcessorConfig
 from .engine.chat import ChatModel
+from .engine.generate import DecodeMode
 from .errors import ConfigError, InputError
 from .loading.checkpoint import load_model, read_config, resolve_checkpoint
+from .loading.device_map import DeviceMap
 from .processing.processor import Processor
 from .quant.linear import QuantSpec
 
@@ -66,6 +68,9 @@ def load(
     vision_dtype: str | torch.dtype | None = None,
     quantize: str | None = None,
     group_size: int | None = None,
+    compile: bool | str = False,
+    device_map: DeviceMap | None = None,
+    max_memory: dict[str, int | str] | None = None,
 ) -> ChatModel:
     """Load an official MiniCPM-V checkpoint (local directory or hub repo id).
 
@@ -76,6 +81,12 @@ def load(
     ``group_size`` input columns, default 128) while loading; a checkpoint written by
     ``minicpmv quantize`` loads quantized without it. bf16 LLM layers on CPU are prepacked for
     oneDNN (faster decoding; not for training; `.to()` / `.float()` afterwards unpack them).
+    ``compile=True`` decodes with static shapes through ``torch.compile`` (CUDA graphs on CUDA,
+    "reduce-overhead"; "default" elsewhere); a string picks the ``torch.compile`` mode and
+    "static" the static-shape step without compiling (``engine/generate.DecodeMode``). Off by default.
+    ``device_map`` splits the model across devices instead of ``device``: "auto" (GPUs in order,
+    then the CPU, by free memory or ``max_memory`` such as ``{"cuda:0": "20GiB", "cpu": "64GiB"}``)
+    or a mapping of module names to devices (``loading/device_map.py``).
     """
     path = resolve_checkpoint(str(path_or_repo_id), revision=revision)
     raw, spec = read_config(path, version=version)
@@ -86,11 +97,12 @@ def load(
     if qspec is None and group_size is not None:
         raise InputError("group_size applies only with quantize='int4'")
     model = load_model(path, dtype=torch_dtype, device=torch.device(device), config=cfg, vision_dtype=vdtype,
-                       quantize=qspec, prepack=True)
+                       quantize=qspec, prepack=True, device_map=device_map, max_memory=max_memory)
     model.eval()
     processor = Processor.from_dir(path, spec, default_cfg=ProcessorConfig.from_model_config(cfg))
     if cfg.audio is not None:  # audio placeholders follow config.json's audio_chunk_length
         processor.audio_cfg = dataclasses.replace(processor.audio_cfg, chunk_seconds=cfg.audio.chunk_length)
     check_consistency(cfg, processor.cfg)
     log.info("loaded MiniCPM-V %s from %s (%s, %s)", spec.name, path, torch_dtype, device)
-    return ChatModel(model, processor, spec, cfg, path=str(path))
+    mode = DecodeMode.from_compile(compile, model.device)
+    return ChatModel(model, processor, spec, cfg, path=str(path), decode_mode=mode)

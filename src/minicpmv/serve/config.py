@@ -45,6 +45,7 @@ class ServerConfig:
     remote_timeout_s: float = 10.0
     remote_max_redirects: int = 3
     id0_quirk: bool = False  # the reference's id-0 handling (engine/compat.py); off for API clients
+    compile: str | None = None  # load(compile=...): None = eager decode steps
 
     def model_name(self, fallback: str = "minicpmv") -> str:
         if self.served_model_name:
@@ -106,6 +107,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-remote-media", action="store_true",
                    help="let image_url/video_url fetch http(s) URLs (public addresses only, size/time limits)")
     p.add_argument("--media-dir", default=None, help="allow file:// media, confined to this directory")
+    p.add_argument("--compile", nargs="?", const="auto", default=None, metavar="MODE",
+                   help="static-shape decode steps through torch.compile (CUDA graphs on CUDA); MODE: a "
+                        "torch.compile mode, or 'static' for static shapes without compiling (default: off)")
     p.add_argument("--id0-quirk", action=argparse.BooleanOptionalAction, default=d.id0_quirk,
                    help="the reference chat()'s id-0 handling (hide prompt tokens with id 0, drop id 0 from "
                         "answers); off by default for API clients")
@@ -118,5 +122,5 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         batch_invariant=not args.no_batch_invariance, request_timeout_s=args.request_timeout,
         max_body_bytes=args.max_body_bytes, max_images=args.max_images, max_video_frames=args.max_video_frames,
         max_pixels=args.max_pixels, allow_remote_media=args.allow_remote_media, media_dir=args.media_dir,
-        id0_quirk=args.id0_quirk,
+        id0_quirk=args.id0_quirk, compile=args.compile,
     )
