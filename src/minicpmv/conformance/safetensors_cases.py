@@ -99,6 +99,20 @@ class CaseRunner:
             if self.params.get("beam_kwargs"):
                 yield from self._beam_stage(batch)
 
+    def greedy_setup(self) -> tuple[Any, SamplingParams]:
+        """The case's prepared batch and greedy settings, to run its greedy stage another way (a
+        compiled decode step, another device); ``expected["greedy_ids"]`` is what it must give."""
+        conversations, _ = normalise_msgs(self.msgs, None)
+        inputs = self.cm.processor(conversations, **self.proc_kwargs)
+        with torch.inference_mode():
+            batch = self.cm.runner.prepare(inputs)
+        return batch, self._gen_params(self.params["greedy_kwargs"])
+
+    @property
+    def expected(self) -> dict[str, np.ndarray]:
+        """The case's reference tensors (``greedy_ids`` [B, n], ``step_logits``, ...)."""
+        return self.t
+
     def _prompt_stages(self, inputs: Any) -> Iterator[StageResult]:
         m = self.meta
         yield exact(self.name, "template", inputs.prompts, m["chat_template_prompts"])
