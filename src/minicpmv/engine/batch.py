@@ -35,7 +35,8 @@ logits may then differ in the last bits between batches (about 1e-6 on the tiny 
 Static shapes (``decode_mode``, by default the runner's; ``load(compile=...)``). A static mode
 attends over the whole ``max_model_len`` at every step and runs a number of rows taken from a few
 buckets (powers of two times the row granularity, and ``max_batch_size``), so decode steps come in
-a handful of shapes: each one compiled once (CUDA graphs with "reduce-overhead"). Every row's
+a handful of shapes: compiled once with the row count symbolic, a CUDA graph recorded per bucket
+with "reduce-overhead". Every row's
 token, position and write index reach the device in one copy per step, and the step is the token
 loop's own ``decode_logits`` (eager or compiled). With the batch-invariant settings a row's logits
 are the same at the static width as at the rounded width.
@@ -65,7 +66,7 @@ from ..errors import ContextLengthError, InputError, MiniCPMVError, OverloadedEr
 from ..processing.processor import ModelInputs
 from .chat import ChatModel
 from .features import FeatureCache
-from .generate import DecodeMode, DecodeRow, choose_tokens, forward_last, prefill_positions, run_step
+from .generate import DecodeMode, DecodeRow, choose_tokens, forward_last, mark_rows, prefill_positions, run_step
 from .kv_cache import SlotKVCache
 from .runner import PreparedBatch
 from .sampling import SamplingParams, make_generator
@@ -225,7 +226,7 @@ class BatchEngine:
         self._cache = SlotKVCache.for_model(self.lm, max_batch_size, capacity)
         self.row_step = row_step(self.lm, max_batch_size) if batch_invariant else 1
         self.decode_mode = decode_mode if decode_mode is not None else runner.decode_mode
-        self._step = self.decode_mode.step()
+        self._step = self.decode_mode.step(dynamic_rows=True)
         self.row_buckets = row_buckets(self.row_step, max_batch_size)
         if self.decode_mode.compile is not None:
             self._cache.mark_static()
@@ -439,10 +440,12 @@ class BatchEngine:
         try:
             self._cache.mask[slots, feed[2, slots].tolist()] = 1  # each row's new key becomes visible
             tokens, pos, write = feed.to(dev)  # one copy to the device
+            pos, mask = pos[:, None], self._cache.mask[:rows_n, :width]  # [R, 1], [R, W]
+            if self.decode_mode.compile is not None:
+                mark_rows(tokens, pos, mask, write)
             cache = self._cache.decode(rows_n, width, write, static=self.decode_mode.static)
             with self._attention_kernel():
-                logits = run_step(self._step, self.lm, tokens, pos[:, None], self._cache.mask[:rows_n, :width],
-                                  cache)  # [R, V]
+                logits = run_step(self._step, self.lm, tokens, pos, mask, cache)  # [R, V]
         except Exception as e:  # noqa: BLE001 - fail the running rows, keep the engine alive
             log.exception("decode step failed; ending %d running rows", len(busy))
             self._fail_all(e)

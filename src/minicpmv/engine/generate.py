@@ -185,25 +185,35 @@ class DecodeMode:
         """The static cache size for ``needed`` positions."""
         return -(-needed // self.capacity) * self.capacity
 
-    def step(self) -> Callable[..., torch.Tensor]:
-        """The step function: ``decode_logits`` itself, or its compiled form."""
-        return decode_logits if self.compile is None else _compiled(self.compile)
+    def step(self, *, dynamic_rows: bool = False) -> Callable[..., torch.Tensor]:
+        """The step function: ``decode_logits`` itself, or its compiled form. ``dynamic_rows``:
+        one graph for any number of rows (the caller marks the row dimension of its inputs with
+        ``mark_rows``; CUDA graphs are still recorded per row count), else every shape is static."""
+        return decode_logits if self.compile is None else _compiled(self.compile, dynamic_rows)
 
 
-_COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
+_COMPILED: dict[tuple[str, bool], Callable[..., torch.Tensor]] = {}
 
 
-def _compiled(mode: str) -> Callable[..., torch.Tensor]:
-    """``decode_logits`` compiled with static shapes (one graph per batch size and capacity)."""
-    fn = _COMPILED.get(mode)
+def _compiled(mode: str, dynamic_rows: bool) -> Callable[..., torch.Tensor]:
+    """``decode_logits`` compiled for ``mode`` (cached: dynamo keeps one graph per guarded shape)."""
+    fn = _COMPILED.get((mode, dynamic_rows))
     if fn is None:
         import torch._dynamo
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        fn = torch.compile(decode_logits, mode=mode, dynamic=False)
-        _COMPILED[mode] = fn
-        log.info("decode steps compiled with torch.compile(mode=%r)", mode)
+        fn = torch.compile(decode_logits, mode=mode, dynamic=None if dynamic_rows else False)
+        _COMPILED[(mode, dynamic_rows)] = fn
+        log.info("decode steps compiled with torch.compile(mode=%r, dynamic rows: %s)", mode, dynamic_rows)
     return fn
+
+
+def mark_rows(*tensors: torch.Tensor) -> None:
+    """Mark dimension 0 (rows) of a compiled step's inputs as dynamic (see ``DecodeMode.step``)."""
+    import torch._dynamo
+
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
 def run_step(

@@ -350,11 +350,12 @@ class SlotKVCache:
             kb[self._prefill_slot, :, :t] = k[0]  # [n_kv, T, hd]
             vb[self._prefill_slot, :, :t] = v[0]
             return k, v
-        idx = torch.arange(self._rows, device=kb.device)
+        rows = k.shape[0]  # == the rows given to decode(); read from the tensor so it may stay symbolic
+        idx = torch.arange(rows, device=kb.device)
         write = self._write.to(kb.device)
         kb[idx, :, write] = k[:, :, 0].to(kb.dtype)  # k: [rows, n_kv, 1, hd] -> one position per row
         vb[idx, :, write] = v[:, :, 0].to(vb.dtype)
-        return kb[: self._rows, :, : self._width], vb[: self._rows, :, : self._width]
+        return kb[:rows, :, : self._width], vb[:rows, :, : self._width]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self._prefill_slot is not None else self._width - 1
