@@ -513,13 +513,15 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"env": env, "args": {k: str(v) for k, v in vars(args).items()}, "versions": {}}
     for version in args.versions:
         path, built = ensure_checkpoint(version, args, device)
-        files_s = read_files(path)
-        runs = {m: derive(run_mode(path, m, args, device), env["bandwidth_Bps"]) for m in args.modes}
-        results["versions"][version] = {"checkpoint": str(path), "build_s": built, "read_files_s": files_s,
+        runs: dict[str, Any] = {}
+        results["versions"][version] = {"checkpoint": str(path), "build_s": built, "read_files_s": read_files(path),
                                         "runs": runs}
+        print(f"{version}: checkpoint {path} (built in {built or 0:.0f} s)", flush=True)
+        for mode in args.modes:
+            runs[mode] = derive(run_mode(path, mode, args, device), env["bandwidth_Bps"])
+            if args.json:  # after every mode: a run cut short still leaves its numbers
+                Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
         print(report(version, runs, env, args), flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
     return 0
 
 
