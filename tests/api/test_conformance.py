@@ -14,10 +14,19 @@ from .conftest import CONF
 CASES = [(v, c) for v in ("2.6", "4.5") for c in expand_case_dirs([CONF / v])]
 
 
+@pytest.fixture(scope="session")
+def case_features():
+    """Resampler outputs of the cases, shared by the eager and compiled runs of each case (both use
+    the same weights; the vision stage itself is checked against the vectors by ``test_case``)."""
+    from minicpmv.engine.features import FeatureCache
+
+    return {"2.6": FeatureCache(), "4.5": FeatureCache()}
+
+
 @pytest.mark.parametrize("version,case", CASES, ids=[f"{v}/{c.name}" for v, c in CASES])
-def test_case(version, case, model26, model45):
+def test_case(version, case, model26, model45, case_features):
     cm = model26 if version == "2.6" else model45
-    results = list(CaseRunner(cm, case).run())
+    results = list(CaseRunner(cm, case, feature_cache=case_features[version]).run())
     failed = [r.line() for r in results if not r.ok]
     assert not failed, "\n".join(failed)
     stages = {r.stage for r in results}
@@ -60,11 +69,11 @@ def compiled_runners(model26, model45):
 
 
 @pytest.mark.parametrize("version,case", CASES, ids=[f"{v}/{c.name}" for v, c in CASES])
-def test_case_compiled_decode(version, case, model26, model45, compiled_runners):
+def test_case_compiled_decode(version, case, model26, model45, compiled_runners, case_features):
     """The compiled static-shape decode step gives the eager step's greedy tokens, which are the
     reference's, and its logits to the vectors' tolerance."""
     cm = model26 if version == "2.6" else model45
-    cases = CaseRunner(cm, case)
+    cases = CaseRunner(cm, case, feature_cache=case_features[version])
     batch, params = cases.greedy_setup()
     with torch.inference_mode():
         eager = list(cm.runner.steps(batch, params))

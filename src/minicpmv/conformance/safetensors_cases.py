@@ -24,6 +24,7 @@ from safetensors.numpy import load_file
 
 from ..engine.chat import ChatModel, normalise_msgs
 from ..engine.compat import thinking_flag
+from ..engine.features import FeatureCache
 from ..engine.sampling import SamplingParams
 from ..errors import MiniCPMVError
 from ..modeling.vision_siglip import pack_slices
@@ -61,8 +62,9 @@ def load_case_msgs(case_dir: Path) -> tuple[Any, dict[str, Any]]:
 class CaseRunner:
     """Runs all stages of one case against a loaded fp32 ChatModel."""
 
-    def __init__(self, chat_model: ChatModel, case_dir: Path) -> None:
+    def __init__(self, chat_model: ChatModel, case_dir: Path, *, feature_cache: FeatureCache | None = None) -> None:
         self.cm = chat_model
+        self.features = feature_cache  # resampler outputs shared with other runs of the same cases
         self.dir = case_dir
         self.name = f"{case_dir.parent.name}/{case_dir.name}"
         self.meta = json.loads((case_dir / "expected" / "meta.json").read_text())
@@ -87,7 +89,7 @@ class CaseRunner:
         yield from self._prompt_stages(inputs)
         yield from self._pixel_stages(inputs)
         with torch.inference_mode():
-            features = self.cm.runner.encode_features(inputs)
+            features = self.cm.runner.encode_features(inputs, self.features)
             yield from self._vision_stages(inputs, features)
             batch = self.cm.runner.prepare(inputs, features=features)
             yield exact(self.name, "attention_mask", batch.attention_mask.tolist(),
@@ -105,7 +107,7 @@ class CaseRunner:
         conversations, _ = normalise_msgs(self.msgs, None)
         inputs = self.cm.processor(conversations, **self.proc_kwargs)
         with torch.inference_mode():
-            batch = self.cm.runner.prepare(inputs)
+            batch = self.cm.runner.prepare(inputs, feature_cache=self.features)
         return batch, self._gen_params(self.params["greedy_kwargs"])
 
     @property
