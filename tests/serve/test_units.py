@@ -146,3 +146,11 @@ def test_cli_flags_map_onto_the_config():
     assert not cfg.batch_invariant and cfg.max_model_len == 2048 and cfg.model_name() == "MiniCPM-V-4_5"
     assert ServerConfig(model="x", served_model_name="named").model_name() == "named"
     assert not ServerConfig().allow_remote_media and ServerConfig().media_dir is None
+
+
+def test_compile_flag():
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["serve", "--model", "m"])).compile is None
+    assert config_from_args(parse(["serve", "--model", "m", "--compile"])).compile == "auto"
+    assert config_from_args(parse(["serve", "--model", "m", "--compile", "static"])).compile == "static"
+    assert parse(["chat", "--compile", "max-autotune", "hi"]).compile == "max-autotune"
