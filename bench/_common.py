@@ -69,3 +69,24 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+# MiniCPM-V 2.6's LLM (Qwen2-7B) over the real 4.5 config: what differs between the perf-size LLMs
+DIMS_26 = {"version": 2.6, "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
+           "num_key_value_heads": 4, "vocab_size": 151666, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+           "rms_norm_eps": 1e-06}
+
+
+def perf_config(dims: str, layers: int, real_45: Any) -> Any:
+    """ModelConfig of the perf-size model: the real 4.5 config (``dims="4.5"``) or the same vision
+    stack with MiniCPM-V 2.6's Qwen2-7B LLM (``"2.6"``), with ``layers`` LLM layers."""
+    import json
+
+    from minicpmv.config import ModelConfig
+    from minicpmv.versions import detect_version
+
+    raw = json.loads(real_45.read_text())
+    if dims == "2.6":
+        raw = {k: v for k, v in raw.items() if k not in ("head_dim", "batch_3d_resampler", "attention_bias")} | DIMS_26
+    raw["num_hidden_layers"] = layers
+    return ModelConfig.from_hf_dict(raw, **detect_version(raw).config_kwargs())

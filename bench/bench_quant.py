@@ -12,11 +12,12 @@ Three parts, each printed as a table (``--part`` picks one):
   reference tokens fed back (teacher forcing) through the unquantized model and each quantized
   model, with bf16 and with float32 activations; top-1 agreement over all steps and the max
   |logit difference|. Then the same on trained weights: the bundled demo model's own greedy
-  answers to held-out synthetic questions (plus how many answers each quantized copy repeats).
-- ``speed``: a perf-size LLM (4.5 dims, ``--layers`` layers, random weights, text-only prompt of
-  random embeddings) decoded with the real engine in bf16 (plain and prepacked), int8 and int4;
-  tokens/s as ratios to prepacked bf16 (the default path) and to plain bf16, and each as a ratio
-  to its memory-bandwidth ceiling (bytes streamed per token / read bandwidth measured in the run).
+  answers to questions of its independent evaluation set (plus how many answers each quantized copy repeats).
+- ``speed``: a perf-size LLM (4.5 dims, or 2.6's with ``--dims 2.6``; ``--layers`` layers, random
+  weights, text-only prompt of random embeddings) decoded with the real engine in bf16 (plain and
+  prepacked), int8 and int4; tokens/s as ratios to prepacked bf16 (the default path) and to plain
+  bf16, and each as a ratio to its memory-bandwidth ceiling (bytes streamed per token / read
+  bandwidth measured in the run).
   Each variant is built from the same bf16 weights and measured in ``--rounds`` interleaved rounds
   (median step over all rounds): the machine is shared, compare numbers within one run only.
 
@@ -41,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _common import best_time, read_bandwidth, streamed_bytes
+from _common import best_time, perf_config, read_bandwidth, streamed_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "tests" / "data" / "conformance"
@@ -213,31 +214,25 @@ def quality(versions: tuple[str, ...] = QUALITY_VERSIONS, demo: bool = True) -> 
 
 
 def _demo_prompts(n: int) -> list[list[dict[str, Any]]]:
-    """``n`` held-out synthetic scenes (all kinds), each question asked alone on its image."""
-    import random
+    """About ``n`` pictures of the demo model's independent evaluation set (every family), each
+    item's first question asked alone on its picture(s)."""
+    from minicpmv.train.demo_eval import FAMILIES, build_items
 
-    from minicpmv.train import synthetic as syn
-
-    rng = random.Random(11)
-    convs = []
-    for i in range(n):
-        scene = syn.make_scene(rng, syn.KINDS[i % len(syn.KINDS)])
-        image = syn.render(scene, rng)
-        convs += [[{"role": "user", "content": [image, rng.choice(syn.QUESTIONS[f])]}] for f in scene.families()]
-    return convs
+    items = build_items(max(1, n // len(FAMILIES)), seed=11)
+    return [[{"role": "user", "content": [*it.images, it.turns[0]]}] for it in items]
 
 
 def demo_quality(scenes: int = 160) -> None:
     """The bundled demo model has trained (not random) weights: its own greedy answers to held-out
-    synthetic questions, teacher-forced through each quantized copy, and the answers each copy gives."""
+    evaluation questions, teacher-forced through each quantized copy, and the answers each copy gives."""
     import minicpmv
     from minicpmv import demo_model
     from minicpmv.engine.sampling import SamplingParams
 
     ckpt = demo_model.path()
     convs = _demo_prompts(scenes)
-    print(f"\n== quality on trained weights: the bundled demo model, {len(convs)} questions on {scenes} held-out "
-          "synthetic images, teacher-forced along its own greedy answers")
+    print(f"\n== quality on trained weights: the bundled demo model, {len(convs)} questions of its independent "
+          "evaluation set, teacher-forced along its own greedy answers")
     print(f"{'format':<34} {'dtype':<9} {'steps':>6} {'top-1 agree':>12} {'max|dlogit|':>12} {'same answer':>12}")
     for dtype in ("bfloat16", "float32"):
         base = minicpmv.load(ckpt, dtype=dtype)
@@ -279,12 +274,12 @@ def _no_head(ckpt: Path, dtype: str, fmt: str, gs: int | None) -> Any:
 # ------------------------------------------------------------------------------------ speed
 
 
-def _perf_llm(layers: int) -> nn.Module:
-    """The 4.5 LLM at real width with ``layers`` layers, random bf16 weights (plain nn.Linear); the
-    embedding table is a zero-stride view (decode reads one row; it costs no memory)."""
-    from minicpmv.loading import build_on_meta, model_config
+def _perf_llm(layers: int, dims: str = "4.5") -> nn.Module:
+    """The 4.5 (or 2.6: ``dims``) LLM at real width with ``layers`` layers, random bf16 weights
+    (plain nn.Linear); the embedding table is a zero-stride view (decode reads one row; no memory)."""
+    from minicpmv.loading import build_on_meta
 
-    model = build_on_meta(model_config(REAL_45.parent).with_text_layers(layers))
+    model = build_on_meta(perf_config(dims, layers, REAL_45))
     g = torch.Generator().manual_seed(0)
     llm = model.llm
     for name, p in list(llm.named_parameters()):
@@ -354,7 +349,7 @@ def _install(model: nn.Module, modules: dict[str, nn.Module]) -> None:
         replace_module(model, n, m)
 
 
-def speed(layers: int, rounds: int, prompt: int, tokens: int, variants: list[str]) -> None:
+def speed(layers: int, rounds: int, prompt: int, tokens: int, variants: list[str], dims: str = "4.5") -> None:
     """Two interleaved phases (plain vs prepacked bf16; then prepacked vs quantized), so that at
     most two full weight copies live at once; steps of every variant alternate round by round
     over one shared prompt cache, and each variant's median step time is reported."""
@@ -362,7 +357,7 @@ def speed(layers: int, rounds: int, prompt: int, tokens: int, variants: list[str
     from minicpmv.engine.kv_cache import KVCache
     from minicpmv.quant.linear import PackedLinear
 
-    model = _perf_llm(layers)
+    model = _perf_llm(layers, dims)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     head = [n for n in names if n.endswith("lm_head")]
     body = [n for n in names if n not in head]
@@ -398,7 +393,7 @@ def speed(layers: int, rounds: int, prompt: int, tokens: int, variants: list[str
                 streamed[v] = streamed_bytes(model)
                 steps[v] += _decode_steps(model, cache, prompt, tokens)
     bw = statistics.median(bws)
-    print(f"\n== speed: decode, MiniCPM-V 4.5 LLM dims, {layers} layers, random weights, {prompt}-token "
+    print(f"\n== speed: decode, MiniCPM-V {dims} LLM dims, {layers} layers, random weights, {prompt}-token "
           f"text prompt, {torch.get_num_threads()} threads, {rounds} interleaved rounds x {tokens} tokens per "
           f"variant (median step); read bandwidth {bw / 1e9:.1f} GB/s (median of rounds)")
     rate = {v: 1.0 / statistics.median(steps[v]) for v in variants}
@@ -417,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--part", choices=["all", "micro", "quality", "speed"], default="all")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", type=int, default=4, help="speed: LLM layers at real width")
+    ap.add_argument("--dims", choices=["4.5", "2.6"], default="4.5", help="speed: perf-size LLM of this release")
     ap.add_argument("--rounds", type=int, default=4, help="speed: interleaved rounds per variant")
     ap.add_argument("--prompt", type=int, default=512, help="speed: prompt positions before decoding")
     ap.add_argument("--tokens", type=int, default=8, help="speed: decoded tokens per variant and round")
@@ -435,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("all", "quality"):
         quality(tuple(v.strip() for v in args.versions.split(",")), demo=not args.no_demo)
     if args.part in ("all", "speed"):
-        speed(args.layers, args.rounds, args.prompt, args.tokens, [v.strip() for v in args.variants.split(",")])
+        speed(args.layers, args.rounds, args.prompt, args.tokens, [v.strip() for v in args.variants.split(",")],
+              args.dims)
     return 0
 
 

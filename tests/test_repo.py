@@ -17,9 +17,9 @@ PKG = ROOT / "src" / "minicpmv"
 RANKS = {
     "errors": 0, "config": 0, "versions": 0, "checks": 0,
     "processing": 1, "modeling": 2, "loading": 3, "engine": 4,
-    "api": 5, "__init__": 5,
+    "api": 5, "__init__": 5, "formats": 3,
     "conformance": 6, "cli": 6, "serve": 6, "ui": 6, "train": 6, "quant": 3,
-    "demo_model": 1,
+    "demo_model": 1, "batch": 6, "cli_speech": 6,
 }
 
 

@@ -2,7 +2,8 @@
 
 Public API: ``load(path_or_repo_id, dtype=..., device=...)`` returns a ``ChatModel`` with the
 official ``chat(msgs, ...)``; ``ChatSession`` keeps a conversation's history, encoded images and
-KV cache. Importing this package is cheap: torch and the model code load on first use.
+KV cache; ``LiveSession`` (MiniCPM-o) takes a turn as it arrives and streams text and speech.
+Importing this package is cheap: torch and the model code load on first use.
 """
 
 from __future__ import annotations
@@ -29,18 +30,23 @@ __all__ = [
     "MiniCPMVError", "InputError", "ImageError",
     "CheckpointError", "ContextLengthError", "PlaceholderMismatchError", "UnknownVersionError",
     "Video", "load_video", "VideoError",
-    "AudioError", "FeatureNotAvailableError", "load_wav",
+    "AudioError", "FeatureNotAvailableError", "load_wav", "read_audio", "save_wav",
+    "LiveSession", "OmniOutput", "SpeechOptions", "get_sys_prompt", "with_voice", "voice_cloning_messages",
     "__version__",
 ]
 
 if TYPE_CHECKING:
     from .api import load
     from .engine.chat import ChatModel, ChatResponse
+    from .engine.live import LiveSession
     from .engine.sampling import SamplingParams
     from .engine.session import ChatSession
+    from .engine.speech import OmniOutput
+    from .engine.speech_codes import SpeechOptions
     from .engine.stream import TextEvent
-    from .processing.audio import load_wav
+    from .processing.audio import load_wav, read_audio, save_wav
     from .processing.video import Video, load_video
+    from .processing.voice_prompts import get_sys_prompt, voice_cloning_messages, with_voice
 
 _LAZY = {
     "load": ("minicpmv.api", "load"),
@@ -52,6 +58,14 @@ _LAZY = {
     "Video": ("minicpmv.processing.video", "Video"),
     "load_video": ("minicpmv.processing.video", "load_video"),
     "load_wav": ("minicpmv.processing.audio", "load_wav"),
+    "read_audio": ("minicpmv.processing.audio", "read_audio"),
+    "save_wav": ("minicpmv.processing.audio", "save_wav"),
+    "LiveSession": ("minicpmv.engine.live", "LiveSession"),
+    "OmniOutput": ("minicpmv.engine.speech", "OmniOutput"),
+    "SpeechOptions": ("minicpmv.engine.speech_codes", "SpeechOptions"),
+    "get_sys_prompt": ("minicpmv.processing.voice_prompts", "get_sys_prompt"),
+    "with_voice": ("minicpmv.processing.voice_prompts", "with_voice"),
+    "voice_cloning_messages": ("minicpmv.processing.voice_prompts", "voice_cloning_messages"),
 }
 
 

@@ -19,7 +19,7 @@ from .config import ModelConfig, ProcessorConfig
 from .engine.chat import ChatModel
 from .engine.generate import DecodeMode
 from .errors import ConfigError, InputError
-from .loading.checkpoint import load_model, read_config, resolve_checkpoint
+from .formats.load import open_checkpoint
 from .loading.device_map import DeviceMap
 from .processing.processor import Processor
 from .quant.linear import QuantSpec
@@ -71,6 +71,7 @@ def load(
     compile: bool | str = False,
     device_map: DeviceMap | None = None,
     max_memory: dict[str, int | str] | None = None,
+    mmproj: str | Path | None = None,
 ) -> ChatModel:
     """Load an official MiniCPM-V checkpoint (local directory or hub repo id).
 
@@ -87,19 +88,22 @@ def load(
     ``device_map`` splits the model across devices instead of ``device``: "auto" (GPUs in order,
     then the CPU, by free memory or ``max_memory`` such as ``{"cuda:0": "20GiB", "cpu": "64GiB"}``)
     or a mapping of module names to devices (``loading/device_map.py``).
+    The official int4 (bitsandbytes), AWQ and GGUF releases load too (``formats/``): a GGUF
+    language model takes its vision part from ``mmproj=`` (or pass a directory holding both).
     """
-    path = resolve_checkpoint(str(path_or_repo_id), revision=revision)
-    raw, spec = read_config(path, version=version)
     torch_dtype = parse_dtype(dtype)
-    cfg = ModelConfig.from_hf_dict(raw, **spec.config_kwargs())
     vdtype = parse_dtype(vision_dtype) if vision_dtype is not None else None
     qspec = QuantSpec.parse(quantize, group_size) if quantize is not None else None
     if qspec is None and group_size is not None:
         raise InputError("group_size applies only with quantize='int4'")
-    model = load_model(path, dtype=torch_dtype, device=torch.device(device), config=cfg, vision_dtype=vdtype,
-                       quantize=qspec, prepack=True, device_map=device_map, max_memory=max_memory)
-    model.eval()
-    processor = Processor.from_dir(path, spec, default_cfg=ProcessorConfig.from_model_config(cfg))
+    with open_checkpoint(path_or_repo_id, mmproj=mmproj, revision=revision, version=version) as ckpt:
+        raw, spec, path = ckpt.raw, ckpt.spec, ckpt.path
+        cfg = ModelConfig.from_hf_dict(raw, **spec.config_kwargs())
+        model = ckpt.load_model(cfg=cfg, dtype=torch_dtype, device=torch.device(device), vision_dtype=vdtype,
+                                quantize=qspec, device_map=device_map,
+                                max_memory=max_memory)
+        model.eval()
+        processor = Processor.from_dir(ckpt.side_dir, spec, default_cfg=ProcessorConfig.from_model_config(cfg))
     if cfg.audio is not None:  # audio placeholders follow config.json's audio_chunk_length
         processor.audio_cfg = dataclasses.replace(processor.audio_cfg, chunk_seconds=cfg.audio.chunk_length)
     check_consistency(cfg, processor.cfg)

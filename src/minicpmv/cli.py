@@ -1,4 +1,4 @@
-"""The ``minicpmv`` command line: chat, inspect, conformance.
+"""The ``minicpmv`` command line: chat, inspect, conformance, serve, ui, batch, finetune, ...
 
 Thin: it parses arguments, calls the public API and prints. All behaviour lives in the library.
 Errors of the library (``MiniCPMVError``) become a one-line message and exit status 2.
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="ask a question about images (streams the answer)")
     _add_model_args(chat)
+    chat.add_argument("--mmproj", default=None, help="GGUF vision file (mmproj) of a GGUF --model file")
     chat.add_argument("question", nargs="?", help="the question (omit with -i)")
     chat.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     chat.add_argument("--audio", action="append", default=[],
@@ -63,9 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--id0-quirk", action=argparse.BooleanOptionalAction, default=True,
                       help="the reference's id-0 handling: hide prompt tokens with id 0, drop id 0 from answers "
                            "(default on, as the official chat())")
+    from .cli_speech import add_speech_arguments  # no torch: just the flags
+
+    add_speech_arguments(chat)
 
     ins = sub.add_parser("inspect", help="print version, parameter counts and memory estimate")
-    ins.add_argument("path", help="checkpoint directory (weights are not needed)")
+    ins.add_argument("path", help="checkpoint directory (weights are not needed) or GGUF file / directory")
+    ins.add_argument("--mmproj", default=None, help="GGUF vision file (mmproj) of a GGUF model file")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
 
     conf = sub.add_parser("conformance", help="run golden-vector cases against the reference outputs")
@@ -84,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     ui.add_argument("--max-new-tokens", type=int, default=1024, help="initial value of the page's slider")
+    ui.add_argument("--max-audio-seconds", type=float, default=None,
+                    help="MiniCPM-o: cut spoken answers at this length (default: the model's limit)")
 
     from .serve.config import add_serve_arguments  # no FastAPI import: just the flags
 
@@ -91,11 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(srv)
     add_serve_arguments(srv)
 
-    from .train.cli_args import add_demo_arguments, add_export_arguments, add_finetune_arguments  # no torch
+    from .batch.cli_args import add_batch_arguments, add_ray_serve_arguments  # no torch, no Ray
+
+    add_ray_serve_arguments(srv)
+    bat = sub.add_parser("batch", help="answer a prompt about every image/video of a folder, glob or table")
+    _add_model_args(bat)
+    add_batch_arguments(bat)
+
+    from .train.cli_args import (  # no torch
+        add_demo_arguments,
+        add_eval_demo_arguments,
+        add_export_arguments,
+        add_finetune_arguments,
+    )
 
     add_finetune_arguments(sub.add_parser("finetune", help="LoRA / full fine-tuning on official-format data"))
-    add_export_arguments(sub.add_parser("export", help="merge a LoRA adapter into a complete checkpoint"))
+    add_export_arguments(sub.add_parser("export", help="merge a LoRA adapter into a checkpoint; write GGUF "
+                                                  "(llama.cpp / Ollama)"))
     add_demo_arguments(sub.add_parser("train-demo", help="train the small demo model from scratch on synthetic data"))
+    add_eval_demo_arguments(sub.add_parser("eval-demo", help="the demo model's scores on its independent evaluation"))
     return parser
 
 
@@ -113,27 +134,34 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from .api import load
+    from .cli_speech import SpeechPlan
     from .engine.session import ChatSession
     from .processing.image import load_image
 
     if not args.interactive and not args.question:
         raise MiniCPMVError("give a question, or -i for an interactive session")
+    speech = SpeechPlan.from_args(args)  # --audio-out / --voice, checked before the model loads
     images = [load_image(p) for p in args.image]
     audios = _audios(args.audio)
     videos = _videos(args)
-    model = load(args.model, dtype=args.dtype, device=args.device, compile=args.compile or False)
+    model = load(args.model, dtype=args.dtype, device=args.device, mmproj=args.mmproj, compile=args.compile or False)
     session = ChatSession(
         model, system_prompt=args.system, enable_thinking=args.think, id0_quirk=args.id0_quirk,
         max_slice_nums=args.max_slice_nums, max_inp_length=_max_inp_length(args, model, bool(videos)),
         **_generation_kwargs(args),
     )
+    if speech is not None:
+        speech.start(session)
     media: list[Any] = [*images, *audios, *videos]
     first: list[Any] = [*media, args.question] if args.question else media
     if args.question:
-        _print_stream(session.ask(first, stream=True))
+        _print_stream(session.ask(speech.question(first) if speech else first, stream=True))
+        if speech is not None:
+            speech.write(session, numbered=args.interactive)
         first = []
     if args.interactive:
-        _interactive(session, first, _video_options(args))
+        after = (lambda s: speech.write(s, numbered=True)) if speech is not None else None
+        _interactive(session, first, _video_options(args), after)
     return 0
 
 
@@ -191,11 +219,12 @@ def _print_stream(chunks: Any) -> None:
     sys.stdout.write("\n")
 
 
-def _interactive(session: Any, pending_images: list[Any], video_options: dict[str, Any] | None = None) -> None:
+def _interactive(session: Any, pending_images: list[Any], video_options: dict[str, Any] | None = None,
+                 after: Any = None) -> None:
     from .processing.image import load_image
 
-    sys.stderr.write("Interactive chat. ':image PATH' attaches an image, ':video PATH' a video, ':reset' clears, "
-                     "':quit' exits.\n")
+    sys.stderr.write("Interactive chat. ':image PATH' attaches an image, ':video PATH' a video, ':audio PATH' an "
+                     "audio clip, ':reset' clears, ':quit' exits.\n")
     while True:
         try:
             line = input("> ").strip()
@@ -220,14 +249,22 @@ def _interactive(session: Any, pending_images: list[Any], video_options: dict[st
             except MiniCPMVError as e:
                 sys.stderr.write(f"error: {e}\n")
             continue
+        if line.startswith(":audio "):
+            try:
+                pending_images += _audios([line[7:].strip()])
+            except MiniCPMVError as e:
+                sys.stderr.write(f"error: {e}\n")
+            continue
         _print_stream(session.ask([*pending_images, line], stream=True))
         pending_images = []
+        if after is not None:
+            after(session)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .loading.inspect import inspect_checkpoint
+    from .formats.inspect import inspect_any
 
-    info = inspect_checkpoint(Path(args.path))
+    info = inspect_any(Path(args.path), Path(args.mmproj) if args.mmproj else None)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -235,6 +272,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     unverified = "  [unverified: no reference vectors]" if info.get("unverified") else ""
     title = info.get("title") or f"MiniCPM-V {info['version']}"
     print(f"version      {title} ({info['llm_family']} backbone){unverified}")
+    print(f"format       {info['format']} ({info['stored_gib']:.3f} GiB of weight files)")
     print(f"dtype        {info['dtype']}")
     for name, n in info["parameters"].items():
         print(f"params       {name:<10} {n:>15,d}")
@@ -278,7 +316,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from .ui import launch
 
     launch(args.model, port=args.port, host=args.host, dtype=args.dtype, device=args.device,
-           max_new_tokens=args.max_new_tokens)
+           max_new_tokens=args.max_new_tokens, max_audio_seconds=args.max_audio_seconds)
     return 0
 
 
@@ -286,9 +324,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
     from .serve.config import config_from_args
 
+    if args.ray is not None:
+        from .batch.cli_args import cmd_serve_ray
+
+        return cmd_serve_ray(args, config_from_args(args))
+    if args.replicas is not None or args.min_replicas is not None or args.max_replicas is not None:
+        raise MiniCPMVError("--replicas, --min-replicas and --max-replicas need --ray")
     serve(config_from_args(args), host=args.host, port=args.port,
           log_level="info" if args.verbose else "warning")
     return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .batch.cli_args import cmd_batch as run
+
+    return run(args)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -309,11 +359,17 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_eval_demo(args: argparse.Namespace) -> int:
+    from .train.cli_args import cmd_eval_demo as run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if getattr(args, "model", "") is None and args.command in ("chat", "ui", "serve"):
+    if getattr(args, "model", "") is None and args.command in ("chat", "ui", "serve", "batch", "eval-demo"):
         from . import demo_model
 
         try:
@@ -324,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(__name__).info("no --model given: using the bundled demo model %s", args.model)
     handlers = {"chat": cmd_chat, "inspect": cmd_inspect, "conformance": cmd_conformance, "ui": cmd_ui,
                 "serve": cmd_serve, "finetune": cmd_finetune, "export": cmd_export, "quantize": cmd_quantize,
-                "train-demo": cmd_train_demo}
+                "train-demo": cmd_train_demo, "batch": cmd_batch, "eval-demo": cmd_eval_demo}
     try:
         return handlers[args.command](args)
     except MiniCPMVError as e:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,50 @@ class AudioConfig:
 
 
 @dataclass(frozen=True)
+class TTSConfig:
+    """MiniCPM-o speech output (``tts_config``, ConditionalChatTTS; spec o2.6 §4.8).
+
+    Defaults are those of the official ``ConditionalChatTTSConfig``; the released checkpoint sets
+    ``llm_dim`` 3584. The Llama decoder over audio codes takes the LlamaConfig defaults for what
+    the official code does not pass (RMSNorm eps 1e-6, RoPE theta 10000, MHA, vocab 32000).
+    """
+
+    llm_dim: int = 2560
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_attention_heads: int = 12
+    num_hidden_layers: int = 20
+    max_position_embeddings: int = 4096
+    num_audio_tokens: int = 626  # 625 codes + the end-of-speech id 625
+    num_text_tokens: int = 21178
+    num_mel_bins: int = 100
+    num_vq: int = 4
+    spk_emb_token_id: int = 21143
+    num_spk_embs: int = 1
+    audio_bos_token_id: int = 21132
+    text_eos_token_id: int = 21133
+    streaming_text_chunk_size: int = 10
+    streaming_text_reserved_len: int = 300
+    streaming_audio_chunk_size: int = 50
+    use_mlp: bool = True
+    top_p: float | None = 0.7
+    top_k: int | None = 20
+    repetition_penalty: float = 1.0
+    decoder_vocab_size: int = 32000  # LlamaConfig default: ``model.embed_tokens`` (stored, never read)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    @property
+    def condition_length(self) -> int:
+        """[Stts] + speaker slots + reserved text + [Ptts]: 303 with the official values."""
+        return 1 + self.num_spk_embs + self.streaming_text_reserved_len + 1
+
+    @property
+    def eos_code(self) -> int:
+        return self.num_audio_tokens - 1
+
+
+@dataclass(frozen=True)
 class SliceConfig:
     """LLaVA-UHD slicing parameters."""
 
@@ -214,7 +258,7 @@ class ModelConfig:
     batch_3d_resampler: bool = True
     vision_tower: str = "navit"  # "navit" | "idefics2" | "timm_siglip" (from the version table)
     audio: AudioConfig | None = None  # MiniCPM-o: audio encoder present (init_audio)
-    tts: bool = False  # MiniCPM-o: TTS weights present (init_tts); kept, not run
+    tts: TTSConfig | None = None  # MiniCPM-o: speech output head present (init_tts + tts_config)
     torch_dtype: str = "bfloat16"
     quantization: dict[str, Any] | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -283,8 +327,7 @@ class ModelConfig:
             batch_3d_resampler=bool(d.get("batch_3d_resampler", True)),
             vision_tower=vision_tower,
             audio=_audio_config(d),
-            # the MiniCPM-o config class defaults init_tts to true
-            tts=d.get("tts_config") is not None and bool(d.get("init_tts", True)),
+            tts=_tts_config(d),
             torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "bfloat16"),
             quantization=d.get("quantization_config"),
             raw=d,
@@ -437,3 +480,35 @@ def _audio_config(d: dict[str, Any]) -> AudioConfig | None:
         chunk_length=float(d.get("audio_chunk_length", 1.0)),
         chunk_input=bool(d.get("chunk_input", True)),
     )
+
+
+_TTS_KEYS = {f.name for f in fields(TTSConfig)} - {"decoder_vocab_size", "rms_norm_eps", "rope_theta"}
+# tts_config keys that only matter for training or name the module; anything else unknown is refused
+_TTS_IGNORED = {"model_type", "attn_implementation", "aug_loss_weight", "do_sample", "use_text", "streaming",
+                "_name_or_path", "architectures", "transformers_version", "torch_dtype"}
+
+
+def _tts_config(d: dict[str, Any]) -> TTSConfig | None:
+    """MiniCPM-o: the speech head settings, or None without ``tts_config`` / init_tts=false
+    (the MiniCPM-o config class defaults ``init_tts`` to true)."""
+    td = d.get("tts_config")
+    if td is None or not d.get("init_tts", True):
+        return None
+    if not isinstance(td, dict):
+        raise ConfigError("config.json: tts_config must be an object")
+    where = "config.json: tts_config"
+    if td.get("use_speaker_embedding", True) is not True or td.get("use_llm_hidden_state", False):
+        raise ConfigError(f"{where}: only use_speaker_embedding=true, use_llm_hidden_state=false exist "
+                          "in the official code (it raises NotImplementedError otherwise)")
+    unknown = sorted(set(td) - _TTS_KEYS - _TTS_IGNORED - {"use_speaker_embedding", "use_llm_hidden_state"})
+    if unknown:
+        raise ConfigError(f"{where}: unsupported keys {unknown}")
+    kw: dict[str, Any] = {}
+    for f in fields(TTSConfig):
+        if f.name in td and f.name in _TTS_KEYS:
+            v = td[f.name]
+            kw[f.name] = None if v is None and f.name in ("top_p", "top_k") else type(f.default)(v)
+    cfg = TTSConfig(**kw)
+    if cfg.num_spk_embs != 1 or cfg.num_vq < 1 or cfg.streaming_text_chunk_size < 1:
+        raise ConfigError(f"{where}: num_spk_embs must be 1 and chunk sizes positive, got {td!r:.200}")
+    return cfg

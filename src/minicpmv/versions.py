@@ -252,7 +252,8 @@ VERSIONS: MappingProxyType = _frozen(
             # same vision stack and video recipe as MiniCPM-V 2.6
             video=VideoPolicy(recipe="stride", fps=1.0, max_frames=64, max_slice_nums=2),
             notes=("audio input: 16 kHz mono clips (numpy arrays or WAV files), at most 600 s each by default; "
-                   "speech output (TTS) is not implemented, TTS weights load and are kept",),
+                   "speech output (24 kHz, voice cloning, streaming) through minicpmv.engine.speech; "
+                   "chat(generate_audio=True) is not wired yet",),
         ),
         "4.0": VersionSpec(
             name="4.0",

@@ -3,7 +3,7 @@
 MiniCPM's three scalars are checked one by one against the plain Llama decoder; Llama against
 Qwen2 with zero biases; the 2.5 tower's batch quirk is pinned; 4.0 (no reference vectors) is a
 tiny checkpoint derived from the 2.6 one and must answer exactly like 2.6 with its q/k/v biases
-removed. MiniCPM-o checkpoints with TTS weights load strictly and refuse speech output.
+removed. MiniCPM-o checkpoints with TTS weights load strictly (speech itself: tests/engine/test_speech.py).
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def test_v40_scale_emb_scales_prompt_text_only(tmp_path):
 # ---------------------------------------------------------------------------- MiniCPM-o TTS weights
 
 
-def _with_tts(tmp_path, add_tensors: bool):
+def _with_tts(tmp_path, tensors: dict[str, torch.Tensor]):
     src = CONF / "o2.6" / "_checkpoint"
     dst = tmp_path / "o26_tts"
     shutil.copytree(src, dst)
@@ -167,34 +167,42 @@ def _with_tts(tmp_path, add_tensors: bool):
     cfg["init_tts"] = True
     (dst / "config.json").write_text(json.dumps(cfg))
     state = load_file(str(src / "model.safetensors"))
-    if add_tensors:
-        torch.manual_seed(3)
-        state.update({
-            "tts.projector.linear1.weight": torch.randn(64, 256).bfloat16(),
-            "tts.model.layers.0.self_attn.q_proj.weight": torch.randn(64, 64).bfloat16(),
-            "tts.head_code.0.parametrizations.weight.original0": torch.randn(626, 1).bfloat16(),
-            "tts.dvae.vq_layer.quantizer.rvqs.0._levels": torch.tensor([5, 5, 5, 5], dtype=torch.int32),
-        })
+    state.update(tensors)
     save_file(state, str(dst / "model.safetensors"))
-    return dst, state
+    return dst
 
 
-def test_tts_weights_load_and_speech_output_is_refused(tmp_path):
-    path, state = _with_tts(tmp_path, add_tensors=True)
-    cm = minicpmv.load(path, dtype="float32")
-    sd = cm.model.state_dict()
-    tts = {k for k in state if k.startswith("tts.")}
-    assert tts <= set(sd) and set(sd) == set(state)
-    levels = "tts.dvae.vq_layer.quantizer.rvqs.0._levels"
-    assert torch.equal(sd[levels], state[levels]) and sd[levels].dtype == torch.int32
-    assert torch.equal(sd["tts.projector.linear1.weight"], state["tts.projector.linear1.weight"].float())
-    msgs = [{"role": "user", "content": "Say hello."}]
-    with pytest.raises(FeatureNotAvailableError, match="speech output"):
-        cm.chat(msgs, generate_audio=True)
-    assert isinstance(cm.chat(msgs, sampling=False, max_new_tokens=3), str)
+def test_partial_tts_weights_are_refused_by_name(tmp_path):
+    torch.manual_seed(3)
+    path = _with_tts(tmp_path, {
+        "tts.projector.linear1.weight": torch.randn(64, 256).bfloat16(),
+        "tts.dvae.vq_layer.quantizer.rvqs.0._levels": torch.tensor([5, 5, 5, 5], dtype=torch.int32),
+    })
+    with pytest.raises(MissingWeightsError, match=r"276 parameter\(s\) .*tts\.dvae\.coef") as err:
+        minicpmv.load(path, dtype="float32")
+    assert "1 unused" in str(err.value) and "_levels" in str(err.value)  # FSQ tables are not checkpoint tensors
 
 
 def test_init_tts_without_tts_weights_is_a_clear_error(tmp_path):
-    path, _ = _with_tts(tmp_path, add_tensors=False)
+    path = _with_tts(tmp_path, {})
     with pytest.raises(MissingWeightsError, match="init_tts"):
         minicpmv.load(path, dtype="float32")
+
+
+def test_tts_checkpoint_loads_strictly_into_real_modules(tts_model, tts_checkpoint):
+    from safetensors import safe_open
+
+    from minicpmv.modeling.tts import ConditionalChatTTS
+
+    stored = set()
+    for f in tts_checkpoint.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as h:
+            stored |= set(h.keys())
+    assert isinstance(tts_model.model.tts, ConditionalChatTTS)
+    assert set(tts_model.model.state_dict()) == stored
+
+
+def test_speech_output_without_a_speech_head_is_a_clear_error(legacy_models):
+    msgs = [{"role": "user", "content": "Say hello."}]
+    with pytest.raises(FeatureNotAvailableError, match="no speech head"):
+        legacy_models("o2.6").chat(msgs, generate_audio=True)

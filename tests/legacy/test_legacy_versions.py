@@ -51,7 +51,7 @@ def test_parsed_configs_carry_each_difference_as_data():
     assert (c25.text.family, c25.vision_tower, c25.query_num) == ("llama", "idefics2", 96)
     assert not c25.text.attention_bias
     assert c25.text.scale_emb is None and c25.audio is None
-    assert (co26.text.family, co26.vision_tower, co26.text.attention_bias, co26.tts) == ("qwen2", "navit", True, False)
+    assert (co26.text.family, co26.vision_tower, co26.text.attention_bias, co26.tts) == ("qwen2", "navit", True, None)
     assert co26.audio is not None and (co26.audio.d_model, co26.audio.encoder_layers) == (64, 2)
     assert co26.audio.projector_in_dim == 64 and co26.audio.chunk_input
     assert _cfg("o2.6", init_tts=True).tts and _cfg("o2.6", init_audio=False).audio is None

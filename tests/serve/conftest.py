@@ -26,7 +26,21 @@ CONF = Path(__file__).resolve().parents[1] / "data" / "conformance"
 NAME = "tiny"
 
 
-class LiveServer:
+class ServerClient:
+    """Clients of a server at ``self.url`` (the OpenAI client, and raw chat-completion posts)."""
+
+    url: str
+
+    def client(self, **kw) -> OpenAI:
+        kw.setdefault("max_retries", 0)
+        kw.setdefault("timeout", 120)
+        return OpenAI(base_url=f"{self.url}/v1", api_key="test", **kw)
+
+    def post(self, body: dict, **kw) -> httpx.Response:
+        return httpx.post(f"{self.url}/v1/chat/completions", json=body, timeout=120, **kw)
+
+
+class LiveServer(ServerClient):
     """A uvicorn server bound to a free loopback port; ``state`` is the app's ServerState."""
 
     def __init__(self, model, **config) -> None:
@@ -57,14 +71,6 @@ class LiveServer:
     @property
     def state(self):
         return self.app.state.server
-
-    def client(self, **kw) -> OpenAI:
-        kw.setdefault("max_retries", 0)
-        kw.setdefault("timeout", 120)
-        return OpenAI(base_url=f"{self.url}/v1", api_key="test", **kw)
-
-    def post(self, body: dict, **kw) -> httpx.Response:
-        return httpx.post(f"{self.url}/v1/chat/completions", json=body, timeout=120, **kw)
 
     def wait_idle(self) -> dict:
         """Poll /health until nothing runs, waits or is in flight (a leak would hang here)."""

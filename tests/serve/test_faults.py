@@ -92,9 +92,11 @@ def test_bytes_that_are_not_an_image(server):
 
 
 def test_wrong_content_part_type(server):
-    part = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    part = {"type": "file", "file": {"file_data": "AAAA", "filename": "a.pdf"}}
     err = _error(server.post(_body(_user(part))), 400)
     assert "messages" in err["message"]
+    part = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}  # audio: MiniCPM-o only
+    assert "audio input" in _error(server.post(_body(_user(part))), 400, "unsupported")["message"]
     with pytest.raises(openai.BadRequestError):
         server.client().chat.completions.create(model=NAME, messages=_user({"type": "image", "image": "x"}))
 

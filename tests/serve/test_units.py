@@ -154,3 +154,37 @@ def test_compile_flag():
     assert config_from_args(parse(["serve", "--model", "m", "--compile"])).compile == "auto"
     assert config_from_args(parse(["serve", "--model", "m", "--compile", "static"])).compile == "static"
     assert parse(["chat", "--compile", "max-autotune", "hi"]).compile == "max-autotune"
+
+
+def test_speech_flags_map_onto_the_config(tmp_path):
+    from minicpmv.errors import InputError
+
+    ref = tmp_path / "ref.wav"
+    ref.write_bytes(b"RIFF")
+    args = build_parser().parse_args(["serve", "--model", "m", "--voice", f"narrator={ref}", "--voice-language", "zh",
+                                      "--max-audio-seconds", "30", "--max-input-audio-seconds", "10",
+                                      "--max-speech-input-chars", "500"])
+    cfg = config_from_args(args)
+    assert cfg.voices == (("narrator", str(ref.resolve())),) and cfg.voice_language == "zh"
+    assert (cfg.max_audio_seconds, cfg.max_input_audio_seconds, cfg.max_speech_input_chars) == (30, 10, 500)
+    for flags, match in [(["--voice", "narrator"], "NAME=REF_AUDIO"), (["--voice", f"default={ref}"], "built-in"),
+                         (["--voice", f"a={ref}", "--voice", f"a={ref}"], "twice"),
+                         (["--voice", f"a={tmp_path / 'missing.wav'}"], "does not exist"),
+                         (["--max-audio-seconds", "0"], "must be positive")]:
+        with pytest.raises(InputError, match=match):
+            config_from_args(build_parser().parse_args(["serve", "--model", "m", *flags]))
+
+
+def test_spoken_requests_are_planned():
+    audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    plan = _plan(_req(messages=[{"role": "user", "content": [audio, {"type": "text", "text": "Hi"}]}],
+                      modalities=["text", "audio"], audio={"voice": {"id": "narrator"}, "format": "pcm16"}))
+    assert plan.speak and plan.voice == "narrator" and plan.audio_format == "pcm16" and not plan.own_voice_prompt
+    assert [r.kind for r in plan.media] == ["audio"] and plan.media[0].url == "data:audio/wav;base64,AAAA"
+    plan = _plan(_req(messages=[{"role": "system", "content": [{"type": "text", "text": "Clone it."}, audio]},
+                                {"role": "developer", "content": "Briefly."}, {"role": "user", "content": "Hi"}],
+                      modalities=["audio", "text"], audio={"voice": "default", "format": "wav"}))
+    assert plan.own_voice_prompt and plan.system_prompt == ""
+    assert [m["role"] for m in plan.conversation] == ["system", "user"]
+    assert plan.conversation[0]["content"][0] == "Clone it." and plan.conversation[0]["content"][2] == "Briefly."
+    assert not _plan(_req(audio={"voice": "default", "format": "wav"})).speak  # audio without the modality

@@ -1,9 +1,10 @@
-"""The demo-model recipe: synthetic data generator, tokenizer, checkpoint layout, a smoke run."""
+"""The demo-model recipe: training pictures and their labels, questions, tokenizer, a tiny seeded run."""
 
 from __future__ import annotations
 
 import json
 import random
+import string
 from pathlib import Path
 
 import numpy as np
@@ -11,99 +12,144 @@ import pytest
 
 from minicpmv.train import demo
 from minicpmv.train import synthetic as syn
+from minicpmv.train import synthetic_qa as qa
+from minicpmv.train.demo_world import ALPHABET, COLOURS, NO_SHAPES, NO_TEXT, POSITIONS, REFUSAL, SHAPES, position_name
 
 
-def test_scenes_are_reproducible_from_the_seed(tmp_path: Path) -> None:
-    a = syn.write_split(tmp_path / "a", "train", 12, seed=5, weights=demo.STAGE2_MIX)
-    b = syn.write_split(tmp_path / "b", "train", 12, seed=5, weights=demo.STAGE2_MIX)
+def test_splits_are_reproducible_from_the_seed(tmp_path: Path) -> None:
+    a = qa.write_split(tmp_path / "a", "train", 10, seed=5)
+    b = qa.write_split(tmp_path / "b", "train", 10, seed=5)
     assert json.loads(a.read_text()) == json.loads(b.read_text())
-    for i in range(12):
-        assert (a.parent / f"train/{i:06d}.png").read_bytes() == (b.parent / f"train/{i:06d}.png").read_bytes()
-    c = syn.write_split(tmp_path / "c", "train", 12, seed=6, weights=demo.STAGE2_MIX)
+    for png in sorted((a.parent / "train").glob("*.png")):
+        assert png.read_bytes() == (b.parent / "train" / png.name).read_bytes()
+    c = qa.write_split(tmp_path / "c", "train", 10, seed=6)
     assert json.loads(c.read_text()) != json.loads(a.read_text())
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_single_shape_answers_match_the_pixels(seed: int) -> None:
+@pytest.mark.parametrize("seed", range(12))
+def test_single_shape_pixels_match_its_answers(seed: int) -> None:
     rng = random.Random(seed)
-    scene = syn.make_scene(rng, "single")
-    img, (mcol, mshape, _) = syn.render(scene, rng, masks=True)
-    (cell, (colour, shape)), = scene.cells.items()
-    colour_mask = np.asarray(mcol)
-    ys, xs = np.nonzero(colour_mask)
-    # the shape lies in the 3x3 cell the position answer names
-    assert (int(ys.mean()) // 75) * 3 + int(xs.mean()) // 75 == cell
-    assert scene.qa("position") == syn.POSITIONS[cell]
-    assert set(np.unique(colour_mask)) == {0, 1 + list(syn.COLOURS).index(colour)}
-    assert set(np.unique(np.asarray(mshape))) == {0, 1 + syn.SHAPES.index(shape)}
-    # the drawn pixels have the answer's colour
-    pix = np.asarray(img)[colour_mask > 0]
-    assert np.abs(pix.astype(int) - np.array(syn.COLOURS[colour])).max() <= 1 or \
-        np.median(np.abs(pix.astype(int) - np.array(syn.COLOURS[colour])).max(axis=1)) == 0
-    assert scene.qa("count") == "1"
+    scene = syn.make_scene(rng, "shapes", n_objects=1)
+    img, (objs, _) = syn.render(scene, masks=True)
+    (o,) = scene.objects
+    mask = np.asarray(objs) > 0
+    ys, xs = np.nonzero(mask)
+    # the mask's bounding box is centred on the object's centre; the answers follow from it
+    assert abs((xs.min() + xs.max()) / 2 - o.cx) <= 1.5 and abs((ys.min() + ys.max()) / 2 - o.cy) <= 1.5
+    got = qa.ask_shapes(scene, "position", random.Random(0))
+    assert got is not None and got[0][1] == position_name(o.cx / scene.width, o.cy / scene.height)
+    pix = np.asarray(img)[mask]
+    assert (np.abs(pix.astype(int) - np.array(o.rgb)).max(axis=1) == 0).mean() > 0.99
+    hsv_ok = syn.sample_rgb(random.Random(seed), o.colour)  # the colour name's own range draws shades
+    assert len(hsv_ok) == 3 and o.colour in COLOURS and o.shape in SHAPES
 
 
-@pytest.mark.parametrize("kind", ["word", "bigword"])
-def test_word_masks_hold_the_letters_and_big_words_stay_in_one_slice(kind: str) -> None:
-    for seed in range(10):
+def test_shapes_never_touch_and_counts_are_labelled() -> None:
+    for seed in range(8):
         rng = random.Random(seed)
-        scene = syn.make_scene(rng, kind)
-        img, (_, _, letters) = syn.render(scene, rng, masks=True)
-        ids = set(np.unique(np.asarray(letters))) - {0}
-        assert ids == {1 + ord(ch) - ord("a") for ch in scene.word}
-        if kind == "bigword":
-            assert img.size == (2 * syn.CANVAS, 2 * syn.CANVAS)
-            x0, y0, x1, y1 = scene.crop_box()
-            ys, xs = np.nonzero(np.asarray(letters))
-            assert x0 <= xs.min() and xs.max() < x1 and y0 <= ys.min() and ys.max() < y1
-            ink = np.asarray(img.convert("L")) < 128
-            assert ink[y0:y1, x0:x1].sum() == ink.sum() > 0
+        scene = syn.make_scene(rng, "shapes", n_objects=rng.randint(2, 9))
+        img, (objs, _) = syn.render(scene, masks=True)
+        ids = set(np.unique(np.asarray(objs))) - {0}
+        assert ids == set(range(1, len(scene.objects) + 1))  # every shape visible, none hidden by another
+        view = syn.view_of(scene, img)
+        labels = syn.patch_labels(scene, (objs, _), view.size)
+        assert (labels["count"] == len(scene.objects)).all()
+        slots = syn.slot_labels(scene)
+        assert slots[0]["count"] == len(scene.objects)
+        for s in SHAPES:
+            assert slots[0][f"n:{s}"] == sum(o.shape == s for o in scene.objects)
+        assert len(slots) == len(syn.SLOT_NAMES)
 
 
-def test_dense_labels_and_conversation() -> None:
-    rng = random.Random(3)
-    scene = syn.make_scene(rng, "many")
-    lab = syn.dense_labels(scene)
-    assert lab["count"] == len(scene.cells) == sum(c > 0 for c in lab["colour"]) == sum(c > 0 for c in lab["cell"])
-    assert all(lab["cell"][c] == c + 1 for c in scene.cells)
-    conv = syn.conversation(scene, rng)
-    assert conv[0]["content"].startswith("<image>\n") and conv[1]["content"] == str(len(scene.cells))
-    word = syn.make_scene(rng, "word")
-    lab = syn.dense_labels(word)
-    assert syn.WORDS[lab["word"] - 1] == word.word
-    assert "".join(chr(96 + i) for i in lab["letters"] if i) == word.word
+@pytest.mark.parametrize("lines", [1, 3])
+def test_text_masks_hold_each_character_and_its_index(lines: int) -> None:
+    for seed in range(6):
+        rng = random.Random(seed)
+        scene = syn.make_scene(rng, "text", lines=lines)
+        img, (_, chars) = syn.render(scene, masks=True)
+        total = sum(len(t) for t in scene.lines)
+        assert set(np.unique(np.asarray(chars))) - {0} <= set(range(1, total + 1))
+        ink = np.abs(np.asarray(img, int) - np.asarray(syn.paint_background(scene.background, *img.size), int)).max(-1)
+        assert ink.max() > 60  # the text is drawn and stands out
+        slots = syn.slot_labels(scene)
+        if lines == 1:
+            text = scene.lines[0]
+            assert [s["char"] for s in slots[-12:]] == [1 + ALPHABET.index(c) for c in text] + [0] * (12 - len(text))
+        else:
+            assert all(s == {} for s in slots[-12:])  # several lines: no reading target
 
 
-def test_tokenizer_carries_the_official_special_tokens(tmp_path: Path) -> None:
+def test_other_pictures_are_refused_whatever_the_question() -> None:
+    rng = random.Random(1)
+    scene = syn.make_scene(rng, "other")
+    turns = qa.scene_turns(scene, rng, 4)
+    assert len(turns) == 4 and all(a == REFUSAL for _, a in turns)
+
+
+def test_questions_that_do_not_fit_the_picture() -> None:
+    rng = random.Random(2)
+    shapes = syn.make_scene(rng, "shapes", n_objects=2)
+    text = syn.make_scene(rng, "text")
+    assert qa.ask_shapes(shapes, "reading", rng)[0][1] == NO_TEXT
+    assert qa.ask_text(text, "colour", rng)[1] == NO_SHAPES
+    assert qa.ask_text(text, "reading", rng)[1] == text.lines[0]
+
+
+def test_binding_questions_name_a_unique_object() -> None:
+    seen = set()
+    for seed in range(40):
+        rng = random.Random(seed)
+        scene = syn.make_scene(rng, "shapes", n_objects=rng.randint(2, 5))
+        got = qa.ask_shapes(scene, "colour_of", rng)
+        if got is None:
+            continue
+        (q, a), o = got
+        assert o is not None and q.count(o.shape) == 1 and a == o.colour
+        assert sum(p.shape == o.shape for p in scene.objects) == 1
+        seen.add(a)
+    assert len(seen) >= 3
+
+
+def test_tokenizer_spells_any_string_and_keeps_question_words_whole(tmp_path: Path) -> None:
     from minicpmv.processing.tokenizer import Tokenizer
 
-    vocab = demo.write_tokenizer(tmp_path, 640)
+    vocab = demo.write_tokenizer(tmp_path)
     tok = Tokenizer.from_dir(tmp_path)
     assert len(tok) == vocab
     for t in demo.SPECIAL_TOKENS:
         assert tok.encode(t) == [tok.token_to_id(t)]
-    assert tok.token_to_id("<|im_end|>") == vocab - len(demo.SPECIAL_TOKENS) + 2
-    for line in demo.corpus_lines():
+    rng = random.Random(0)
+    for _ in range(200):  # any letters/digits: one token per character, so every string can be written
+        s = "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(rng.randint(1, 12)))
+        ids = tok.encode(s)
+        assert len(ids) == len(s) and tok.decode(ids) == s
+    for word in (*COLOURS, *SHAPES, "colour", "many", "where"):
+        assert len(tok.encode(" " + word)) == 1, word
+    for line in (REFUSAL, *POSITIONS, *(q for qs in qa.T.values() for q in qs)):
         assert tok.decode(tok.encode(line)) == line
-    for word in (*syn.COLOURS, *syn.SHAPES, *syn.WORDS):
-        assert len(tok.encode(word)) <= 2, word
+    assert tok.token_to_id("\x00") is None and tok.decode([0]) != "!"  # id 0 is a byte no text uses
 
 
-def test_recipe_smoke_run_gives_a_loadable_checkpoint_and_report(tmp_path: Path) -> None:
+def _tiny(out: Path) -> demo.DemoConfig:
+    return demo.DemoConfig(output=str(out), stage1_steps=2, stage1_batch=3, train_images=12, stage2_epochs=1,
+                           stage2_batch=6, eval_items=0, threads=1, device="cpu", vision_width=64, vision_layers=1,
+                           llm_width=128, llm_layers=1)
+
+
+def test_tiny_recipe_run_is_deterministic_and_loadable(tmp_path: Path) -> None:
     from minicpmv.api import load
 
-    cfg = demo.DemoConfig(output=str(tmp_path / "run"), stage1_steps=2, stage1_batch=4, train_images=16,
-                          eval_images=4, stage2_epochs=1, stage2_batch=8, threads=2, device="cpu")
-    report = demo.run(cfg)
-    final = tmp_path / "run" / "final"
-    assert set(report["heldout"]) == set(syn.FAMILIES)
-    assert report["weights_sha256"] == demo.sha256(final / "model.safetensors")
-    assert json.loads((tmp_path / "run" / "report.json").read_text())["config"]["seed"] == 0
-    chat = load(str(final), dtype="float32")
+    first = demo.run(_tiny(tmp_path / "a"))
+    second = demo.run(_tiny(tmp_path / "b"))
+    assert first["weights_sha256"] == second["weights_sha256"] == demo.sha256(tmp_path / "a/final/model.safetensors")
+    assert first["config"]["seed"] == 0 and first["times"]["total_cpu_s"] > 0
+    other = demo.run(demo.DemoConfig(**{**_tiny(tmp_path / "c").__dict__, "seed": 1}))
+    assert other["weights_sha256"] != first["weights_sha256"]
+    chat = load(str(tmp_path / "a" / "final"), dtype="float32")
     assert chat.version.name == "2.6"
     assert isinstance(chat.chat([{"role": "user", "content": "hello"}], sampling=False, max_new_tokens=3), str)
     with pytest.raises(Exception, match="already holds a finished run"):
-        demo.run(cfg)
+        demo.run(_tiny(tmp_path / "a"))
 
 
 def test_train_demo_cli_rejects_unknown_or_malformed_settings(tmp_path: Path) -> None:
@@ -111,5 +157,14 @@ def test_train_demo_cli_rejects_unknown_or_malformed_settings(tmp_path: Path) ->
 
     with pytest.raises(SystemExit, match="unknown setting 'nope'"):
         main(["train-demo", "--output", str(tmp_path / "x"), "--set", "nope=1"])
-    with pytest.raises(SystemExit, match="takes true or false"):
-        main(["train-demo", "--output", str(tmp_path / "x"), "--set", "stage2_tune_resampler=maybe"])
+    with pytest.raises(SystemExit, match="--set seed takes an int, not 'maybe'"):
+        main(["train-demo", "--output", str(tmp_path / "x"), "--set", "seed=maybe"])
+    with pytest.raises(SystemExit, match="--set stage1_lr takes a float"):
+        main(["train-demo", "--output", str(tmp_path / "x"), "--set", "stage1_lr=fast"])
+
+
+def test_ci_installs_the_training_and_evaluation_fonts() -> None:
+    ci = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text()
+    for package in (*syn.FONT_PACKAGES, "fonts-dejavu-core", "fonts-liberation", "fonts-freefont-ttf"):
+        assert package in ci, package
+    syn.check_fonts()

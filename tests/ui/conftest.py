@@ -65,3 +65,22 @@ def make_clip(path: Path, frames: int = 8) -> Path:
 @pytest.fixture()
 def clip_mp4(tmp_path: Path) -> Path:
     return make_clip(tmp_path / "clip.mp4")
+
+
+@pytest.fixture(scope="session")
+def shared_tts(tts_model):
+    """The tiny MiniCPM-o with its speech head; spoken answers cut at 0.5 s to keep tests short."""
+    from minicpmv.ui.logic import SharedModel
+
+    return SharedModel(tts_model, max_audio_seconds=0.5)
+
+
+def write_wav(path: Path, seconds: float = 1.0, rate: int = 16000, seed: int = 0) -> Path:
+    """A mono 16-bit WAV of noise."""
+    import numpy as np
+
+    from minicpmv.processing.audio import wav_bytes
+
+    clip = (np.random.default_rng(seed).standard_normal(int(rate * seconds)) * 0.1).astype(np.float32)
+    path.write_bytes(wav_bytes(clip, rate))
+    return path

@@ -83,12 +83,12 @@ def test_error_status_escapes_html_and_markdown():
 def test_submit_streams_then_reports(shared26, house):
     h = Handlers(gr, shared26)
     steps = list(h.submit({"text": "What is it?", "files": [str(house)]}, None, *CONTROLS))
-    box, tab, chat, status = steps[0]
-    assert box == {"text": "", "files": []} and status == "Generating…"
+    box, tab, chat, status, audio, recording = steps[0]
+    assert box == {"text": "", "files": []} and status == "Generating…" and audio is None and recording is None
     assert isinstance(tab, TabChat) and chat == []
     assert len(steps) >= 3  # cleared box, pending turn, at least one streamed chunk, final
-    *_, (box, tab, chat, status) = steps
-    assert status.startswith("Answered in")
+    *_, (box, tab, chat, status, audio, _) = steps
+    assert status.startswith("Answered in") and audio == gr.skip()  # not spoken: the player is left alone
     assert [m["role"] for m in chat] == ["user", "user", "assistant"]
     assert chat[2]["content"] == tab.turns[0].answer == tab.turns[0].content
 
@@ -98,7 +98,7 @@ def test_submit_bad_file_keeps_input_and_shows_error(shared26, house, corrupt_pn
     tab = TabChat(shared26)
     steps = list(h.submit({"text": "q", "files": [str(house), str(corrupt_png)]}, tab, *CONTROLS))
     assert len(steps) == 1
-    box, same_tab, chat, status = steps[0]
+    box, same_tab, chat, status, _, _ = steps[0]
     assert box == gr.skip()  # the user's text and files stay in the box
     assert same_tab is tab and chat == [] and tab.turns == []
     assert "broken&#95;photo.png" in status and "not a recognised image format" in status
@@ -107,28 +107,29 @@ def test_submit_bad_file_keeps_input_and_shows_error(shared26, house, corrupt_pn
 
 def test_submit_bad_settings_shows_error(shared26):
     h = Handlers(gr, shared26)
-    (_, _, _, status), = h.submit({"text": "q", "files": []}, None, "sampling", 0.0, 1.0, 8, 9, False)
+    (_, _, _, status, _, _), = h.submit({"text": "q", "files": []}, None, "sampling", 0.0, 1.0, 8, 9, False)
     assert "temperature must be &gt; 0" in status or "temperature must be &#62; 0" in status
 
 
 def test_regenerate_and_clear(shared26, house):
     h = Handlers(gr, shared26)
-    *_, (_, tab, chat, _) = h.submit({"text": "q", "files": [str(house)]}, None, *BEAM)
-    *_, (_, tab2, chat2, status) = h.regenerate(tab, *BEAM)
+    *_, (_, tab, chat, *_) = h.submit({"text": "q", "files": [str(house)]}, None, *BEAM)
+    *_, (_, tab2, chat2, status, *_) = h.regenerate(tab, *BEAM)
     assert tab2 is tab and chat2 == chat and status.startswith("Regenerated the last answer in")
-    box, tab3, chat3, status3 = h.clear(tab)
+    box, tab3, chat3, status3, audio3, recording3 = h.clear(tab)
+    assert audio3 is None and recording3 is None
     assert tab3 is tab and tab.turns == [] and chat3 == [] and status3 == ""
 
 
 def test_regenerate_before_any_question(shared26):
-    (_, _, chat, status), = Handlers(gr, shared26).regenerate(None, *CONTROLS)
+    (_, _, chat, status, *_), = Handlers(gr, shared26).regenerate(None, *CONTROLS)
     assert chat == [] and "no answer to regenerate" in status
 
 
 def test_thinking_answer_renders_reasoning(shared45, house):
     h = Handlers(gr, shared45)
-    *_, (_, tab, chat, status) = h.submit({"text": "q", "files": [str(house)]}, None,
-                                          "sampling", 0.7, 0.8, 10, 9, True)
+    *_, (_, tab, chat, status, *_) = h.submit({"text": "q", "files": [str(house)]}, None,
+                                              "sampling", 0.7, 0.8, 10, 9, True)
     reasoning = [m for m in chat if m.get("metadata")]
     assert len(reasoning) == 1 and reasoning[0]["metadata"]["title"] == "Reasoning"
 
@@ -156,7 +157,7 @@ def test_clear_stops_a_streaming_answer(shared26, house):
     steps = h.submit({"text": "q", "files": [str(house)]}, None, "sampling", 1.0, 1.0, 40, 9, False)
     next(steps)  # box cleared
     next(steps)  # pending turn shown
-    _, tab, _, _ = next(steps)  # first streamed chunk: the model lock is held
+    _, tab, *_ = next(steps)  # first streamed chunk: the model lock is held
     assert shared26.lock.locked()
     assert h.clear(tab)[2] == []
     assert list(steps) == []  # the handler stops at once without drawing the old conversation again

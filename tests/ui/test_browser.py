@@ -8,7 +8,9 @@ set MINICPMV_UI_SCREENSHOT=path.png to also keep the one of the answered questio
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import os
 import re
 import shutil
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from minicpmv.ui.logic import video_supported
 
-from .conftest import CONF, HOUSE, ROOT, make_clip
+from .conftest import CONF, HOUSE, ROOT, make_clip, write_wav
 
 CHROMIUM = os.environ.get("MINICPMV_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -58,14 +61,16 @@ def _wait_until_serving(url: str, proc: subprocess.Popen, log: Path) -> None:
 
 
 @contextlib.contextmanager
-def serve(version: str, tmp: Path) -> Iterator[str]:
-    """Run `minicpmv ui` on a tiny checkpoint at a free local port; yields its URL."""
+def serve(version: str, tmp: Path, model: Path | None = None, extra: tuple[str, ...] = ()) -> Iterator[str]:
+    """Run `minicpmv ui` on a tiny checkpoint (``model``, else the version's) at a free local
+    port; yields its URL."""
     port = _free_port()
     log = tmp / "server.log"
     env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp / "uploads"), "GRADIO_ANALYTICS_ENABLED": "False"}
-    model = (CONF / version / "_checkpoint").relative_to(ROOT)  # as a user types it in the checkout
+    if model is None:
+        model = (CONF / version / "_checkpoint").relative_to(ROOT)  # as a user types it in the checkout
     cmd = [sys.executable, "-m", "minicpmv.cli", "ui", "--model", str(model),
-           "--dtype", "float32", "--port", str(port), "--max-new-tokens", "48"]
+           "--dtype", "float32", "--port", str(port), "--max-new-tokens", "48", *extra]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}/"
@@ -300,3 +305,41 @@ def test_thinking_mode_reasoning_is_collapsed(browser: Browser, tmp_path: Path) 
 def test_thinking_box_is_disabled_for_2_6(page: Page) -> None:
     expect(page.locator("#thinking input")).to_be_disabled()
     expect(page.locator("#thinking")).to_contain_text("has no thinking mode")
+
+
+def test_spoken_answer_with_a_cloned_voice_plays_in_the_page(tmp_path: Path, tts_checkpoint: Path) -> None:
+    """MiniCPM-o: a question recorded with the microphone (Chromium's fake capture device), a
+    reference clip uploaded for voice cloning; the answer is spoken in the page as a 24 kHz WAV."""
+    ref = write_wav(tmp_path / "voice.wav", 1.5, 22050, 2)
+    mic = [*CHROMIUM_ARGS, "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
+    with serve("o2.6", tmp_path, tts_checkpoint, ("--max-audio-seconds", "1")) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=mic)
+        try:
+            pg = browser.new_context(permissions=["microphone"], viewport={"width": 1280, "height": 1400}).new_page()
+            pg.set_default_timeout(WAIT_MS)
+            pg.goto(url)
+            pg.locator("#speak input").check()
+            pg.locator("#voice").get_by_text("Clone the reference clip").click()
+            pg.locator("#voice-ref input[type=file]").set_input_files(str(ref))
+            expect(pg.locator("#voice-ref audio")).not_to_have_count(0)  # the uploaded clip, ready to play
+            pg.locator("#audio-in button.record-button").click()  # the microphone: a fake beep
+            pg.wait_for_timeout(1500)  # record 1.5 s of it
+            pg.locator("#audio-in button.stop-button").first.click()
+            expect(pg.locator("#audio-in audio")).not_to_have_count(0)
+            ask_and_wait(pg, "Please answer.")
+            expect(pg.locator('#chatbot a[href$=".wav"]')).to_have_count(1)  # the recording is in the chat
+            link = pg.locator('#answer-audio a[data-testid="download-link"]')
+            expect(link).to_have_count(1)
+            expect(pg.locator("#answer-audio audio")).not_to_have_count(0)  # a player in the page
+            data = pg.evaluate("""async (src) => {
+                const buf = new Uint8Array(await (await fetch(src)).arrayBuffer());
+                let s = ''; for (const b of buf) s += String.fromCharCode(b); return btoa(s); }""",
+                               link.get_attribute("href"))
+            with wave.open(io.BytesIO(base64.b64decode(data))) as w:
+                assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
+                assert 0 < w.getnframes() <= 24000  # --max-audio-seconds 1
+            pg.screenshot(path=str(tmp_path / "spoken.png"), full_page=True)
+            assert "Traceback" not in pg.locator("body").inner_text()
+            expect(pg.locator("#status")).not_to_contain_text("Error")
+        finally:
+            browser.close()

@@ -1,8 +1,8 @@
 """What every conformance case format shares: one stage's result and the two comparisons.
 
 ``StageResult`` is one line of the report; ``exact`` compares values that must be equal (ids,
-strings), ``close`` compares arrays within an absolute tolerance (NaN anywhere fails). Nothing
-here loads a model or reads case files.
+strings), ``close`` compares arrays within an absolute tolerance and ``allclose`` within
+``atol + rtol * |expected|`` (NaN anywhere fails). Nothing here loads a model or reads case files.
 """
 
 from __future__ import annotations
@@ -42,3 +42,12 @@ def close(case: str, stage: str, got: np.ndarray, want: np.ndarray, tol: float) 
         return StageResult(case, stage, False, note=f"shape {got.shape} != expected {want.shape}")
     err = float(np.max(np.abs(got - want))) if got.size else 0.0
     return StageResult(case, stage, err <= tol, err, tol)
+
+
+def allclose(case: str, stage: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: float) -> StageResult:
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    if got.shape != want.shape:
+        return StageResult(case, stage, False, note=f"shape {got.shape} != expected {want.shape}")
+    err = float(np.max(np.abs(got - want))) if got.size else 0.0
+    ok = bool(np.all(np.abs(got - want) <= atol + rtol * np.abs(want)))
+    return StageResult(case, stage, ok, err, atol, note=f"(+ rtol {rtol:g})")

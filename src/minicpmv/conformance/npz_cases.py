@@ -24,7 +24,7 @@ from PIL import Image
 from ..engine.chat import ChatModel, normalise_msgs
 from ..engine.sampling import SamplingParams
 from ..errors import MiniCPMVError
-from .common import StageResult, close, exact
+from .common import StageResult, allclose, close, exact
 
 TOL = 1e-4  # resampler, audio encoder, audio embeddings (atol and rtol)
 TOL_FEATURES = 1e-4  # log-mel
@@ -61,15 +61,6 @@ def load_npz_case(case_dir: Path) -> tuple[list[dict[str, Any]], Image.Image | N
         with Image.open(inp / params["image"]) as im:
             image = im.convert("RGB")
     return msgs, image, params
-
-
-def _allclose(case: str, stage: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: float) -> StageResult:
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    if got.shape != want.shape:
-        return StageResult(case, stage, False, note=f"shape {got.shape} != expected {want.shape}")
-    err = float(np.max(np.abs(got - want))) if got.size else 0.0
-    ok = bool(np.all(np.abs(got - want) <= atol + rtol * np.abs(want)))
-    return StageResult(case, stage, ok, err, atol, note=f"(+ rtol {rtol:g})")
 
 
 class NpzCaseRunner:
@@ -146,10 +137,10 @@ class NpzCaseRunner:
         tgt = torch.tensor(inputs.tgt_sizes[0], dtype=torch.long)  # [S, 2]
         feats = model.vpm.encode_slices(pv, tgt, batch_size=model.config.vision_batch_size)  # [S, Lmax, Dv]
         n0 = int(tgt[0, 0] * tgt[0, 1])
-        yield _allclose(self.name, "vision_0", feats[0, :n0].numpy(), self.t["vision_0"], *TOL_VISION)
+        yield allclose(self.name, "vision_0", feats[0, :n0].numpy(), self.t["vision_0"], *TOL_VISION)
         res = model.resampler(feats, tgt)  # [S, Q, H]
         want = self.t["resampler"]
-        yield _allclose(self.name, "resampler", res[: want.shape[0]].numpy(), want, TOL, TOL)
+        yield allclose(self.name, "resampler", res[: want.shape[0]].numpy(), want, TOL, TOL)
 
     def _audio_stages(self, inputs: Any) -> Iterator[StageResult]:
         if "audio_features" not in self.t:
@@ -163,9 +154,9 @@ class NpzCaseRunner:
         yield close(self.name, "audio_features", padded, self.t["audio_features"], TOL_FEATURES)
         tensors = [torch.from_numpy(s) for s in segs]
         hidden, _ = self.cm.model.audio_hidden(tensors)  # [n, T, d]
-        yield _allclose(self.name, "apm_last_hidden", hidden.numpy(), self.t["apm_last_hidden"], TOL, TOL)
+        yield allclose(self.name, "apm_last_hidden", hidden.numpy(), self.t["apm_last_hidden"], TOL, TOL)
         emb = torch.cat(self.cm.model.encode_audio(tensors))  # [T_total, H]
-        yield _allclose(self.name, "audio_embeds", emb.numpy(), self.t["audio_embeds"], TOL, TOL)
+        yield allclose(self.name, "audio_embeds", emb.numpy(), self.t["audio_embeds"], TOL, TOL)
 
     def _params(self, call: dict[str, Any]) -> Any:
         kw = dict(call)

@@ -11,6 +11,13 @@ Answers follow ``chat()``: settings from the official presets (``SamplingParams.
 or an explicit ``params=``; the text is the official post-processed answer, and a streamed turn
 (``ask(stream=True)`` / ``respond(stream=True)``) is read from the same ``TextStream`` as the
 server's, so the concatenated stream equals the returned answer.
+
+MiniCPM-o: ``respond(..., generate_audio=True)`` (or ``ChatSession(generate_audio=True)``) uses
+the speech template and speaks each answer as ``chat(generate_audio=True)`` does (the whole
+answer, then the speech head): the response's ``audio_wav``; streamed, the text events come as
+usual and the final one arrives with the audio ready in ``last_response``. The voice is read at
+``<|spk|>`` during the turn's prefill (``spoken.SpeakerTap``). Speech streamed while the answer
+is generated is ``LiveSession``'s / ``chat(stream=True, generate_audio=True)``'s.
 """
 
 from __future__ import annotations
@@ -21,14 +28,19 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError
+from ..errors import FeatureNotAvailableError, InputError
+from ..processing.tts_text import speech_text
 from ..processing.video import resolve_video_items
 from . import compat
 from .chat import ChatModel, ChatResponse, normalise_msgs, official_params
 from .features import FeatureCache
+from .generate import StepOutput, generate_steps
 from .kv_cache import KVCache
 from .runner import PreparedBatch
 from .sampling import SamplingParams
+from .speech import get_synthesizer, official_answer_text, speaker_hidden, speaker_position
+from .speech_codes import SpeechOptions
+from .spoken import SpeakerTap, cut_audio, limited_options
 from .stream import TextEvent
 
 log = logging.getLogger(__name__)
@@ -48,6 +60,9 @@ class ChatSession:
         id0_quirk: bool = True,
         feature_cache: FeatureCache | None = None,
         max_inp_length: int | None = None,
+        generate_audio: bool = False,
+        speech_options: SpeechOptions | None = None,
+        max_audio_seconds: float | None = None,
         **generation: Any,
     ) -> None:
         compat.check_thinking(model.version, enable_thinking)
@@ -61,6 +76,13 @@ class ChatSession:
         self.id0_quirk = id0_quirk
         self.max_inp_length = max_inp_length  # None: the version's default (chat()'s max_inp_length)
         self.generation = generation
+        self.generate_audio = generate_audio  # MiniCPM-o: speak every answer (speech template)
+        self.speech_options = speech_options
+        self.max_audio_seconds = max_audio_seconds  # spoken answers are cut at this length
+        self._check_speech(generate_audio)
+        self._speaking = False
+        self._tap: SpeakerTap | None = None
+        self._voice = None
         self.features = feature_cache if feature_cache is not None else FeatureCache()
         self._cache: KVCache | None = None
         self._cached_ids: list[int] = []
@@ -96,10 +118,15 @@ class ChatSession:
 
         return chunks()
 
-    def respond(self, content: Any, *, stream: bool = False, **overrides: Any) -> ChatResponse | Iterator[TextEvent]:
-        """Like ``ask``, answered with a ``ChatResponse`` (or its ``TextEvent``s with ``stream``)."""
+    def respond(self, content: Any, *, stream: bool = False, generate_audio: bool | None = None,
+                **overrides: Any) -> ChatResponse | Iterator[TextEvent]:
+        """Like ``ask``, answered with a ``ChatResponse`` (or its ``TextEvent``s with ``stream``).
+        ``generate_audio``: speak this answer (default: the session's setting)."""
+        speak = self.generate_audio if generate_audio is None else bool(generate_audio)
+        self._check_speech(speak)
         conversation = self._with_user_turn(content)
         params = self._params(overrides)
+        self._speaking = speak
         events = self._events(conversation, params)
         if stream:
             return events
@@ -111,6 +138,7 @@ class ChatSession:
     def ask_tokens(self, content: Any, **overrides: Any) -> Iterator[int]:
         """Like ``ask`` but yields the generated token ids; history is updated at the end."""
         conversation = self._with_user_turn(content)
+        self._speaking = False
         ids: list[int] = []
         for t in self._token_ids(conversation, self._params(overrides)):
             ids.append(t)
@@ -147,18 +175,36 @@ class ChatSession:
             if event.text:
                 yield event
         final = text.finish("stop" if done else "length")
+        speech = self._speak(ids) if self._speaking else None
         answer = self._finish(conversation, ids)
         self._last = ChatResponse(
             text=answer, content=text.content, reasoning=text.reasoning if self.enable_thinking else None,
             finish_reason="stop" if done else "length", prompt_tokens=self._prompt_tokens,
-            completion_tokens=len(ids), token_ids=ids)
+            completion_tokens=len(ids), token_ids=ids,
+            audio_wav=None if speech is None else speech.audio_wav,
+            sampling_rate=None if speech is None else speech.sampling_rate)
         yield final
+
+    def _check_speech(self, speak: bool) -> None:
+        if speak and getattr(self.runner.model, "tts", None) is None:
+            raise FeatureNotAvailableError(f"{self.runner.version.title} checkpoint has no speech head: answers "
+                                           "cannot be spoken (generate_audio needs MiniCPM-o 2.6 with init_tts)")
+
+    def _speak(self, ids: list[int]) -> Any:
+        """The chat path of ``chat(generate_audio=True)`` for this turn's answer."""
+        voice = self._tap.hidden if self._tap is not None else self._voice
+        assert voice is not None
+        raw = official_answer_text(self.runner.tokenizer, ids, self.runner.eos_ids)
+        synth = get_synthesizer(self.model)
+        options = limited_options(synth, self.speech_options, self.max_audio_seconds)
+        return cut_audio(synth.synthesize(speech_text(raw), voice, options), self.max_audio_seconds)
 
     def _prepare(self, conversation: list[dict[str, Any]]) -> PreparedBatch:
         thinking = compat.thinking_flag(self.runner.version, self.enable_thinking)
         inputs = self.runner.processor(
             [conversation], system_prompt=self.system_prompt, max_slice_nums=self.max_slice_nums,
             use_image_id=self.use_image_id, enable_thinking=thinking, max_length=self.max_inp_length,
+            use_tts_template=self._speaking,
         )
         return self.runner.prepare(inputs, feature_cache=self.features, id0_quirk=self.id0_quirk)
 
@@ -185,8 +231,11 @@ class ChatSession:
             batch = self._prepare(conversation)
             ids = batch.input_ids[0].tolist()
             self._prompt_tokens = len(ids)
+            self._tap = None
             if params.num_beams > 1:
                 self._cache, self._cached_ids, self._cached_mask = None, [], []
+                if self._speaking:
+                    self._voice = speaker_hidden(self.model, batch)
                 rows = self.runner.generate_ids(batch, params)
                 self.last_prefill_tokens = len(ids)
                 yield from rows[0]
@@ -197,13 +246,23 @@ class ChatSession:
                 self._cache = self.runner.new_cache(1)
             self.last_prefill_tokens = len(ids) - reused
             generated: list[int] = []
-            for step in self.runner.steps(batch, params, self._cache, reused=reused):
+            for step in self._steps(batch, params, reused):
                 tok = int(step.tokens[0])
                 generated.append(tok)
                 yield tok
             kept = self._cache.get_seq_length()
             self._cached_ids = (ids + generated)[:kept]
             self._cached_mask = (mask + [1] * len(generated))[:kept]
+
+    def _steps(self, batch: PreparedBatch, params: SamplingParams, reused: int) -> Iterator[StepOutput]:
+        """The runner's steps; when speaking, through a tap that reads the voice at <|spk|>."""
+        assert self._cache is not None
+        if not self._speaking:
+            return self.runner.steps(batch, params, self._cache, reused=reused)
+        spk = speaker_position(batch.input_ids[0].tolist(), self.runner.tokenizer)
+        self._tap = SpeakerTap(self.runner.model, spk - reused)
+        return generate_steps(self._tap, batch.inputs_embeds[:, reused:], batch.attention_mask, params,
+                              eos_ids=self.runner.eos_ids, cache=self._cache)
 
     def _finish(self, conversation: list[dict[str, Any]], ids: list[int]) -> str:
         answer = compat.thinking_prefix(self.runner.version, self.enable_thinking) + self.runner.postprocess(

@@ -1,10 +1,11 @@
 """Find, check and load MiniCPM-V checkpoints (safetensors only, single file or sharded).
 
 ``resolve_checkpoint`` maps a local directory or a Hugging Face repo id to a local directory
-(downloading only data files: json, safetensors, txt, tokenizer model, jinja; never ``.py`` or
-pickle ``.bin``). ``load_model`` builds the model on the meta device (nothing is allocated, no
-float32 staging) and materialises every parameter straight from the safetensors files in the
-requested dtype and device, so no second full copy of the weights is ever made: a tensor stored
+(downloading only data files: json, safetensors, txt, tokenizer model, jinja, MiniCPM-o's
+vocoder state dict; never ``.py`` or pickle ``.bin``). ``load_model`` builds the model on the
+meta device (nothing is allocated, no float32 staging) and materialises every parameter
+straight from the safetensors files in the requested dtype and device, so no second full copy
+of the weights is ever made: a tensor stored
 in the target dtype (bf16 checkpoint loaded as bf16, on CPU) *is* a view of the memory-mapped
 file (zero copy; pages are read on first use and shared with the page cache), and a tensor that
 needs a conversion or another device is read with plain file I/O into a temporary of its own
@@ -20,6 +21,7 @@ are never imported. This module does not tokenize, build processors or run the m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -52,7 +54,9 @@ from .device_map import DeviceMap, Placement, resolve_device_map
 
 log = logging.getLogger(__name__)
 
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+# MiniCPM-o speech output also needs assets/Vocos.pt (a tensor state dict, read with
+# weights_only=True by loading/speech.py) and assets/chattts_tokenizer/ (json + txt)
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "assets/Vocos.pt"]
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # what copy_side_files never copies: weights in any format, their indexes, and code
@@ -156,12 +160,21 @@ def count_parameters(cfg: ModelConfig | MiniCPMV) -> dict[str, int]:
     """Parameter counts per component (llm, vpm, resampler, audio parts) and total, shared weights
     once, of a config (built on the meta device) or of a model already built."""
     model = cfg if isinstance(cfg, MiniCPMV) else build_on_meta(cfg)
-    out = {  # llm, vpm, resampler (+ apm, audio_projection_layer); kept TTS weights are not counted
+    out = {  # llm, vpm, resampler (+ apm, audio_projection_layer, tts)
         name: n for name, child in model.named_children()
         if (n := sum(p.numel() for p in child.parameters())) or name in ("llm", "vpm", "resampler")
     }
     out["total"] = sum(p.numel() for p in model.parameters())
     return out
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (checkpoint files can be many GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,8 +323,8 @@ def load_model(
     stored = weight_files(path)
     qspec = stored_spec(cfg)
     check_request(qspec, quantize)
+    _check_tts_present(cfg, stored)
     model = build_on_meta(cfg)
-    _adopt_opaque(model, stored)
     if qspec is not None:
         install_layout(model, qspec, dtype)
         check_stored_tensors(model, stored, qspec)
@@ -350,6 +363,39 @@ def _placement(
     return resolve_device_map(model, device_map, dtype_of=dtype_of, max_memory=max_memory)
 
 
+def fill_model(
+    model: nn.Module,
+    tensors: dict[str, Callable[[], torch.Tensor]],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    vision_dtype: torch.dtype | None = None,
+    prefilled: Iterable[str] = (),
+) -> None:
+    """Fill a meta ``model`` strictly from tensors made on demand (the readers of other formats in
+    ``formats/``): the same key, shape and leftover checks as ``load_model``; floating tensors get
+    ``dtype`` (``vision_dtype`` for ``vpm.*`` / ``resampler.*``), integer ones keep theirs. One
+    tensor is made at a time. ``prefilled``: keys a swapped-in layer has set already."""
+    slots = _param_slots(model)
+    aliases = {k for k, v in slots.items() if not v}
+    done = set(prefilled)
+    _check_keys(slots, aliases, dict.fromkeys([*tensors, *done], Path()))
+    expected = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
+    for key, make in tensors.items():
+        if not slots.get(key):
+            continue
+        t = make()
+        if tuple(t.shape) != tuple(expected[key].shape):
+            raise ShapeMismatchError(
+                f"tensor {key!r} has shape {list(t.shape)} but the model expects {list(expected[key].shape)}"
+            )
+        want = vision_dtype if vision_dtype is not None and key.startswith(VISION_PREFIXES) else dtype
+        _assign(slots[key], t.to(device=device, dtype=want if t.is_floating_point() else t.dtype))
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"tensors left unmaterialised after loading: {_short(leftover)}")
+
+
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -357,25 +403,13 @@ _ST_DTYPES = {
 }
 
 
-def _adopt_opaque(model: nn.Module, stored: dict[str, Path]) -> None:
-    """Give the model's kept-but-not-run parts (MiniCPM-o ``tts``) one slot per checkpoint key."""
-    children = model.opaque_children() if hasattr(model, "opaque_children") else {}
-    for prefix, holder in children.items():
-        keys = sorted(k for k in stored if k.startswith(prefix))
-        if not keys:
-            raise MissingWeightsError(
-                f"config.json enables '{prefix.rstrip('.')}' (init_tts with a tts_config) but the checkpoint "
-                f"has no '{prefix}*' tensors; set \"init_tts\": false in config.json to load without it"
-            )
-        shapes = {}
-        for k in keys:
-            view = _open(stored[k]).get_slice(k)
-            dtype = _ST_DTYPES.get(view.get_dtype())
-            if dtype is None:
-                raise CheckpointError(f"tensor {k!r} has unsupported dtype {view.get_dtype()}")
-            shapes[k[len(prefix):]] = (tuple(view.get_shape()), dtype)
-        holder.adopt(shapes)
-        log.info("kept %d '%s*' tensors that minicpmv does not run", len(keys), prefix)
+def _check_tts_present(cfg: ModelConfig, stored: dict[str, Path]) -> None:
+    """MiniCPM-o: a config that enables the speech head needs its ``tts.*`` tensors."""
+    if cfg.tts is not None and not any(k.startswith("tts.") for k in stored):
+        raise MissingWeightsError(
+            "config.json enables 'tts' (init_tts with a tts_config) but the checkpoint has no 'tts.*' "
+            "tensors; set \"init_tts\": false in config.json to load without it"
+        )
 
 
 def _check_shapes(model: nn.Module, stored: dict[str, Path]) -> None:

@@ -13,28 +13,35 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..modeling.vlm import MiniCPMV
-from ..quant.linear import QuantSpec, quant_targets, storage_shapes
+from ..quant.linear import QUANT_METHOD, QuantSpec, quant_targets, storage_shapes
+from ..versions import detect_version
 from .checkpoint import build_on_meta, count_parameters, read_config
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def inspect_checkpoint(path: Path) -> dict[str, Any]:
-    """A JSON-able summary of the checkpoint at ``path`` (a directory with config.json)."""
-    raw, spec = read_config(path)
+def inspect_checkpoint(path: Path, raw: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A JSON-able summary of the checkpoint at ``path`` (a directory with config.json, or ``raw``:
+    that config's content, for formats that keep it elsewhere)."""
+    if raw is None:
+        raw, spec = read_config(path)
+    else:
+        spec = detect_version(raw)
     cfg = ModelConfig.from_hf_dict(raw, **spec.config_kwargs())
     model = build_on_meta(cfg)
     counts = count_parameters(model)
     total = counts["total"]
     has_weights = any(path.glob("*.safetensors"))
     quant = raw.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method") != QUANT_METHOD:
+        quant = None  # another library's format: described by formats/inspect.py
     info = {
         "path": str(path),
         "version": spec.name,
         "title": spec.title,
         "vision_tower": cfg.vision_tower,
         "audio": cfg.audio is not None,
-        "tts_weights": cfg.tts,
+        "tts_weights": cfg.tts is not None,
         "llm_family": spec.llm_family,
         "dtype": cfg.torch_dtype,
         "parameters": counts,

@@ -10,8 +10,11 @@ The attention mask is the reference's: keys at position ``t >= frames`` (the seg
 count, compared with the *halved* time axis, as the official code does) are hidden, and with a
 chunk length of c seconds a query at t sees only keys before the end of its own 50c-frame block.
 Parameter names equal the checkpoint keys without the ``apm.`` / ``audio_projection_layer.``
-prefixes. Streaming input (KV cache over 1-s pieces) is not implemented. This module computes no
-mel features (``processing/audio.py`` does).
+prefixes. Streaming input (the reference's ``streaming_prefill``): ``forward(..., cache=...)``
+appends each piece's keys/values to a cache (``KVCacheProtocol``, one layer index per encoder
+layer), continues the position table after the cached positions and lets the piece attend to
+every cached position and to itself (no mask), as the official encoder with its
+``EncoderDecoderCache`` does. This module computes no mel features (``processing/audio.py`` does).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import nn
 
 from ..config import AudioConfig
 from ..errors import InputError
+from .layers import KVCacheProtocol
 
 
 def conv_output_frames(frames: int) -> int:
@@ -59,12 +63,15 @@ class WhisperAttention(nn.Module):
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCacheProtocol | None = None,
+                layer_idx: int = 0) -> torch.Tensor:
         b, t, d = x.shape  # [B, T, d]
         shape = (b, t, self.heads, self.head_dim)
         q = self.q_proj(x).view(shape).transpose(1, 2)  # [B, h, T, hd]
         k = self.k_proj(x).view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)  # [B, h, past+T, hd]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, h, T, hd]
         return self.out_proj(o.transpose(1, 2).reshape(b, t, d))  # [B, T, d]
 
@@ -79,8 +86,9 @@ class WhisperEncoderLayer(nn.Module):
         self.fc1 = nn.Linear(d, cfg.encoder_ffn_dim)
         self.fc2 = nn.Linear(cfg.encoder_ffn_dim, d)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), mask)  # [B, T, d]
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCacheProtocol | None = None,
+                layer_idx: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), mask, cache, layer_idx)  # [B, T, d]
         return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))  # [B, T, d]
 
 
@@ -97,22 +105,29 @@ class WhisperEncoder(nn.Module):
         self.layers = nn.ModuleList(WhisperEncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.layer_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """features [B, n_mels, F], mask [B, 1, T, T] bool -> last hidden state [B, T, d]."""
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: KVCacheProtocol | None = None) -> torch.Tensor:
+        """features [B, n_mels, F], mask [B, 1, T, T] bool -> last hidden state [B, T, d].
+
+        With ``cache`` (streaming input, batch 1, no mask): the positions continue after the
+        cached ones and the new keys/values are appended to it."""
+        if cache is not None and mask is not None:
+            raise InputError("the streaming audio encoder attends to every cached position: give no mask")
         w = self.conv1.weight
         x = F.gelu(self.conv1(features.to(device=w.device, dtype=w.dtype)))  # [B, d, F]
         x = F.gelu(self.conv2(x)).permute(0, 2, 1)  # [B, T, d]
+        past = cache.get_seq_length() if cache is not None else 0
         t = x.shape[1]
-        if t > self.embed_positions.num_embeddings:
+        if past + t > self.embed_positions.num_embeddings:
             raise InputError(
-                f"an audio segment of {t} encoder positions exceeds the {self.embed_positions.num_embeddings} "
-                "the encoder supports (segments are at most 30 s)"
+                f"an audio segment of {t} encoder positions after {past} cached ones exceeds the "
+                f"{self.embed_positions.num_embeddings} the encoder supports (at most 30 s of audio)"
             )
-        x = x + self.embed_positions.weight[:t]  # [B, T, d]
+        x = x + self.embed_positions.weight[past : past + t]  # [B, T, d]
         if mask is not None:
             mask = mask.to(x.device)
-        for layer in self.layers:
-            x = layer(x, mask)  # [B, T, d]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, cache, i)  # [B, T, d]
         return self.layer_norm(x)  # [B, T, d]
 
 

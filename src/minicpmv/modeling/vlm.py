@@ -1,14 +1,15 @@
 """The top-level MiniCPM-V / MiniCPM-o module: LLM backbone + vision tower + resampler (+ audio).
 
 ``MiniCPMV`` owns the checkpoint children (``llm``, ``vpm``, ``resampler``; for MiniCPM-o also
-``apm`` + ``audio_projection_layer`` and, kept but not run, ``tts``), turns image slices into
+``apm`` + ``audio_projection_layer`` and the speech head ``tts``), turns image slices into
 LLM-width features (``encode_images``) and audio features into LLM rows (``encode_audio``),
 merges them into the token embeddings at the placeholder positions (``embed``) and runs the LLM
 (``forward``). Which backbone, vision tower and resampler variant are built is data of the
 config (``ModelConfig.text.family``, ``vision_tower``, ``resampler.query_pos_embed``). It does
 not tokenize, slice images, build prompts, sample tokens or load weights (see ``processing``,
-``engine``, ``loading``). Children may live on different devices (``loading/device_map.py``):
-features move to the next child's device where one hands over to another.
+``engine``, ``loading``); speech generation with ``tts`` is run by ``engine/speech.py``. Children may
+live on different devices (``loading/device_map.py``): features move to the next child's device
+where one hands over to another.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .audio_whisper import (
 from .layers import KVCacheProtocol, module_device
 from .llm import build_backbone
 from .resampler import build_resampler
-from .tts_weights import OpaqueWeights
+from .tts import ConditionalChatTTS
 from .vision_idefics2 import Idefics2VisionTransformer
 from .vision_siglip import SiglipVisionTransformer
 from .vision_siglip_timm import TimmSiglipVisionTransformer
@@ -62,12 +63,8 @@ class MiniCPMV(nn.Module):
         if cfg.audio is not None:
             self.apm = WhisperEncoder(cfg.audio)
             self.audio_projection_layer = AudioProjector(cfg.audio.projector_in_dim, cfg.text.hidden_size)
-        if cfg.tts:
-            self.tts = OpaqueWeights()
-
-    def opaque_children(self) -> dict[str, OpaqueWeights]:
-        """Checkpoint prefixes whose tensors are kept without being run (filled by the loader)."""
-        return {"tts.": self.tts} if self.config.tts else {}
+        if cfg.tts is not None:
+            self.tts = ConditionalChatTTS(cfg.tts)
 
     # -- properties used by the engine ---------------------------------------------------------
 
@@ -157,6 +154,25 @@ class MiniCPMV(nn.Module):
         emb = self.audio_projection_layer(hidden.to(module_device(self.audio_projection_layer)))  # [n, T, H]
         pooled = F.avg_pool1d(emb.transpose(1, 2), step, step).transpose(1, 2)  # [n, T//step, H]
         return [pooled[i, : audio_token_count(f, step)] for i, f in enumerate(frames)]
+
+    def encode_audio_streaming(self, segment: torch.Tensor, cache: KVCacheProtocol) -> torch.Tensor:
+        """One log-mel piece [n_mels, F] of a live audio stream -> LLM rows [T, H] (official
+        ``get_audio_embedding_streaming``): the encoder continues ``cache`` (earlier pieces of
+        the stream), then projection, pooling and the piece's token count as ``encode_audio``."""
+        audio = self.config.audio
+        if audio is None:
+            raise FeatureNotAvailableError("this checkpoint has no audio encoder (init_audio / audio_config)")
+        if segment.dim() != 2 or segment.shape[1] < 1:
+            raise InputError(f"an audio piece must be log-mel [n_mels, frames], got {tuple(segment.shape)}")
+        hidden = self.apm(segment[None], None, cache)  # [1, T, d]
+        emb = self.audio_projection_layer(hidden)  # [1, T, H]
+        pooled = F.avg_pool1d(emb.transpose(1, 2), audio.pool_step, audio.pool_step).transpose(1, 2)  # [1, T/2, H]
+        return pooled[0, : audio_token_count(int(segment.shape[1]), audio.pool_step)]  # [n, H]
+
+    @property
+    def audio_positions(self) -> int:
+        """Encoder positions a streaming audio cache can hold (the Whisper position table)."""
+        return int(self.apm.embed_positions.num_embeddings) if self.config.audio is not None else 0
 
     # -- embeddings ----------------------------------------------------------------------------
 

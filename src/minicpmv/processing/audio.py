@@ -4,7 +4,9 @@ Content items ``np.ndarray`` (a 16 kHz mono float waveform) or ``{"type": "audio
 array | path, "sampling_rate": 16000}`` are taken out of the messages (``extract_audio``) and
 replaced by the ``(<audio>./</audio>)`` tag, as the reference's ``chat()`` does; clips are
 checked (rank, dtype, finiteness, sample rate, length limit) with ``AudioError``. WAV files are
-read with the standard ``wave`` module (PCM only; no resampling, no channel mixing).
+read with the standard ``wave`` module (PCM only; no resampling, no channel mixing);
+``read_audio`` reads any format at any rate through PyAV when it is installed; ``save_wav`` /
+``wav_bytes`` write speech output as 16-bit PCM.
 
 Features follow Whisper's feature extractor as the reference calls it (spec o2.6 §4.7): a clip
 is cut into 30-s pieces, each piece is zero-padded to 30 s, framed (Hann window, n_fft 400, hop
@@ -17,6 +19,7 @@ full chunk). numpy only; the encoder itself lives in ``modeling/audio_whisper.py
 
 from __future__ import annotations
 
+import io
 import math
 import wave
 from dataclasses import dataclass
@@ -93,11 +96,12 @@ def check_waveform(x: Any, sampling_rate: int | None, cfg: AudioFeatureConfig, w
     return arr.astype(np.float32, copy=False)
 
 
-def load_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """A PCM WAV file as (float32 samples [N] or [N, channels] in [-1, 1], sample rate)."""
-    p = Path(path)
+def load_wav(path: str | Path | io.BytesIO) -> tuple[np.ndarray, int]:
+    """A PCM WAV file (or its bytes in a ``BytesIO``) as (float32 samples [N] or [N, channels]
+    in [-1, 1], sample rate)."""
+    p = Path(path) if not isinstance(path, io.BytesIO) else Path("<bytes>")
     try:
-        with wave.open(str(p), "rb") as f:
+        with wave.open(path if isinstance(path, io.BytesIO) else str(p), "rb") as f:
             rate, channels, width = f.getframerate(), f.getnchannels(), f.getsampwidth()
             raw = f.readframes(f.getnframes())
     except FileNotFoundError as e:
@@ -112,6 +116,76 @@ def load_wav(path: str | Path) -> tuple[np.ndarray, int]:
     else:
         raise AudioError(f"{p}: {8 * width}-bit WAV is not supported; use 16-bit PCM")
     return (data if channels == 1 else data.reshape(-1, channels)), rate
+
+
+def read_audio(src: str | Path | bytes, rate: int = SAMPLE_RATE, *, what: str = "audio") -> np.ndarray:
+    """Any audio file or its bytes as a float32 mono waveform at ``rate`` Hz (microphone
+    recordings, reference clips, uploads). A PCM WAV already at ``rate`` and mono is read
+    exactly (``load_wav``); anything else is decoded and resampled with PyAV (libswresample;
+    the ``[video]`` / ``[ui]`` extras) and its channels averaged, or refused with what to install."""
+    data: bytes | None = bytes(src) if isinstance(src, (bytes, bytearray, memoryview)) else None
+    if data is None and not Path(src).is_file():  # type: ignore[arg-type]
+        raise AudioError(f"{what} file {src} does not exist")
+    try:
+        wav, got = load_wav(io.BytesIO(data) if data is not None else src)  # type: ignore[arg-type]
+        if got == rate and wav.ndim == 1:
+            return wav
+    except AudioError:
+        pass  # not a PCM WAV: let PyAV decode it
+    try:
+        import av
+    except ImportError as e:
+        raise AudioError(f"{what}: only {rate} Hz mono PCM WAV can be read without PyAV; convert it, or "
+                         "pip install 'minicpmv[ui]' to read other rates and formats") from e
+    try:
+        with av.open(io.BytesIO(data) if data is not None else str(src)) as container:
+            if not container.streams.audio:
+                raise AudioError(f"{what} holds no audio stream")
+            resampler = av.AudioResampler(format="fltp", rate=rate)  # planar float, channels kept
+            frames = [f for frame in container.decode(container.streams.audio[0]) for f in resampler.resample(frame)]
+            frames += resampler.resample(None)
+            parts = [f.to_ndarray().mean(axis=0) for f in frames]  # [channels, n] -> the channels' average
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise AudioError(f"{what} cannot be decoded as audio ({e})") from e
+    if not parts:
+        raise AudioError(f"{what} holds no audio samples")
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def save_wav(path: str | Path, samples: np.ndarray, rate: int) -> None:
+    """Write mono float samples in [-1, 1] as a 16-bit PCM WAV (values outside are clipped)."""
+    data = np.asarray(samples, dtype=np.float32)
+    if data.ndim != 1:
+        raise AudioError(f"save_wav writes mono audio: expected samples [N], got shape {data.shape}")
+    if not np.isfinite(data).all():
+        raise AudioError("save_wav: the samples hold NaN or infinite values")
+    p = Path(path)
+    try:
+        p.write_bytes(wav_bytes(data, rate))
+    except OSError as e:
+        raise AudioError(f"cannot write {p}: {e}") from e
+
+
+def pcm16(samples: np.ndarray) -> bytes:
+    """Mono float samples in [-1, 1] as little-endian 16-bit PCM (values outside are clipped)."""
+    data = np.asarray(samples, dtype=np.float32)
+    if data.ndim != 1:
+        raise AudioError(f"speech output is mono: expected samples [N], got shape {data.shape}")
+    if not np.isfinite(data).all():
+        raise AudioError("the samples hold NaN or infinite values")
+    return np.round(np.clip(data, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
+    """A whole 16-bit PCM mono WAV file of ``samples`` (what ``save_wav`` writes)."""
+    buf = io.BytesIO()
+    pcm = pcm16(samples)
+    with wave.open(buf, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(int(rate))
+        f.writeframes(pcm)
+    return buf.getvalue()
 
 
 def _as_clip(item: Any, cfg: AudioFeatureConfig, where: str) -> np.ndarray | None:

@@ -49,12 +49,20 @@ from ..errors import (
     TokenizerError,
 )
 from ..versions import VersionSpec
-from .audio import AudioFeatureConfig, audio_token_count, clip_features, expand_audio_tags, extract_audio
+from .audio import (
+    AudioFeatureConfig,
+    audio_token_count,
+    check_waveform,
+    clip_features,
+    expand_audio_tags,
+    extract_audio,
+)
 from .chat_template import IMAGE_TAG, ChatTemplate, FlatConversation, flatten_conversation
 from .image import PatchList, image_content_hash, make_slices
 from .placeholders import image_placeholder, placeholder_scheme
 from .slicing import SlicePlan, plan_slices
 from .tokenizer import Tokenizer
+from .video import ImageChain
 
 log = logging.getLogger(__name__)
 
@@ -288,26 +296,51 @@ class Processor:
         )
 
     def render(self, messages: list[dict[str, str]], enable_thinking: bool | None = None,
-               audio: bool = False) -> str:
+               audio: bool = False, *, add_generation_prompt: bool = True) -> str:
         """The chat-template text, called as chat() calls apply_chat_template (``audio``: the
         release's audio template, o2.6's speech framing)."""
         kwargs: dict[str, Any] = dict(self.tokenizer.special_tokens_map)
         if self.version.supports_thinking:
             kwargs["enable_thinking"] = bool(enable_thinking)  # chat() always passes it (False)
         template = self.audio_template if audio and self.audio_template is not None else self.template
-        return template.render(messages, add_generation_prompt=True, **kwargs)
+        return template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
 
     def _plan(self, size: tuple[int, int], max_slice_nums: int) -> SlicePlan:
         s = self.cfg.slice
         return plan_slices(size[0], size[1], max_slice_nums=max_slice_nums,
                            scale_resolution=s.scale_resolution, patch_size=s.patch_size)
 
+    def prompt_inputs(
+        self, prompt: str, images: Sequence[Image.Image] = (), clips: Sequence[np.ndarray] = (), *,
+        max_slice_nums: int | None = None, use_image_id: bool | None = None, chunk_input: bool = True,
+        max_length: int | None = None,
+    ) -> ModelInputs:
+        """One already-framed prompt (no chat template is applied) with its images and 16 kHz
+        clips in the order of its ``(<image>./</image>)`` / ``(<audio>./</audio>)`` tags: the
+        pieces of a live session (the official ``streaming_prefill`` calls the processor on its
+        framed text). Placeholders, slicing, audio features and bounds as for a conversation."""
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+        opts = self._options("", max_slice_nums, use_image_id, None, max_length)
+        opts.chunk_input = bool(chunk_input)
+        checked = [check_waveform(c, None, self.audio_cfg, f"audio clip {i}") for i, c in enumerate(clips)]
+        if checked and not self.version.audio_input:
+            raise InputError(f"{self.version.title} does not take audio input; use a MiniCPM-o checkpoint")
+        flat = FlatConversation(messages=[], images=ImageChain([img.convert("RGB") for img in images]))
+        self._check_image_count(len(flat.images), 0)
+        return self._collect([self._expand(prompt, flat, checked, opts, None, 0)])
+
     def _one(self, conv: Any, opts: _Options, groups: list[list[int]] | None, index: int) -> _Conversation:
         conv, clips, system = self._split_inputs(conv, opts.system_prompt, index)
         flat = flatten_conversation(conv, system_prompt=system, video_policy=self.version.video)
-        images = flat.images
-        self._check_image_count(len(images), index)
+        self._check_image_count(len(flat.images), index)
         prompt = self.render(flat.messages, opts.enable_thinking, audio=bool(clips) or opts.tts_template)
+        return self._expand(prompt, flat, clips, opts, groups, index)
+
+    def _expand(self, prompt: str, flat: FlatConversation, clips: list[np.ndarray], opts: _Options,
+                groups: list[list[int]] | None, index: int) -> _Conversation:
+        """A rendered prompt with its media -> placeholders, ids, bounds, slices, audio features."""
+        images = flat.images
         slice_nums, with_ids = self._media_settings(flat, opts)
         plans = [self._plan(size, n) for size, n in zip(images.sizes(), slice_nums, strict=True)]
         groups = self._video_groups(flat, groups, index)

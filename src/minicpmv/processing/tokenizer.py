@@ -46,6 +46,13 @@ QWEN2_SPLIT_REGEX = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+def clean_up_tokenization(text: str) -> str:
+    """transformers' ``clean_up_tokenization``: no space before . ? ! , and English contractions."""
+    for old, new in _CLEANUPS:
+        text = text.replace(old, new)
+    return text
+
+
 def _read_json(path: Path, *, required: bool) -> dict[str, Any] | None:
     if required and not path.is_file():
         raise TokenizerError(f"tokenizer file {path} is missing")
@@ -269,10 +276,7 @@ class Tokenizer(SpecialTokenIds):
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids`` (spaces cleaned up only if the checkpoint asks for it)."""
         text = self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-        if self.clean_up_spaces:
-            for old, new in _CLEANUPS:
-                text = text.replace(old, new)
-        return text
+        return clean_up_tokenization(text) if self.clean_up_spaces else text
 
     def decode_bytes(self, ids: list[int], skip_special_tokens: bool = False) -> bytes:
         """Raw UTF-8 bytes of ``ids``, possibly ending inside a multi-byte character.

@@ -3,7 +3,8 @@
 ``create_app(config, model=None)`` builds the app without touching the model; the model is
 loaded (unless one is passed in) and the ``BatchEngine`` thread started in the app's lifespan,
 and stopped on shutdown. Routes: ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /health``. ``GuardMiddleware`` gives every request an id (``X-Request-ID``), refuses bodies
+``GET /health``, and ``POST /v1/audio/speech`` (``speech.py``, which also answers chat requests
+that ask for audio). ``GuardMiddleware`` gives every request an id (``X-Request-ID``), refuses bodies
 over ``max_body_bytes`` with 413 (by Content-Length, and while reading a chunked body), and turns
 any exception that escapes a route into a logged 500 that names the request id.
 
@@ -32,6 +33,7 @@ from .config import ServerConfig
 from .errors import APIError, error_body, install_error_handlers
 from .runtime import ServerState
 from .schemas import ChatCompletionRequest, ModelCard, ModelList
+from .speech import complete_spoken, install_speech_routes, prepare_spoken, stream_spoken
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +130,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     release = state.acquire()
     handle = None
     try:
-        prep = await prepare(state, body)
+        spoken = body.wants_audio  # a spoken answer: speech.py's pipeline around the same engine
+        prep = await (prepare_spoken(state, body) if spoken else prepare(state, body))
         handle = state.submit(prep.inputs, prep.params, prep.plan.n)
         response_id = f"chatcmpl-{handle.request_id}"
         if body.stream:
@@ -140,8 +143,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                 streaming.close()
                 owned()
 
-            return _ClosingStream(stream(state, prep, streaming, response_id, include_usage), on_close)
-        result = await complete(state, prep, handle, response_id, request.is_disconnected)
+            make_events: Any = stream_spoken if spoken else stream
+            return _ClosingStream(make_events(state, prep, streaming, response_id, include_usage), on_close)
+        finish: Any = complete_spoken if spoken else complete
+        result = await finish(state, prep, handle, response_id, request.is_disconnected)
     finally:
         if handle is not None:
             handle.close()
@@ -196,4 +201,5 @@ def create_app(config: ServerConfig, *, model: ChatModel | None = None) -> FastA
     app.post("/v1/chat/completions", response_model=None)(chat_completions)
     app.get("/v1/models")(list_models)
     app.get("/health")(health)
+    install_speech_routes(app)
     return app

@@ -1,8 +1,10 @@
 """The chat-completions pipeline behind the route: prepare, run, answer (JSON or SSE).
 
 ``prepare`` validates and converts the request (``convert.py``), fetches and decodes its media
-(``media.py``; decoding and the processor run in worker threads, never on the event loop) and
-builds the engine's inputs and sampling options. ``complete`` collects a whole answer;
+(``media.py``; decoding and the processor run in worker threads, never on the event loop; audio
+parts become 16 kHz clips within ``max_input_audio_seconds``) and builds the engine's inputs and
+sampling options (a spoken answer: the speech template, after the voice messages the caller
+gives; ``speech.py`` answers those requests). ``complete`` collects a whole answer;
 ``stream`` yields server-sent events (one ``chat.completion.chunk`` per text delta, a final
 chunk per choice with its ``finish_reason``, an optional usage chunk, then ``data: [DONE]``).
 Errors after a stream has started are sent as an ``{"error": ...}`` event before ``[DONE]``.
@@ -14,15 +16,18 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from ..engine.batch import BatchEvent
 from ..engine.compat import thinking_flag
 from ..engine.sampling import SamplingParams
 from ..engine.stream import TextStream
 from ..errors import MiniCPMVError
+from ..processing.audio import read_audio
 from ..processing.image import load_image
 from ..processing.processor import ModelInputs
 from ..processing.video import recipe_of
@@ -58,8 +63,23 @@ async def _load_media(state: ServerState, plan: RequestPlan) -> None:
     for ref, data in zip(plan.media, payloads, strict=True):
         if ref.kind == "image":
             ref.value = await asyncio.to_thread(load_image, data, max_pixels=state.config.max_pixels)
+        elif ref.kind == "audio":
+            ref.value = await asyncio.to_thread(audio_clip, state, data)
         else:
             ref.value = video_item(state, data)
+
+
+def audio_clip(state: ServerState, data: bytes) -> np.ndarray:
+    """The 16 kHz clip of an ``input_audio`` part, within the server's input audio limit."""
+    if not state.model.version.audio_input:
+        raise APIError(400, f"{state.model.version.title} does not take audio input (a MiniCPM-o model does)",
+                       code="unsupported", param="messages")
+    clip = read_audio(data, what="an input_audio part")
+    seconds = len(clip) / 16000
+    if seconds > state.config.max_input_audio_seconds:
+        raise APIError(400, f"an input_audio part is {seconds:.1f} s long, over this server's limit of "
+                       f"{state.config.max_input_audio_seconds:g} s", code="audio_too_long", param="messages")
+    return clip
 
 
 def video_item(state: ServerState, data: bytes) -> dict[str, Any]:
@@ -74,16 +94,25 @@ def video_item(state: ServerState, data: bytes) -> dict[str, Any]:
     return {"type": "video", "video": data, "max_frames": max_frames}
 
 
-async def prepare(state: ServerState, body: ChatCompletionRequest) -> Prepared:
-    """Request -> processor output and sampling options (raises APIError / library errors)."""
+VoiceMessages = Callable[[RequestPlan], list[dict[str, Any]]]
+
+
+async def prepare(state: ServerState, body: ChatCompletionRequest, voice: VoiceMessages | None = None) -> Prepared:
+    """Request -> processor output and sampling options (raises APIError / library errors).
+    ``voice``: the messages that set a spoken answer's voice (required when it asks for one)."""
     version = state.model.version
     plan = plan_request(body, state.defaults, supports_thinking=version.supports_thinking,
                         vocab_size=state.model.config.text.vocab_size, max_images=state.config.max_images)
+    if plan.speak and voice is None:
+        raise APIError(400, "spoken answers are not served here", code="unsupported", param="modalities")
     await _load_media(state, plan)
+    conversation = resolved_conversation(plan)
+    if plan.speak and voice is not None:
+        conversation = voice(plan) + conversation
     inputs = await asyncio.to_thread(
-        state.model.processor, [resolved_conversation(plan)], system_prompt=plan.system_prompt,
+        state.model.processor, [conversation], system_prompt=plan.system_prompt,
         enable_thinking=thinking_flag(version, plan.enable_thinking),
-        max_length=_NO_TRUNCATION,
+        max_length=_NO_TRUNCATION, use_tts_template=plan.speak,
     )
     _check_frames(state, inputs)
     params = sampling_params(plan, len(inputs.input_ids[0]), state.engine.max_model_len)

@@ -45,6 +45,13 @@ class ServerConfig:
     remote_timeout_s: float = 10.0
     remote_max_redirects: int = 3
     id0_quirk: bool = False  # the reference's id-0 handling (engine/compat.py); off for API clients
+    # MiniCPM-o speech (serve/speech.py): named reference clips (name, path), the language of the
+    # official voice prompts, and limits on audio in and out
+    voices: tuple[tuple[str, str], ...] = ()
+    voice_language: str = "en"
+    max_audio_seconds: float = 120.0
+    max_input_audio_seconds: float = 120.0
+    max_speech_input_chars: int = 4096
     compile: str | None = None  # load(compile=...): None = eager decode steps
 
     def model_name(self, fallback: str = "minicpmv") -> str:
@@ -113,14 +120,50 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id0-quirk", action=argparse.BooleanOptionalAction, default=d.id0_quirk,
                    help="the reference chat()'s id-0 handling (hide prompt tokens with id 0, drop id 0 from "
                         "answers); off by default for API clients")
+    p.add_argument("--voice", action="append", default=[], metavar="NAME=REF_AUDIO",
+                   help="MiniCPM-o: a named voice for spoken answers, cloned from a reference clip (repeatable); "
+                        "'default' (the model's own voice) always exists")
+    p.add_argument("--voice-language", choices=["en", "zh"], default=d.voice_language,
+                   help="language of the official voice prompts (default en)")
+    p.add_argument("--max-audio-seconds", type=float, default=d.max_audio_seconds,
+                   help=f"longest spoken answer or /v1/audio/speech output (default {d.max_audio_seconds:g} s)")
+    p.add_argument("--max-input-audio-seconds", type=float, default=d.max_input_audio_seconds,
+                   help=f"longest input_audio part (default {d.max_input_audio_seconds:g} s)")
+    p.add_argument("--max-speech-input-chars", type=int, default=d.max_speech_input_chars,
+                   help=f"longest /v1/audio/speech input text (default {d.max_speech_input_chars})")
+
+
+def parse_voices(specs: list[str]) -> tuple[tuple[str, str], ...]:
+    """``--voice NAME=PATH`` values -> ((name, path), ...); the files must exist."""
+    from ..errors import InputError
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name = name.strip()
+        if not sep or not name or not path:
+            raise InputError(f"--voice takes NAME=REF_AUDIO, got {spec!r}")
+        if name == "default" or name in out:
+            raise InputError(f"--voice {name!r} is given twice or is the built-in 'default'")
+        if not Path(path).is_file():
+            raise InputError(f"--voice {name}: the reference clip {path} does not exist")
+        out[name] = str(Path(path).resolve())
+    return tuple(out.items())
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    from ..errors import InputError
+
+    for flag in ("max_audio_seconds", "max_input_audio_seconds", "max_speech_input_chars"):
+        if not getattr(args, flag) > 0:
+            raise InputError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     return ServerConfig(
         model=args.model, served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
         max_batch_size=args.max_batch_size, max_model_len=args.max_model_len, max_queue=args.max_queue,
         batch_invariant=not args.no_batch_invariance, request_timeout_s=args.request_timeout,
         max_body_bytes=args.max_body_bytes, max_images=args.max_images, max_video_frames=args.max_video_frames,
         max_pixels=args.max_pixels, allow_remote_media=args.allow_remote_media, media_dir=args.media_dir,
-        id0_quirk=args.id0_quirk, compile=args.compile,
+        id0_quirk=args.id0_quirk, voices=parse_voices(args.voice), voice_language=args.voice_language,
+        max_audio_seconds=args.max_audio_seconds, max_input_audio_seconds=args.max_input_audio_seconds,
+        max_speech_input_chars=args.max_speech_input_chars, compile=args.compile,
     )

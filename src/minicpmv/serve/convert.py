@@ -3,8 +3,10 @@
 ``plan_request`` checks what this server cannot honour (tools, logprobs, structured output,
 thinking on a model without it), turns the messages into the official message format (leading
 system/developer messages become the system prompt; text parts are joined with newlines by the
-processor like ``chat()`` does; image and video parts become ``MediaRef`` placeholders that the
-app replaces with decoded media), and collects the sampling fields with their defaults.
+processor like ``chat()`` does; image, video and ``input_audio`` parts become ``MediaRef``
+placeholders that the app replaces with decoded media; a system message holding audio (MiniCPM-o's
+voice prompt: a reference clip in the system message) stays a message of the conversation), and
+collects the sampling fields with their defaults and what a spoken answer asks for.
 ``sampling_params`` builds the engine's ``SamplingParams`` (``from_openai``) once the prompt
 length is known.
 No model, network or disk access here.
@@ -19,7 +21,7 @@ from typing import Any
 from ..engine.sampling import SamplingParams
 from .config import GenerationDefaults
 from .errors import APIError
-from .schemas import ChatCompletionRequest, ChatMessage, ImagePart, TextPart, VideoPart
+from .schemas import ChatCompletionRequest, ChatMessage, ImagePart, InputAudioPart, TextPart, VideoPart
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ MAX_STOPS = 16
 class MediaRef:
     """An image or video part waiting to be fetched and decoded."""
 
-    kind: str  # "image" | "video"
+    kind: str  # "image" | "video" | "audio" (input_audio: a data: URL of its base64 data)
     url: str
     value: Any = None  # the decoded PIL image / video item, filled in by the app
 
@@ -47,6 +49,10 @@ class RequestPlan:
     sampling: dict[str, Any] = field(default_factory=dict)
     max_tokens: int | None = None
     n: int = 1
+    speak: bool = False  # modalities include "audio": answer with speech (MiniCPM-o)
+    voice: str | None = None  # audio.voice
+    audio_format: str | None = None  # audio.format
+    own_voice_prompt: bool = False  # a system message holds audio: the request brings its voice prompt
 
 
 def _bad(message: str, param: str | None = None, code: str = "invalid_request") -> APIError:
@@ -83,7 +89,34 @@ def _user_content(msg: ChatMessage, media: list[MediaRef]) -> list[Any]:
             ref = MediaRef("video", part.video_url.url)
             media.append(ref)
             items.append(ref)
+        elif isinstance(part, InputAudioPart):
+            audio = part.input_audio
+            ref = MediaRef("audio", f"data:audio/{audio.format};base64,{audio.data}")
+            media.append(ref)
+            items.append(ref)
     return items
+
+
+def _has_audio(msg: ChatMessage) -> bool:
+    return isinstance(msg.content, list) and any(isinstance(p, InputAudioPart) for p in msg.content)
+
+
+def _system_with_audio(messages: list[ChatMessage], media: list[MediaRef]) -> dict[str, Any] | None:
+    """The leading system messages as one conversation message when one of them holds audio."""
+    head = []
+    for msg in messages:
+        if msg.role not in ("system", "developer"):
+            break
+        head.append(msg)
+    if not any(_has_audio(m) for m in head):
+        return None
+    items: list[Any] = []
+    for i, msg in enumerate(head):
+        parts = _user_content(msg, media)
+        if any(isinstance(p, MediaRef) and p.kind != "audio" for p in parts):
+            raise _bad(f"messages[{i}]: system messages may hold text and audio only", "messages")
+        items += parts
+    return {"role": "system", "content": items}
 
 
 def convert_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], str, list[MediaRef]]:
@@ -91,19 +124,23 @@ def convert_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]],
     system: list[str] = []
     conversation: list[dict[str, Any]] = []
     media: list[MediaRef] = []
+    voice_prompt = _system_with_audio(messages, media)
+    if voice_prompt is not None:
+        conversation.append(voice_prompt)
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if msg.role in ("system", "developer"):
-            if conversation:
+            if len(conversation) > (voice_prompt is not None):
                 raise _bad(f"{where}: system messages must come before the conversation", "messages")
-            system.append(_text_only(msg, where))
+            if voice_prompt is None:
+                system.append(_text_only(msg, where))
         elif msg.role == "assistant":
-            if not conversation:
+            if len(conversation) == (voice_prompt is not None):
                 raise _bad(f"{where}: the conversation must start with a user message", "messages")
             conversation.append({"role": "assistant", "content": [_text_only(msg, where)]})
         else:
             conversation.append({"role": "user", "content": _user_content(msg, media)})
-    if not conversation:
+    if len(conversation) == (voice_prompt is not None):
         raise _bad("the request holds no user message", "messages")
     return conversation, "\n\n".join(system), media
 
@@ -168,7 +205,16 @@ def plan_request(
 ) -> RequestPlan:
     """Validate and convert a request (no media is fetched yet)."""
     _reject_unsupported(req)
+    speak = req.wants_audio
+    if speak and req.audio is None:
+        raise _bad("modalities with 'audio' need the audio parameter: {\"voice\": ..., \"format\": \"wav\"}", "audio")
+    if speak and req.n != 1:
+        raise _bad("a spoken answer is one choice: n must be 1", "n")
     conversation, system, media = convert_messages(req.messages)
+    own_voice = bool(conversation) and conversation[0]["role"] == "system"
+    if own_voice and not speak:
+        raise _bad("audio in a system message is a voice prompt: ask for a spoken answer (modalities "
+                   "[\"text\", \"audio\"]) or move the audio to a user message", "messages")
     images = sum(1 for m in media if m.kind == "image")
     if images > max_images:
         raise _bad(f"the request holds {images} images, over this server's limit of {max_images}",
@@ -178,6 +224,8 @@ def plan_request(
         conversation=conversation, system_prompt=system,
         enable_thinking=_thinking(req, defaults, supports_thinking), media=media,
         stops=_stops(req.stop), sampling=_sampling(req, defaults, vocab_size), max_tokens=max_tokens, n=req.n,
+        speak=speak, voice=req.audio.voice_name if speak and req.audio else None,
+        audio_format=req.audio.format if speak and req.audio else None, own_voice_prompt=own_voice,
     )
 
 

@@ -4,8 +4,10 @@ Requests are validated here (types, ranges, content-part kinds); anything invali
 through ``errors.py``. Unknown top-level fields are ignored (clients send many optional ones),
 but unknown content-part types are refused. Extensions beyond OpenAI, as vLLM names them:
 ``top_k``, ``repetition_penalty``, ``min_tokens``, ``chat_template_kwargs`` (``enable_thinking``)
-and, on responses, ``reasoning_content``. Conversion to the model's message format lives in
-``convert.py``; nothing here touches the model.
+and, on responses, ``reasoning_content``. Audio as OpenAI has it: ``input_audio`` content parts,
+``modalities`` + ``audio`` ({voice, format}) on requests, ``message.audio`` / ``delta.audio`` on
+answers, and the body of ``POST /v1/audio/speech``. Conversion to the model's message format
+lives in ``convert.py``; nothing here touches the model.
 """
 
 from __future__ import annotations
@@ -44,7 +46,17 @@ class VideoPart(_Strict):
     video_url: VideoURL
 
 
-ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
+class InputAudio(_Strict):
+    data: str  # base64
+    format: Literal["wav", "mp3"]
+
+
+class InputAudioPart(_Strict):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart | InputAudioPart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
@@ -57,6 +69,24 @@ class ChatMessage(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class VoiceRef(BaseModel):
+    id: str
+
+
+AudioFormat = Literal["wav", "aac", "mp3", "flac", "opus", "pcm16"]
+
+
+class AudioParam(BaseModel):
+    """``audio`` of a chat request: the voice (a name or ``{"id": name}``) and the format."""
+
+    voice: str | VoiceRef
+    format: AudioFormat
+
+    @property
+    def voice_name(self) -> str:
+        return self.voice if isinstance(self.voice, str) else self.voice.id
 
 
 class ResponseFormat(BaseModel):
@@ -93,6 +123,30 @@ class ChatCompletionRequest(BaseModel):
     tools: list[Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     user: str | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: AudioParam | None = None
+
+    @property
+    def wants_audio(self) -> bool:
+        return bool(self.modalities) and "audio" in self.modalities  # type: ignore[operator]
+
+
+class SpeechRequestBody(BaseModel):
+    """POST /v1/audio/speech body (OpenAI's speech endpoint)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str = Field(min_length=1)
+    voice: str | VoiceRef
+    instructions: str | None = None
+    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "wav"
+    speed: float = Field(default=1.0, ge=0.25, le=4.0)
+    stream_format: Literal["sse", "audio"] = "audio"
+
+    @property
+    def voice_name(self) -> str:
+        return self.voice if isinstance(self.voice, str) else self.voice.id
 
 
 # ---------------------------------------------------------------------------- responses
@@ -102,10 +156,20 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class AudioOut(BaseModel):
+    """``message.audio`` (and, in parts, ``delta.audio``): OpenAI's ``ChatCompletionAudio``."""
+
+    id: str | None = None
+    data: str | None = None  # base64 audio in the requested format
+    expires_at: int | None = None
+    transcript: str | None = None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     reasoning_content: str | None = None
+    audio: AudioOut | None = None
 
 
 class Choice(BaseModel):
@@ -128,6 +192,7 @@ class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    audio: AudioOut | None = None
 
 
 class ChunkChoice(BaseModel):

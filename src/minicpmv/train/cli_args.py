@@ -51,10 +51,14 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", required=True, help="base checkpoint directory")
-    p.add_argument("--adapter", required=True, help="PEFT adapter directory (OUTPUT/adapter of finetune)")
-    p.add_argument("--output", "-o", required=True, help="directory of the merged checkpoint")
-    p.add_argument("--merge-lora", action="store_true", required=True, help="fold the LoRA weights in")
+    p.add_argument("--adapter", default=None, help="PEFT adapter directory (OUTPUT/adapter of finetune)")
+    p.add_argument("--output", "-o", default=None, help="directory of the merged checkpoint")
+    p.add_argument("--merge-lora", action="store_true", help="fold the LoRA weights in (with --adapter)")
     p.add_argument("--dtype", default="bfloat16", help="dtype of the exported checkpoint")
+    p.add_argument("--gguf", default=None, help="write OUT_DIR/model.gguf + mmproj.gguf + Modelfile (llama.cpp, "
+                   "Ollama); with --adapter the merged model is written")
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m"],
+                   help="GGUF type of the language model's matrices (default f16)")
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -85,10 +89,29 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .trainer import export_merged
+    import tempfile
 
-    out = export_merged(args.model, args.adapter, args.output, dtype=args.dtype)
-    print(out)
+    from ..errors import InputError
+
+    if args.adapter is None and args.gguf is None:
+        raise InputError("export needs --adapter/--merge-lora/--output (merge a LoRA adapter) or --gguf OUT_DIR")
+    if args.adapter is not None and not args.merge_lora:
+        raise InputError("--adapter is merged with --merge-lora")
+    if args.adapter is not None and args.output is None and args.gguf is None:
+        raise InputError("--merge-lora needs --output DIR (or --gguf OUT_DIR)")
+    with tempfile.TemporaryDirectory(prefix="minicpmv-merge-") as tmp:
+        source = args.model
+        if args.adapter is not None:
+            from .trainer import export_merged
+
+            source = export_merged(args.model, args.adapter, args.output or f"{tmp}/merged", dtype=args.dtype)
+            print(source)
+        if args.gguf is not None:
+            from ..formats.gguf_write import export_gguf
+
+            info = export_gguf(source, args.gguf, args.type)
+            sizes = ", ".join(f"{name} {n / 2**20:.1f} MiB" for name, n in sorted(info["files"].items()))
+            print(f"wrote {args.gguf} ({info['type']}): {sizes}")
     return 0
 
 
@@ -99,7 +122,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--stage1-steps", type=int, default=None, help="vision pretraining steps")
     p.add_argument("--train-images", type=int, default=None, help="images in the question-training split")
-    p.add_argument("--eval-images", type=int, default=None, help="images in the held-out split")
+    p.add_argument("--eval-items", type=int, default=None, help="items per family of the independent evaluation")
     p.add_argument("--stage2-epochs", type=int, default=None, help="epochs over the question-training split")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any other recipe setting (see minicpmv.train.demo.DemoConfig)")
@@ -111,7 +134,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run
 
     cfg = DemoConfig(output=args.output, seed=args.seed, device=args.device, threads=args.threads)
-    for name in ("stage1_steps", "train_images", "eval_images", "stage2_epochs"):
+    for name in ("stage1_steps", "train_images", "eval_items", "stage2_epochs"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     for item in args.set:
@@ -124,8 +147,40 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
                 raise SystemExit(f"minicpmv train-demo: --set {key} takes true or false, not {value!r}")
             setattr(cfg, key, value.lower() in ("true", "1"))
         else:
-            setattr(cfg, key, type(current)(value) if current is not None else int(value))
+            kind = type(current) if current is not None else int
+            try:
+                setattr(cfg, key, kind(value))
+            except ValueError:
+                raise SystemExit(f"minicpmv train-demo: --set {key} takes a{'n' if kind is int else ''} "
+                                 f"{kind.__name__}, not {value!r}") from None
+    from .demo_eval import format_table
+
     report = run(cfg)
-    print(json.dumps({"heldout": report["heldout"], "times": report["times"],
-                      "weights_sha256": report["weights_sha256"]}, indent=2))
+    if report["evaluation"]:
+        print(format_table(report["evaluation"]))
+    print(json.dumps({"times": report["times"], "weights_sha256": report["weights_sha256"]}, indent=2))
+    return 0
+
+
+def add_eval_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help="checkpoint directory (default: the bundled demo model)")
+    p.add_argument("--items", type=int, default=50, help="items per family")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the evaluation pictures and of sampling")
+    p.add_argument("--misses", default=None, help="write the greedy misses to this JSON file")
+    p.add_argument("--json", default=None, help="write the table as JSON to this file")
+
+
+def cmd_eval_demo(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .demo_eval import evaluate, format_table
+
+    misses: list[dict[str, str]] = []
+    table = evaluate(args.model, n_per_family=args.items, seed=args.seed, misses=misses)
+    print(format_table(table))
+    if args.misses:
+        Path(args.misses).write_text(json.dumps(misses, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(table, indent=2))
     return 0

@@ -1,4 +1,8 @@
-"""The Gradio page of ``minicpmv ui``: chat with images (and video), decoding controls, few-shot.
+"""The Gradio page of ``minicpmv ui``: chat with images (and video, audio), decoding controls, few-shot.
+
+MiniCPM-o: a microphone / audio-file question box, audio files in the chat input, and a
+"Speech" panel (spoken answers on or off, the default voice or a reference clip cloned as an
+assistant or a role-play character); the spoken answer plays in the page when it is ready.
 
 ``build_app(shared)`` lays out the page and wires its events to ``logic.py``; ``launch(...)``
 loads the model once and serves the page on the local machine (never a public share link,
@@ -21,7 +25,7 @@ from typing import Any
 
 from ..engine.stream import TextEvent
 from ..errors import MiniCPMVError
-from .logic import PageOptions, SharedModel, TabChat, Turn, page_options, video_supported
+from .logic import PageOptions, SharedModel, TabChat, Turn, VoiceChoice, page_options, video_supported, voice_choice
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +116,29 @@ def _options(shared: SharedModel, mode: str, temperature: float, top_p: float, m
                         max_new_tokens=int(max_tokens), max_slice_nums=int(max_slices), thinking=bool(thinking))
 
 
+N_CONTROLS = 6  # decoding controls; then the speech controls (speak, voice, reference clip)
+
+
+def _split(shared: SharedModel, values: tuple) -> tuple[PageOptions, VoiceChoice]:
+    """(decoding options, voice) of the handler's values (the speech controls may be left out)."""
+    speak, voice, reference = (*values[N_CONTROLS : N_CONTROLS + 3], False, None, None)[:3]
+    return _options(shared, *values[:N_CONTROLS]), voice_choice(bool(speak), voice or "default", reference)
+
+
+def played(turn: Turn | None) -> Any:
+    """A spoken answer as the page's player takes it: (rate, 16-bit samples), or None."""
+    if turn is None or turn.audio is None:
+        return None
+    import numpy as np
+
+    rate, wav = turn.audio
+    return rate, np.round(np.clip(wav, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
 # ---------------------------------------------------------------------- handlers
 class Handlers:
-    """Event handlers of the page; every generator yields (input box, tab state, chatbot, status)."""
+    """Event handlers of the page; every generator yields (input box, tab state, chatbot, status,
+    spoken answer, audio question)."""
 
     def __init__(self, gr: Any, shared: SharedModel) -> None:
         self.gr = gr
@@ -122,56 +146,61 @@ class Handlers:
 
     def _stream(
         self, tab: TabChat, stream: Generator[TextEvent, None, None], base: list[Turn], pending: Turn,
-        thinking: bool, done: str = "Answered",
+        thinking: bool, done: str = "Answered", speak: bool = False,
     ) -> Iterator[tuple]:
         skip, partial, t0, epoch = self.gr.skip(), Partial(thinking), time.perf_counter(), tab.epoch
-        yield skip, tab, render(base, pending, partial), "Generating…"
+        yield skip, tab, render(base, pending, partial), "Generating…", skip, skip
         try:
             for event in stream:
                 if tab.epoch != epoch:  # "Clear" was pressed: stop generating, show nothing more
                     return  # (the finally below closes the stream, which releases the model lock)
                 partial.add(event)
-                yield skip, tab, render(base, pending, partial), "Generating…"
+                yield skip, tab, render(base, pending, partial), "Generating…", skip, skip
         except MiniCPMVError as e:
-            yield skip, tab, render(tab.turns), error_status(e)
+            yield skip, tab, render(tab.turns), error_status(e), skip, skip
             return
         except Exception as e:  # a bug: keep the page usable, log the traceback on the server
             log.exception("generation failed")
-            yield skip, tab, render(tab.turns), error_status(f"internal error ({type(e).__name__}): {e}")
+            yield skip, tab, render(tab.turns), error_status(f"internal error ({type(e).__name__}): {e}"), skip, skip
             return
         finally:
             stream.close()  # also when the browser goes away and this handler is closed
-        yield skip, tab, render(tab.turns), f"{done} in {time.perf_counter() - t0:.1f} s."
+        audio = played(tab.turns[-1] if tab.turns else None) if speak else skip
+        yield skip, tab, render(tab.turns), f"{done} in {time.perf_counter() - t0:.1f} s.", audio, skip
 
-    def submit(self, message: dict[str, Any] | None, tab: TabChat | None, *controls: Any) -> Iterator[tuple]:
+    def submit(self, message: dict[str, Any] | None, tab: TabChat | None, *values: Any) -> Iterator[tuple]:
         tab = tab if tab is not None else TabChat(self.shared)
+        skip = self.gr.skip()
         message = message or {}
         text, files = str(message.get("text") or ""), list(message.get("files") or [])
+        recording = values[N_CONTROLS + 3] if len(values) > N_CONTROLS + 3 else None
+        files += [recording] if recording else []
         try:
-            options = _options(self.shared, *controls)
-            stream = tab.ask(text, files, options)
+            options, voice = _split(self.shared, values)
+            stream = tab.ask(text, files, options, voice)
         except MiniCPMVError as e:
-            yield self.gr.skip(), tab, render(tab.turns), error_status(e)
+            yield skip, tab, render(tab.turns), error_status(e), skip, skip
             return
-        yield {"text": "", "files": []}, tab, render(tab.turns), "Generating…"
+        yield {"text": "", "files": []}, tab, render(tab.turns), "Generating…", None, None
         pending = Turn(text=text, files=[str(f) for f in files], items=[])
-        yield from self._stream(tab, stream, list(tab.turns), pending, options.thinking)
+        yield from self._stream(tab, stream, list(tab.turns), pending, options.thinking, speak=voice.speak)
 
-    def regenerate(self, tab: TabChat | None, *controls: Any) -> Iterator[tuple]:
+    def regenerate(self, tab: TabChat | None, *values: Any) -> Iterator[tuple]:
         tab = tab if tab is not None else TabChat(self.shared)
+        skip = self.gr.skip()
         try:
-            options = _options(self.shared, *controls)
-            stream = tab.regenerate(options)
+            options, voice = _split(self.shared, values)
+            stream = tab.regenerate(options, voice)
         except MiniCPMVError as e:
-            yield self.gr.skip(), tab, render(tab.turns), error_status(e)
+            yield skip, tab, render(tab.turns), error_status(e), skip, skip
             return
         yield from self._stream(tab, stream, tab.turns[:-1], tab.turns[-1], options.thinking,
-                                done="Regenerated the last answer")
+                                done="Regenerated the last answer", speak=voice.speak)
 
     def clear(self, tab: TabChat | None) -> tuple:
         if tab is not None:
             tab.clear()
-        return {"text": "", "files": []}, tab, [], ""
+        return {"text": "", "files": []}, tab, [], "", None, None
 
     def add_example(self, examples: list, image: str | None, question: str, answer: str) -> tuple:
         if not image or not question.strip() or not answer.strip():
@@ -226,21 +255,41 @@ def _controls(gr: Any, shared: SharedModel, max_new_tokens: int) -> list[Any]:
     return [mode, temperature, top_p, max_tokens, max_slices, thinking]
 
 
+def _speech_controls(gr: Any, shared: SharedModel) -> list[Any]:
+    """Spoken answers and the voice (MiniCPM-o; hidden for models without audio)."""
+    with gr.Accordion("Speech", open=True, visible=shared.takes_audio):
+        speak = gr.Checkbox(value=False, label="Spoken answer", elem_id="speak", interactive=shared.speaks,
+                            info=None if shared.speaks else "this model has no speech head")
+        voice = gr.Radio([("Default voice", "default"), ("Clone the reference clip", "clone"),
+                          ("Role-play the reference clip", "roleplay")], value="default", label="Voice",
+                         elem_id="voice")
+        reference = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Reference clip (voice cloning)",
+                             elem_id="voice-ref")
+    return [speak, voice, reference]
+
+
 def _chat_tab(gr: Any, h: Handlers, controls: list[Any]) -> None:
     tab = gr.State(None)  # this browser tab's TabChat, created on its first question
+    audio_in = h.shared.takes_audio
     chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=520, buttons=["copy"])
+    answer_audio = gr.Audio(label="Spoken answer", autoplay=True, interactive=False, elem_id="answer-audio",
+                            visible=h.shared.speaks)
     status = gr.Markdown("", elem_id="status")
     kinds = "images or a video" if video_supported() else "images (video is not supported yet)"
+    kinds += ", audio" if audio_in else ""
     box = gr.MultimodalTextbox(
         placeholder=f"Attach {kinds}, type a question, press Enter", file_count="multiple",
-        file_types=["image", "video"], show_label=False, elem_id="input", sources=["upload"],
+        file_types=["image", "video", "audio"] if audio_in else ["image", "video"], show_label=False,
+        elem_id="input", sources=["upload"],
     )
+    recording = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Audio question (sent with "
+                         "the next message)", elem_id="audio-in", visible=audio_in)
     with gr.Row():
         regen = gr.Button("Regenerate", elem_id="regenerate")
         clear = gr.Button("Clear", elem_id="clear")
-    outputs = [box, tab, chatbot, status]
+    outputs = [box, tab, chatbot, status, answer_audio, recording]
     # Events that run the model share one queue slot (the model is shared); Clear runs at once.
-    box.submit(h.submit, [box, tab, *controls], outputs, concurrency_id=MODEL_QUEUE, concurrency_limit=1)
+    box.submit(h.submit, [box, tab, *controls, recording], outputs, concurrency_id=MODEL_QUEUE, concurrency_limit=1)
     regen.click(h.regenerate, [tab, *controls], outputs, concurrency_id=MODEL_QUEUE, concurrency_limit=1)
     clear.click(h.clear, [tab], outputs, queue=False)
     chatbot.clear(h.clear, [tab], outputs, queue=False)  # the chatbot's own trash button
@@ -283,10 +332,11 @@ def build_app(shared: SharedModel, *, max_new_tokens: int = 1024, title: str | N
         with gr.Row():
             with gr.Column(scale=1, min_width=240):
                 controls = _controls(gr, shared, max_new_tokens)
+                speech = _speech_controls(gr, shared)
             with gr.Column(scale=3):
                 with gr.Tabs():
                     with gr.Tab("Chat"):
-                        _chat_tab(gr, h, controls)
+                        _chat_tab(gr, h, [*controls, *speech])
                     with gr.Tab("Few-shot"):
                         _few_shot_tab(gr, h, controls)
     return demo
@@ -307,10 +357,11 @@ def launch(
     dtype: str = "bfloat16",
     device: str = "cpu",
     max_new_tokens: int = 1024,
+    max_audio_seconds: float | None = None,
 ) -> None:
     """Load ``model`` once and serve the page at http://HOST:PORT until interrupted."""
     gr = import_gradio()
-    shared = SharedModel.load(model, dtype=dtype, device=device)
+    shared = SharedModel.load(model, dtype=dtype, device=device, max_audio_seconds=max_audio_seconds)
     demo = build_app(shared, max_new_tokens=max_new_tokens)
     demo.queue().launch(
         server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False,

@@ -97,10 +97,22 @@ class DecoderModel(nn.Module):
         device = inputs_embeds.device
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=device).expand(b, t)  # [B, T]
-        cos, sin = self.rotary_emb(position_ids.to(device), inputs_embeds.dtype)  # [B, T, hd] x2
         static = bool(getattr(cache, "static_shapes", False))
         mask = build_attn_mask(attention_mask, t, past, inputs_embeds.dtype, device, static=static)
-        shared = {device: (cos, sin, mask)}
+        return self.run(inputs_embeds, position_ids, mask, cache)
+
+    def run(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: AttnMask,
+        cache: KVCacheProtocol | None,
+    ) -> torch.Tensor:
+        """The blocks and the final norm under a mask the caller prepared (``forward`` builds
+        the causal one; the MiniCPM-o speech decoder has its own visibility rule): [B, T, H].
+        Layers on another device (a split model) get the hidden state, rotary tables and mask moved."""
+        cos, sin = self.rotary_emb(position_ids.to(inputs_embeds.device), inputs_embeds.dtype)  # [B, T, hd] x2
+        shared = {inputs_embeds.device: (cos, sin, mask)}
         h = inputs_embeds
         for layer in self.layers:
             if layer.device != h.device:  # a model split across devices

@@ -1,0 +1,140 @@
+"""Stage 1 of the demo recipe: pretrain the vision tower and resampler on dense targets.
+
+Each step draws a fresh batch of training pictures (``synthetic.py``) on one canvas size, so
+every picture in the batch has the same view and the tower runs without padding. Linear heads
+read the targets the generator knows exactly:
+
+- per patch of the tower's output (``synthetic.PATCH_HEADS``): the colour, shape, position bin,
+  size bin and same-shape / same-colour counts of the object covering it, the character there
+  and its index in its line, the kind of picture and its number of shapes;
+- per resampler slot (``synthetic.SLOT_NAMES``): slot 0 the picture's kind and counts (all, per
+  shape, per colour) and text length; the largest / smallest object; one slot per shape name and
+  per colour name holding that object's attributes and count; slot 12+i the i-th character.
+  A head is shared by every slot it applies to, so a fact has one code wherever it appears.
+
+The heads are dropped afterwards: what stays is a tower and resampler whose 32 output vectors
+carry these facts at fixed places, for the LLM to read in stage 2. Does not touch the LLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..modeling.vlm import MiniCPMV
+from ..processing.image import to_patches
+from . import synthetic as syn
+from .demo_world import COLOURS, MAX_CHARS, MAX_OBJECTS, SHAPES
+
+log = logging.getLogger(__name__)
+
+SLOT_HEADS = {"world": len(syn.WORLD), "count": 1 + MAX_OBJECTS, "nchars": 1 + MAX_CHARS,
+              **{f"n:{s}": 1 + MAX_OBJECTS for s in (*SHAPES, *COLOURS)}, "present": 2,
+              "colour": 1 + len(COLOURS), "shape": 1 + len(SHAPES), "xbin": 1 + syn.XBINS, "ybin": 1 + syn.XBINS,
+              "size": 2 + len(syn.SIZE_EDGES), "char": 1 + len(syn.ALPHABET)}
+KIND_MIX = {"shapes": 0.45, "text": 0.3, "lines": 0.1, "other": 0.15}
+
+
+class DenseHeads(nn.Module):
+    """Linear read-outs of the patch features and of the resampler slots (shared per fact)."""
+
+    def __init__(self, vision_width: int, width: int) -> None:
+        super().__init__()
+        self.patch = nn.ModuleDict({k: nn.Linear(vision_width, c) for k, c in syn.PATCH_HEADS.items()})
+        self.norm = nn.LayerNorm(width)
+        self.slot = nn.ModuleDict({k.replace(":", "_"): nn.Linear(width, c) for k, c in SLOT_HEADS.items()})
+
+    def forward(self, patches: torch.Tensor, feats: torch.Tensor, labels: dict[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+        """patches [B, L, Dv], feats [B, Q, H] -> losses and accuracies per head."""
+        out: dict[str, torch.Tensor] = {}
+        for k, head in self.patch.items():
+            target = labels["p_" + k]  # [B, L]
+            logits = head(patches.float())  # [B, L, C]
+            # background patches (0) carry no object/character fact; kind and count are everywhere
+            ignore = 0 if k not in ("world", "count") else syn.IGNORE
+            out["p_" + k] = _ce(logits, target, ignore)
+            out["p_" + k + "_acc"] = _acc(logits, target, ignore)
+        tokens = self.norm(feats.float())  # [B, Q, H]
+        for k in SLOT_HEADS:
+            target = labels["s_" + k]  # [B, Q]
+            logits = self.slot[k.replace(":", "_")](tokens)  # [B, Q, C]
+            out["s_" + k] = _ce(logits, target, syn.IGNORE)
+            out["s_" + k + "_acc"] = _acc(logits, target, syn.IGNORE)
+        return out
+
+
+def _ce(logits: torch.Tensor, target: torch.Tensor, ignore: int) -> torch.Tensor:
+    if not (target != ignore).any():
+        return logits.sum() * 0
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore)
+
+
+def _acc(logits: torch.Tensor, target: torch.Tensor, ignore: int) -> torch.Tensor:
+    keep = target != ignore
+    if not keep.any():
+        return torch.tensor(float("nan"))
+    return (logits.detach().argmax(-1) == target)[keep].float().mean()
+
+
+def picture(rng: random.Random, size: tuple[int, int]) -> tuple[Any, dict[str, np.ndarray]]:
+    """One training picture's view and its targets (patch ``p_*`` [L], slot ``s_*`` [Q])."""
+    kind = rng.choices(list(KIND_MIX), weights=list(KIND_MIX.values()))[0]
+    lines = rng.randint(2, 5) if kind == "lines" else 1
+    scene = syn.make_scene(rng, "text" if kind == "lines" else kind, lines=lines, size=size)
+    img, masks = syn.render(scene, masks=True)
+    view = syn.view_of(scene, img)
+    labels = {"p_" + k: v for k, v in syn.patch_labels(scene, masks, view.size).items()}
+    slots = syn.slot_labels(scene)
+    for k in SLOT_HEADS:
+        labels["s_" + k] = np.asarray([s.get(k, syn.IGNORE) for s in slots], np.int64)
+    return view, labels
+
+
+def batch(rng: random.Random, n: int, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
+    size = syn.canvas_size(rng)
+    views, labs = zip(*(picture(rng, size) for _ in range(n)), strict=True)
+    w, h = views[0].size
+    pixels = [torch.from_numpy(to_patches(v)).to(device) for v in views]  # each [3, 14, L*14]
+    tgt = torch.tensor([[h // syn.PATCH, w // syn.PATCH]] * n)  # [B, 2]
+    labels = {k: torch.from_numpy(np.stack([lab[k] for lab in labs])).to(device) for k in labs[0]}
+    return pixels, tgt, labels
+
+
+def pretrain_vision(model: MiniCPMV, cfg: Any, device: torch.device) -> dict[str, float]:
+    """Stage 1; returns the final running accuracies of the heads."""
+    heads = DenseHeads(cfg.vision_width, model.config.text.hidden_size).to(device)
+    params = list(model.vpm.parameters()) + list(model.resampler.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.stage1_lr, weight_decay=0.05)
+    warm = max(1, cfg.stage1_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
+        1 + np.cos(np.pi * min(1.0, s / cfg.stage1_steps))))
+    rng = random.Random(cfg.seed + 101)
+    running: dict[str, float] = {}
+    model.train()
+    for step in range(cfg.stage1_steps):
+        pixels, tgt, labels = batch(rng, cfg.stage1_batch, device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            patches = model.vpm.encode_slices(pixels, tgt, batch_size=len(pixels))  # [B, L, Dv]
+            feats = model.resampler(patches, tgt, None)  # [B, Q, H]
+            parts = heads(patches, feats, labels)
+        loss = sum(v for k, v in parts.items() if not k.endswith("_acc"))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        for k, v in parts.items():
+            if not torch.isnan(v):
+                running[k] = 0.95 * running.get(k, v.item()) + 0.05 * v.item()
+        if step % 50 == 0 or step == cfg.stage1_steps - 1:
+            accs = {k.removesuffix("_acc"): round(v, 3) for k, v in running.items() if k.endswith("_acc")}
+            log.info("stage 1 step %d/%d loss %.3f %s", step, cfg.stage1_steps, loss.item(), accs)
+    model.eval()
+    return running
