@@ -157,8 +157,11 @@ def test_speak_answer_writes_a_24khz_wav(tmp_path, tts_model):
 
 def test_synthesis_limits_and_empty_text(tts_synth):
     opts = tts_synth.default_options(seed=0, chunk_frames=1, max_frames=3)
-    # the limit is checked only after the 31 chunked calls, then after each further call
-    assert tts_synth.codes("hello", _spk(1), opts).shape == (32, 4)
+    # the limit is checked after every call (with one frame per call: the 4th frame ends it);
+    # without a limit the same text runs on past the 31 chunked calls
+    assert tts_synth.codes("hello", _spk(1), opts).shape == (4, 4)
+    unlimited = tts_synth.default_options(seed=0, chunk_frames=1, max_frames=64)
+    assert tts_synth.codes("hello", _spk(1), unlimited).shape[0] > 31
     out = tts_synth.synthesize("", _spk(1), tts_synth.default_options(seed=0))
     assert out.sampling_rate == 24000 and np.isfinite(out.audio_wav).all() and len(out.audio_wav) % 512 == 0
     with pytest.raises(InputError, match=r"speaker state must be \[256\]"):
