@@ -34,11 +34,9 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,13 +45,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from _checkpoints import build_checkpoint
 from _common import matmul_peak, read_bandwidth, reset_peak_rss, status_kib, streamed_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_45 = ROOT / "tests" / "data" / "real-4.5" / "release" / "config.json"
 DEFAULT_CACHE = Path.home() / ".cache" / "minicpmv" / "bench"
 BUILD_FORMAT = 1  # bump when the generated checkpoint changes
-SHARD_BYTES = 1 << 30
 
 TARGETS = {  # issue 8 acceptance, perf-size scenario, bf16, 2 threads
     "vision_resampler_s": 25.0, "ttft_s": 30.0, "second_ttft_s": 1.5, "decode_tok_s": 12.0,
@@ -62,64 +60,6 @@ TARGETS = {  # issue 8 acceptance, perf-size scenario, bf16, 2 threads
 
 
 # ------------------------------------------------------------------------- perf-size checkpoint
-
-
-def _init_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Deterministic bf16 weights with O(1) activations: matrices N(0, 1/fan_in), norm weights 1,
-    other vectors (biases) 0. Each tensor has its own generator, so order does not matter."""
-    if len(shape) == 1:
-        one = "norm" in name or name.split(".")[-2].startswith("ln_")
-        return torch.full(shape, 1.0 if one else 0.0, dtype=torch.bfloat16)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    fan_in = int(np.prod(shape[1:]))
-    return torch.randn(shape, generator=g, dtype=torch.bfloat16).mul_(fan_in**-0.5)
-
-
-def build_checkpoint(config: Path, layers: int | None, seed: int, out: Path) -> None:
-    """Write a perf-size checkpoint directory: config (with ``layers`` LLM layers), sharded bf16
-    safetensors + index, and every tokenizer/preprocessor file next to ``config``."""
-    from safetensors.torch import save_file
-
-    from minicpmv.config import ModelConfig
-    from minicpmv.loading.checkpoint import INDEX_FILE, build_on_meta
-    from minicpmv.versions import detect_version
-
-    raw = json.loads(config.read_text())
-    if layers:
-        raw["num_hidden_layers"] = layers
-    spec = detect_version(raw)
-    model = build_on_meta(ModelConfig.from_hf_dict(raw, **spec.config_kwargs()))
-    seen: set[int] = set()
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, t in model.state_dict(keep_vars=True).items():  # tied weights stored once
-        if id(t) not in seen:
-            seen.add(id(t))
-            shapes[name] = tuple(t.shape)
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():
-        nbytes = int(np.prod(shape)) * 2
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in config.parent.iterdir():
-        if f.is_file() and f.name != "config.json" and "safetensors" not in f.name:
-            shutil.copy2(f, tmp / f.name)
-    (tmp / "config.json").write_text(json.dumps(raw, indent=2))
-    weight_map: dict[str, str] = {}
-    for i, names in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: _init_tensor(n, shapes[n], seed) for n in names}, str(tmp / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in names})
-    total = sum(int(np.prod(s)) * 2 for s in shapes.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
-    tmp.rename(out)
 
 
 def checkpoint_dir(config: Path, layers: int | None, seed: int, cache_dir: Path) -> Path:
@@ -181,11 +121,11 @@ class Timed:
         return getattr(self.fn, name)
 
 
-def test_image(size: str) -> Image.Image:
+def test_image(size: str, seed: int = 0) -> Image.Image:
     """A deterministic gradient + noise image of ``size`` ("1344" or "1920x1080")."""
     w, _, h = size.partition("x")
     width, height = int(w), int(h or w)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]
     base = np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height) * 2], -1)
     noise = rng.integers(0, 40, size=(height, width, 3))

@@ -17,8 +17,10 @@ import torch
 
 from .config import ModelConfig, ProcessorConfig
 from .engine.chat import ChatModel
+from .engine.generate import DecodeMode
 from .errors import ConfigError, InputError
 from .formats.load import open_checkpoint
+from .loading.device_map import DeviceMap
 from .processing.processor import Processor
 from .quant.linear import QuantSpec
 
@@ -66,6 +68,9 @@ def load(
     vision_dtype: str | torch.dtype | None = None,
     quantize: str | None = None,
     group_size: int | None = None,
+    compile: bool | str = False,
+    device_map: DeviceMap | None = None,
+    max_memory: dict[str, int | str] | None = None,
     mmproj: str | Path | None = None,
 ) -> ChatModel:
     """Load an official MiniCPM-V checkpoint (local directory or hub repo id).
@@ -77,6 +82,12 @@ def load(
     ``group_size`` input columns, default 128) while loading; a checkpoint written by
     ``minicpmv quantize`` loads quantized without it. bf16 LLM layers on CPU are prepacked for
     oneDNN (faster decoding; not for training; `.to()` / `.float()` afterwards unpack them).
+    ``compile=True`` decodes with static shapes through ``torch.compile`` (CUDA graphs on CUDA,
+    "reduce-overhead"; "default" elsewhere); a string picks the ``torch.compile`` mode and
+    "static" the static-shape step without compiling (``engine/generate.DecodeMode``). Off by default.
+    ``device_map`` splits the model across devices instead of ``device``: "auto" (GPUs in order,
+    then the CPU, by free memory or ``max_memory`` such as ``{"cuda:0": "20GiB", "cpu": "64GiB"}``)
+    or a mapping of module names to devices (``loading/device_map.py``).
     The official int4 (bitsandbytes), AWQ and GGUF releases load too (``formats/``): a GGUF
     language model takes its vision part from ``mmproj=`` (or pass a directory holding both).
     """
@@ -89,11 +100,13 @@ def load(
         raw, spec, path = ckpt.raw, ckpt.spec, ckpt.path
         cfg = ModelConfig.from_hf_dict(raw, **spec.config_kwargs())
         model = ckpt.load_model(cfg=cfg, dtype=torch_dtype, device=torch.device(device), vision_dtype=vdtype,
-                                quantize=qspec)
+                                quantize=qspec, device_map=device_map,
+                                max_memory=max_memory)
         model.eval()
         processor = Processor.from_dir(ckpt.side_dir, spec, default_cfg=ProcessorConfig.from_model_config(cfg))
     if cfg.audio is not None:  # audio placeholders follow config.json's audio_chunk_length
         processor.audio_cfg = dataclasses.replace(processor.audio_cfg, chunk_seconds=cfg.audio.chunk_length)
     check_consistency(cfg, processor.cfg)
     log.info("loaded MiniCPM-V %s from %s (%s, %s)", spec.name, path, torch_dtype, device)
-    return ChatModel(model, processor, spec, cfg, path=str(path))
+    mode = DecodeMode.from_compile(compile, model.device)
+    return ChatModel(model, processor, spec, cfg, path=str(path), decode_mode=mode)

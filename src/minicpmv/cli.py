@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=None)
     chat.add_argument("--top-k", type=int, default=None)
     chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--compile", nargs="?", const="auto", default=None, metavar="MODE",
+                      help="static-shape decode steps through torch.compile (CUDA graphs on CUDA); MODE: a "
+                           "torch.compile mode, or 'static' (static shapes, not compiled)")
     chat.add_argument("--id0-quirk", action=argparse.BooleanOptionalAction, default=True,
                       help="the reference's id-0 handling: hide prompt tokens with id 0, drop id 0 from answers "
                            "(default on, as the official chat())")
@@ -158,7 +161,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     images = [load_image(p) for p in args.image]
     audios = _audios(args.audio)
     videos = _videos(args)
-    model = load(args.model, dtype=args.dtype, device=args.device, mmproj=args.mmproj)
+    model = load(args.model, dtype=args.dtype, device=args.device, mmproj=args.mmproj, compile=args.compile or False)
     session = ChatSession(
         model, system_prompt=args.system, enable_thinking=args.think, id0_quirk=args.id0_quirk,
         max_slice_nums=args.max_slice_nums, max_inp_length=_max_inp_length(args, model, bool(videos)),
@@ -367,7 +370,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .api import load
 
     config = config_from_args(args)
-    model = load(config.model, dtype=config.dtype, device=config.device)  # before the server: errors are one line
+    model = load(config.model, dtype=config.dtype, device=config.device,  # before the server: one-line errors
+                 compile=config.compile or False)
     name = config.model_name(Path(model.path).name if model.path else "minicpmv")
     print(f"minicpmv serve: {name} (MiniCPM-V {model.version.name}) loaded; the OpenAI API will be at "
           f"http://{args.host}:{args.port}/v1 (requests are logged below; Ctrl-C stops)", file=sys.stderr, flush=True)

@@ -183,3 +183,16 @@ def test_unknown_version(tmp_path):
 def test_missing_image_file(model26, tmp_path):
     with pytest.raises(minicpmv.ImageError):
         model26.chat([{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "nope.png")}, "hi"]}])
+
+
+def test_load_with_static_decoding_answers_like_eager(model45):
+    """``load(compile="static")``: the static-shape decode step (what ``compile=True`` compiles)
+    for single, batched (left-padded rows) and streamed calls, sampled ones too."""
+    from .conftest import CONF
+
+    static = minicpmv.load(CONF / "4.5" / "_checkpoint", dtype="float32", compile="static")
+    assert static.runner.decode_mode.static and static.runner.decode_mode.compile is None
+    convs = _convs("4.5")
+    assert static.chat(convs, **GREEDY) == model45.chat(convs, **GREEDY)
+    assert static.chat(convs[0], seed=3, max_new_tokens=10) == model45.chat(convs[0], seed=3, max_new_tokens=10)
+    assert "".join(static.chat(convs[2], stream=True, **GREEDY)) == model45.chat(convs[2], **GREEDY)

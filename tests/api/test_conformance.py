@@ -4,19 +4,31 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 
 from minicpmv.conformance import CaseRunner, expand_case_dirs
+from minicpmv.conformance.safetensors_cases import TOL_TENSOR
 
 from .conftest import CONF
 
 CASES = [(v, c) for v in ("2.6", "4.5") for c in expand_case_dirs([CONF / v])]
 
 
+@pytest.fixture(scope="session")
+def case_features():
+    """Resampler outputs of the cases, shared by the eager and compiled runs of each case (both use
+    the same weights; the vision stage itself is checked against the vectors by ``test_case``)."""
+    from minicpmv.engine.features import FeatureCache
+
+    return {"2.6": FeatureCache(), "4.5": FeatureCache()}
+
+
 @pytest.mark.parametrize("version,case", CASES, ids=[f"{v}/{c.name}" for v, c in CASES])
-def test_case(version, case, model26, model45):
+def test_case(version, case, model26, model45, case_features):
     cm = model26 if version == "2.6" else model45
-    results = list(CaseRunner(cm, case).run())
+    results = list(CaseRunner(cm, case, feature_cache=case_features[version]).run())
     failed = [r.line() for r in results if not r.ok]
     assert not failed, "\n".join(failed)
     stages = {r.stage for r in results}
@@ -47,3 +59,32 @@ def test_cli_conformance_exit_codes(tmp_path, capsys):
     meta.write_text(meta.read_text().replace("You are a helpful assistant.", "You are helpful."))
     assert main(["conformance", str(case), "--checkpoint", str(CONF / "2.6" / "_checkpoint")]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="session")
+def compiled_runners(model26, model45):
+    """Per model a runner sharing its weights whose decode step is compiled (torch.compile, mode
+    "default" on the CPU); the fixed cache capacity makes one graph per model for every case."""
+    from minicpmv.engine.generate import DecodeMode
+    from minicpmv.engine.runner import ModelRunner
+
+    return {v: ModelRunner(cm.model, cm.processor, cm.version, cm.config, DecodeMode(compile="default"))
+            for v, cm in (("2.6", model26), ("4.5", model45))}
+
+
+@pytest.mark.parametrize("version,case", CASES, ids=[f"{v}/{c.name}" for v, c in CASES])
+def test_case_compiled_decode(version, case, model26, model45, compiled_runners, case_features):
+    """The compiled static-shape decode step gives the eager step's greedy tokens, which are the
+    reference's, and its logits to the vectors' tolerance."""
+    cm = model26 if version == "2.6" else model45
+    cases = CaseRunner(cm, case, feature_cache=case_features[version])
+    batch, params = cases.greedy_setup()
+    with torch.inference_mode():
+        eager = list(cm.runner.steps(batch, params))
+        compiled = list(compiled_runners[version].steps(batch, params))
+    tokens = torch.stack([s.tokens for s in compiled], 1)  # [B, n]
+    assert torch.equal(tokens, torch.stack([s.tokens for s in eager], 1))
+    want = cases.expected["greedy_ids"]
+    assert tokens.tolist() == want[:, : tokens.shape[1]].tolist() and not want[:, tokens.shape[1]:].any()
+    logits = torch.stack([s.logits for s in compiled], 1).numpy()
+    assert np.abs(logits - cases.expected["step_logits"][:, : tokens.shape[1]]).max() <= TOL_TENSOR

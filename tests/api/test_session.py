@@ -49,3 +49,25 @@ def test_stream_and_reset(model45):
     assert session.history[-1]["role"] == "assistant"
     session.reset()
     assert session.history == []
+
+
+def test_static_decoding_session_equals_eager(model):
+    """A session in the static-shape mode (its cache preallocated, reused across turns and grown
+    when a turn needs more) answers every turn like the eager one; chat() borrows and returns a
+    pooled static cache."""
+    from minicpmv.engine.chat import ChatModel
+    from minicpmv.engine.generate import DecodeMode
+    from minicpmv.engine.kv_cache import StaticKVCache
+
+    static = ChatModel(model.model, model.processor, model.version, model.config,
+                       decode_mode=DecodeMode(static=True, capacity=64))
+    img = case_image(model.version.name, "single_448")
+    turns = [[img, "What is in the picture?"], "And the colours?", "Say more."]
+    eager, fixed = minicpmv.ChatSession(model, **GREEDY), minicpmv.ChatSession(static, **GREEDY)
+    for turn in turns:
+        assert fixed.ask(turn) == eager.ask(turn)
+    assert isinstance(fixed._cache, StaticKVCache) and fixed._cache.capacity % 64 == 0
+    msgs = [{"role": "user", "content": [img, "Describe it."]}]
+    assert static.chat(msgs, **GREEDY) == model.chat(msgs, **GREEDY)
+    pooled = static.runner._idle_caches[1]
+    assert static.chat(msgs, **GREEDY) == model.chat(msgs, **GREEDY) and static.runner._idle_caches[1] is pooled

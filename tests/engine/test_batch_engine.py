@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from minicpmv.engine.batch import BatchEngine, BatchEvent, BatchRequest, generate_batch, row_step
-from minicpmv.engine.generate import DecodeRow, choose_tokens
+from minicpmv.engine.batch import BatchEngine, BatchEvent, BatchRequest, generate_batch, row_buckets, row_step
+from minicpmv.engine.generate import DecodeMode, DecodeRow, choose_tokens
 from minicpmv.engine.sampling import SamplingParams
 from minicpmv.errors import ContextLengthError, InputError, OverloadedError
 
@@ -323,3 +323,64 @@ def test_same_image_in_a_later_request_is_not_encoded_again(model26, monkeypatch
     _run_alone(engine, model26, [{"role": "user", "content": [_image(8), "And this?"]}],
                SamplingOptions(max_new_tokens=2))
     assert len(calls) == 2  # a different image is encoded
+
+
+def _mixed_run(engine, model, limits=(12, 5, 20, 9, 16, 14, 11)):
+    """The requests of ``_conversations`` joining at different token boundaries; tokens and logits."""
+    rec = _Recorder()
+    reqs = [rec.request(_inputs(model, c), SamplingOptions(max_new_tokens=n))
+            for c, n in zip(_conversations(), limits, strict=True)]
+    for k, req in enumerate(reqs):
+        engine.submit(req)
+        for _ in range(k % 3):
+            engine.step()
+    engine.run_until_idle()
+    return [(rec.tokens(r.request_id), rec.logits(r.request_id)) for r in reqs]
+
+
+def test_static_width_gives_the_rounded_width_logits_bitwise(model, monkeypatch):
+    """Static shapes (every step attends over max_model_len, rows from the buckets) under the
+    batch-invariant settings: bit-identical to the rounded-width engine."""
+    static = BatchEngine(model, max_batch_size=6, max_model_len=1024, decode_mode=DecodeMode(static=True))
+    assert static.row_buckets == [4, 6]
+    shapes = []
+    real = static.lm.forward
+    monkeypatch.setattr(static.lm, "forward", lambda e, p, m, **k: shapes.append(tuple(m.shape)) or real(e, p, m, **k))
+    got = _mixed_run(static, model)
+    monkeypatch.undo()
+    ref = _mixed_run(BatchEngine(model, max_batch_size=6, max_model_len=1024), model)
+    assert [t for t, _ in got] == [t for t, _ in ref]
+    pairs = [(a, b) for (_, la), (_, lb) in zip(got, ref, strict=True) for a, b in zip(la, lb, strict=True)]
+    assert pairs and all(torch.equal(a, b) for a, b in pairs)
+    decode_shapes = {s for s in shapes if s[0] > 1}
+    assert decode_shapes <= {(4, 1024), (6, 1024)} and len(decode_shapes) == 2  # both buckets were used
+
+
+def test_compiled_engine_alone_equals_batched_and_eager(model26):
+    """The compiled step (one graph: 4 rows, the probed row count, at the static width) gives the
+    same logits alone and in a batch, and the eager engine's tokens."""
+    compiled = BatchEngine(model26, max_batch_size=4, max_model_len=512, decode_mode=DecodeMode(compile="default"))
+    assert compiled.row_buckets == [4]
+    limits = [9, 5, 12, 7]
+    convs = _conversations()[3:]
+    work = list(zip(convs, limits, strict=True))
+    alone = [_run_alone(compiled, model26, c, SamplingOptions(max_new_tokens=n)) for c, n in work]
+    rec = _Recorder()
+    reqs = [rec.request(_inputs(model26, c), SamplingOptions(max_new_tokens=n)) for c, n in work]
+    for req in reqs:
+        compiled.submit(req)
+        compiled.step()
+    compiled.run_until_idle()
+    assert compiled.stats.busy_rows_sum > compiled.stats.steps
+    for req, (tokens, logits) in zip(reqs, alone, strict=True):
+        assert rec.tokens(req.request_id) == tokens
+        assert all(torch.equal(a, b) for a, b in zip(rec.logits(req.request_id), logits, strict=True))
+    eager = BatchEngine(model26, max_batch_size=4, max_model_len=512)
+    assert [_run_alone(eager, model26, c, SamplingOptions(max_new_tokens=n))[0]
+            for c, n in work] == [t for t, _ in alone]
+
+
+def test_row_buckets():
+    assert row_buckets(1, 64) == [1, 2, 4, 8, 16, 32, 64]
+    assert row_buckets(4, 24) == [4, 8, 16, 24]
+    assert row_buckets(6, 6) == [6]

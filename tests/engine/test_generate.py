@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minicpmv.engine.generate import PAD_ID, generate_steps, generate_tokens, prefill_positions
+from minicpmv.engine.generate import (
+    PAD_ID,
+    DecodeMode,
+    decode_logits,
+    generate_steps,
+    generate_tokens,
+    prefill_positions,
+)
 from minicpmv.engine.kv_cache import KVCache, StaticKVCache
 from minicpmv.engine.sampling import SamplingParams
 from minicpmv.errors import InputError
@@ -277,3 +284,75 @@ def test_shape_errors(tiny_lm) -> None:
                 tiny_lm, torch.zeros(1, 3, 32), None, SamplingParams(max_new_tokens=2, num_beams=2)
             )
         )
+
+
+# ------------------------------------------------------------------ static-shape decoding
+STATIC = DecodeMode(static=True, capacity=16)
+
+
+def _run_mode(model, ids, mask, mode, cache=None, **kw):
+    params = SamplingParams(**{"max_new_tokens": 10, **kw})
+    steps = list(generate_steps(model, model.embed_tokens(ids), mask, params, eos_ids=EOS, cache=cache, mode=mode))
+    return torch.stack([s.tokens for s in steps], 1), torch.stack([s.logits for s in steps], 1)
+
+
+@pytest.mark.parametrize("kw", [{}, {"repetition_penalty": 1.3},
+                                {"do_sample": True, "temperature": 1.2, "top_p": 0.9, "seed": 3}])
+def test_static_decoder_equals_dense(tiny_lm, kw) -> None:
+    """Same tokens, same logits to float rounding: the static step attends over the whole capacity,
+    hidden keys with exactly zero weight. 7 + 12 positions do not fit 16: the cache grows to 32."""
+    ids, mask = _left_pad([[5, 6, 0, 7, 8, 9, 10], [3, 4, 5]])
+    dense_tok, dense_log = _run_mode(tiny_lm, ids, mask, None, max_new_tokens=12, **kw)
+    cache = KVCache.for_model(tiny_lm, 2, capacity=16)
+    tok, log = _run_mode(tiny_lm, ids, mask, STATIC, cache=cache, max_new_tokens=12, **kw)
+    assert torch.equal(tok, dense_tok)
+    assert torch.allclose(log, dense_log, atol=1e-5, rtol=1e-5)
+    assert cache.capacity == 32 and cache.get_seq_length() == 7 + 11  # the last token is not fed back
+
+
+def test_static_decoder_keeps_shapes_and_hf_positions(tiny_lm) -> None:
+    ids = torch.tensor([[0, 0, 7, 8, 0, 9], [1, 2, 3, 4, 5, 6]])
+    tiny_lm.position_log.clear()
+    tiny_lm.mask_log.clear()
+    _run_mode(tiny_lm, ids, (ids != 0).long(), STATIC, max_new_tokens=4)
+    assert [p.tolist() for p in tiny_lm.position_log[1:]] == [[[3], [6]], [[4], [7]], [[5], [8]]]
+    decode_masks = tiny_lm.mask_log[1:]
+    assert {tuple(m.shape) for m in decode_masks} == {(2, 16)}  # one shape for every step
+    assert decode_masks[-1].tolist()[0] == [0, 0, 1, 1, 0, 1, 1, 1, 1] + [0] * 7
+
+
+def test_static_decoder_continues_a_cached_prefix(tiny_lm) -> None:
+    """A session's next turn: crop the static cache to the shared prefix, prefill the rest."""
+    prefix, suffix = [20, 21, 0, 22], [23, 24, 25]
+    full = torch.tensor([prefix + suffix])
+    full_mask = (full != 0).long()
+    cache = KVCache.for_model(tiny_lm, 1, capacity=16)
+    pre = torch.tensor([prefix])
+    _run_mode(tiny_lm, pre, (pre != 0).long(), STATIC, cache=cache, max_new_tokens=3)
+    assert cache.get_seq_length() == len(prefix) + 2
+    cache.crop(len(prefix))
+    tok, cont = _run_mode(tiny_lm, torch.tensor([suffix]), full_mask, STATIC, cache=cache, max_new_tokens=5)
+    fresh_tok, fresh = _run_mode(tiny_lm, full, full_mask, None, max_new_tokens=5)
+    assert torch.equal(tok, fresh_tok) and torch.allclose(cont, fresh, atol=1e-5)
+
+
+def test_a_static_mode_with_a_dynamic_cache_decodes_densely(tiny_lm) -> None:
+    ids, mask = _left_pad([[9, 8, 7]])
+    tiny_lm.mask_log.clear()
+    _run_mode(tiny_lm, ids, mask, STATIC, cache=KVCache.for_model(tiny_lm, 1), max_new_tokens=3)
+    assert [m.shape[1] for m in tiny_lm.mask_log] == [3, 4, 5]
+
+
+def test_decode_mode_from_compile() -> None:
+    assert DecodeMode.from_compile(False, "cpu") == DecodeMode()
+    assert DecodeMode.from_compile("static", "cpu") == DecodeMode(static=True)
+    assert DecodeMode.from_compile(True, "cpu").compile == "default"
+    assert DecodeMode.from_compile("auto", "cuda:0").compile == "reduce-overhead"
+    mode = DecodeMode.from_compile("max-autotune", "cpu", capacity=512)
+    assert mode.static and mode.capacity == 512 and mode.capacity_for(513) == 1024
+    assert DecodeMode().step() is decode_logits
+    for bad in ("fast", 3):
+        with pytest.raises(InputError):
+            DecodeMode.from_compile(bad, "cpu")
+    with pytest.raises(InputError):
+        DecodeMode(static=True, capacity=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minicpmv.engine.kv_cache import KVCache, StaticKVCache
+from minicpmv.engine.kv_cache import KVCache, SlotKVCache, StaticKVCache
 from minicpmv.errors import ContextLengthError, InputError
 
 
@@ -134,3 +134,58 @@ def test_cache_made_in_inference_mode_grows_from_another_thread() -> None:
     t.start()
     t.join()
     assert not errors, errors
+
+
+def test_static_cache_decode_mode_writes_at_the_device_index() -> None:
+    cache = StaticKVCache(2, 2, 2, 4, capacity=8)
+    k1, v1 = _kv(2, 3, 20)
+    for layer in range(2):
+        cache.update(layer, k1, v1)
+    assert not cache.static_shapes and cache.get_seq_length() == 3
+    write = torch.tensor([3])
+    cache.decode(write)
+    assert cache.static_shapes and cache.get_seq_length() == 7  # capacity - 1: the mask covers all of it
+    k2, v2 = _kv(2, 1, 21)
+    k, v = cache.update(0, k2, v2)
+    assert k.shape == (2, 2, 8, 4)  # the whole buffer, every step the same shape
+    assert torch.equal(k[:, :, :3], k1) and torch.equal(k[:, :, 3:4], k2) and torch.equal(v[:, :, 3:4], v2)
+    assert torch.count_nonzero(k[:, :, 4:]) == 0
+    write += 1  # the caller moves the index in place; nothing is read on the host
+    cache.update(0, k2 * 2, v2 * 2)
+    assert torch.equal(k[:, :, 4:5], k2 * 2)
+    cache.append()
+    assert cache.get_seq_length() == 3  # host lengths move only when told
+    cache.set_length(5)
+    assert cache.get_seq_length() == 5 and cache.get_seq_length(1) == 5
+    with pytest.raises(InputError):
+        cache.set_length(9)
+
+
+def test_static_cache_reserve_keeps_filled_positions() -> None:
+    cache = StaticKVCache(1, 1, 2, 4, capacity=4)
+    k1, v1 = _kv(1, 3, 22)
+    cache.update(0, k1, v1)
+    cache.reserve(2)  # never shrinks
+    assert cache.capacity == 4
+    cache.reserve(12)
+    assert cache.capacity == 12
+    k, _ = cache.update(0, *_kv(1, 5, 23))
+    assert k.shape[2] == 8 and torch.equal(k[:, :, :3], k1)
+
+
+def test_preallocated_caches_follow_per_layer_devices() -> None:
+    devices = [torch.device("cpu"), torch.device("meta")]
+    static = StaticKVCache(2, 1, 2, 4, capacity=4, device=devices)
+    assert [t.device for t in static._kbuf] == devices
+    slots = SlotKVCache(2, 3, 2, 4, 8, layer_devices=devices)
+    assert [t.device for t in slots.k] == devices and slots.mask.device.type == "cpu"
+    with pytest.raises(InputError):
+        StaticKVCache(2, 1, 2, 4, capacity=4, device=devices[:1])
+
+
+def test_slot_cache_static_flag_is_per_step() -> None:
+    slots = SlotKVCache(1, 2, 2, 4, 8)
+    slots.decode(2, 8, torch.tensor([0, 0]), static=True)
+    assert slots.static_shapes
+    slots.prefill(0, torch.ones(3, dtype=torch.long))
+    assert not slots.static_shapes

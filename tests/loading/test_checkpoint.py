@@ -385,3 +385,57 @@ def test_copy_side_files_never_copies_the_demo_card(tmp_path) -> None:
         (src / name).write_text("{}")
     assert copy_side_files(src, dst) == ["config.json"]
     assert not (dst / "DEMO_CARD.json").exists()
+
+
+# --- straight-to-device reads (the GPU path, exercised on the CPU) ------------------------------
+
+
+@pytest.fixture()
+def direct_reads(monkeypatch):
+    """Send CPU tensors through the path a GPU load takes (a safetensors handle opened for the
+    target device, tensors converted after the read, several in flight) and count its reads."""
+    from minicpmv.loading import checkpoint
+
+    seen: list[str] = []
+    real = checkpoint._read_direct
+
+    def counting(f, keys, dtype_of, device_of):
+        seen.extend(keys)
+        return real(f, keys, dtype_of, device_of)
+
+    monkeypatch.setattr(checkpoint, "_goes_direct", lambda device: True)
+    monkeypatch.setattr(checkpoint, "_read_direct", counting)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_direct_reads_equal_the_default_path(ckpt_copy, direct_reads, monkeypatch, dtype) -> None:
+    path = ckpt_copy("4.5")
+    model = load_model(path, dtype=dtype, vision_dtype=torch.float32)
+    sd = model.state_dict()
+    assert len(direct_reads) == len(sd)  # every tensor went the direct way
+    monkeypatch.undo()
+    ref = load_model(path, dtype=dtype, vision_dtype=torch.float32).state_dict()
+    assert set(sd) == set(ref)
+    for k in ref:
+        assert sd[k].dtype == ref[k].dtype and torch.equal(sd[k], ref[k]), k
+
+
+def test_direct_reads_stay_strict(ckpt_copy, direct_reads) -> None:
+    path = ckpt_copy("2.6")
+    sd = _weights(path)
+    del sd["llm.model.layers.1.self_attn.k_proj.bias"]
+    sd["resampler.query"] = sd["resampler.query"][:63].clone()
+    _rewrite(path, sd)
+    with pytest.raises(MissingWeightsError, match=r"k_proj\.bias"):
+        load_model(path)
+    sd["llm.model.layers.1.self_attn.k_proj.bias"] = torch.zeros(128, dtype=torch.bfloat16)
+    _rewrite(path, sd)
+    with pytest.raises(ShapeMismatchError, match=r"resampler\.query"):
+        load_model(path)
+    assert not direct_reads  # both errors came before a tensor was read
+    f = path / WEIGHTS
+    with f.open("r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
+        load_model(path)

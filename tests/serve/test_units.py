@@ -159,6 +159,14 @@ def test_cli_flags_map_onto_the_config():
     assert not ServerConfig().allow_remote_media and ServerConfig().media_dir is None
 
 
+def test_compile_flag():
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["serve", "--model", "m"])).compile is None
+    assert config_from_args(parse(["serve", "--model", "m", "--compile"])).compile == "auto"
+    assert config_from_args(parse(["serve", "--model", "m", "--compile", "static"])).compile == "static"
+    assert parse(["chat", "--compile", "max-autotune", "hi"]).compile == "max-autotune"
+
+
 def test_speech_flags_map_onto_the_config(tmp_path):
     from minicpmv.errors import InputError
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..engine.chat import ChatModel
+from ..engine.features import FeatureCache
 from ..engine.generate import PAD_ID
 from ..engine.sampling import SamplingParams
 
@@ -80,9 +81,12 @@ def allclose(case: str, stage: str, got: np.ndarray, want: np.ndarray, atol: flo
     return StageResult(case, stage, ok, err, atol, note=f"(+ rtol {rtol:g})")
 
 
-def features_and_vision(cm: ChatModel, inputs: Any) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
-    """``cm.runner.encode_features(inputs)`` and the vision tower output of every slice, [L_s, Dv] in
-    processor order, as the resampler received it inside that call."""
+def features_and_vision(
+    cm: ChatModel, inputs: Any, cache: FeatureCache | None = None
+) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
+    """``cm.runner.encode_features(inputs, cache)`` and the vision tower output of every slice,
+    [L_s, Dv] in processor order, as the resampler received it inside that call (none for the
+    slices the ``cache`` already held)."""
     seen: list[torch.Tensor] = []
 
     def tap(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
@@ -92,7 +96,7 @@ def features_and_vision(cm: ChatModel, inputs: Any) -> tuple[list[torch.Tensor |
 
     handle = cm.model.resampler.register_forward_pre_hook(tap)
     try:
-        features = cm.runner.encode_features(inputs)
+        features = cm.runner.encode_features(inputs, cache)
     finally:
         handle.remove()
     return features, seen

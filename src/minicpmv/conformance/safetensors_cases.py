@@ -29,6 +29,7 @@ from safetensors.numpy import load_file
 
 from ..engine.chat import ChatModel, normalise_msgs
 from ..engine.compat import thinking_flag
+from ..engine.features import FeatureCache
 from ..engine.sampling import SamplingParams
 from ..errors import MiniCPMVError
 from .common import StageResult, close, exact, features_and_vision, generate_kwargs, unpad, worst_error
@@ -65,8 +66,9 @@ def load_case_msgs(case_dir: Path) -> tuple[Any, dict[str, Any]]:
 class CaseRunner:
     """Runs all stages of one case against a loaded fp32 ChatModel."""
 
-    def __init__(self, chat_model: ChatModel, case_dir: Path) -> None:
+    def __init__(self, chat_model: ChatModel, case_dir: Path, *, feature_cache: FeatureCache | None = None) -> None:
         self.cm = chat_model
+        self.features = feature_cache  # resampler outputs shared with other runs of the same cases
         self.dir = case_dir
         self.name = f"{case_dir.parent.name}/{case_dir.name}"
         self.meta = json.loads((case_dir / "expected" / "meta.json").read_text())
@@ -91,7 +93,7 @@ class CaseRunner:
         yield from self._prompt_stages(inputs)
         yield from self._pixel_stages(inputs)
         with torch.inference_mode():
-            features, vision = features_and_vision(self.cm, inputs)
+            features, vision = features_and_vision(self.cm, inputs, self.features)
             yield from self._vision_stages(vision, features)
             batch = self.cm.runner.prepare(inputs, features=features)
             yield exact(self.name, "attention_mask", batch.attention_mask.tolist(),
@@ -103,6 +105,20 @@ class CaseRunner:
             if self.params.get("beam_kwargs"):
                 yield from self._beam_stage(batch)
         yield from self._chat_stages()
+
+    def greedy_setup(self) -> tuple[Any, SamplingParams]:
+        """The case's prepared batch and greedy settings, to run its greedy stage another way (a
+        compiled decode step, another device); ``expected["greedy_ids"]`` is what it must give."""
+        conversations, _ = normalise_msgs(self.msgs, None)
+        inputs = self.cm.processor(conversations, **self.proc_kwargs)
+        with torch.inference_mode():
+            batch = self.cm.runner.prepare(inputs, feature_cache=self.features)
+        return batch, self._gen_params(self.params["greedy_kwargs"])
+
+    @property
+    def expected(self) -> dict[str, np.ndarray]:
+        """The case's reference tensors (``greedy_ids`` [B, n], ``step_logits``, ...)."""
+        return self.t
 
     def _prompt_stages(self, inputs: Any) -> Iterator[StageResult]:
         m = self.meta

@@ -32,6 +32,15 @@ checkpoints. The price is some compute for idle rows; ``batch_invariant=False`` 
 rows up to the highest busy slot with the exact window and the default SDPA kernel: faster, but
 logits may then differ in the last bits between batches (about 1e-6 on the tiny checkpoints).
 
+Static shapes (``decode_mode``, by default the runner's; ``load(compile=...)``). A static mode
+attends over the whole ``max_model_len`` at every step and runs a number of rows taken from a few
+buckets (powers of two times the row granularity, and ``max_batch_size``), so decode steps come in
+a handful of shapes: compiled once with the row count symbolic, a CUDA graph recorded per bucket
+with "reduce-overhead". Every row's
+token, position and write index reach the device in one copy per step, and the step is the token
+loop's own ``decode_logits`` (eager or compiled). With the batch-invariant settings a row's logits
+are the same at the static width as at the rounded width.
+
 This module does not parse HTTP or decode text (``stream.TextStream`` does); it works on token
 ids. It is thread-safe for ``submit``/``cancel`` from any thread while ``step`` runs in one
 thread (``start`` runs it in a background thread).
@@ -57,7 +66,7 @@ from ..errors import ContextLengthError, InputError, MiniCPMVError, OverloadedEr
 from ..processing.processor import ModelInputs
 from .chat import ChatModel
 from .features import FeatureCache
-from .generate import DecodeRow, choose_tokens, forward_last, prefill_positions
+from .generate import DecodeMode, DecodeRow, choose_tokens, forward_last, mark_rows, prefill_positions, run_step
 from .kv_cache import SlotKVCache
 from .runner import PreparedBatch
 from .sampling import SamplingParams, make_generator
@@ -164,6 +173,15 @@ def row_step(lm: Any, max_rows: int) -> int:
     return max_rows
 
 
+def row_buckets(step: int, max_rows: int) -> list[int]:
+    """The row counts of static-shape decode steps: ``step`` times powers of two, and ``max_rows``."""
+    out, n = [], step
+    while n < max_rows:
+        out.append(n)
+        n *= 2
+    return [*out, max_rows]
+
+
 # ---------------------------------------------------------------------------- engine
 class BatchEngine:
     """Continuous-batching generator over a ``ChatModel``; see the module docstring.
@@ -184,6 +202,7 @@ class BatchEngine:
         batch_invariant: bool = True,
         prefill_budget: int = 8192,
         feature_cache: FeatureCache | None = None,
+        decode_mode: DecodeMode | None = None,
     ) -> None:
         runner = model.runner
         limit = runner.context_length
@@ -206,6 +225,11 @@ class BatchEngine:
         self.features = feature_cache if feature_cache is not None else FeatureCache()  # engine thread only
         self._cache = SlotKVCache.for_model(self.lm, max_batch_size, capacity)
         self.row_step = row_step(self.lm, max_batch_size) if batch_invariant else 1
+        self.decode_mode = decode_mode if decode_mode is not None else runner.decode_mode
+        self._step = self.decode_mode.step(dynamic_rows=True)
+        self.row_buckets = row_buckets(self.row_step, max_batch_size)
+        if self.decode_mode.compile is not None:
+            self._cache.mark_static()
         self._rows: dict[int, _Row] = {}  # slot -> row (engine thread only)
         self._free = list(range(max_batch_size))  # lowest slot first
         self._waiting: deque[BatchRequest] = deque()
@@ -399,6 +423,8 @@ class BatchEngine:
         """(rows, key width) of the next decode step; see the module docstring."""
         width = max(r.length for r in self._rows.values()) + 1
         rows = max(self._rows) + 1
+        if self.decode_mode.static:
+            return next(n for n in self.row_buckets if n >= rows), self.max_model_len
         if self.batch_invariant:
             rows = min(-(-rows // self.row_step) * self.row_step, self.max_batch_size)
             return rows, min(-(-width // WIDTH_STEP) * WIDTH_STEP, self.max_model_len)
@@ -407,19 +433,19 @@ class BatchEngine:
     def _decode_step(self) -> None:
         rows_n, width = self._shape()
         busy = list(self._rows.values())
-        tokens = [0] * rows_n
-        positions = [0] * rows_n
-        write = [0] * rows_n
-        for r in busy:
-            tokens[r.slot], positions[r.slot], write[r.slot] = r.pending, r.visible, r.length
-            self._cache.mask[r.slot, r.length] = 1
+        feed = torch.zeros(3, rows_n, dtype=torch.long)  # token, position, write index per row
+        slots = [r.slot for r in busy]
+        feed[:, slots] = torch.tensor([[r.pending, r.visible, r.length] for r in busy], dtype=torch.long).T
         dev = self.lm.device
         try:
-            cache = self._cache.decode(rows_n, width, torch.tensor(write, dtype=torch.long, device=dev))
-            embeds = self.lm.embed_tokens(torch.tensor(tokens, dtype=torch.long, device=dev)[:, None])  # [R, 1, H]
-            pos = torch.tensor(positions, dtype=torch.long, device=dev)[:, None]  # [R, 1]
+            self._cache.mask[slots, feed[2, slots].tolist()] = 1  # each row's new key becomes visible
+            tokens, pos, write = feed.to(dev)  # one copy to the device
+            pos, mask = pos[:, None], self._cache.mask[:rows_n, :width]  # [R, 1], [R, W]
+            if self.decode_mode.compile is not None:
+                mark_rows(tokens, pos, mask, write)
+            cache = self._cache.decode(rows_n, width, write, static=self.decode_mode.static)
             with self._attention_kernel():
-                logits = forward_last(self.lm, embeds, pos, self._cache.mask[:rows_n, :width], cache)  # [R, V]
+                logits = run_step(self._step, self.lm, tokens, pos, mask, cache)  # [R, V]
         except Exception as e:  # noqa: BLE001 - fail the running rows, keep the engine alive
             log.exception("decode step failed; ending %d running rows", len(busy))
             self._fail_all(e)
@@ -429,7 +455,7 @@ class BatchEngine:
         for r in busy:
             r.length += 1
             r.visible += 1
-        self._choose(busy, logits[[r.slot for r in busy]])
+        self._choose(busy, logits[slots])
 
     def _attention_kernel(self) -> contextlib.AbstractContextManager[Any]:
         if not self.batch_invariant:

@@ -35,6 +35,7 @@ from ..errors import FeatureNotAvailableError, InputError
 from ..processing.processor import Processor
 from ..versions import VersionSpec
 from . import compat
+from .generate import DecodeMode
 from .runner import ModelRunner, PreparedBatch
 from .sampling import SamplingParams
 from .speech import OmniOutput
@@ -86,9 +87,10 @@ class ChatModel:
     """A loaded checkpoint with the official chat(); ``runner`` does the work."""
 
     def __init__(
-        self, model: torch.nn.Module, processor: Processor, version: VersionSpec, config: ModelConfig, *, path: str = ""
+        self, model: torch.nn.Module, processor: Processor, version: VersionSpec, config: ModelConfig, *,
+        path: str = "", decode_mode: DecodeMode | None = None,
     ) -> None:
-        self.runner = ModelRunner(model, processor, version, config)
+        self.runner = ModelRunner(model, processor, version, config, decode_mode)
         self.path = path
 
     model = property(lambda self: self.runner.model, doc="the MiniCPMV network")

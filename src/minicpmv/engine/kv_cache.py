@@ -9,10 +9,17 @@ layers use (``update(layer_idx, k, v) -> (k_all, v_all)`` with shapes ``[B, n_kv
   length (left-padded batches, as transformers lays them out). Bookkeeping for generation: row
   reordering for beam search (``reorder``), changing the batch (``select_rows``), truncation
   (``crop``, for conversation reuse) and copying (``clone``).
-* ``StaticKVCache``: the same with a fixed, preallocated capacity (an update past it raises).
+* ``StaticKVCache``: the same with a fixed, preallocated capacity (an update past it raises;
+  ``reserve`` grows it on request). In decode mode (``decode(write)``) a step writes at a device
+  index and attends over the whole capacity: the shapes of a decode step never change, which is
+  what a compiled / CUDA-graph step needs.
 * ``SlotKVCache``: ``slots`` independent rows of ``capacity`` positions for continuous batching;
   each row has its own length and key mask, a prefill fills one slot, a decode step writes one
   position per row at that row's own length.
+
+The preallocated caches put each layer's buffers on that layer's device (``layer_devices`` of a
+model split across devices, see ``modeling/placement.py``). A cache in a fixed-shape decode step
+says so with ``static_shapes`` (the model then skips its all-keys-visible check, a host sync).
 
 This module does not know about models beyond the attributes read by ``for_model``, and it never
 computes positions (the engine does); the slot cache keeps each row's key mask because rows of
@@ -44,6 +51,8 @@ class KVCache:
         self._vbuf: list[torch.Tensor | None] = [None] * num_layers
         self._len = [0] * num_layers
 
+    static_shapes = False  # see the module docstring
+
     @classmethod
     def for_model(cls, model: Any, batch_size: int, capacity: int | None = None) -> KVCache:
         """A cache sized for ``model``: dynamic when ``capacity`` is None, else static."""
@@ -51,7 +60,7 @@ class KVCache:
             return cls(model.num_layers)
         return StaticKVCache(
             model.num_layers, batch_size, model.num_kv_heads, model.head_dim, capacity,
-            dtype=model.dtype, device=model.device,
+            dtype=model.dtype, device=layer_devices(model),
         )
 
     # -- protocol used by the attention layers ---------------------------------------------
@@ -138,7 +147,16 @@ class KVCache:
 
 class StaticKVCache(KVCache):
     """Preallocated cache of ``capacity`` positions; an update beyond it raises
-    ``ContextLengthError`` instead of growing."""
+    ``ContextLengthError`` instead of growing (``reserve`` grows it explicitly).
+
+    Two modes. Appending (the default, prefill): ``update`` writes after the filled positions and
+    returns views of them, exactly like ``KVCache``. Decoding (``decode(write)``, until the next
+    ``append``): ``update`` writes each layer's one new position at the device index ``write``
+    ([1] int64, shared by the rows) and returns the whole buffers ``[B, n_kv, capacity, hd]``;
+    ``get_seq_length`` reports ``capacity - 1`` so the model expects a key mask of the full
+    capacity. Nothing in decode mode reads or changes host-side lengths: the caller advances them
+    (``set_length``) outside a compiled step.
+    """
 
     def __init__(
         self,
@@ -149,7 +167,7 @@ class StaticKVCache(KVCache):
         capacity: int,
         *,
         dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | list[torch.device] = "cpu",
     ) -> None:
         super().__init__(num_layers)
         if batch_size < 1 or capacity < 1:
@@ -157,9 +175,62 @@ class StaticKVCache(KVCache):
                 f"static cache needs batch_size >= 1 and capacity >= 1, got {batch_size}, {capacity}"
             )
         self.capacity = capacity
+        self._devices = _per_layer(device, num_layers)
         shape = (batch_size, num_kv_heads, capacity, head_dim)
-        self._kbuf = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self._vbuf = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._kbuf = [torch.zeros(shape, dtype=dtype, device=d) for d in self._devices]
+        self._vbuf = [torch.zeros(shape, dtype=dtype, device=d) for d in self._devices]
+        self._write: torch.Tensor | None = None
+
+    @property
+    def static_shapes(self) -> bool:  # type: ignore[override]
+        return self._write is not None
+
+    def decode(self, write: torch.Tensor) -> StaticKVCache:
+        """Let the next forward passes decode one position per row at device index ``write`` [1]."""
+        self._write = write
+        return self
+
+    def append(self) -> StaticKVCache:
+        """Back to appending after the filled positions (a prefill, a session's next turn)."""
+        self._write = None
+        return self
+
+    def set_length(self, n: int) -> None:
+        """Record that the first ``n`` positions of every layer are filled (after decode steps)."""
+        if not 0 <= n <= self.capacity:
+            raise InputError(f"length {n} outside 0..{self.capacity} of a static KV cache")
+        self._len = [n] * self.num_layers
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._write is None:
+            return super().update(layer_idx, k, v)
+        kbuf, vbuf = self._kbuf[layer_idx], self._vbuf[layer_idx]
+        assert kbuf is not None and vbuf is not None
+        write = self._write.to(kbuf.device)
+        kbuf.index_copy_(2, write, k.to(kbuf.dtype))  # k: [B, n_kv, 1, hd] at position write
+        vbuf.index_copy_(2, write, v.to(vbuf.dtype))
+        return kbuf, vbuf  # [B, n_kv, capacity, hd]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.capacity - 1 if self._write is not None else self._len[layer_idx]
+
+    def reserve(self, capacity: int) -> None:
+        """Grow every layer's buffers to ``capacity`` positions (filled positions kept)."""
+        if capacity <= self.capacity:
+            return
+        for i in range(self.num_layers):
+            for bufs in (self._kbuf, self._vbuf):
+                old = bufs[i]
+                assert old is not None
+                new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])  # [B, n_kv, cap, hd]
+                new[:, :, : self._len[i]] = old[:, :, : self._len[i]]
+                bufs[i] = new
+        self.capacity = capacity
+
+    def mark_static(self) -> None:
+        """Tell ``torch.compile`` the buffers keep their addresses (CUDA graphs may write them)."""
+        for t in [*self._kbuf, *self._vbuf]:
+            torch._dynamo.mark_static_address(t)
 
     def _reserve(self, layer_idx: int, k: torch.Tensor, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise ContextLengthError(
@@ -167,9 +238,30 @@ class StaticKVCache(KVCache):
             "allocate a larger cache or shorten the prompt / max_new_tokens"
         )
 
+    def clone(self) -> StaticKVCache:
+        out = super().clone()
+        assert isinstance(out, StaticKVCache)
+        out._write = None
+        return out
+
     @property
     def batch_size(self) -> int:
         return int(self._kbuf[0].shape[0])  # type: ignore[union-attr]
+
+
+def layer_devices(model: Any) -> list[torch.device] | torch.device:
+    """Where each layer's KV rows live: the model's per-layer devices when it has them (a model
+    split across devices), else its one device."""
+    devices = getattr(model, "layer_devices", None)
+    return list(devices) if devices is not None else model.device
+
+
+def _per_layer(device: torch.device | str | list[torch.device], num_layers: int) -> list[torch.device]:
+    if isinstance(device, (list, tuple)):
+        if len(device) != num_layers:
+            raise InputError(f"{len(device)} layer devices given for a {num_layers}-layer cache")
+        return [torch.device(d) for d in device]
+    return [torch.device(device)] * num_layers
 
 
 def _check_compatible(old: torch.Tensor, new: torch.Tensor) -> None:
@@ -187,28 +279,40 @@ class SlotKVCache:
     in that slot and hands them back unchanged, so the prefill attends exactly as with a fresh
     cache. ``decode(rows, width, write)``: ``update`` writes row r's new key/value at
     ``write[r]`` and returns the first ``width`` positions of the first ``rows`` slots;
-    ``get_seq_length`` then reports ``width - 1`` cached positions.
+    ``get_seq_length`` then reports ``width - 1`` cached positions. ``static=True`` marks a
+    fixed-shape step (``static_shapes``). The key mask lives on ``device`` (the model's input
+    side); layer i's buffers on ``layer_devices[i]`` when given.
     """
 
     def __init__(
         self, num_layers: int, slots: int, num_kv_heads: int, head_dim: int, capacity: int, *,
         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+        layer_devices: list[torch.device] | None = None,
     ) -> None:
         if slots < 1 or capacity < 1:
             raise InputError(f"a slot cache needs slots >= 1 and capacity >= 1, got {slots}, {capacity}")
         shape = (slots, num_kv_heads, capacity, head_dim)  # [S, n_kv, C, hd]
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        devices = _per_layer(layer_devices if layer_devices is not None else device, num_layers)
+        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.mask = torch.zeros(slots, capacity, dtype=torch.long, device=device)  # [S, C]
         self.slots, self.capacity = slots, capacity
         self._prefill_slot: int | None = None
         self._rows, self._width = slots, capacity
         self._write = torch.zeros(slots, dtype=torch.long, device=device)  # [S]
+        self.static_shapes = False
 
     @classmethod
     def for_model(cls, model: Any, slots: int, capacity: int) -> SlotKVCache:
+        devices = layer_devices(model)
         return cls(model.num_layers, slots, model.num_kv_heads, model.head_dim, capacity,
-                   dtype=model.dtype, device=model.device)
+                   dtype=model.dtype, device=model.device,
+                   layer_devices=devices if isinstance(devices, list) else None)
+
+    def mark_static(self) -> None:
+        """Tell ``torch.compile`` the buffers keep their addresses (CUDA graphs may write them)."""
+        for t in [*self.k, *self.v]:
+            torch._dynamo.mark_static_address(t)
 
     def prefill(self, slot: int, mask_row: torch.Tensor) -> SlotKVCache:
         """Let the next forward pass (one sequence) fill ``slot``; ``mask_row`` [T] is its key mask."""
@@ -216,14 +320,16 @@ class SlotKVCache:
         if t > self.capacity:
             raise ContextLengthError(f"a prompt of {t} tokens does not fit a slot of {self.capacity} positions")
         self._prefill_slot = slot
+        self.static_shapes = False
         self.mask[slot].zero_()
         self.mask[slot, :t] = mask_row
         return self
 
-    def decode(self, rows: int, width: int, write: torch.Tensor) -> SlotKVCache:
+    def decode(self, rows: int, width: int, write: torch.Tensor, *, static: bool = False) -> SlotKVCache:
         """Let the next forward pass decode one token for each of the first ``rows`` slots."""
         self._prefill_slot = None
         self._rows, self._width, self._write = rows, width, write  # write: [rows]
+        self.static_shapes = static
         return self
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
@@ -244,10 +350,12 @@ class SlotKVCache:
             kb[self._prefill_slot, :, :t] = k[0]  # [n_kv, T, hd]
             vb[self._prefill_slot, :, :t] = v[0]
             return k, v
-        idx = torch.arange(self._rows, device=kb.device)
-        kb[idx, :, self._write] = k[:, :, 0]  # k: [rows, n_kv, 1, hd] -> one position per row
-        vb[idx, :, self._write] = v[:, :, 0]
-        return kb[: self._rows, :, : self._width], vb[: self._rows, :, : self._width]
+        rows = k.shape[0]  # == the rows given to decode(); read from the tensor so it may stay symbolic
+        idx = torch.arange(rows, device=kb.device)
+        write = self._write.to(kb.device)
+        kb[idx, :, write] = k[:, :, 0].to(kb.dtype)  # k: [rows, n_kv, 1, hd] -> one position per row
+        vb[idx, :, write] = v[:, :, 0].to(vb.dtype)
+        return kb[:rows, :, : self._width], vb[:rows, :, : self._width]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self._prefill_slot is not None else self._width - 1

@@ -7,7 +7,8 @@ The component every front end shares (``ChatModel``, ``ChatSession``, ``BatchEng
   only the misses are encoded, a vision batch at a time (pixel tensors are made per chunk);
   MiniCPM-o audio rows follow each conversation's image rows; rows are left-padded with the
   reference's attention mask (``compat``) and the features merged into the token embeddings;
-* the token loop over a KV cache (greedy / sampling / beam) with the release's terminators;
+* the token loop over a KV cache (greedy / sampling / beam) with the release's terminators, in
+  the runner's ``decode_mode`` (eager by default; static shapes / compiled steps on request);
 * the release's answer rules (``compat``) as a ``TextStream`` or a finished string.
 
 It owns no per-conversation state and parses no chat() keywords (``ChatModel`` does).
@@ -15,6 +16,7 @@ It owns no per-conversation state and parses no chat() keywords (``ChatModel`` d
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +30,7 @@ from ..versions import VersionSpec
 from . import compat
 from .beam import beam_search
 from .features import FeatureCache, entry_key, slice_digest
-from .generate import StepOutput, generate_steps
+from .generate import DecodeMode, StepOutput, generate_steps
 from .kv_cache import KVCache
 from .sampling import SamplingParams
 from .stream import AnswerRules, TextStream
@@ -58,13 +60,19 @@ class _Entry:
 class ModelRunner:
     """See the module docstring. ``model`` is the ``MiniCPMV`` network."""
 
-    def __init__(self, model: torch.nn.Module, processor: Processor, version: VersionSpec, config: ModelConfig) -> None:
+    def __init__(
+        self, model: torch.nn.Module, processor: Processor, version: VersionSpec, config: ModelConfig,
+        decode_mode: DecodeMode | None = None,
+    ) -> None:
         self.model = model
         self.processor = processor
         self.version = version
         self.config = config
+        self.decode_mode = decode_mode if decode_mode is not None else DecodeMode()  # how decode steps run
         self.eos_ids = compat.terminator_ids(version, processor.tokenizer)
         self.encoded_entries = 0  # resampler entries encoded so far; tests assert on it
+        self._idle_caches: dict[int, KVCache] = {}  # static mode: one idle cache per row count
+        self._pool_lock = threading.Lock()
 
     @property
     def tokenizer(self) -> Any:
@@ -144,21 +152,44 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ ids
     def new_cache(self, rows: int) -> KVCache:
-        return KVCache.for_model(self.model, rows)
+        """A cache for ``rows`` sequences: dynamic, or static (``decode_mode.capacity``) in a static mode."""
+        mode = self.decode_mode
+        return KVCache.for_model(self.model, rows, capacity=mode.capacity if mode.static else None)
 
     def steps(
         self, batch: PreparedBatch, params: SamplingParams, cache: KVCache | None = None, *, reused: int = 0
     ) -> Iterator[StepOutput]:
-        """Greedy / sampled steps; ``reused`` leading positions are already in ``cache``."""
+        """Greedy / sampled steps; ``reused`` leading positions are already in ``cache``.
+
+        Without a ``cache``, a static mode borrows one of the runner's idle static caches and gives
+        it back when the steps end: the same buffers serve call after call, so a CUDA graph
+        recorded over them is replayed instead of recorded again."""
         embeds = batch.inputs_embeds[:, reused:]  # [B, T_new, H]
-        return generate_steps(self.model, embeds, batch.attention_mask, params, eos_ids=self.eos_ids,
-                              cache=cache if cache is not None else self.new_cache(embeds.shape[0]))
+        if cache is not None or not self.decode_mode.static:
+            return generate_steps(self.model, embeds, batch.attention_mask, params, eos_ids=self.eos_ids,
+                                  cache=cache if cache is not None else self.new_cache(embeds.shape[0]),
+                                  mode=self.decode_mode)
+        return self._pooled_steps(embeds, batch.attention_mask, params)
+
+    def _pooled_steps(self, embeds: torch.Tensor, mask: torch.Tensor, params: SamplingParams) -> Iterator[StepOutput]:
+        rows = embeds.shape[0]
+        with self._pool_lock:
+            cache = self._idle_caches.pop(rows, None)
+        if cache is None:
+            cache = self.new_cache(rows)
+        cache.crop(0)
+        try:
+            yield from generate_steps(self.model, embeds, mask, params, eos_ids=self.eos_ids, cache=cache,
+                                      mode=self.decode_mode)
+        finally:
+            with self._pool_lock:
+                self._idle_caches[rows] = cache
 
     def generate_ids(self, batch: PreparedBatch, params: SamplingParams) -> list[list[int]]:
         """Generated ids per row (new tokens only; finished rows padded as transformers pads them)."""
         if params.num_beams > 1:
-            return beam_search(self.model, batch.inputs_embeds, batch.attention_mask, params,
-                               eos_ids=self.eos_ids, cache=self.new_cache(batch.input_ids.shape[0]))
+            return beam_search(self.model, batch.inputs_embeds, batch.attention_mask, params,  # beams: dynamic
+                               eos_ids=self.eos_ids, cache=KVCache.for_model(self.model, batch.input_ids.shape[0]))
         steps = [s.tokens for s in self.steps(batch, params)]
         return torch.stack(steps, dim=1).tolist()  # [B, steps]
 

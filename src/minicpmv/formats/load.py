@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import CheckpointError, InputError
 from ..loading.checkpoint import build_on_meta, fill_model, load_model, read_config, resolve_checkpoint, weight_files
+from ..loading.device_map import DeviceMap
 from ..modeling.vlm import MiniCPMV
 from ..quant.linear import (
     GROUP_SIZES,
@@ -67,11 +68,14 @@ class OpenCheckpoint:
     def load_model(
         self, *, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
         vision_dtype: torch.dtype | None = None, quantize: QuantSpec | None = None,
+        device_map: DeviceMap | None = None, max_memory: Mapping[str, int | str] | None = None,
     ) -> MiniCPMV:
         kind = self.format.kind
         if kind in ("safetensors", "minicpmv-weight-only"):
             return load_model(self.path, dtype=dtype, device=device, config=cfg, vision_dtype=vision_dtype,
-                              quantize=quantize, prepack=True)
+                              quantize=quantize, prepack=True, device_map=device_map, max_memory=max_memory)
+        if device_map is not None or max_memory is not None:
+            raise InputError(f"device_map= applies to safetensors checkpoints; {self.path} is {self.format.describe()}")
         floats, int4 = self._tensors(cfg)
         modules = self._bnb_layers(cfg, floats, dtype, device) if quantize is None else {}
         if int4 and quantize is not None and quantize != QuantSpec(4, INT4_GROUP, quantize.lm_head):

@@ -9,7 +9,10 @@ of the weights is ever made: a tensor stored
 in the target dtype (bf16 checkpoint loaded as bf16, on CPU) *is* a view of the memory-mapped
 file (zero copy; pages are read on first use and shared with the page cache), and a tensor that
 needs a conversion or another device is read with plain file I/O into a temporary of its own
-size and converted, so no mapped pages of converted tensors stay resident. ``vision_dtype``
+size and converted, so no mapped pages of converted tensors stay resident. On another device
+(a GPU) each tensor is copied from the mapped file straight to the device (``safe_open(device=)``,
+no staging copy in host memory) and converted there, several tensors at a time. ``device_map``
+splits the model across devices (``loading/device_map.py``). ``vision_dtype``
 materialises the vision tower and resampler in another dtype than the LLM. Loading is strict:
 every checkpoint tensor must fill a parameter, every parameter must be filled and shapes must
 agree, otherwise a typed error lists the offending keys. Python files shipped with a checkpoint
@@ -25,7 +28,8 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -38,6 +42,7 @@ from ..config import ModelConfig, read_json_object
 from ..errors import (
     CheckpointError,
     ConfigError,
+    InputError,
     MissingWeightsError,
     OfflineError,
     OutputError,
@@ -49,6 +54,7 @@ from ..modeling.vlm import MiniCPMV
 from ..quant.linear import QuantSpec
 from ..quant.load_plan import LoadPlan, check_request, check_stored_tensors, install_layout, stored_spec
 from ..versions import VersionSpec, detect_version, get_version
+from .device_map import DeviceMap, Placement, resolve_device_map
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,7 @@ _NOT_SIDE_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".saf
 # files that describe one set of weights (the bundled demo model's card): never carried to a copy
 _WEIGHT_CARDS = ("DEMO_CARD.json",)
 _UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DEVICE_READ_THREADS = 4  # tensors read and copied to a GPU at once
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _MAX_LISTED = 20
 VISION_PREFIXES = ("vpm.", "resampler.")  # what ``vision_dtype`` applies to
@@ -366,6 +373,8 @@ def load_model(
     vision_dtype: torch.dtype | None = None,
     quantize: QuantSpec | None = None,
     prepack: bool = False,
+    device_map: DeviceMap | None = None,
+    max_memory: Mapping[str, int | str] | None = None,
 ) -> MiniCPMV:
     """Build a MiniCPMV from a local checkpoint directory (safetensors only, strict).
 
@@ -374,6 +383,7 @@ def load_model(
     A checkpoint whose config.json records a ``quantization_config`` loads its quantized layers
     as ``QuantLinear``; ``quantize`` quantizes a float checkpoint's LLM linear layers while
     loading; ``prepack`` prepacks the remaining bf16 LLM linear layers for oneDNN (CPU).
+    ``device_map`` ("auto" with optional ``max_memory``, or a mapping) replaces ``device``.
     """
     path = Path(path)
     if not path.is_dir():
@@ -394,17 +404,35 @@ def load_model(
     aliases = {k for k, v in slots.items() if not v}
     _check_keys(slots, aliases, stored)
     _check_shapes(model, stored)
+
+    def dtype_of(key: str) -> torch.dtype:
+        return vision_dtype if vision_dtype is not None and key.startswith(VISION_PREFIXES) else dtype
+
+    placement = _placement(model, device, device_map, max_memory, dtype_of)
     plan = LoadPlan.build(model, slots, stored, quantize=None if qspec else quantize, prepack=prepack,
-                          dtype=dtype, device=torch.device(device))
-    dtypes = {prefix: vision_dtype for prefix in VISION_PREFIXES} if vision_dtype is not None else {}
-    _materialise(slots, stored, dtype=dtype, device=torch.device(device), dtypes=dtypes, handlers=plan.handlers)
+                          dtype=dtype, device=placement.device_of)
+    _materialise(slots, stored, dtype_of=dtype_of, device_of=placement.device_of, handlers=plan.handlers)
     plan.finish(model)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise CheckpointError(f"tensors left unmaterialised after loading: {_short(leftover)}")
     model.eval()
-    log.info("loaded %s (%d tensors) as %s on %s", path, len(stored), dtype, device)
+    where = device if device_map is None else ", ".join(str(d) for d in placement.devices)
+    log.info("loaded %s (%d tensors) as %s on %s", path, len(stored), dtype, where)
     return model
+
+
+def _placement(
+    model: MiniCPMV, device: str | torch.device, device_map: DeviceMap | None,
+    max_memory: Mapping[str, int | str] | None, dtype_of: Callable[[str], torch.dtype],
+) -> Placement:
+    if device_map is None:
+        if max_memory is not None:
+            raise InputError("max_memory applies only to device_map='auto'")
+        return Placement({}, default=torch.device(device))
+    if torch.device(device).type != "cpu":
+        raise InputError("give either device= or device_map=, not both")
+    return resolve_device_map(model, device_map, dtype_of=dtype_of, max_memory=max_memory)
 
 
 def fill_model(
@@ -476,15 +504,15 @@ def _materialise(
     slots: dict[str, list[tuple[nn.Module, str, bool]]],
     stored: dict[str, Path],
     *,
-    dtype: torch.dtype,
-    device: torch.device,
-    dtypes: dict[str, torch.dtype] | None = None,
+    dtype_of: Callable[[str], torch.dtype],
+    device_of: Callable[[str], torch.device],
     handlers: dict[str, Callable[[torch.Tensor], None]] | None = None,
 ) -> None:
-    """Fill every slot, file by file: zero-copy mmap views where nothing changes, else a
-    read + convert of that one tensor (peak extra memory: the largest converted tensor).
-    A key with a handler (quantized or repacked while loading) is read privately, in its stored
-    dtype, and given to the handler instead of a slot."""
+    """Fill every slot, file by file. On the CPU: zero-copy mmap views where nothing changes, else
+    a read + convert of that one tensor (peak extra memory: the largest converted tensor). On
+    another device: straight from the mapped file to the device, converted there. A key with a
+    handler (quantized or repacked while loading) is read privately, in its stored dtype, and
+    given to the handler instead of a slot."""
     by_file: dict[Path, list[str]] = {}
     for k, f in stored.items():
         if slots.get(k):
@@ -492,10 +520,15 @@ def _materialise(
     for f, keys in by_file.items():
         handle = _open(f)
         reader: _TensorReader | None = None
+        direct = [k for k in keys if (handlers or {}).get(k) is None and _goes_direct(device_of(k))]
+        for k, t in _read_direct(f, direct, dtype_of, device_of):
+            _assign(slots[k], t)
         for k in keys:
+            if k in direct:
+                continue
             stored_dtype = _ST_DTYPES.get(handle.get_slice(k).get_dtype())
-            want = next((d for p, d in (dtypes or {}).items() if k.startswith(p)), dtype)
-            target = want if stored_dtype is None or stored_dtype.is_floating_point else stored_dtype
+            target = _target_dtype(stored_dtype, dtype_of(k))
+            device = device_of(k)
             handler = (handlers or {}).get(k) if stored_dtype is not None else None
             try:
                 if handler is not None:  # private read: no mapped pages of a repacked tensor stay resident
@@ -514,6 +547,46 @@ def _materialise(
                 _assign(slots[k], t)
         if reader is not None:
             reader.close()
+
+
+def _target_dtype(stored: torch.dtype | None, wanted: torch.dtype) -> torch.dtype | None:
+    """Floating tensors take the load dtype; others keep their stored dtype."""
+    return wanted if stored is None or stored.is_floating_point else stored
+
+
+def _goes_direct(device: torch.device) -> bool:
+    """Whether tensors for ``device`` are copied straight from the mapped file to it."""
+    return device.type != "cpu"
+
+
+def _read_direct(
+    f: Path, keys: list[str], dtype_of: Callable[[str], torch.dtype], device_of: Callable[[str], torch.device],
+) -> Iterable[tuple[str, torch.Tensor]]:
+    """``keys`` of file ``f`` on their devices, in order: each is copied from the mapped file to its
+    device by safetensors (one handle per device) and converted there; a few tensors are in flight
+    at once, so reading pages and copying overlap."""
+    if not keys:
+        return []
+    handles: dict[torch.device, Any] = {}
+    for k in keys:
+        d = device_of(k)
+        if d not in handles:
+            try:
+                handles[d] = safe_open(str(f), framework="pt", device=str(d))
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"cannot read safetensors file {f}: {e} (truncated or corrupted?)") from e
+
+    def read(k: str) -> tuple[str, torch.Tensor]:
+        handle = handles[device_of(k)]
+        try:
+            t = handle.get_tensor(k)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read tensor {k!r} from {f}: {e}") from e
+        target = _target_dtype(t.dtype, dtype_of(k))
+        return k, t if target is None or t.dtype == target else t.to(target)
+
+    with ThreadPoolExecutor(DEVICE_READ_THREADS, thread_name_prefix="minicpmv-load") as pool:
+        return list(pool.map(read, keys))
 
 
 class _TensorReader:

@@ -38,7 +38,10 @@ class KVCacheProtocol(Protocol):
     ``update`` appends this step's keys/values (already rotated) of one layer and returns the
     whole cached sequence of that layer, exactly ``past + T`` positions long (the length of the
     ``attention_mask`` given to the model); ``get_seq_length`` is the number of cached positions
-    before the current forward call (read once per forward, before layer 0 updates).
+    before the current forward call (read once per forward, before layer 0 updates). A cache may
+    also have a true ``static_shapes`` attribute: the step's shapes are fixed and its key mask
+    always hides some keys, so the model builds the additive mask without looking at it (no
+    host synchronisation, nothing data-dependent for a compiled step).
     """
 
     def update(
@@ -153,17 +156,19 @@ class AttnMask:
 
 
 def build_attn_mask(
-    key_mask: torch.Tensor | None, q_len: int, past: int, dtype: torch.dtype, device: torch.device
+    key_mask: torch.Tensor | None, q_len: int, past: int, dtype: torch.dtype, device: torch.device,
+    *, static: bool = False,
 ) -> AttnMask:
     """Combine causality with key visibility ``key_mask`` [B, past+T] (True = visible).
 
     Hidden keys get ``finfo(dtype).min`` (never -inf), so a query row that sees no key at all
-    (left padding) attends uniformly and stays finite.
+    (left padding) attends uniformly and stays finite. ``static``: always build the additive
+    mask (no check whether every key is visible, which would read the mask on the host).
     """
     total = past + q_len
     if key_mask is not None and key_mask.shape[-1] != total:
         raise ValueError(f"attention_mask has {key_mask.shape[-1]} columns, expected past+T = {total}")
-    if key_mask is None or bool(key_mask.all()):
+    if key_mask is None or (not static and bool(key_mask.all())):
         if q_len == 1:
             return AttnMask(None, False)
         if past == 0:
@@ -177,6 +182,15 @@ def build_attn_mask(
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)  # [B or 1, 1, T, S]
     return AttnMask(mask, False)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (cpu for one without any)."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
 
 
 def attention(

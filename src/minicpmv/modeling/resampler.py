@@ -6,7 +6,9 @@ over the slice's patch grid, plus for 4.5 a 1D temporal sin-cos per slice) are a
 KEYS only. With ``temporal_ids`` (4.5), consecutive slices are grouped (one group per
 ``temporal_ids`` entry) and each group is compressed jointly into one ``[Q, D]`` block. When
 every entry is one slice (images, with or without temporal ids), slices with equal patch counts
-run together over their real rows only, so padded rows cost no projection or attention work.
+run together over their real rows only, so padded rows cost no projection or attention work;
+on a GPU such a group attends without a mask, so SDPA may pick its flash kernel (the CPU keeps
+the all-true mask: its numbers stay exactly as before).
 
 Parameter names equal the checkpoint's ``resampler.*`` keys without the prefix. The sin-cos
 tables are computed in float32 numpy exactly as the reference (float32 products matter for
@@ -94,9 +96,10 @@ class ResamplerAttention(nn.Module):
         nn.init.zeros_(self.in_proj_bias)
 
     def forward(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor | None
     ) -> torch.Tensor:
-        """query [Q, D] (shared), key/value [N, K, D], key_valid [N, K] bool -> [N, Q, D]."""
+        """query [Q, D] (shared), key/value [N, K, D], key_valid [N, K] bool (None: every key is
+        valid) -> [N, Q, D]."""
         n, k, d = key.shape
         nq, h = query.shape[0], self.num_heads
         wq, wk, wv = self.in_proj_weight.chunk(3)  # each [D, D]
@@ -105,7 +108,7 @@ class ResamplerAttention(nn.Module):
         q = q.unsqueeze(0).expand(n, h, nq, d // h).contiguous()  # [N, h, Q, hd]
         kh = F.linear(key, wk, bk).view(n, k, h, d // h).transpose(1, 2)  # [N, h, K, hd]
         vh = F.linear(value, wv, bv).view(n, k, h, d // h).transpose(1, 2)  # [N, h, K, hd]
-        mask = key_valid[:, None, None, :]  # [N, 1, 1, K] True = attend
+        mask = None if key_valid is None else key_valid[:, None, None, :]  # [N, 1, 1, K] True = attend
         o = F.scaled_dot_product_attention(q, kh, vh, attn_mask=mask)  # [N, h, Q, hd]
         return self.out_proj(o.transpose(1, 2).reshape(n, nq, d))  # [N, Q, D]
 
@@ -254,7 +257,7 @@ class Resampler(nn.Module):
         key = kv + self.pos_embed_2d(sizes, n, x.device).to(kv.dtype)  # [b, n, D]
         if temporal is not None and any(t != -1 for t in temporal):
             key = key + self.temporal_embed(temporal, x.device).to(kv.dtype)[:, None, :]  # [b, n, D]
-        valid = torch.ones(b, n, dtype=torch.bool, device=x.device)  # [b, n]
+        valid = None if x.device.type == "cuda" else torch.ones(b, n, dtype=torch.bool, device=x.device)  # [b, n]
         return self.attn(q, key, kv, valid)  # [b, Q, D]
 
 

@@ -9,7 +9,8 @@ time on a CPU (bit-identical to it in bf16, and twice as fast as SDPA there), an
 and for a padded batch (additive key-padding mask), which matches it to float32 rounding.
 
 ``encode_slices`` (the path ``MiniCPMV.encode_images`` takes) wastes nothing on padding: slices
-with equal patch counts run together without a mask, in chunks of ``batch_size``. (Packing
+with equal patch counts run together without a mask, in chunks of ``batch_size`` (on a GPU,
+unmasked equal-length batches are what SDPA's flash / memory-efficient kernels take). (Packing
 slices of different sizes into one sequence with a block-diagonal mask was measured ~10x slower
 on CPU: SDPA has no variable-length kernel there, so it computes the whole masked square.)
 ``compile_layers`` optionally wraps each encoder layer in ``torch.compile`` (off by default).

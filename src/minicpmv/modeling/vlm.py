@@ -7,7 +7,9 @@ merges them into the token embeddings at the placeholder positions (``embed``) a
 (``forward``). Which backbone, vision tower and resampler variant are built is data of the
 config (``ModelConfig.text.family``, ``vision_tower``, ``resampler.query_pos_embed``). It does
 not tokenize, slice images, build prompts, sample tokens or load weights (see ``processing``,
-``engine``, ``loading``); speech generation with ``tts`` is run by ``engine/speech.py``.
+``engine``, ``loading``); speech generation with ``tts`` is run by ``engine/speech.py``. Children may
+live on different devices (``loading/device_map.py``): features move to the next child's device
+where one hands over to another.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .audio_whisper import (
     encoder_attention_mask,
     pad_segments,
 )
-from .layers import KVCacheProtocol
+from .layers import KVCacheProtocol, module_device
 from .llm import build_backbone
 from .resampler import build_resampler
 from .tts import ConditionalChatTTS
@@ -96,7 +98,13 @@ class MiniCPMV(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where token ids are embedded (the input side of the LLM)."""
         return self.llm.model.embed_tokens.weight.device
+
+    @property
+    def layer_devices(self) -> list[torch.device]:
+        """Each decoder layer's device (its KV cache rows live there)."""
+        return [layer.device for layer in self.llm.model.layers]
 
     # -- vision path ---------------------------------------------------------------------------
 
@@ -121,7 +129,7 @@ class MiniCPMV(nn.Module):
                 f"got {tuple(tgt.shape)}"
             )
         feats = self.vpm.encode_slices(pixel_values, tgt, batch_size=self.config.vision_batch_size)
-        return self.resampler(feats, tgt, temporal_ids)  # [N, Q, H]
+        return self.resampler(feats.to(module_device(self.resampler)), tgt, temporal_ids)  # [N, Q, H]
 
     # -- audio path (MiniCPM-o) ----------------------------------------------------------------
 
@@ -143,7 +151,7 @@ class MiniCPMV(nn.Module):
         """Log-mel segments [n_mels, F_i] -> LLM rows per segment [T_i, H] (projected, pooled)."""
         hidden, frames = self.audio_hidden(segments)  # [n, T, d]
         step = self.config.audio.pool_step  # type: ignore[union-attr]
-        emb = self.audio_projection_layer(hidden)  # [n, T, H]
+        emb = self.audio_projection_layer(hidden.to(module_device(self.audio_projection_layer)))  # [n, T, H]
         pooled = F.avg_pool1d(emb.transpose(1, 2), step, step).transpose(1, 2)  # [n, T//step, H]
         return [pooled[i, : audio_token_count(f, step)] for i, f in enumerate(frames)]
 

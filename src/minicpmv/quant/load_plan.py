@@ -66,36 +66,44 @@ class LoadPlan:
     def build(
         cls, model: nn.Module, slots: dict[str, list[tuple[nn.Module, str, bool]]],
         stored: dict[str, Path], *, quantize: QuantSpec | None, prepack: bool, dtype: torch.dtype,
-        device: torch.device,
+        device: torch.device | Callable[[str], torch.device],
     ) -> LoadPlan:
         """Plan quantize-on-load (float checkpoint + ``quantize``) and bf16 prepacking of the
-        remaining LLM linear layers (``prepack``) for a float meta ``model`` whose keys checked out."""
+        remaining LLM linear layers (``prepack``, for those on a CPU) for a float meta ``model``
+        whose keys checked out. ``device``: one device, or the device of each key."""
+        device_of = device if callable(device) else (lambda _key: device)
         plan = cls()
-        plan._read_int4_privately(slots, device)
+        plan._read_int4_privately(slots, device_of)
         if quantize is not None:
-            plan._quantize_on_load(model, quantize, dtype, device)
-        if prepack and can_prepack(dtype, device):
-            plan._prepack(model, slots)
+            plan._quantize_on_load(model, quantize, dtype, device_of)
+        if prepack:
+            plan._prepack(model, slots, lambda key: can_prepack(dtype, device_of(key)))
         return plan
 
-    def _quantize_on_load(self, model: nn.Module, spec: QuantSpec, dtype: torch.dtype, device: torch.device) -> None:
+    def _quantize_on_load(
+        self, model: nn.Module, spec: QuantSpec, dtype: torch.dtype, device_of: Callable[[str], torch.device]
+    ) -> None:
         self.quantized = install_layout(model, spec, dtype)
         for name in self.quantized:
             layer = model.get_submodule(name)
-            self.handlers[f"{name}.weight"] = _weight_handler(layer, device)
+            self.handlers[f"{name}.weight"] = _weight_handler(layer, device_of(f"{name}.weight"))
             if layer.bias is not None:
-                self.handlers[f"{name}.bias"] = _storage_handler(layer, "bias", device)
+                self.handlers[f"{name}.bias"] = _storage_handler(layer, "bias", device_of(f"{name}.bias"))
 
-    def _read_int4_privately(self, slots: dict[str, list[tuple[nn.Module, str, bool]]], device: torch.device) -> None:
+    def _read_int4_privately(
+        self, slots: dict[str, list[tuple[nn.Module, str, bool]]], device_of: Callable[[str], torch.device]
+    ) -> None:
         """A stored int4 layer is repacked by ``prepare()``: read its tensors without the memory map."""
         for key, holders in slots.items():
             if len(holders) == 1 and isinstance(holders[0][0], QuantLinear) and holders[0][0].spec.bits == 4:
-                self.handlers[key] = _storage_handler(holders[0][0], holders[0][1], device)
+                self.handlers[key] = _storage_handler(holders[0][0], holders[0][1], device_of(key))
 
-    def _prepack(self, model: nn.Module, slots: dict[str, list[tuple[nn.Module, str, bool]]]) -> None:
+    def _prepack(
+        self, model: nn.Module, slots: dict[str, list[tuple[nn.Module, str, bool]]], allowed: Callable[[str], bool]
+    ) -> None:
         llm_linears = {id(m) for m in model.llm.modules() if type(m) is nn.Linear}
         for key, holders in slots.items():
-            if key in self.handlers or not holders or not key.endswith(".weight"):
+            if key in self.handlers or not holders or not key.endswith(".weight") or not allowed(key):
                 continue
             if all(id(mod) in llm_linears and name == "weight" for mod, name, _ in holders) and len(holders) == 1:
                 self.handlers[key] = _prepack_handler(holders[0][0])

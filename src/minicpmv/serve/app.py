@@ -236,7 +236,8 @@ def create_app(config: ServerConfig, *, model: ChatModel | None = None) -> FastA
         if chat_model is None:
             from ..api import load
 
-            chat_model = await asyncio.to_thread(load, config.model, dtype=config.dtype, device=config.device)
+            chat_model = await asyncio.to_thread(load, config.model, dtype=config.dtype, device=config.device,
+                                                 compile=config.compile or False)
         state = ServerState(config, chat_model)
         state.engine.start()
         app.state.decoding = asyncio.Semaphore(max(1, config.max_decoding))

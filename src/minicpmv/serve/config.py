@@ -54,6 +54,7 @@ class ServerConfig:
     max_audio_seconds: float = 120.0
     max_input_audio_seconds: float = 120.0
     max_speech_input_chars: int = 4096
+    compile: str | None = None  # load(compile=...): None = eager decode steps
 
     def model_name(self, fallback: str = "minicpmv") -> str:
         if self.served_model_name:
@@ -120,6 +121,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-remote-media", action="store_true",
                    help="let image_url/video_url fetch http(s) URLs (public addresses only, size/time limits)")
     p.add_argument("--media-dir", default=None, help="allow file:// media, confined to this directory")
+    p.add_argument("--compile", nargs="?", const="auto", default=None, metavar="MODE",
+                   help="static-shape decode steps through torch.compile (CUDA graphs on CUDA); MODE: a "
+                        "torch.compile mode, or 'static' for static shapes without compiling (default: off)")
     p.add_argument("--id0-quirk", action=argparse.BooleanOptionalAction, default=d.id0_quirk,
                    help="the reference chat()'s id-0 handling (hide prompt tokens with id 0, drop id 0 from "
                         "answers); off by default for API clients")
@@ -169,5 +173,5 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_pixels=args.max_pixels, allow_remote_media=args.allow_remote_media, media_dir=args.media_dir,
         id0_quirk=args.id0_quirk, voices=parse_voices(args.voice), voice_language=args.voice_language,
         max_audio_seconds=args.max_audio_seconds, max_input_audio_seconds=args.max_input_audio_seconds,
-        max_speech_input_chars=args.max_speech_input_chars,
+        max_speech_input_chars=args.max_speech_input_chars, compile=args.compile,
     )

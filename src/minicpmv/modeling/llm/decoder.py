@@ -6,6 +6,10 @@ Qwen2 / Qwen3 / Llama variants, and MiniCPM swaps the layer class (``layer_cls``
 names equal the official checkpoint keys after the ``llm.`` prefix. The model consumes
 ``inputs_embeds`` (MiniCPM-V merges image features into the embeddings first) and returns float32
 logits; generation loops, sampling and the production KV cache live in ``engine``.
+
+A model split across devices (``modeling/placement.py``) runs here too: the hidden state moves to
+each layer's device before the layer (with the rotary tables and the mask, once per device), and
+to the final norm's and ``lm_head``'s; on one device nothing moves.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from ..layers import (
     RMSNorm,
     RotaryEmbedding,
     build_attn_mask,
+    module_device,
 )
 
 
@@ -46,6 +51,11 @@ class DecoderLayer(nn.Module):
         )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    @property
+    def device(self) -> torch.device:
+        """Where this layer computes (its KV cache rows live there too)."""
+        return self.input_layernorm.weight.device
 
     def forward(
         self,
@@ -87,7 +97,8 @@ class DecoderModel(nn.Module):
         device = inputs_embeds.device
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=device).expand(b, t)  # [B, T]
-        mask = build_attn_mask(attention_mask, t, past, inputs_embeds.dtype, device)
+        static = bool(getattr(cache, "static_shapes", False))
+        mask = build_attn_mask(attention_mask, t, past, inputs_embeds.dtype, device, static=static)
         return self.run(inputs_embeds, position_ids, mask, cache)
 
     def run(
@@ -98,12 +109,26 @@ class DecoderModel(nn.Module):
         cache: KVCacheProtocol | None,
     ) -> torch.Tensor:
         """The blocks and the final norm under a mask the caller prepared (``forward`` builds
-        the causal one; the MiniCPM-o speech decoder has its own visibility rule): [B, T, H]."""
+        the causal one; the MiniCPM-o speech decoder has its own visibility rule): [B, T, H].
+        Layers on another device (a split model) get the hidden state, rotary tables and mask moved."""
         cos, sin = self.rotary_emb(position_ids.to(inputs_embeds.device), inputs_embeds.dtype)  # [B, T, hd] x2
+        shared = {inputs_embeds.device: (cos, sin, mask)}
         h = inputs_embeds
         for layer in self.layers:
+            if layer.device != h.device:  # a model split across devices
+                if layer.device not in shared:
+                    shared[layer.device] = _moved(cos, sin, mask, layer.device)
+                h = h.to(layer.device)
+                cos, sin, mask = shared[layer.device]
             h = layer(h, cos, sin, mask, cache)  # [B, T, H]
-        return self.norm(h)
+        return self.norm(h.to(self.norm.weight.device))
+
+
+def _moved(
+    cos: torch.Tensor, sin: torch.Tensor, mask: AttnMask, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, AttnMask]:
+    m = None if mask.mask is None else mask.mask.to(device)
+    return cos.to(device), sin.to(device), AttnMask(m, mask.is_causal)
 
 
 class DecoderForCausalLM(nn.Module):
@@ -158,4 +183,4 @@ class DecoderForCausalLM(nn.Module):
         h = self.forward_hidden(inputs_embeds, position_ids, attention_mask, cache)  # [B, T, H]
         if last_only:
             h = h[:, -1:]  # [B, 1, H]
-        return self.logits(h)  # [B, T or 1, V]
+        return self.logits(h.to(module_device(self.lm_head)))  # [B, T or 1, V]
