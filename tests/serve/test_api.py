@@ -20,9 +20,9 @@ GREEDY = {"sampling": False, "num_beams": 1, "repetition_penalty": 1.0, "id0_qui
 
 
 def _chat_text(model, messages, *, max_new_tokens, system_prompt="", enable_thinking=False) -> str:
-    """The library's greedy answer as it streams (decoded tokens, terminators out, not stripped)."""
-    text = "".join(model.chat(messages, max_new_tokens=max_new_tokens, system_prompt=system_prompt,
-                              enable_thinking=enable_thinking, stream=True, **GREEDY))
+    """The library's greedy chat() answer: what the server must serve, exactly (tests/serve/test_parity.py)."""
+    text = model.chat(messages, max_new_tokens=max_new_tokens, system_prompt=system_prompt,
+                      enable_thinking=enable_thinking, **GREEDY)
     assert text  # an empty answer would make the comparisons below vacuous
     return text
 
@@ -100,7 +100,8 @@ def test_thinking_on_returns_reasoning_separately(server45, model45):
     assert library.startswith("<think>\n")
     body = library[len("<think>\n"):]
     reasoning, end, content = body.partition("</think>")
-    # output.py: newlines next to </think> are dropped; an answer cut off before it is all reasoning
+    # engine/stream.py (ReasoningSplitter): newlines next to </think> are dropped; an answer cut off
+    # before it is all reasoning
     want = (reasoning.rstrip("\n"), content.lstrip("\n")) if end else (body, "")
     assert (on.choices[0].message.reasoning_content, on.choices[0].message.content or "") == want
     assert getattr(off.choices[0].message, "reasoning_content", None) is None

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 
 from minicpmv.ui.logic import video_supported
 
@@ -95,7 +95,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
+def playwright() -> Iterator[Playwright]:
+    """The module's one Playwright driver (a second sync_playwright() inside it is refused)."""
     if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
         pytest.fail(
             f"headless Chromium not found at {CHROMIUM}: the browser tests need Debian's chromium "
@@ -103,11 +104,16 @@ def browser() -> Iterator[Browser]:
             "Never run `playwright install`."
         )
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+        yield p
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: Playwright) -> Iterator[Browser]:
+    b = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    try:
+        yield b
+    finally:
+        b.close()
 
 
 @pytest.fixture()
@@ -320,13 +326,15 @@ def test_thinking_box_is_disabled_for_2_6(page: Page) -> None:
     expect(page.locator("#thinking")).to_contain_text("has no thinking mode")
 
 
-def test_spoken_answer_with_a_cloned_voice_plays_in_the_page(tmp_path: Path, tts_checkpoint: Path) -> None:
+def test_spoken_answer_with_a_cloned_voice_plays_in_the_page(
+    tmp_path: Path, tts_checkpoint: Path, playwright: Playwright
+) -> None:
     """MiniCPM-o: a question recorded with the microphone (Chromium's fake capture device), a
     reference clip uploaded for voice cloning; the answer is spoken in the page as a 24 kHz WAV."""
     ref = write_wav(tmp_path / "voice.wav", 1.5, 22050, 2)
     mic = [*CHROMIUM_ARGS, "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
-    with serve("o2.6", tmp_path, tts_checkpoint, ("--max-audio-seconds", "1")) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=mic)
+    with serve("o2.6", tmp_path, tts_checkpoint, ("--max-audio-seconds", "1")) as url:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=mic)
         try:
             pg = browser.new_context(permissions=["microphone"], viewport={"width": 1280, "height": 1400}).new_page()
             pg.set_default_timeout(WAIT_MS)
