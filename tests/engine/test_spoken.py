@@ -152,3 +152,42 @@ def test_a_chat_session_speaks_each_answer_like_chat(tts_model):
     assert session.last_prefill_tokens < second.prompt_tokens  # the first turn's cache was reused
     quiet = session.respond("Thanks.", generate_audio=False, max_new_tokens=2)
     assert quiet.audio_wav is None
+
+
+def test_static_decode_mode_speaks_like_eager(tts_model, tts_checkpoint, monkeypatch):
+    """load(compile="static"): the speaking paths (chat stream, ChatSession, LiveSession) decode
+    through the static-shape step over the runner's static cache and give the eager answers."""
+    import minicpmv
+    from minicpmv.engine import generate
+    from minicpmv.engine.live import LiveSession
+
+    made: list[int] = []
+
+    class Counted(generate.StaticDecoder):
+        def __init__(self, *args, **kwargs) -> None:
+            made.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "StaticDecoder", Counted)
+    static = minicpmv.load(tts_checkpoint, dtype="float32", compile="static")
+    assert static.runner.decode_mode.static
+    kw = dict(**GREEDY, max_new_tokens=16, generate_audio=True, stream=True, speech_options=SHORT)
+    eager_chunks, static_chunks = list(tts_model.chat(MSGS, **kw)), list(static.chat(MSGS, **kw))
+    assert [c.text for c in static_chunks] == [c.text for c in eager_chunks]
+    assert np.abs(_wav(static_chunks) - _wav(eager_chunks)).max() < 1e-5
+    opts = SpeechOptions(top_p=0.7, top_k=20, seed=0)
+    answers = []
+    for cm in (tts_model, static):
+        session = minicpmv.ChatSession(cm, generate_audio=True, speech_options=opts, max_new_tokens=8, **GREEDY)
+        first, second = session.respond(MSGS[0]["content"]), session.respond("And the grass?")
+        answers.append((first.text, second.text, first.audio_wav, second.audio_wav))
+    (t1, t2, a1, a2), (s1, s2, b1, b2) = answers
+    assert (s1, s2) == (t1, t2) and np.abs(a1 - b1).max() < 1e-5 and np.abs(a2 - b2).max() < 1e-5
+    lives = []
+    for cm in (tts_model, static):
+        live = LiveSession(cm, speech_options=SHORT, max_new_tokens=6, **GREEDY)
+        live.prefill("Describe the picture.", role="user")
+        chunks = list(live.generate())
+        lives.append(("".join(c.text for c in chunks), _wav(chunks)))
+    assert lives[1][0] == lives[0][0] and np.abs(lives[1][1] - lives[0][1]).max() < 1e-5
+    assert len(made) == 4  # chat stream, two session turns, the live turn: all on the static step

@@ -243,7 +243,7 @@ class LiveSession:
             past = self.cached_tokens
             mask = torch.ones(1, past + batch.inputs_embeds.shape[1], dtype=torch.long)
             steps = generate_steps(tap, batch.inputs_embeds, mask, params, eos_ids=self.runner.eos_ids,
-                                   cache=self.cache)
+                                   cache=self.cache, mode=self.runner.decode_mode)
             try:
                 yield from speak_steps(answer, self._watch(steps))
             finally:

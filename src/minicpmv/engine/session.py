@@ -262,7 +262,7 @@ class ChatSession:
         spk = speaker_position(batch.input_ids[0].tolist(), self.runner.tokenizer)
         self._tap = SpeakerTap(self.runner.model, spk - reused)
         return generate_steps(self._tap, batch.inputs_embeds[:, reused:], batch.attention_mask, params,
-                              eos_ids=self.runner.eos_ids, cache=self._cache)
+                              eos_ids=self.runner.eos_ids, cache=self._cache, mode=self.runner.decode_mode)
 
     def _finish(self, conversation: list[dict[str, Any]], ids: list[int]) -> str:
         answer = compat.thinking_prefix(self.runner.version, self.enable_thinking) + self.runner.postprocess(

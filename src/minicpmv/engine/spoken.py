@@ -268,7 +268,7 @@ def stream_with_speech(chat_model: Any, batch: Any, params: SamplingParams,
     def run() -> Iterator[OmniOutput]:
         with torch.inference_mode():
             steps = generate_steps(tap, batch.inputs_embeds, batch.attention_mask, params, eos_ids=runner.eos_ids,
-                                   cache=runner.new_cache(1))
+                                   cache=runner.new_cache(1), mode=runner.decode_mode)
             yield from speak_steps(answer, steps)
 
     return run()
