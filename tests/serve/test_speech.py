@@ -180,3 +180,35 @@ def test_a_model_without_a_speech_head_gives_400s(server26):
     r = server26.post({"model": NAME, "max_tokens": 2, "messages": [
         {"role": "user", "content": [_audio_part(_clip(0)), {"type": "text", "text": "Hi"}]}]})
     assert r.status_code == 400 and "audio input" in r.json()["error"]["message"]
+
+
+def test_speech_work_keeps_the_request_timeout(tts_model, monkeypatch):
+    """The request timeout (from arrival) also bounds the speech: /v1/audio/speech and a spoken
+    chat answer whose synthesis outlasts it are 504, and the server keeps serving."""
+    import time
+
+    from minicpmv.engine.speech import SpeechSynthesizer
+    from minicpmv.engine.spoken import SpokenAnswer
+
+    real_synth, real_push = SpeechSynthesizer.synthesize, SpokenAnswer.push_text
+
+    def slow_synth(self, *args, **kwargs):
+        time.sleep(1.5)
+        return real_synth(self, *args, **kwargs)
+
+    def slow_push(self, *args, **kwargs):
+        time.sleep(1.5)
+        return real_push(self, *args, **kwargs)
+
+    monkeypatch.setattr(SpeechSynthesizer, "synthesize", slow_synth)
+    monkeypatch.setattr(SpokenAnswer, "push_text", slow_push)
+    with LiveServer(tts_model, request_timeout_s=1.0, max_audio_seconds=1.0) as srv:
+        r = httpx.post(f"{srv.url}/v1/audio/speech", json={"model": NAME, "voice": "default", "input": "Hello."},
+                       timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        spoken = srv.post({"model": NAME, "messages": QUESTION, "max_tokens": 2, "temperature": 0,
+                           "modalities": ["text", "audio"], "audio": {"voice": "default", "format": "wav"}})
+        assert spoken.status_code == 504 and spoken.json()["error"]["code"] == "timeout"
+        srv.wait_idle()
+        text = srv.post({"model": NAME, "messages": QUESTION, "max_tokens": 2, "temperature": 0})
+        assert text.status_code == 200 and text.json()["choices"][0]["message"]["content"]

@@ -38,7 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..engine.chat import ChatModel
 from .completions import Prepared, complete, prepare, stream
 from .config import ServerConfig
-from .errors import APIError, client_closed, install_error_handlers, request_id_of
+from .errors import APIError, client_closed, install_error_handlers, request_id_of, timed_out
 from .runtime import ServerState
 from .schemas import ChatCompletionRequest, ImagePart, InputAudioPart, ModelCard, ModelList, VideoPart
 from .speech import complete_spoken, install_speech_routes, prepare_spoken, stream_spoken
@@ -137,10 +137,6 @@ def _state(request: Request) -> ServerState:
     return state
 
 
-def _timeout() -> APIError:
-    return APIError(504, "the request took longer than the server's request timeout", code="timeout")
-
-
 def _has_media(body: ChatCompletionRequest) -> bool:
     return any(isinstance(part, (ImagePart, VideoPart, InputAudioPart)) for msg in body.messages
                if isinstance(msg.content, list) for part in msg.content)
@@ -151,12 +147,12 @@ async def _prepare_in_time(state: ServerState, body: ChatCompletionRequest, slot
     """``preparer`` (``prepare`` or ``prepare_spoken``) within the request's deadline, holding a
     decoding slot when the request has media."""
     loop = asyncio.get_running_loop()
-    media = _has_media(body)
+    media = _has_media(body) or body.wants_audio  # a spoken answer also runs a prompt pass for its voice
     if media:
         try:
             await asyncio.wait_for(slots.acquire(), max(deadline - loop.time(), 0.0))
         except asyncio.TimeoutError:
-            raise _timeout() from None
+            raise timed_out() from None
     try:
         prep = await preparer(state, body)
     finally:
@@ -165,7 +161,7 @@ async def _prepare_in_time(state: ServerState, body: ChatCompletionRequest, slot
     for ref in prep.plan.media:
         ref.value = None  # the full-size decoded media: the inputs hold the model-size slices
     if loop.time() >= deadline:
-        raise _timeout()
+        raise timed_out()
     return prep
 
 

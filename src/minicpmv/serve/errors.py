@@ -136,6 +136,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return internal_error(rid).response(rid)
 
 
+def timed_out() -> APIError:
+    """504: the request's deadline (``--request-timeout``, counted from its arrival) passed."""
+    return APIError(504, "the request took longer than the server's request timeout", code="timeout")
+
+
 def client_closed() -> APIError:
     """499 (nginx's "client closed request"): the client hung up before the answer was ready;
     nobody reads the body, but the status, log line and body agree."""

@@ -7,7 +7,8 @@ the engine is not running. ``ServerState.submit`` queues a request in the ``Batc
 returns a ``Handle`` whose ``events()`` yields the request's ``BatchEvent``s in order, enforcing
 the per-request deadline (504) and noticing client disconnects; ``Handle.close()`` cancels what is
 still running (idempotent), which frees the engine's cache rows at the next token boundary.
-Parsing, media and text assembly live in ``convert.py``, ``media.py`` and ``output.py``.
+``by_deadline`` bounds other work of a request (speech synthesis) by the same deadline. Parsing,
+media and text assembly live in ``convert.py``, ``media.py`` and ``completions.py``.
 """
 
 from __future__ import annotations
@@ -17,19 +18,30 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..engine.batch import BatchEngine, BatchEvent, BatchRequest
 from ..engine.chat import ChatModel
 from ..engine.sampling import SamplingParams
 from ..processing.processor import ModelInputs
 from .config import GenerationDefaults, ServerConfig
-from .errors import APIError
+from .errors import APIError, timed_out
 from .media import MediaPolicy
 
 log = logging.getLogger(__name__)
 
 Disconnected = Callable[[], Awaitable[bool]]
+T = TypeVar("T")
+
+
+async def by_deadline(work: Awaitable[T], deadline: float) -> T:
+    """``work`` if it ends before ``deadline`` (event-loop time), else 504. Work in a thread cannot
+    be interrupted: it finishes in the background and its result is dropped."""
+    remaining = deadline - asyncio.get_running_loop().time()
+    try:
+        return await asyncio.wait_for(work, max(remaining, 0.0))
+    except asyncio.TimeoutError:
+        raise timed_out() from None
 
 
 class Handle:
@@ -65,7 +77,7 @@ class Handle:
         while not self.done:
             remaining = self.deadline - loop.time()
             if remaining <= 0:
-                raise APIError(504, "the request took longer than the server's request timeout", code="timeout")
+                raise timed_out()
             if disconnected is not None and loop.time() - checked >= poll_s:  # also while tokens flow
                 checked = loop.time()
                 if await disconnected():

@@ -55,7 +55,7 @@ from ..processing.voice_prompts import READ_ALOUD, get_sys_prompt
 from .completions import Prepared, _Answer, _sse, prepare
 from .convert import RequestPlan
 from .errors import APIError, from_library_error
-from .runtime import Handle, ServerState
+from .runtime import Handle, ServerState, by_deadline
 from .schemas import (
     AssistantMessage,
     AudioOut,
@@ -197,7 +197,8 @@ async def complete_spoken(state: ServerState, prep: SpokenPrepared, handle: Hand
         return None
     synth = get_synthesizer(state.model)
     options = limited_options(synth, None, state.config.max_audio_seconds)
-    spoken = await asyncio.to_thread(synth.synthesize, _spoken_text(state, answer), prep.voice, options)
+    spoken = await by_deadline(asyncio.to_thread(synth.synthesize, _spoken_text(state, answer), prep.voice, options),
+                               handle.deadline)
     wav = cut_audio(spoken, state.config.max_audio_seconds).audio_wav
     assert wav is not None and prep.plan.audio_format is not None
     audio = AudioOut(id=f"audio_{uuid.uuid4().hex}", data=_audio_data(wav, prep.plan.audio_format),
@@ -239,12 +240,13 @@ async def stream_spoken(state: ServerState, prep: SpokenPrepared, handle: Handle
         async for event in handle.events():
             answer.apply(event)
             if event.token_id is not None and not spoken.done:
-                for line in audio_delta(await asyncio.to_thread(spoken.push, event.token_id)):
+                for line in audio_delta(await by_deadline(asyncio.to_thread(spoken.push, event.token_id),
+                                                          handle.deadline)):
                     yield line
             if spoken.done and not handle.done:
                 handle.close()  # the speech ended (or hit the audio limit): stop the LLM
                 break
-        for line in audio_delta(await asyncio.to_thread(spoken.finish)):
+        for line in audio_delta(await by_deadline(asyncio.to_thread(spoken.finish), handle.deadline)):
             yield line
         finish = answer.finish[0] or "stop"
         yield chunk(Delta(audio=AudioOut(expires_at=int(time.time()) + AUDIO_TTL_S)), finish)
@@ -310,16 +312,24 @@ def _check_speech_body(state: ServerState, body: SpeechRequestBody) -> None:
 
 
 async def audio_speech(body: SpeechRequestBody, request: Request) -> Response:
-    """POST /v1/audio/speech"""
+    """POST /v1/audio/speech: within the request timeout from arrival, holding a decoding slot
+    (the voice's prompt pass and the synthesis are the work)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time()
     state = getattr(request.app.state, "server", None)
     if state is None:
         raise APIError(503, "the model is still loading", code="unavailable", retry_after=5)
+    deadline += state.config.request_timeout_s
     _check_speech_body(state, body)
     voices = await asyncio.to_thread(voices_of, state)
     voices.clip(body.voice_name, "voice")
-    release = state.acquire()
+    release, slots = state.acquire(), request.app.state.decoding
     try:
-        wav = await asyncio.to_thread(_read_aloud, state, body, voices)
+        await by_deadline(slots.acquire(), deadline)
+        try:
+            wav = await by_deadline(asyncio.to_thread(_read_aloud, state, body, voices), deadline)
+        finally:
+            slots.release()
     finally:
         release()
     if body.response_format == "wav":
