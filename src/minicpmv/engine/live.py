@@ -185,8 +185,9 @@ class LiveSession:
                 self._audio_cache = None
             if self._audio_cache is None:
                 self._audio_cache = KVCache(len(model.apm.layers))
-            rows.append(model.encode_audio_streaming(torch.from_numpy(seg), self._audio_cache).to(model.dtype))
-        return torch.cat(rows) if rows else None  # [rows, H]
+            rows.append(model.encode_audio_streaming(torch.from_numpy(seg), self._audio_cache))
+        # image and audio parts may sit on different devices (device_map): join them as prepare does
+        return torch.cat([r.to(device=rows[0].device, dtype=model.dtype) for r in rows]) if rows else None
 
     def _forward(self, batch: PreparedBatch) -> None:
         """Append a piece's positions to the LLM cache (every position visible, as the reference)."""

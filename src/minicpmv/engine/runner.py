@@ -127,7 +127,8 @@ class ModelRunner:
             n = len(audio[b])
             parts = ([f.reshape(-1, f.shape[-1])] if f is not None else []) + list(rows[k : k + n])
             k += n
-            out.append(torch.cat([t.to(parts[0].dtype) for t in parts]) if parts else None)  # [rows, H]
+            out.append(torch.cat([t.to(device=parts[0].device, dtype=parts[0].dtype) for t in parts])
+                       if parts else None)  # [rows, H]; the parts may come from different devices
         return out
 
     def prepare(

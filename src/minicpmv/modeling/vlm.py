@@ -164,8 +164,9 @@ class MiniCPMV(nn.Module):
             raise FeatureNotAvailableError("this checkpoint has no audio encoder (init_audio / audio_config)")
         if segment.dim() != 2 or segment.shape[1] < 1:
             raise InputError(f"an audio piece must be log-mel [n_mels, frames], got {tuple(segment.shape)}")
-        hidden = self.apm(segment[None], None, cache)  # [1, T, d]
-        emb = self.audio_projection_layer(hidden)  # [1, T, H]
+        w = self.apm.conv1.weight
+        hidden = self.apm(segment[None].to(device=w.device, dtype=w.dtype), None, cache)  # [1, T, d]
+        emb = self.audio_projection_layer(hidden.to(module_device(self.audio_projection_layer)))  # [1, T, H]
         pooled = F.avg_pool1d(emb.transpose(1, 2), audio.pool_step, audio.pool_step).transpose(1, 2)  # [1, T/2, H]
         return pooled[0, : audio_token_count(int(segment.shape[1]), audio.pool_step)]  # [n, H]
 
