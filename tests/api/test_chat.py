@@ -59,15 +59,13 @@ def _greedy_without_cache(cm, conv, n):
 
 def test_cached_equals_uncached(model):
     conv = _convs(_version(model))[0]
-    params = dict(GREEDY, max_new_tokens=10, min_new_tokens=10)
     with torch.inference_mode():
         batch = model.runner.prepare(model.processor([conv]))
         p = SamplingParams.from_official(model.version, sampling=False, max_new_tokens=10, min_new_tokens=10,
                                          overrides={"num_beams": 1, "repetition_penalty": 1.0})
         cached = model.runner.generate_ids(batch, p)[0]
         uncached = _greedy_without_cache(model, conv, 10)
-    assert params["max_new_tokens"] == 10
-    assert cached == uncached
+    assert len(cached) == 10 and cached == uncached  # min_new_tokens=10: ten tokens whatever they are
 
 
 def test_official_stream_is_the_unstripped_decode(model):

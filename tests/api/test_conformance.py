@@ -28,10 +28,13 @@ def case_features():
 @pytest.mark.parametrize("version,case", CASES, ids=[f"{v}/{c.name}" for v, c in CASES])
 def test_case(version, case, model26, model45, case_features):
     cm = model26 if version == "2.6" else model45
-    results = list(CaseRunner(cm, case, feature_cache=case_features[version]).run())
+    runner = CaseRunner(cm, case, feature_cache=case_features[version])
+    results = list(runner.run())
     failed = [r.line() for r in results if not r.ok]
     assert not failed, "\n".join(failed)
     stages = {r.stage for r in results}
+    if any(k.startswith("vpm_out_") for k in runner.expected):  # image cases: the tower's stages ran
+        assert {"vision", "vision_colsum", "resampler"} <= stages
     assert {"template", "expanded", "input_ids", "logits", "greedy_ids", "chat_greedy", "generate_kwargs"} <= stages
     if json.loads((case / "inputs" / "params.json").read_text()).get("beam_kwargs"):
         assert {"beam_ids", "chat_beam", "beam_generate_kwargs"} <= stages  # chat() itself, beam search
@@ -88,3 +91,16 @@ def test_case_compiled_decode(version, case, model26, model45, compiled_runners,
     assert tokens.tolist() == want[:, : tokens.shape[1]].tolist() and not want[:, tokens.shape[1]:].any()
     logits = torch.stack([s.logits for s in compiled], 1).numpy()
     assert np.abs(logits - cases.expected["step_logits"][:, : tokens.shape[1]]).max() <= TOL_TENSOR
+
+
+def test_vision_stages_run_when_the_feature_cache_already_holds_the_case(model26):
+    """A shared feature cache (the compiled-decode check reuses the resampler outputs) must not
+    make the vision stages vanish on a second run of the same case."""
+    case = CONF / "2.6" / "beam_default"
+    from minicpmv.engine.features import FeatureCache
+
+    cache = FeatureCache()
+    for _ in range(2):
+        results = list(CaseRunner(model26, case, feature_cache=cache).run())
+        assert {r.stage for r in results if r.ok} >= {"vision", "vision_colsum", "resampler"}
+    assert len(cache) > 0

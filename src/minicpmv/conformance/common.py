@@ -85,8 +85,9 @@ def features_and_vision(
     cm: ChatModel, inputs: Any, cache: FeatureCache | None = None
 ) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
     """``cm.runner.encode_features(inputs, cache)`` and the vision tower output of every slice,
-    [L_s, Dv] in processor order, as the resampler received it inside that call (none for the
-    slices the ``cache`` already held)."""
+    [L_s, Dv] in processor order, as the resampler received it inside that call. When the
+    ``cache`` already held some slices (so the tower did not run for them), the call is repeated
+    without it: the vision stages always see every slice."""
     seen: list[torch.Tensor] = []
 
     def tap(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
@@ -97,6 +98,10 @@ def features_and_vision(
     handle = cm.model.resampler.register_forward_pre_hook(tap)
     try:
         features = cm.runner.encode_features(inputs, cache)
+        slices = sum(len(conv) for conv in inputs.pixel_values)
+        if cache is not None and len(seen) != slices:
+            seen.clear()
+            features = cm.runner.encode_features(inputs, None)
     finally:
         handle.remove()
     return features, seen
