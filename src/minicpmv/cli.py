@@ -339,7 +339,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .quant.writer import quantize_checkpoint
+    from .formats.quantized import quantize_checkpoint
 
     info = quantize_checkpoint(args.model, args.output, args.to, group_size=args.group_size,
                                lm_head=not args.no_lm_head)

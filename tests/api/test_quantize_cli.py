@@ -179,7 +179,7 @@ def test_quantized_files_follow_the_umask_and_leave_the_demo_card_behind(tmp_pat
 def test_full_disk_while_quantizing_leaves_nothing(tmp_path, capsys, monkeypatch) -> None:
     import errno
 
-    from minicpmv.quant import writer
+    from minicpmv.formats import quantized as writer
 
     def full_disk(tensors, path, **kw):
         Path(path).write_bytes(b"partial")

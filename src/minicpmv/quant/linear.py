@@ -32,7 +32,7 @@ weight ``w`` of shape [N, K] (out, in):
   [N, K/g]; ``w[n, k] = (q[n, k] - 8) * scales[n, k // g] + zeros[n, k // g]``.
 
 Embeddings, norms, the vision tower and the resampler are never quantized. This module does not
-read or write files (see ``quant/load_plan.py`` and ``quant/writer.py``) and does not decide when packing applies
+read or write files (see ``quant/load_plan.py`` and ``formats/quantized.py``) and does not decide when packing applies
 (``api.load`` does).
 """
 

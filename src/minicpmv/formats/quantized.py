@@ -29,8 +29,8 @@ from ..loading.checkpoint import (
     save_safetensors,
     weight_files,
 )
-from .linear import QuantSpec, check_quantizable, quant_targets, quantize_weight
-from .load_plan import open_handle
+from ..quant.linear import QuantSpec, check_quantizable, quant_targets, quantize_weight
+from ..quant.load_plan import open_handle
 
 log = logging.getLogger(__name__)
 
