@@ -48,12 +48,13 @@ _DECODE_ERRORS = (
 )
 
 
-def _describe(src: object) -> str:
+def describe_source(src: object, kind: str = "image") -> str:
+    """How an error names a media source: "image file 'a.png'", "video bytes (12 bytes)", ..."""
     if isinstance(src, (str, PathLike)):
-        return f"image file '{src}'"
+        return f"{kind} file '{src}'"
     if isinstance(src, (bytes, bytearray, memoryview)):
-        return f"image bytes ({len(src)} bytes)"
-    return f"image {type(src).__name__}"
+        return f"{kind} bytes ({len(src)} bytes)"
+    return f"{kind} {type(src).__name__}"
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int, what: str) -> None:
@@ -103,7 +104,7 @@ def load_image(src: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     Raises ImageError when the file is missing, not an image, truncated/corrupt, or larger than
     ``max_pixels`` (checked from the header, before any pixel is decoded).
     """
-    what = _describe(src)
+    what = describe_source(src)
     img = src if isinstance(src, Image.Image) else _open(src, what)
     try:
         _check_pixels(img.size, max_pixels, what)

@@ -74,7 +74,7 @@ from PIL import Image
 from ..errors import InputError, VideoError
 from ..versions import VersionSpec, VideoPolicy, get_version
 from . import image as _image
-from .image import LazySequence, load_image
+from .image import LazySequence, describe_source, load_image
 
 log = logging.getLogger(__name__)
 
@@ -282,11 +282,7 @@ def _av() -> Any:
 
 
 def _describe(src: object) -> str:
-    if isinstance(src, (str, PathLike)):
-        return f"video file '{src}'"
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        return f"video bytes ({len(src)} bytes)"
-    return f"video {type(src).__name__}"
+    return describe_source(src, "video")
 
 
 def check_frame_pixels(width: int, height: int, limit: int, what: str) -> None:
