@@ -433,13 +433,14 @@ class BatchEngine:
     def _decode_step(self) -> None:
         rows_n, width = self._shape()
         busy = list(self._rows.values())
-        feed = torch.zeros(3, rows_n, dtype=torch.long)  # token, position, write index per row
+        rows = [[0, 0, 0] for _ in range(rows_n)]  # token, position, write index per row (idle rows: 0)
         slots = [r.slot for r in busy]
-        feed[:, slots] = torch.tensor([[r.pending, r.visible, r.length] for r in busy], dtype=torch.long).T
+        for r in busy:
+            rows[r.slot] = [r.pending, r.visible, r.length]
+            self._cache.mask[r.slot, r.length] = 1  # each row's new key becomes visible
         dev = self.lm.device
         try:
-            self._cache.mask[slots, feed[2, slots].tolist()] = 1  # each row's new key becomes visible
-            tokens, pos, write = feed.to(dev)  # one copy to the device
+            tokens, pos, write = torch.tensor(rows, dtype=torch.long).T.to(dev)  # [R] x3, one copy to the device
             pos, mask = pos[:, None], self._cache.mask[:rows_n, :width]  # [R, 1], [R, W]
             if self.decode_mode.compile is not None:
                 mark_rows(tokens, pos, mask, write)
