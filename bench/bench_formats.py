@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     types = [t.strip() for t in args.types.split(",")]
     print(f"torch {torch.__version__}, {args.threads} threads, python {sys.version.split()[0]}, "
           f"llama-bench: {binary or 'not given (LLAMA_BENCH)'}; read bandwidth {read_bandwidth(reps=2) / 1e9:.1f} GB/s")
+    if args.workdir is not None:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         base = _random_llm(args.dims, args.layers)
         files = {}
