@@ -76,6 +76,16 @@ def test_bad_speech_flags_are_one_line_errors(extra, match, tmp_path, capsys, mo
     assert rc == 2 and match in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize(("existing", "interactive"), [("a.wav", False), ("a-2.wav", True)])
+def test_existing_audio_files_are_never_overwritten(existing, interactive, tmp_path, capsys):
+    (tmp_path / existing).write_bytes(b"kept")
+    args = ["chat", "--model", str(CONF / "2.6" / "_checkpoint"), "--audio-out", str(tmp_path / "a.wav")]
+    rc = main([*args, "-i"] if interactive else [*args, "Hi"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{tmp_path / existing} exists" in err and err.count("\n") == 1
+    assert (tmp_path / existing).read_bytes() == b"kept"
+
+
 def test_a_model_without_a_speech_head_says_so(tmp_path, capsys):
     rc = main(["chat", "--model", str(CONF / "2.6" / "_checkpoint"), "--dtype", "float32",
                "--audio-out", str(tmp_path / "a.wav"), "Hi"])

@@ -14,6 +14,7 @@ speaking itself is the library's (``ChatSession(generate_audio=True)``).
 from __future__ import annotations
 
 import argparse
+import glob
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,7 @@ class SpeechPlan:
             raise InputError(f"--audio-out writes a WAV file: give a .wav path, got {args.audio_out}")
         if not args.audio_out.parent.is_dir():
             raise InputError(f"--audio-out: the folder {args.audio_out.parent} does not exist")
+        _check_nothing_overwritten(args.audio_out, numbered=args.interactive)
         if args.voice_mode == "clone" and (args.voice is None or args.interactive):
             raise InputError("--voice-mode clone reads the question aloud in the voice of --voice (not with -i)")
         voice = None
@@ -105,3 +107,13 @@ class SpeechPlan:
         save_wav(path, r.audio_wav, r.sampling_rate)
         self.written.append(path)
         sys.stderr.write(f"wrote {path} ({len(r.audio_wav) / r.sampling_rate:.1f} s of speech)\n")
+
+
+def _check_nothing_overwritten(out: Path, *, numbered: bool) -> None:
+    """Refuse an ``--audio-out`` that would replace files: the path itself, or with ``-i`` the
+    numbered answers (``OUT-1.wav``, ``OUT-2.wav``, ...) of an earlier session."""
+    taken = sorted(out.parent.glob(f"{glob.escape(out.stem)}-[0-9]*{glob.escape(out.suffix)}")) if numbered else []
+    if not numbered and out.exists():
+        taken = [out]
+    if taken:
+        raise InputError(f"--audio-out: {taken[0]} exists and nothing is overwritten: choose another name")
