@@ -22,6 +22,7 @@ Routes stay thin: the pipeline lives in ``completions.py``. No model at import t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -39,7 +40,7 @@ from ..engine.chat import ChatModel
 from .completions import Prepared, complete, prepare, stream
 from .config import ServerConfig
 from .errors import APIError, client_closed, install_error_handlers, request_id_of, timed_out
-from .runtime import ServerState
+from .runtime import ServerState, slot_by_deadline
 from .schemas import ChatCompletionRequest, ImagePart, InputAudioPart, ModelCard, ModelList, VideoPart
 from .speech import complete_spoken, install_speech_routes, prepare_spoken, stream_spoken
 
@@ -146,21 +147,12 @@ async def _prepare_in_time(state: ServerState, body: ChatCompletionRequest, slot
                            deadline: float, preparer: Callable[..., Awaitable[Prepared]]) -> Prepared:
     """``preparer`` (``prepare`` or ``prepare_spoken``) within the request's deadline, holding a
     decoding slot when the request has media."""
-    loop = asyncio.get_running_loop()
     media = _has_media(body) or body.wants_audio  # a spoken answer also runs a prompt pass for its voice
-    if media:
-        try:
-            await asyncio.wait_for(slots.acquire(), max(deadline - loop.time(), 0.0))
-        except asyncio.TimeoutError:
-            raise timed_out() from None
-    try:
+    async with slot_by_deadline(slots, deadline) if media else contextlib.nullcontext():
         prep = await preparer(state, body)
-    finally:
-        if media:
-            slots.release()
     for ref in prep.plan.media:
         ref.value = None  # the full-size decoded media: the inputs hold the model-size slices
-    if loop.time() >= deadline:
+    if asyncio.get_running_loop().time() >= deadline:
         raise timed_out()
     return prep
 

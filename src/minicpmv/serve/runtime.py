@@ -14,6 +14,7 @@ media and text assembly live in ``convert.py``, ``media.py`` and ``completions.p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,6 +33,17 @@ log = logging.getLogger(__name__)
 
 Disconnected = Callable[[], Awaitable[bool]]
 T = TypeVar("T")
+
+
+@contextlib.asynccontextmanager
+async def slot_by_deadline(slots: asyncio.Semaphore, deadline: float) -> AsyncIterator[None]:
+    """Hold one of ``slots`` (the server's decoding slots) for the block; waiting for it past
+    ``deadline`` is a 504."""
+    await by_deadline(slots.acquire(), deadline)
+    try:
+        yield
+    finally:
+        slots.release()
 
 
 async def by_deadline(work: Awaitable[T], deadline: float) -> T:

@@ -55,7 +55,7 @@ from ..processing.voice_prompts import READ_ALOUD, get_sys_prompt
 from .completions import Prepared, _Answer, _sse, prepare
 from .convert import RequestPlan
 from .errors import APIError, from_library_error
-from .runtime import Handle, ServerState, by_deadline
+from .runtime import Handle, ServerState, by_deadline, slot_by_deadline
 from .schemas import (
     AssistantMessage,
     AudioOut,
@@ -314,22 +314,18 @@ def _check_speech_body(state: ServerState, body: SpeechRequestBody) -> None:
 async def audio_speech(body: SpeechRequestBody, request: Request) -> Response:
     """POST /v1/audio/speech: within the request timeout from arrival, holding a decoding slot
     (the voice's prompt pass and the synthesis are the work)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time()
+    arrived = asyncio.get_running_loop().time()
     state = getattr(request.app.state, "server", None)
     if state is None:
         raise APIError(503, "the model is still loading", code="unavailable", retry_after=5)
-    deadline += state.config.request_timeout_s
+    deadline = arrived + state.config.request_timeout_s
     _check_speech_body(state, body)
     voices = await asyncio.to_thread(voices_of, state)
     voices.clip(body.voice_name, "voice")
-    release, slots = state.acquire(), request.app.state.decoding
+    release = state.acquire()
     try:
-        await by_deadline(slots.acquire(), deadline)
-        try:
+        async with slot_by_deadline(request.app.state.decoding, deadline):
             wav = await by_deadline(asyncio.to_thread(_read_aloud, state, body, voices), deadline)
-        finally:
-            slots.release()
     finally:
         release()
     if body.response_format == "wav":
