@@ -4,9 +4,10 @@ The perf-size MiniCPM-V 2.6 language model (``--dims``; the real Qwen2-7B widths
 ``--layers`` layers, random weights) is written as GGUF by ``minicpmv export``'s writer at bf16,
 q8_0 and q4_0. For each file, in ``--rounds`` interleaved rounds:
 
-* this package: the file loaded as ``minicpmv.load`` loads a GGUF (bf16: prepacked oneDNN; Q8_0:
-  dequantized to bf16, and requantized to int8 with ``quantize="int8"``; Q4_0: int4 group 32,
-  exactly), ``--prompt`` prompt positions prefilled, then ``--tokens`` decode steps with the engine;
+* this package: the file loaded as ``minicpmv.load`` loads a GGUF (bf16: the native bf16 GEMV, or
+  prepacked oneDNN; Q8_0: grouped int8 and Q6_K: its blocks, on the native kernels, exactly, else
+  dequantized to bf16; also requantized to int8 with ``quantize="int8"``; Q4_0: int4 group 32, exactly),
+  ``--prompt`` prompt positions prefilled, then ``--tokens`` decode steps with the engine;
 * llama.cpp: ``llama-bench -m FILE -p PROMPT -n TOKENS -d PROMPT -t THREADS`` (prefill of the prompt,
   decode after a prompt of the same depth), when ``LLAMA_BENCH`` names an already-built binary.
 
@@ -78,7 +79,7 @@ def load_ours(model: nn.Module, path: Path, requantize: str | None) -> None:
 
     from minicpmv.formats import gguf_names as names
     from minicpmv.formats.gguf_read import GGUFTensor, _shape
-    from minicpmv.quant.linear import PackedLinear, QuantLinear, QuantSpec, replace_module
+    from minicpmv.quant.linear import PackedLinear, QuantLinear, QuantSpec, native_kernels_apply, replace_module
 
     entries = {names.gguf_to_llm(t.name): GGUFTensor(np.asarray(t.data), T(int(t.tensor_type)), _shape(t))
                for t in GGUFReader(str(path)).tensors}
@@ -88,8 +89,15 @@ def load_ours(model: nn.Module, path: Path, requantize: str | None) -> None:
         entry, bias_entry = entries[f"{name}.weight"], entries.get(f"{name}.bias")
         bias = None if bias_entry is None else bias_entry.to_float().to(torch.bfloat16)
         st = entry.int4()
+        if st is None and not requantize and native_kernels_apply(QuantSpec(6, 16), "cpu") and entry.int8_exact:
+            st = entry.int8()  # Q8_0 as grouped int8, Q6_K blocks as stored: as the loader does
         if st is not None:
-            new: nn.Module = QuantLinear(layer.in_features, layer.out_features, QuantSpec(4, 32),
+            if "scales" not in st:
+                spec = QuantSpec(6, 16)
+            else:
+                bits = 8 if st["qweight"].dtype == torch.int8 else 4
+                spec = QuantSpec(bits, layer.in_features // st["scales"].shape[1])
+            new: nn.Module = QuantLinear(layer.in_features, layer.out_features, spec,
                                          bias=bias is not None, dtype=torch.bfloat16, device="meta")
             new.set_storage(st, bias, device="cpu")
             new.prepare()

@@ -18,11 +18,11 @@ from PIL import Image
 import minicpmv
 from minicpmv.errors import CheckpointError, InputError
 from minicpmv.formats import gguf_names as names
-from minicpmv.formats.gguf_quants import dequantize, int4_storage, quantize
+from minicpmv.formats.gguf_quants import dequantize, int4_storage, int8_storage, quantize
 from minicpmv.formats.gguf_read import GGUFCheckpoint, find_pair
 from minicpmv.formats.gguf_write import export_gguf
 from minicpmv.processing.tokenizer import Tokenizer
-from minicpmv.quant.linear import QuantLinear, QuantSpec, dequantize_weight
+from minicpmv.quant.linear import QuantLinear, QuantSpec, dequantize_q6k, dequantize_weight, native_kernels_apply
 
 CONF = Path(__file__).resolve().parents[1] / "data" / "conformance"
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -131,23 +131,44 @@ def test_recorded_input_ids_of_a_case(exports: dict, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k_m"])
 def test_quantized_weights_equal_the_gguf_package_dequantization(exports: dict, fmt: str) -> None:
+    """Q4_0 / Q4_K LLM matrices stay int4 and (where the native kernels run) Q8_0 / Q6_K ones stay
+    grouped int8; every weight equals the ``gguf`` package's dequantization bit for bit."""
     out = exports["4.5", fmt, True]
     model = minicpmv.load(out, dtype="float32").model
     reader = GGUFReader(str(out / "model.gguf"))
-    int4 = 0
+    grouped = native_kernels_apply(QuantSpec(8, 32), "cpu") and native_kernels_apply(QuantSpec(6, 16), "cpu")
+    kept = {4: 0, 6: 0, 8: 0}
     for t in reader.tensors:
         key = names.gguf_to_llm(t.name)
         ref = torch.from_numpy(dequantize(np.asarray(t.data), T(int(t.tensor_type))).reshape(
             tuple(int(n) for n in reversed(t.shape.tolist()))).copy())
         layer = model.get_submodule(key.rsplit(".", 1)[0])
         if isinstance(layer, QuantLinear):
-            int4 += 1
-            assert t.tensor_type in (T.Q4_0, T.Q4_K) and layer.spec.group_size == 32
+            kept[layer.spec.bits] += 1
+            expected = {T.Q4_0: (4, 32), T.Q4_K: (4, 32), T.Q8_0: (8, 32), T.Q6_K: (6, 16)}[T(int(t.tensor_type))]
+            assert (layer.spec.bits, layer.spec.group_size) == expected, t.name
+            assert layer.spec.bits == 4 or grouped
             got = dequantize_weight(layer.storage(), layer.spec, torch.float32)
         else:
+            assert not (grouped and key.endswith("proj.weight") and t.tensor_type in (T.Q8_0, T.Q6_K)), t.name
             got = model.state_dict()[key]
         assert torch.equal(got, ref), t.name
-    assert int4 == {"q8_0": 0, "q4_0": 14, "q4_k_m": 11}[fmt]  # q4_k_m: ffn_down (K=384) falls back, one attn_v is Q6_K
+    # q4_k_m: ffn_down (K=384) falls back, one attn_v is Q6_K
+    assert kept[4] == {"q8_0": 0, "q4_0": 14, "q4_k_m": 11}[fmt]
+    if grouped:  # q8_0: every linear; q4_0: the Q6_K output; q4_k_m: that, a Q6_K attn_v, a Q8_0 ffn_down fallback
+        assert (kept[8], kept[6]) == {"q8_0": (15, 0), "q4_0": (0, 1), "q4_k_m": (1, 2)}[fmt]
+
+
+def test_q8_0_int8_storage_and_q6k_blocks_are_the_block_dequantization() -> None:
+    x = np.random.default_rng(2).standard_normal((24, 512)).astype(np.float32) * 0.05
+    data = quantize(x, T.Q8_0)
+    st = int8_storage(data, T.Q8_0, x.shape)
+    assert st["qweight"].dtype == torch.int8 and st["scales"].shape == (24, 16)
+    ref = torch.from_numpy(dequantize(data, T.Q8_0).reshape(x.shape))
+    assert torch.equal((st["qweight"].float().view(24, 16, 32) * st["scales"][..., None]).view(24, 512), ref)
+    data = quantize(x, T.Q6_K)  # the raw blocks the native kernel reads decode to the gguf package's weights
+    ref = torch.from_numpy(dequantize(data, T.Q6_K).reshape(x.shape))
+    assert torch.equal(dequantize_q6k(torch.from_numpy(np.ascontiguousarray(data.reshape(24, -1)))), ref)
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_K])

@@ -1,5 +1,5 @@
-"""GGML block types: the int4 mapping of Q4_0 / Q4_K into ``quant/linear.py``'s storage, and the
-Q4_K / Q6_K quantizers the ``gguf`` package lacks.
+"""GGML block types: the int4 mapping of Q4_0 / Q4_K and the grouped int8 mapping of Q8_0 into
+``quant/linear.py``'s storage, and the Q4_K / Q6_K quantizers the ``gguf`` package lacks.
 
 Q4_0 (32 weights: ``(q - 8) * d``) is int4 with group size 32 and zero offsets, exactly. Q4_K
 (256 weights in 8 groups of 32: ``d * sc * q - dmin * m``) becomes int4 group 32 with scale
@@ -21,6 +21,7 @@ from ..quant.linear import pack_nibbles
 
 QK = 256  # weights per K-quant super-block
 INT4_EXACT = (T.Q4_0, T.Q4_K)  # block types that map onto int4 group-32 storage
+INT8_EXACT = {T.Q8_0: 32, T.Q6_K: 256}  # kept quantized on the native kernels (row length multiple)
 
 
 def int4_storage(data: np.ndarray, qtype: T, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -45,6 +46,20 @@ def int4_storage(data: np.ndarray, qtype: T, shape: tuple[int, int]) -> dict[str
     q = torch.from_numpy(np.ascontiguousarray(q.reshape(n, k)))
     return {"qweight": pack_nibbles(q), "scales": torch.from_numpy(np.ascontiguousarray(scales.reshape(n, -1))),
             "zeros": torch.from_numpy(np.ascontiguousarray(zeros.reshape(n, -1)))}
+
+
+def int8_storage(data: np.ndarray, qtype: T, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Q8_0 blocks of an [N, K] weight -> ``qweight`` int8 [N, K] and float32 ``scales`` [N, K/32]
+    (the blocks' ``d``) with ``w = qweight * scales``, exactly. (Q6_K blocks are kept as stored: the
+    native kernel reads them, ``quant.linear.dequantize_q6k`` decodes them.)"""
+    if qtype != T.Q8_0:
+        raise ValueError(f"int8_storage takes Q8_0 blocks, not {qtype.name}")
+    n, k = shape
+    blocks = np.asarray(data, dtype=np.uint8).reshape(-1, gq.GGML_QUANT_SIZES[qtype][1])
+    scales = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # [B, 1]
+    q = blocks[:, 2:].view(np.int8)  # [B, 32]
+    return {"qweight": torch.from_numpy(np.ascontiguousarray(q.reshape(n, k))),
+            "scales": torch.from_numpy(np.ascontiguousarray(scales.reshape(n, -1)))}
 
 
 def dequantize(data: np.ndarray, qtype: T) -> np.ndarray:

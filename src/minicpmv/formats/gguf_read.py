@@ -33,7 +33,7 @@ from gguf import GGUFReader
 from ..errors import CheckpointError, TokenizerError
 from . import gguf_names as names
 from .gguf_names import INT4_GROUP
-from .gguf_quants import INT4_EXACT, dequantize, int4_storage
+from .gguf_quants import INT4_EXACT, INT8_EXACT, dequantize, int4_storage, int8_storage
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,23 @@ class GGUFTensor:
         if self.qtype not in INT4_EXACT or len(self.shape) != 2 or self.shape[1] % INT4_GROUP:
             return None
         st = int4_storage(self.data, self.qtype, self.shape)  # type: ignore[arg-type]
+        return st if self.rows is None else {k: v[torch.from_numpy(self.rows)] for k, v in st.items()}
+
+
+    @property
+    def int8_exact(self) -> bool:
+        """Whether ``int8()`` keeps this tensor quantized (Q8_0 / Q6_K matrices), without decoding it."""
+        multiple = INT8_EXACT.get(self.qtype)
+        return multiple is not None and len(self.shape) == 2 and self.shape[1] % multiple == 0
+
+    def int8(self) -> dict[str, torch.Tensor]:
+        """Q8_0: grouped int8 storage (``qweight`` int8, ``scales`` per 32); Q6_K: its blocks as
+        stored (``qweight`` uint8 [N, K/256*210], read by the native Q6_K kernel)."""
+        if self.qtype == T.Q6_K:
+            raw = np.asarray(self.data, dtype=np.uint8).reshape(self.shape[0], -1)  # [N, K/256*210]
+            st = {"qweight": torch.from_numpy(np.array(raw))}
+        else:
+            st = int8_storage(self.data, self.qtype, self.shape)  # type: ignore[arg-type]
         return st if self.rows is None else {k: v[torch.from_numpy(self.rows)] for k, v in st.items()}
 
 

@@ -39,6 +39,7 @@ from ..quant.linear import (
     QuantSpec,
     can_prepack,
     check_quantizable,
+    native_kernels_apply,
     prepack_linears,
     quant_targets,
     replace_module,
@@ -76,13 +77,13 @@ class OpenCheckpoint:
                               quantize=quantize, prepack=True, device_map=device_map, max_memory=max_memory)
         if device_map is not None or max_memory is not None:
             raise InputError(f"device_map= applies to safetensors checkpoints; {self.path} is {self.format.describe()}")
-        floats, int4 = self._tensors(cfg)
+        floats, int4 = self._tensors(cfg, device)
         modules = self._bnb_layers(cfg, floats, dtype, device) if quantize is None else {}
         if int4 and quantize is not None and quantize != QuantSpec(4, INT4_GROUP, quantize.lm_head):
             log.info("%d layers stay in their stored int4; the others become %s", len(int4), quantize.describe())
         model = _assemble(cfg, floats, int4, dtype=dtype, device=device, vision_dtype=vision_dtype, modules=modules)
         _finish(model, dtype, device, quantize)
-        log.info("loaded %s (%s): %d int4 layers", self.path, self.format.describe(), len(int4))
+        log.info("loaded %s (%s): %d layers kept quantized", self.path, self.format.describe(), len(int4))
         return model
 
     def _bnb_layers(
@@ -99,7 +100,9 @@ class OpenCheckpoint:
             del floats[f"{name}.weight"]
         return layers
 
-    def _tensors(self, cfg: ModelConfig) -> tuple[dict[str, Callable[[], torch.Tensor]], dict[str, Storage]]:
+    def _tensors(
+        self, cfg: ModelConfig, device: torch.device
+    ) -> tuple[dict[str, Callable[[], torch.Tensor]], dict[str, Storage]]:
         targets = set(quant_targets(build_on_meta(cfg), QuantSpec(4, INT4_GROUP, True)))
         if self.format.kind == "bitsandbytes":
             return bnb.bnb_tensors(weight_files(self.path), bnb.check_config(self.raw["quantization_config"])), {}
@@ -109,10 +112,14 @@ class OpenCheckpoint:
         entries = self._gguf.tensors((cfg.text.num_attention_heads, cfg.text.num_key_value_heads))
         floats: dict[str, Callable[[], torch.Tensor]] = {}
         int4: dict[str, Storage] = {}
+        # Q8_0 / Q6_K stay quantized where the native kernels run them (else dequantized)
+        grouped_int8 = native_kernels_apply(QuantSpec(8, 32), device) and native_kernels_apply(QuantSpec(6, 16), device)
         for key, entry in entries.items():
             layer = key.removesuffix(".weight")
             if layer in targets and entry.int4() is not None:
                 int4[layer] = entry.int4
+            elif layer in targets and grouped_int8 and entry.int8_exact:
+                int4[layer] = entry.int8
             else:
                 floats[key] = entry.to_float
         return floats, int4
@@ -137,7 +144,11 @@ def _assemble(
             raise CheckpointError(f"{name} is stored both quantized and as a float weight")
         old = model.get_submodule(name)
         st = make()
-        spec = QuantSpec(4, old.in_features // int(st["scales"].shape[1]), name.endswith("lm_head"))
+        if "scales" not in st:  # GGML Q6_K blocks as stored
+            spec = QuantSpec(6, 16, name.endswith("lm_head"))
+        else:
+            bits = 8 if st["qweight"].dtype == torch.int8 else 4
+            spec = QuantSpec(bits, old.in_features // int(st["scales"].shape[1]), name.endswith("lm_head"))
         check_quantizable(name, old.in_features, spec)
         replace_module(model, name, QuantLinear(old.in_features, old.out_features, spec, bias=old.bias is not None,
                                                 dtype=dtype, device="meta"))

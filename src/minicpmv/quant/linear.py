@@ -49,12 +49,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, InputError
+from . import native
 
 log = logging.getLogger(__name__)
 
 QUANT_METHOD = "minicpmv-weight-only"
 FORMATS = {"int8": 8, "int4": 4}
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels accept (CPU and CUDA)
+Q6K_WEIGHTS, Q6K_BYTES = 256, 210  # GGML's Q6_K block
+INT8_GROUP_SIZES = (16, 32)  # grouped int8: GGUF's Q6_K (16) and Q8_0 (32) blocks, held exactly
+NATIVE_MAX_ROWS = 8  # native kernels: up to this many rows per call (decoding); more = prefill
 DEFAULT_GROUP_SIZE = 128
 MODULES_LINEAR = "llm linear"
 MODULES_WITH_HEAD = "llm linear + lm_head"
@@ -82,16 +86,19 @@ class QuantSpec:
     lm_head: bool = True
 
     def __post_init__(self) -> None:
-        if self.bits not in (8, 4):
+        if self.bits not in (8, 4, 6):
             raise InputError(f"quantization bits must be 8 or 4, got {self.bits!r}")
-        if self.bits == 8 and self.group_size is not None:
-            raise InputError("int8 is quantized per output channel; it takes no group size")
+        if self.bits == 6 and self.group_size != 16:  # GGML's Q6_K, read from GGUF files only
+            raise InputError(f"6-bit storage is GGML's Q6_K (groups of 16), got group size {self.group_size!r}")
+        if self.bits == 8 and self.group_size not in (None, *INT8_GROUP_SIZES):
+            raise InputError(f"int8 is quantized per output channel or in groups of {list(INT8_GROUP_SIZES)}; "
+                             f"got group size {self.group_size!r}")
         if self.bits == 4 and self.group_size not in GROUP_SIZES:
             raise InputError(f"int4 group size must be one of {list(GROUP_SIZES)}, got {self.group_size!r}")
 
     @property
     def name(self) -> str:
-        return f"int{self.bits}"
+        return "q6_k" if self.bits == 6 else f"int{self.bits}"
 
     def describe(self) -> str:
         group = f", group size {self.group_size}" if self.group_size else ""
@@ -148,14 +155,21 @@ StorageShapes = dict[str, tuple[tuple[int, ...], torch.dtype | None]]
 def storage_shapes(spec: QuantSpec, out_features: int, in_features: int) -> StorageShapes:
     """Shape and dtype (None = floating, stored in any float dtype) of each storage tensor."""
     n, k = out_features, in_features
+    if spec.bits == 6:  # GGML's Q6_K blocks as stored: 210 bytes per 256 weights
+        return {"qweight": ((n, k // Q6K_WEIGHTS * Q6K_BYTES), torch.uint8)}
     if spec.bits == 8:
-        return {"qweight": ((n, k), torch.int8), "scales": ((n,), None)}
+        scales = (n,) if spec.group_size is None else (n, k // spec.group_size)
+        return {"qweight": ((n, k), torch.int8), "scales": (scales, None)}
     g = k // spec.group_size  # type: ignore[operator]
     return {"qweight": ((n, k // 2), torch.uint8), "scales": ((n, g), None), "zeros": ((n, g), None)}
 
 
 def check_quantizable(name: str, linear_in: int, spec: QuantSpec) -> None:
     """InputError if ``spec`` cannot represent a layer with ``linear_in`` input features."""
+    if spec.bits == 6 and linear_in % Q6K_WEIGHTS:
+        raise InputError(f"Q6_K needs input features in multiples of {Q6K_WEIGHTS}; {name} has {linear_in}")
+    if spec.bits == 8 and spec.group_size and linear_in % spec.group_size:
+        raise InputError(f"int8 group size {spec.group_size} does not divide the {linear_in} input features of {name}")
     if spec.bits == 4 and linear_in % spec.group_size:  # type: ignore[operator]
         fits = [g for g in GROUP_SIZES if linear_in % g == 0]
         raise InputError(
@@ -171,20 +185,24 @@ def check_quantizable(name: str, linear_in: int, spec: QuantSpec) -> None:
 
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     """Float weight [N, K] -> storage tensors (CPU; float32 scales/zeros), ``_ROW_CHUNK`` rows at a time."""
+    if spec.bits == 6:
+        raise InputError("Q6_K layers come only from GGUF files; quantize to int8 or int4 instead")
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, weight.shape[0], _ROW_CHUNK):
         w = weight[start : start + _ROW_CHUNK].detach().to(device="cpu", dtype=torch.float32)  # [n, K]
-        chunk = _quantize8(w) if spec.bits == 8 else _quantize4(w, spec.group_size)  # type: ignore[arg-type]
+        chunk = _quantize8(w, spec.group_size) if spec.bits == 8 else _quantize4(w, spec.group_size)  # type: ignore[arg-type]
         for key, t in chunk.items():
             parts.setdefault(key, []).append(t)
     return {key: torch.cat(ts) for key, ts in parts.items()}
 
 
-def _quantize8(w: torch.Tensor) -> dict[str, torch.Tensor]:
-    amax = w.abs().amax(dim=1)  # [n]
+def _quantize8(w: torch.Tensor, group_size: int | None = None) -> dict[str, torch.Tensor]:
+    n, k = w.shape
+    wg = w.view(n, 1 if group_size is None else k // group_size, -1)  # [n, G, g]
+    amax = wg.abs().amax(dim=-1)  # [n, G]
     scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)  # [n, K]
-    return {"qweight": q, "scales": scales}
+    q = torch.round(wg / scales[..., None]).clamp_(-127, 127).to(torch.int8).view(n, k)  # [n, K]
+    return {"qweight": q, "scales": scales[:, 0] if group_size is None else scales}
 
 
 def _quantize4(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
@@ -194,6 +212,19 @@ def _quantize4(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
     scales = torch.where(hi > lo, (hi - lo) / 15.0, torch.ones_like(lo))
     q = torch.round((wg - lo[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.uint8).view(n, k)
     return {"qweight": pack_nibbles(q), "scales": scales, "zeros": lo + 8.0 * scales}
+
+
+def dequantize_q6k(blocks: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/256*210] Q6_K rows -> float32 [N, K]: w = d * sc * (q - 32) (see kernels.cpp)."""
+    n = blocks.shape[0]
+    b = blocks.reshape(-1, Q6K_BYTES)  # [B, 210]
+    ql, qh = b[:, :128].reshape(-1, 2, 2, 32), b[:, 128:192].reshape(-1, 2, 1, 32)  # per half
+    low = torch.stack([ql[:, :, 0] & 15, ql[:, :, 1] & 15, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], dim=2)  # [B, 2, 4, 32]
+    high = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)) & 3
+    q = (low | (high << 4)).float().reshape(-1, 16, 16) - 32.0  # [B, 16 groups, 16]
+    d = b[:, 208:210].contiguous().view(torch.float16).float()  # [B, 1]
+    scales = d * b[:, 192:208].contiguous().view(torch.int8).float()  # [B, 16], exact
+    return (q * scales[..., None]).reshape(n, -1)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -208,9 +239,15 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
 
 def dequantize_weight(storage: dict[str, torch.Tensor], spec: QuantSpec, dtype: torch.dtype) -> torch.Tensor:
     """Storage tensors -> weight [N, K] in ``dtype`` (computed in float32)."""
+    if spec.bits == 6:
+        return dequantize_q6k(storage["qweight"]).to(dtype)
     scales = storage["scales"].float()
     if spec.bits == 8:
-        return (storage["qweight"].float() * scales[:, None]).to(dtype)  # [N, K]
+        q = storage["qweight"].float()  # [N, K]
+        if spec.group_size is None:
+            return (q * scales[:, None]).to(dtype)
+        n, k = q.shape
+        return (q.view(n, k // spec.group_size, -1) * scales[..., None]).view(n, k).to(dtype)
     q = unpack_nibbles(storage["qweight"]).float()  # [N, K]
     n, k = q.shape
     g = spec.group_size
@@ -264,11 +301,18 @@ def kernel_works(kind: str, device: str, dtype: torch.dtype) -> bool:
     n, k = 96, 256
     w = torch.randn(n, k, generator=g)
     x = torch.randn(3, k, generator=g).to(device=device, dtype=dtype)
-    spec = QuantSpec(8) if kind.startswith("int8") else QuantSpec(4, 32)
-    layer = QuantLinear.from_float(w, None, spec, dtype=dtype, device=device, kind="dequant")
+    spec = {"int8_native": QuantSpec(8, 32), "q6k_native": QuantSpec(6, 16)}.get(
+        kind, QuantSpec(8) if kind.startswith("int8") else QuantSpec(4, 32))
+    if spec.bits == 6:  # any bytes are valid Q6_K blocks; keep the block scales d small
+        blocks = torch.randint(0, 256, (n, k // Q6K_WEIGHTS, Q6K_BYTES), generator=g, dtype=torch.uint8)
+        blocks[..., 208:210] = torch.tensor([0x00, 0x20], dtype=torch.uint8)  # d = 2^-7
+        storage = {"qweight": blocks.view(n, -1)}
+    else:
+        storage = quantize_weight(w, spec)
+    layer = QuantLinear.from_storage(storage, spec, n, k, dtype=dtype, device=device, kind="dequant")
     try:
         ref = layer(x).float()
-        fast = QuantLinear.from_float(w, None, spec, dtype=dtype, device=device, kind=kind)
+        fast = QuantLinear.from_storage(storage, spec, n, k, dtype=dtype, device=device, kind=kind)
         err = float((fast(x).float() - ref).abs().max())
     except (RuntimeError, NotImplementedError, AttributeError) as e:
         log.info("%s kernel unavailable on %s/%s (%s); using dequantize + F.linear", kind, device, dtype, e)
@@ -280,15 +324,36 @@ def kernel_works(kind: str, device: str, dtype: torch.dtype) -> bool:
     return ok
 
 
-def _kernel_for(bits: int, device: torch.device, dtype: torch.dtype) -> str:
-    """The first kernel that works for ``bits`` on ``device`` / ``dtype``, else ``"dequant"``."""
+def _kernel_for(spec: QuantSpec, device: torch.device, dtype: torch.dtype) -> str:
+    """The first kernel that works for ``spec`` on ``device`` / ``dtype``, else ``"dequant"``."""
     if device.type not in ("cpu", "cuda"):
+        return "dequant"
+    if native_kernels_apply(spec, device):
+        return _NATIVE_KIND[spec.bits]
+    bits = spec.bits
+    if bits == 6 or (bits == 8 and spec.group_size is not None):
         return "dequant"
     if bits == 8:
         wants = ["int8_onednn", "int8"] if device.type == "cpu" and _has_onednn_int8() else ["int8"]
     else:
         wants = ["int4_cpu" if device.type == "cpu" else "int4_cuda"]
     return next((k for k in wants if kernel_works(k, str(device), dtype)), "dequant")
+
+
+def native_kernels_apply(spec: QuantSpec, device: torch.device | str) -> bool:
+    """Whether this package's own CPU kernels (``quant/native.py``) run layers of ``spec`` here:
+    int4 (any group size) and grouped int8 on a CPU where the kernels build and pass their check."""
+    return _native_possible(spec, device) and kernel_works(_NATIVE_KIND[spec.bits], "cpu", torch.float32)
+
+
+_NATIVE_KIND = {4: "int4_native", 8: "int8_native", 6: "q6k_native"}
+
+
+def _native_possible(spec: QuantSpec, device: torch.device | str) -> bool:
+    """The native kernels exist here and take ``spec`` (not yet checked against the reference)."""
+    if torch.device(device).type != "cpu" or (spec.bits == 8 and spec.group_size is None):
+        return False
+    return native.ops() is not None
 
 
 def _has_onednn_int8() -> bool:
@@ -327,6 +392,12 @@ def _moved(fn: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor | 
     packed checks this before unpacking anything."""
     probe = fn(torch.empty(0, dtype=dtype, device=device))
     return None if probe.dtype == dtype and probe.device == device else probe
+
+
+def _narrowed(t: torch.Tensor) -> torch.Tensor:
+    """float32 ``t`` as float16 when that holds every value exactly (half the bytes to read)."""
+    half = t.half()
+    return half if torch.equal(half.float(), t) else t
 
 
 def _aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
@@ -377,6 +448,17 @@ class QuantLinear(nn.Module):
         layer.prepare(kind)
         return layer
 
+    @classmethod
+    def from_storage(
+        cls, storage: dict[str, torch.Tensor], spec: QuantSpec, out_features: int, in_features: int, *,
+        dtype: torch.dtype, device: torch.device | str, kind: str | None = None,
+    ) -> QuantLinear:
+        """A prepared layer (no bias) from storage tensors already in ``spec``'s format."""
+        layer = cls(in_features, out_features, spec, bias=False, dtype=dtype, device="meta")
+        layer.set_storage(storage, None, device=device)
+        layer.prepare(kind)
+        return layer
+
     def set_storage(
         self, storage: dict[str, torch.Tensor], bias: torch.Tensor | None, *, device: torch.device | str
     ) -> None:
@@ -394,14 +476,16 @@ class QuantLinear(nn.Module):
         """Convert the storage buffers into the kernel layout for their device (idempotent)."""
         if self.kind is not None:
             return
-        device = self.scales.device
-        kind = kind or _kernel_for(self.spec.bits, device, self.dtype)
+        device = self.qweight.device if "qweight" in self._buffers else self.packed.device
+        kind = kind or _kernel_for(self.spec, device, self.dtype)
+        if kind.endswith("_native") and self.spec.bits != 6:
+            self._pack_native()
         if kind == "int8_onednn":
             self._pack_onednn()
         if kind == "int8":  # the kernel needs aligned memory; a memory-mapped tensor may not be
             for name in ("qweight", "scales"):
                 self._buffers[name] = _aligned(self._buffers[name])  # type: ignore[arg-type]
-        if kind.startswith("int4"):
+        if kind in ("int4_cpu", "int4_cuda"):
             try:
                 packed, sz = _pack_int4(self.qweight, self.scales, self.zeros, kind)
             except RuntimeError as e:  # a shape the kernel does not take: stay correct, not fast
@@ -416,6 +500,14 @@ class QuantLinear(nn.Module):
                 compute = _INT4_COMPUTE.get((kind, self.dtype), self.dtype)
                 self.register_buffer("scales_zeros_compute", sz.to(compute), persistent=False)
         self.kind = kind
+
+    def _pack_native(self) -> None:
+        """Storage -> the native kernels' operands: float32 scales (float16 where exact: GGUF's
+        block scales), zeros dropped where all zero (symmetric formats: GGUF's Q4_0)."""
+        self._buffers["scales"] = _narrowed(self.scales.float().contiguous())  # type: ignore[union-attr]
+        zeros = self._buffers.get("zeros")
+        if zeros is not None:
+            self._buffers["zeros"] = None if not zeros.any() else zeros.float().contiguous()
 
     def _pack_onednn(self) -> None:
         """int8 storage -> oneDNN's blocked int8 weight plus the per-row terms the kernel needs."""
@@ -441,6 +533,8 @@ class QuantLinear(nn.Module):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         kind = self.kind
+        if kind in _NATIVE_KIND.values():
+            return self._native_matmul(x)
         if kind == "int8_onednn":
             return _int8_onednn_matmul(self, x).to(x.dtype) if x.shape[0] else x.new_zeros(0, self.out_features)
         if kind == "int8":
@@ -453,8 +547,31 @@ class QuantLinear(nn.Module):
             return (y[:, : self.out_features] if y.shape[1] != self.out_features else y).to(x.dtype)
         return F.linear(x, dequantize_weight(self.storage(), self.spec, x.dtype))  # "dequant"
 
+    def _native_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        ops, q = native.ops(), self.qweight
+        if self.spec.bits == 6:
+            if x.shape[0] > NATIVE_MAX_ROWS:
+                return F.linear(x, ops.q6k_dequant(q, self.in_features, x.dtype))
+            return ops.q6k_gemv(x.contiguous(), q).to(x.dtype)  # [M, N]
+        s, z = self.scales, self._buffers.get("zeros")
+        if x.shape[0] > NATIVE_MAX_ROWS:  # prefill: a GEMM on the weight, dequantized once per call
+            w = (ops.q4_dequant(q, s, z, x.dtype) if self.spec.bits == 4
+                 else ops.q8_dequant(q, s, self.spec.group_size, x.dtype))  # [N, K]
+            return F.linear(x, w)
+        if self.spec.bits == 4:
+            return ops.q4_gemv(x.contiguous(), q, s, z).to(x.dtype)  # [M, N]
+        return ops.q8_gemv(x.contiguous(), q, s, self.spec.group_size).to(x.dtype)  # [M, N]
+
     def storage(self) -> dict[str, torch.Tensor]:
         """The portable storage tensors (recovered from the kernel layout when packed)."""
+        if self.kind == "q6k_native" or (self.spec.bits == 6 and self.kind == "dequant"):
+            return {"qweight": self.qweight}  # type: ignore[dict-item]
+        if self.kind in ("int4_native", "int8_native"):
+            out = {"qweight": self.qweight, "scales": self.scales.to(self.dtype)}  # type: ignore[union-attr]
+            if self.spec.bits == 4:
+                z = self._buffers.get("zeros")
+                out["zeros"] = z.to(self.dtype) if z is not None else torch.zeros_like(out["scales"])
+            return out
         if self.kind == "int8_onednn":  # unit scales, zero point 0: one-hot rows give columns of q
             ones = torch.ones(self.out_features)
             q = self._kernel_on_identity(torch.uint8, lambda rows: _onednn_qlinear(rows, 0, self, ones))
@@ -508,43 +625,77 @@ class QuantLinear(nn.Module):
 
 
 class PackedLinear(nn.Linear):
-    """An inference-only bf16 ``nn.Linear`` whose weight is a oneDNN-prepacked tensor (CPU).
+    """An inference-only bf16 ``nn.Linear`` for CPUs, faster than ``F.linear`` at decoding.
 
-    Results equal the plain layer's up to bf16 rounding, at close to memory bandwidth for batch-1
-    decoding. ``state_dict`` gives the plain weight back. Moving or casting the layer (``.to``,
-    ``.float()``, ``.cuda()``) unpacks the weight first and packs it again only where packing
-    applies (bf16 on a CPU); elsewhere the layer runs as a plain ``F.linear``.
+    Where this package's native kernels exist (``quant/native.py``), the weight stays plain and
+    up to ``NATIVE_MAX_ROWS`` rows go through the native bf16 GEMV (prefill: ``F.linear``).
+    Elsewhere the weight is reordered once into oneDNN's blocked layout. Results equal the plain
+    layer's up to the order of float32 sums. ``state_dict`` gives the plain weight back. Moving or
+    casting the layer (``.to``, ``.float()``, ``.cuda()``) unpacks the weight first and packs it
+    again only where packing applies (bf16 on a CPU); elsewhere the layer runs as a plain
+    ``F.linear``.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach()
-        if w.layout != torch._mkldnn:  # type: ignore[attr-defined] - else packed already (by the loader)
-            w = torch.ops.mkldnn._reorder_linear_weight(w, None)
-        self.weight = nn.Parameter(w, requires_grad=False)
+        self.weight = nn.Parameter(packed_weight(linear.weight.detach()), requires_grad=False)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.layout != torch._mkldnn:  # type: ignore[attr-defined] - moved or cast: plain
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [-1], "")
+        w = self.weight
+        if w.layout == torch._mkldnn:  # type: ignore[attr-defined]
+            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [-1], "")
+        rows = x.numel() // self.in_features
+        if 0 < rows <= NATIVE_MAX_ROWS and x.dtype == w.dtype == torch.bfloat16 and _bf16_native(w.device):
+            y = native.ops().bf16_gemv(x.reshape(rows, -1).contiguous(), w)  # [rows, N] float32
+            if self.bias is not None:  # added before the one rounding to bf16, as a fused GEMM does
+                y = y + self.bias.float()
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, w, self.bias)
 
     def _apply(self, fn: Any, recurse: bool = True) -> PackedLinear:
         if _moved(fn, self.weight.dtype, self.weight.device) is None:  # nothing changes: stay packed
             return self
-        moved = fn(_dense_weight(self))
-        if can_prepack(moved.dtype, moved.device):
-            moved = torch.ops.mkldnn._reorder_linear_weight(moved, None)
-        self.weight = nn.Parameter(moved, requires_grad=False)
+        self.weight = nn.Parameter(packed_weight(fn(_dense_weight(self))), requires_grad=False)
         if self.bias is not None:
             self.bias = nn.Parameter(fn(self.bias.detach()), requires_grad=self.bias.requires_grad)
         return self
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "weight"] = self.weight.to_dense()
+        destination[prefix + "weight"] = _dense_weight(self)
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+
+def packed_weight(w: torch.Tensor) -> torch.Tensor:
+    """A dense weight in the layout its fastest decode kernel reads: plain for the native bf16
+    GEMV, oneDNN-blocked where only oneDNN applies, unchanged elsewhere."""
+    if w.layout == torch._mkldnn:  # type: ignore[attr-defined] - blocked already (by the loader)
+        return w
+    if w.dtype != torch.bfloat16 or _bf16_native(w.device):
+        return w.contiguous()
+    return torch.ops.mkldnn._reorder_linear_weight(w, None) if can_prepack(w.dtype, w.device) else w
+
+
+@functools.cache
+def _bf16_native_works() -> bool:
+    ops = native.ops()
+    if ops is None:
+        return False
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(40, 200, generator=g).bfloat16(), torch.randn(3, 200, generator=g).bfloat16()
+    ref = x.float() @ w.float().t()  # [3, 40]
+    try:
+        err = float((ops.bf16_gemv(x, w) - ref).abs().max())
+    except RuntimeError as e:
+        log.info("native bf16 GEMV unavailable (%s); using oneDNN", e)
+        return False
+    return err <= 1e-4 * float(ref.abs().max())
+
+
+def _bf16_native(device: torch.device) -> bool:
+    return device.type == "cpu" and _bf16_native_works()
 
 
 def can_prepack(dtype: torch.dtype, device: torch.device | str) -> bool:

@@ -29,6 +29,7 @@ from .linear import (
     QuantSpec,
     can_prepack,
     check_quantizable,
+    packed_weight,
     quant_targets,
     quantize_weight,
     replace_module,
@@ -113,7 +114,7 @@ class LoadPlan:
         for name, m in list(model.named_modules()):
             if isinstance(m, QuantLinear):
                 m.prepare()
-            elif type(m) is nn.Linear and m.weight.layout == torch._mkldnn:  # type: ignore[attr-defined]
+            elif type(m) is nn.Linear and getattr(m, _PREPACKED, False):
                 replace_module(model, name, PackedLinear(m))
 
 
@@ -129,10 +130,13 @@ def _storage_handler(layer: QuantLinear, name: str, device: torch.device) -> Han
     return handle
 
 
+_PREPACKED = "_minicpmv_prepacked"  # marks a linear whose weight a handler laid out for PackedLinear
+
+
 def _prepack_handler(linear: nn.Linear) -> Handler:
     def handle(t: torch.Tensor) -> None:
-        packed = torch.ops.mkldnn._reorder_linear_weight(t.to(torch.bfloat16), None)
-        linear._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
+        linear._parameters["weight"] = nn.Parameter(packed_weight(t.to(torch.bfloat16)), requires_grad=False)
+        setattr(linear, _PREPACKED, True)
     return handle
 
 

@@ -1,0 +1,185 @@
+"""The native CPU kernels (quant/kernels.cpp via quant/native.py): results against float64
+references on awkward shapes, rows independent of the batch, the layers that use them, and the
+fallbacks when they are missing, fail to build or compute wrong numbers."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minicpmv.quant import linear as L
+from minicpmv.quant import native
+from minicpmv.quant.linear import PackedLinear, QuantLinear, QuantSpec, dequantize_weight, pack_nibbles
+
+OPS = native.ops()
+needs_native = pytest.mark.skipif(OPS is None, reason=f"native kernels unavailable: {native.why_unavailable()}")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+@needs_native
+@pytest.mark.parametrize("k", [32, 100, 288, 3584])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_bf16_gemv_sums_in_float32(m: int, k: int) -> None:
+    g = torch.Generator().manual_seed(k + m)
+    x, w = torch.randn(m, k, generator=g).bfloat16(), torch.randn(37, k, generator=g).bfloat16()
+    y = OPS.bf16_gemv(x, w)  # [m, 37] float32
+    assert y.dtype == torch.float32 and _rel(y, x.double() @ w.double().t()) < 1e-6
+
+
+@needs_native
+@pytest.mark.parametrize("group, k", [(16, 48), (16, 256), (32, 96), (32, 512)])  # odd group counts too
+@pytest.mark.parametrize("half", [False, True])
+def test_q8_gemv_matches_the_dequantized_weight(group: int, k: int, half: bool) -> None:
+    g = torch.Generator().manual_seed(group + k)
+    q = torch.randint(-127, 128, (29, k), generator=g, dtype=torch.int8)
+    s = torch.rand(29, k // group, generator=g) / 50
+    s = s.half() if half else s
+    w = (q.double().view(29, -1, group) * s.double()[..., None]).view(29, k)
+    for m in (1, 2, 5):
+        x = torch.randn(m, k, generator=g)
+        ref = x.double() @ w.t()
+        assert _rel(OPS.q8_gemv(x, q, s, group), ref) < 1e-4  # activations as 16-bit fixed point
+        assert torch.equal(OPS.q8_dequant(q, s, group, torch.float32).double(), w.float().double())
+
+
+@needs_native
+@pytest.mark.parametrize("group, k", [(32, 96), (32, 256), (64, 192), (128, 384), (256, 512)])
+@pytest.mark.parametrize("zeros", [False, True])
+def test_q4_gemv_matches_the_dequantized_weight(group: int, k: int, zeros: bool) -> None:
+    g = torch.Generator().manual_seed(group + k + zeros)
+    q = torch.randint(0, 16, (33, k), generator=g, dtype=torch.uint8)
+    s = torch.rand(33, k // group, generator=g) / 50
+    z = torch.randn(33, k // group, generator=g) / 50 if zeros else None
+    st = {"qweight": pack_nibbles(q), "scales": s, "zeros": z if zeros else torch.zeros_like(s)}
+    w = dequantize_weight(st, QuantSpec(4, group), torch.float32)  # [33, k]
+    for m in (1, 4):
+        x = torch.randn(m, k, generator=g)
+        assert _rel(OPS.q4_gemv(x, st["qweight"], s, z), x.double() @ w.double().t()) < 1e-4
+    assert torch.equal(OPS.q4_dequant(st["qweight"], s, z, torch.float32), w)
+
+
+def _q6k_blocks(n: int, k: int, seed: int) -> torch.Tensor:
+    """Random Q6_K rows (any bytes are valid blocks) with block scales d = 2^-7."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (n, k // 256, 210), generator=g, dtype=torch.uint8)
+    blocks[..., 208:210] = torch.tensor([0x00, 0x20], dtype=torch.uint8)
+    return blocks.view(n, -1)
+
+
+@needs_native
+@pytest.mark.parametrize("k", [256, 768])
+def test_q6k_gemv_reads_the_blocks_as_stored(k: int) -> None:
+    q = _q6k_blocks(21, k, k)
+    w = L.dequantize_q6k(q)  # [21, k], checked against the gguf package in tests/formats
+    assert torch.equal(OPS.q6k_dequant(q, k, torch.float32), w)
+    assert torch.equal(OPS.q6k_dequant(q, k, torch.bfloat16), w.bfloat16())
+    for m in (1, 3, 8):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        assert _rel(OPS.q6k_gemv(x, q), x.double() @ w.double().t()) < 1e-4
+    layer = QuantLinear.from_storage({"qweight": q}, QuantSpec(6, 16), 21, k, dtype=torch.float32, device="cpu")
+    assert layer.kind == "q6k_native" and torch.equal(layer.storage()["qweight"], q)
+    x = torch.randn(L.NATIVE_MAX_ROWS + 3, k)
+    assert torch.equal(layer(x[:4]), torch.cat([layer(r[None]) for r in x[:4]]))  # rows independent of the batch
+    assert _rel(layer(x), x.double() @ w.double().t()) < 1e-5  # prefill: GEMM on the dequantized blocks
+
+
+@needs_native
+def test_kernels_reject_wrong_shapes_with_a_message() -> None:
+    with pytest.raises(RuntimeError, match="group size must be 32, 64, 128 or 256"):
+        OPS.q4_gemv(torch.randn(1, 96), torch.zeros(4, 48, dtype=torch.uint8), torch.ones(4, 6), None)
+    with pytest.raises(RuntimeError, match="columns"):
+        OPS.bf16_gemv(torch.randn(1, 64).bfloat16(), torch.randn(4, 32).bfloat16())
+
+
+@needs_native
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(4, 128), QuantSpec(8, 32), QuantSpec(8, 16)])
+def test_native_layers_rows_do_not_depend_on_the_batch(spec: QuantSpec) -> None:
+    """Decode rows (<= NATIVE_MAX_ROWS) give each row what it gets alone, bit for bit; prefill
+    (a GEMM on the dequantized weight) agrees with the reference."""
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(70, 256, generator=g), torch.randn(70, generator=g)
+    layer = QuantLinear.from_float(w, b, spec, dtype=torch.float32)
+    assert layer.kind == ("int4_native" if spec.bits == 4 else "int8_native")
+    ref = QuantLinear.from_float(w, b, spec, dtype=torch.float32, kind="dequant")
+    x = torch.randn(L.NATIVE_MAX_ROWS + 4, 256, generator=g)
+    rows = x[: L.NATIVE_MAX_ROWS]
+    assert torch.equal(layer(rows), torch.cat([layer(r[None]) for r in rows]))
+    assert _rel(layer(rows), ref(rows)) < 1e-4 and _rel(layer(x), ref(x)) < 1e-5
+
+
+@needs_native
+def test_grouped_int8_round_trips_and_symmetric_int4_drops_its_zeros() -> None:
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(40, 64, generator=g)
+    spec8 = QuantSpec(8, 16)
+    layer = QuantLinear.from_float(w, None, spec8, dtype=torch.float32)
+    st = L.quantize_weight(w, spec8)
+    assert {k: v.shape for k, v in layer.storage().items()} == {"qweight": (40, 64), "scales": (40, 4)}
+    assert all(torch.equal(layer.storage()[k], st[k]) for k in st)
+    q4 = {"qweight": pack_nibbles(torch.randint(0, 16, (40, 64), generator=g, dtype=torch.uint8)),
+          "scales": torch.rand(40, 2, generator=g).half().float(), "zeros": torch.zeros(40, 2)}
+    sym = QuantLinear(64, 40, QuantSpec(4, 32), bias=False, dtype=torch.float32, device="meta")
+    sym.set_storage(q4, None, device="cpu")
+    sym.prepare()
+    assert sym.zeros is None and sym.scales.dtype == torch.float16  # GGUF's Q4_0: 0.5625 bytes per weight
+    assert all(torch.equal(sym.storage()[k], q4[k]) for k in q4)
+
+
+@needs_native
+def test_packed_linear_runs_the_native_gemv_for_decode_rows() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(200, 48, dtype=torch.bfloat16)
+    layer = PackedLinear(lin)
+    assert layer.weight.layout == torch.strided  # plain, for the GEMV
+    x = torch.randn(3, 200).bfloat16()
+    with torch.no_grad():
+        exact = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+        assert _rel(layer(x), exact) < 2**-8  # one rounding of float32 sums (+ bias) to bf16
+        assert torch.equal(layer(x), torch.cat([layer(r[None]) for r in x]))
+
+
+def test_a_wrong_kernel_is_caught_and_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernel_works compares with the dequantized reference: a kernel returning wrong numbers is
+    refused and the layer falls back to PyTorch's kernel."""
+    if OPS is None:
+        pytest.skip(f"native kernels unavailable: {native.why_unavailable()}")
+
+    class Broken:
+        def __getattr__(self, name: str):
+            real = getattr(OPS, name)
+            return lambda *a: real(*a) * 1.1 if name.endswith("gemv") else real(*a)
+
+    monkeypatch.setattr(native, "ops", lambda: Broken())
+    L.kernel_works.cache_clear()
+    try:
+        assert not L.kernel_works("int4_native", "cpu", torch.float32)
+        layer = QuantLinear.from_float(torch.randn(32, 64), None, QuantSpec(4, 32), dtype=torch.float32)
+        assert layer.kind == "int4_cpu"
+    finally:
+        L.kernel_works.cache_clear()
+
+
+def test_unavailable_or_failing_builds_fall_back(monkeypatch: pytest.MonkeyPatch, tmp_path, caplog) -> None:
+    monkeypatch.setenv("MINICPMV_NATIVE", "0")
+    assert native.why_unavailable() == "MINICPMV_NATIVE=0"
+    monkeypatch.delenv("MINICPMV_NATIVE")
+    if native.why_unavailable() is not None:
+        return  # this machine cannot build them anyway: the case above is the fallback
+    monkeypatch.setenv("MINICPMV_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
+    monkeypatch.setattr(native.shutil, "which", lambda name: "/bin/false")
+    native.ops.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="minicpmv.quant.native"):
+            assert native.ops() is None
+        assert "building them failed" in caplog.text
+        assert not list((tmp_path / "kernels").glob("*"))  # no half-written library left behind
+    finally:
+        native.ops.cache_clear()
