@@ -8,7 +8,14 @@ Importing this package is cheap: torch and the model code load on first use.
 
 from __future__ import annotations
 
+import os as _os
 from typing import TYPE_CHECKING, Any
+
+# Large CPU tensors (weights, KV caches) in 2 MB pages: PyTorch's THP_MEM_ALLOC_ENABLE, read at its
+# first large allocation. Decoding streams every weight once per token, and with 4 KB pages that
+# costs TLB misses and prefetcher restarts (+5-12% decode, bench/RESULTS.md). A value the user set
+# (THP_MEM_ALLOC_ENABLE=0 restores PyTorch's default) is kept.
+_os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from .errors import (
     AudioError,

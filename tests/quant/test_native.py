@@ -50,7 +50,7 @@ def test_q8_gemv_matches_the_dequantized_weight(group: int, k: int, half: bool) 
 
 
 @needs_native
-@pytest.mark.parametrize("group, k", [(32, 96), (32, 256), (64, 192), (128, 384), (256, 512)])
+@pytest.mark.parametrize("group, k", [(32, 96), (32, 256), (32, 608), (64, 192), (128, 384), (256, 512)])
 @pytest.mark.parametrize("zeros", [False, True])
 def test_q4_gemv_matches_the_dequantized_weight(group: int, k: int, zeros: bool) -> None:
     g = torch.Generator().manual_seed(group + k + zeros)
