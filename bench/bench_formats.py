@@ -11,7 +11,8 @@ q8_0 and q4_0. For each file, in ``--rounds`` interleaved rounds:
 * llama.cpp: ``llama-bench -m FILE -p PROMPT -n TOKENS -d PROMPT -t THREADS`` (prefill of the prompt,
   decode after a prompt of the same depth), when ``LLAMA_BENCH`` names an already-built binary.
 
-Prints tok/s per round and the range over rounds, and our/llama.cpp ratios (median of rounds).
+Each of our runs is a fresh process (as a user's is; llama-bench's are too). Prints tok/s per
+round and the range over rounds, and our/llama.cpp ratios (median of rounds).
 The machine may be shared: compare within one run only. Needs ~14 GB free disk/RAM (4 layers).
 
     LLAMA_BENCH=/path/to/llama-bench python bench/bench_formats.py --layers 4 --rounds 3
@@ -180,18 +181,24 @@ def main(argv: list[str] | None = None) -> int:
         rows: dict[str, list[tuple[float, float]]] = {}
         for r in range(args.rounds):
             for fmt, requant in variants:
-                model = _skeleton(args.dims, args.layers)
-                load_ours(model, files[fmt], requant)
                 name = f"ours {fmt}" + (f" -> {requant}" if requant else "")
-                rows.setdefault(name, []).append(ours(model, args.prompt, args.tokens))
-                del model
-                gc.collect()
+                rows.setdefault(name, []).append(_ours_fresh(args, files[fmt], requant))
                 if binary and requant is None:
                     rows.setdefault(f"llama.cpp {fmt}", []).append(
                         theirs(binary, files[fmt], args.prompt, args.tokens, args.threads))
             print(f"round {r + 1}: " + "; ".join(f"{k} {v[-1][1]:.1f}" for k, v in rows.items()), flush=True)
     _report(rows, args)
     return 0
+
+
+def _ours_fresh(args: Any, path: Path, requant: str | None) -> tuple[float, float]:
+    """``ours`` in a fresh process, as a user's run starts: the memory this process churned while
+    writing the files (and the other variants) does not decide whether the weights get 2 MB pages."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import torch, bench_formats as b; "
+            f"torch.set_num_threads({args.threads}); m = b._skeleton({args.dims!r}, {args.layers}); "
+            f"b.load_ours(m, b.Path({str(path)!r}), {requant!r}); print(*b.ours(m, {args.prompt}, {args.tokens}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return float(out[-2]), float(out[-1])
 
 
 def _skeleton(dims: str, layers: int) -> nn.Module:
