@@ -106,7 +106,7 @@ def test_quant_linear_close_to_float(fmt: str, gs: int | None, bound: float, dty
     spec = QuantSpec.parse(fmt, gs)
     fast = QuantLinear.from_float(w.to(dtype), b.to(dtype), spec, dtype=dtype)
     slow = QuantLinear.from_float(w.to(dtype), b.to(dtype), spec, dtype=dtype, kind="dequant")
-    assert fast.kind in ("int8_onednn", "int8", "int4_cpu", "int4_native") and slow.kind == "dequant"
+    assert fast.kind in ("int8_onednn", "int8", "int8c_native", "int4_cpu", "int4_native") and slow.kind == "dequant"
     y = fast(x)
     assert y.shape == (3, 5, 200) and y.dtype == dtype
     assert _rel(y, ref) < bound
@@ -246,9 +246,10 @@ def _int8_pair(n: int = 200, k: int = 256, dtype: torch.dtype = torch.float32) -
 
 
 @needs_onednn_int8
-def test_onednn_int8_is_the_cpu_default_and_exact_on_fixed_point_inputs() -> None:
+def test_onednn_int8_is_the_cpu_default_without_native_kernels_and_exact_on_fixed_point_inputs() -> None:
     fast, slow = _int8_pair()
-    assert QuantLinear.from_float(torch.randn(32, 64), None, QuantSpec(8), dtype=torch.float32).kind == "int8_onednn"
+    default = QuantLinear.from_float(torch.randn(32, 64), None, QuantSpec(8), dtype=torch.float32).kind
+    assert default == ("int8c_native" if linear_mod.native_kernels_apply(QuantSpec(8), "cpu") else "int8_onednn")
     # rows whose entries are multiples of 2**(e-15) (|x| < 2**e) are represented exactly: the
     # integer sums come back exact, so the result is the dequantized matmul up to float32 rounding
     g = torch.Generator().manual_seed(3)
@@ -287,7 +288,7 @@ def test_onednn_int8_storage_round_trips_and_rejects_nothing_it_accepts() -> Non
     assert not hasattr(fast, "qweight") or "qweight" not in fast._buffers  # the packed copy replaces it
     again = QuantLinear(96, 40, QuantSpec(8), bias=True, dtype=torch.float32, device="meta")
     again.load_state_dict(fast.state_dict(), assign=True)
-    again.prepare()
+    again.prepare(fast.kind)
     x = torch.randn(2, 96)
     assert torch.equal(again(x), fast(x))
 
@@ -296,6 +297,7 @@ def test_int8_falls_back_to_the_pytorch_kernel_without_onednn(monkeypatch: pytes
     import minicpmv.quant.linear as quant
 
     monkeypatch.setattr(quant, "_has_onednn_int8", lambda: False)
+    monkeypatch.setattr(quant.native, "ops", lambda: None)  # and no native kernels either
     w, _, x = _weights()
     layer = QuantLinear.from_float(w, None, QuantSpec(8), dtype=torch.float32)
     assert layer.kind == "int8"

@@ -99,19 +99,32 @@ def test_kernels_reject_wrong_shapes_with_a_message() -> None:
 
 
 @needs_native
-@pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(4, 128), QuantSpec(8, 32), QuantSpec(8, 16)])
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(4, 128), QuantSpec(8, 32), QuantSpec(8, 16),
+                                  QuantSpec(8)])
 def test_native_layers_rows_do_not_depend_on_the_batch(spec: QuantSpec) -> None:
     """Decode rows (<= NATIVE_MAX_ROWS) give each row what it gets alone, bit for bit; prefill
     (a GEMM on the dequantized weight) agrees with the reference."""
     g = torch.Generator().manual_seed(1)
     w, b = torch.randn(70, 256, generator=g), torch.randn(70, generator=g)
     layer = QuantLinear.from_float(w, b, spec, dtype=torch.float32)
-    assert layer.kind == ("int4_native" if spec.bits == 4 else "int8_native")
+    assert layer.kind == {4: "int4_native", 8: "int8_native" if spec.group_size else "int8c_native"}[spec.bits]
     ref = QuantLinear.from_float(w, b, spec, dtype=torch.float32, kind="dequant")
     x = torch.randn(L.NATIVE_MAX_ROWS + 4, 256, generator=g)
     rows = x[: L.NATIVE_MAX_ROWS]
     assert torch.equal(layer(rows), torch.cat([layer(r[None]) for r in rows]))
     assert _rel(layer(rows), ref(rows)) < 1e-4 and _rel(layer(x), ref(x)) < 1e-5
+
+
+@needs_native
+def test_per_channel_int8_needs_rows_of_32() -> None:
+    w = torch.randn(16, 100)  # 100 columns: not a multiple of 32, so PyTorch's / oneDNN's kernel runs
+    layer = QuantLinear.from_float(w, None, QuantSpec(8), dtype=torch.float32)
+    assert layer.kind in ("int8_onednn", "int8")
+    x = torch.randn(2, 100)
+    ref = x.double() @ dequantize_weight(L.quantize_weight(w, QuantSpec(8)), QuantSpec(8), torch.float32).double().t()
+    assert _rel(layer(x), ref) < 1e-4
+    with pytest.raises(RuntimeError, match="K % 32"):
+        OPS.q8_gemv(x, layer.storage()["qweight"], layer.storage()["scales"].float(), 0)
 
 
 @needs_native

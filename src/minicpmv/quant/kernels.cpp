@@ -4,7 +4,7 @@
 // Every kernel computes y[M, N] = x[M, K] @ W[N, K]^T for a few rows of x (decoding: M is the batch),
 // reading each weight row once for all M rows, split over rows of W with ATen's thread pool.
 // * bf16_gemv: bf16 weights and activations, products summed in float32 (vdpbf16ps).
-// * q8_gemv: int8 weights with one float32 scale per `group` (16 or 32) weights of a row.
+// * q8_gemv: int8 weights with one float32 scale per `group` (16 or 32) weights of a row, or per row.
 // * q4_gemv: 4-bit weights, groups of 32, w = (q - 8) * s + z (q in 0..15; nibble pairs: even k low,
 //   odd k high; z absent for symmetric formats such as GGUF's Q4_0), quant/linear.py's int4 storage.
 // * q6k_gemv: GGML's Q6_K blocks read as stored (0.82 byte per weight).
@@ -161,8 +161,44 @@ float dot_q8_g32(const int8_t* w, const int16_t* x, Scales s, int64_t groups) {
   return hsum(_mm512_add_ps(a0, a1));
 }
 
+// Per output channel (one scale per row, applied by the caller): exact int32 sums of 32 products
+// each, added in float32.
+float dot_q8_row(const int8_t* w, const int16_t* x, int64_t k) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 64 <= k; i += 64) {
+    const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i)));
+    const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i + 32)));
+    a0 = _mm512_add_ps(a0, _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(x + i))));
+    a1 = _mm512_add_ps(a1, _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512(x + i + 32))));
+  }
+  for (; i < k; i += 32) {
+    const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i)));
+    a0 = _mm512_add_ps(a0, _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(x + i))));
+  }
+  return hsum(_mm512_add_ps(a0, a1));
+}
+
 at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, int64_t group) {
-  TORCH_CHECK(group == 16 || group == 32, "q8_gemv: group must be 16 or 32");
+  if (group == 0) {  // per output channel: s is [N]
+    check_rows(x, q, x.size(1), "q8_gemv");
+    const int64_t m = x.size(0), n = q.size(0), k = x.size(1);
+    TORCH_CHECK(k % 32 == 0 && q.scalar_type() == at::kChar && s.dim() == 1 && s.size(0) == n,
+                "q8_gemv: per-channel int8 needs K % 32 == 0, int8 weights and [N] scales");
+    const Scales sc = scales_of(s, "q8_gemv");
+    auto xf = x.to(at::kFloat).contiguous();
+    std::vector<int16_t> xq(m * k);
+    std::vector<float> step(m);
+    for (int64_t i = 0; i < m; ++i) step[i] = to_fixed(xf.data_ptr<float>() + i * k, k, xq.data() + i * k);
+    auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
+    const int8_t* qp = q.data_ptr<int8_t>();
+    float* yp = y.data_ptr<float>();
+    gemv_rows(n, m, k, yp, [&](int64_t r, int64_t i, int64_t, int64_t) {
+      return dot_q8_row(qp + r * k, xq.data() + i * k, k) * (sc[r] * step[i]);
+    });
+    return y;
+  }
+  TORCH_CHECK(group == 16 || group == 32, "q8_gemv: group must be 16 or 32 (0: per channel)");
   check_rows(x, q, x.size(1), "q8_gemv");
   const int64_t m = x.size(0), n = q.size(0), k = x.size(1), groups = k / group;
   TORCH_CHECK(k % group == 0 && s.is_contiguous() && s.size(0) == n && s.size(1) == groups, "q8_gemv: bad shapes");

@@ -301,7 +301,7 @@ def kernel_works(kind: str, device: str, dtype: torch.dtype) -> bool:
     n, k = 96, 256
     w = torch.randn(n, k, generator=g)
     x = torch.randn(3, k, generator=g).to(device=device, dtype=dtype)
-    spec = {"int8_native": QuantSpec(8, 32), "q6k_native": QuantSpec(6, 16)}.get(
+    spec = {"int8_native": QuantSpec(8, 32), "q6k_native": QuantSpec(6, 16), "int8c_native": QuantSpec(8)}.get(
         kind, QuantSpec(8) if kind.startswith("int8") else QuantSpec(4, 32))
     if spec.bits == 6:  # any bytes are valid Q6_K blocks; keep the block scales d small
         blocks = torch.randint(0, 256, (n, k // Q6K_WEIGHTS, Q6K_BYTES), generator=g, dtype=torch.uint8)
@@ -329,7 +329,7 @@ def _kernel_for(spec: QuantSpec, device: torch.device, dtype: torch.dtype) -> st
     if device.type not in ("cpu", "cuda"):
         return "dequant"
     if native_kernels_apply(spec, device):
-        return _NATIVE_KIND[spec.bits]
+        return _native_kind(spec)
     bits = spec.bits
     if bits == 6 or (bits == 8 and spec.group_size is not None):
         return "dequant"
@@ -343,17 +343,19 @@ def _kernel_for(spec: QuantSpec, device: torch.device, dtype: torch.dtype) -> st
 def native_kernels_apply(spec: QuantSpec, device: torch.device | str) -> bool:
     """Whether this package's own CPU kernels (``quant/native.py``) run layers of ``spec`` here:
     int4 (any group size) and grouped int8 on a CPU where the kernels build and pass their check."""
-    return _native_possible(spec, device) and kernel_works(_NATIVE_KIND[spec.bits], "cpu", torch.float32)
+    return _native_possible(spec, device) and kernel_works(_native_kind(spec), "cpu", torch.float32)
 
 
-_NATIVE_KIND = {4: "int4_native", 8: "int8_native", 6: "q6k_native"}
+_NATIVE_KIND = {4: "int4_native", 8: "int8_native", 6: "q6k_native"}  # int8 per channel: "int8c_native"
+
+
+def _native_kind(spec: QuantSpec) -> str:
+    return "int8c_native" if spec.bits == 8 and spec.group_size is None else _NATIVE_KIND[spec.bits]
 
 
 def _native_possible(spec: QuantSpec, device: torch.device | str) -> bool:
     """The native kernels exist here and take ``spec`` (not yet checked against the reference)."""
-    if torch.device(device).type != "cpu" or (spec.bits == 8 and spec.group_size is None):
-        return False
-    return native.ops() is not None
+    return torch.device(device).type == "cpu" and native.ops() is not None
 
 
 def _has_onednn_int8() -> bool:
@@ -478,6 +480,9 @@ class QuantLinear(nn.Module):
             return
         device = self.qweight.device if "qweight" in self._buffers else self.packed.device
         kind = kind or _kernel_for(self.spec, device, self.dtype)
+        if kind == "int8c_native" and self.in_features % 32:  # the per-channel kernel takes rows of 32s
+            onednn = _has_onednn_int8() and kernel_works("int8_onednn", str(device), self.dtype)
+            kind = "int8_onednn" if onednn else "int8"
         if kind.endswith("_native") and self.spec.bits != 6:
             self._pack_native()
         if kind == "int8_onednn":
@@ -533,7 +538,7 @@ class QuantLinear(nn.Module):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         kind = self.kind
-        if kind in _NATIVE_KIND.values():
+        if kind in _NATIVE_KIND.values() or kind == "int8c_native":
             return self._native_matmul(x)
         if kind == "int8_onednn":
             return _int8_onednn_matmul(self, x).to(x.dtype) if x.shape[0] else x.new_zeros(0, self.out_features)
@@ -554,6 +559,10 @@ class QuantLinear(nn.Module):
                 return F.linear(x, ops.q6k_dequant(q, self.in_features, x.dtype))
             return ops.q6k_gemv(x.contiguous(), q).to(x.dtype)  # [M, N]
         s, z = self.scales, self._buffers.get("zeros")
+        if self.kind == "int8c_native":
+            if x.shape[0] > NATIVE_MAX_ROWS:  # prefill: GEMM on the int8 values, then the row scales
+                return F.linear(x, q.to(x.dtype)) * s.to(x.dtype)  # [M, N]
+            return ops.q8_gemv(x.contiguous(), q, s, 0).to(x.dtype)  # [M, N]
         if x.shape[0] > NATIVE_MAX_ROWS:  # prefill: a GEMM on the weight, dequantized once per call
             w = (ops.q4_dequant(q, s, z, x.dtype) if self.spec.bits == 4
                  else ops.q8_dequant(q, s, self.spec.group_size, x.dtype))  # [N, K]
@@ -566,7 +575,7 @@ class QuantLinear(nn.Module):
         """The portable storage tensors (recovered from the kernel layout when packed)."""
         if self.kind == "q6k_native" or (self.spec.bits == 6 and self.kind == "dequant"):
             return {"qweight": self.qweight}  # type: ignore[dict-item]
-        if self.kind in ("int4_native", "int8_native"):
+        if self.kind in ("int4_native", "int8_native", "int8c_native"):
             out = {"qweight": self.qweight, "scales": self.scales.to(self.dtype)}  # type: ignore[union-attr]
             if self.spec.bits == 4:
                 z = self._buffers.get("zeros")
