@@ -1,7 +1,7 @@
 """The package's own CPU decode kernels (``kernels.cpp``): built once per machine, then loaded.
 
 ``ops()`` compiles ``kernels.cpp`` with the system C++ compiler against the installed PyTorch the
-first time it is asked for (about half a minute), caches the library under
+first time it is asked for (about ten seconds), caches the library under
 ``$MINICPMV_CACHE`` (default ``~/.cache/minicpmv``) keyed by the source, PyTorch version, compiler
 and CPU flags, loads it, and returns ``torch.ops.minicpmv_native``. Where the kernels cannot exist
 (no AVX-512 BF16/VNNI, no compiler, ``MINICPMV_NATIVE=0``) it returns ``None`` once and logs why;
@@ -97,7 +97,7 @@ def _build() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    log.info("building minicpmv's CPU kernels (once per machine, about half a minute)")
+    log.info("building minicpmv's CPU kernels (once per machine, about ten seconds)")
     try:
         done = subprocess.run(_command(Path(tmp)), capture_output=True, text=True, timeout=_TIMEOUT_S)
         if done.returncode != 0:
