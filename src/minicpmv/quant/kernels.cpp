@@ -32,13 +32,13 @@ namespace {
 
 constexpr int64_t kGrain = 16;   // rows of W per task
 
-// y[i, r] = dot(r, i, 0, K) for every row r of W (tasks of kGrain rows) and row i of x. (Sweeping
-// the columns in L1-sized chunks across a block of rows measured slower: shorter weight streams.)
+// y[i, r] = dot(r, i) for every row r of W (tasks of kGrain rows) and row i of x. (Sweeping the
+// columns in L1-sized chunks across a block of rows measured slower: shorter weight streams.)
 template <typename Dot>
-void gemv_rows(int64_t n, int64_t m, int64_t k, float* y, const Dot& dot) {
+void gemv_rows(int64_t n, int64_t m, float* y, const Dot& dot) {
   at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r)
-      for (int64_t i = 0; i < m; ++i) y[i * n + r] = dot(r, i, 0, k);
+      for (int64_t i = 0; i < m; ++i) y[i * n + r] = dot(r, i);
   });
 }
 
@@ -85,7 +85,6 @@ struct Scales {
   const uint16_t* f16 = nullptr;
   float operator[](int64_t i) const { return f32 ? f32[i] : _cvtsh_ss(f16[i]); }
   Scales row(int64_t r, int64_t len) const { return f32 ? Scales{f32 + r * len, nullptr} : Scales{nullptr, f16 + r * len}; }
-  Scales operator+(int64_t i) const { return f32 ? Scales{f32 + i, nullptr} : Scales{nullptr, f16 + i}; }
 };
 
 Scales scales_of(const at::Tensor& s, const char* name) {
@@ -117,8 +116,8 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w) {
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
-  gemv_rows(n, m, k, yp, [&](int64_t r, int64_t i, int64_t c0, int64_t c1) {
-    return dot_bf16(wp + r * k + c0, xp + i * k + c0, c1 - c0);
+  gemv_rows(n, m, yp, [&](int64_t r, int64_t i) {
+    return dot_bf16(wp + r * k, xp + i * k, k);
   });
   return y;
 }
@@ -193,7 +192,7 @@ at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
     auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
     const int8_t* qp = q.data_ptr<int8_t>();
     float* yp = y.data_ptr<float>();
-    gemv_rows(n, m, k, yp, [&](int64_t r, int64_t i, int64_t, int64_t) {
+    gemv_rows(n, m, yp, [&](int64_t r, int64_t i) {
       return dot_q8_row(qp + r * k, xq.data() + i * k, k) * (sc[r] * step[i]);
     });
     return y;
@@ -212,11 +211,9 @@ at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   const int8_t* qp = q.data_ptr<int8_t>();
   const int16_t* xp = xq.data_ptr<int16_t>();
   float* yp = y.data_ptr<float>();
-  gemv_rows(n, m, k, yp, [&](int64_t r, int64_t i, int64_t c0, int64_t c1) {
-    const Scales sr = sc.row(r, groups) + c0 / group;
-    const int64_t gs = (c1 - c0) / group;
-    return group == 16 ? dot_q8_g16(qp + r * k + c0, xp + i * k + c0, sr, gs)
-                       : dot_q8_g32(qp + r * k + c0, xp + i * k + c0, sr, gs);
+  gemv_rows(n, m, yp, [&](int64_t r, int64_t i) {
+    const Scales sr = sc.row(r, groups);
+    return group == 16 ? dot_q8_g16(qp + r * k, xp + i * k, sr, groups) : dot_q8_g32(qp + r * k, xp + i * k, sr, groups);
   });
   for (int64_t i = 0; i < m; ++i)
     for (int64_t r = 0; r < n; ++r) yp[i * n + r] *= step[i];
@@ -288,7 +285,7 @@ int q4_shift(int64_t k, int64_t groups, const char* name) {
 }
 
 at::Tensor q4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const c10::optional<at::Tensor>& z) {
-  const int64_t m = x.size(0), k = x.size(1), n = q.size(0), groups = s.size(1), sub = k / 32;
+  const int64_t m = x.size(0), k = x.size(1), n = q.size(0), groups = s.size(1);
   check_rows(x, q, k / 2, "q4_gemv");
   TORCH_CHECK(k % 32 == 0 && q.scalar_type() == at::kByte && s.size(0) == n, "q4_gemv: expects uint8 nibbles [N, K/2], K % 32 == 0");
   const int shift = q4_shift(k, groups, "q4_gemv");
@@ -322,11 +319,9 @@ at::Tensor q4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   const float* xs = xsum.data();
   const int16_t *ep = xe.data(), *op = xo.data();
   float* yp = y.data_ptr<float>();
-  gemv_rows(n, m, k, yp, [&](int64_t r, int64_t i, int64_t c0, int64_t c1) {
-    const Scales sr = sc.row(r, groups) + ((c0 / 32) >> shift);
-    return dot_q4(qp + r * k / 2 + c0 / 2, ep + i * k / 2 + c0 / 2, op + i * k / 2 + c0 / 2, sr, (c1 - c0) / 32, shift);
+  gemv_rows(n, m, yp, [&](int64_t r, int64_t i) {
+    return dot_q4(qp + r * k / 2, ep + i * k / 2, op + i * k / 2, sc.row(r, groups), k / 32, shift);
   });
-  (void)sub;
   at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r)
       for (int64_t i = 0; i < m; ++i)
@@ -470,8 +465,8 @@ at::Tensor q6k_gemv(const at::Tensor& x, const at::Tensor& q) {
   const int16_t* xp = xq.data_ptr<int16_t>();
   const float* sp = xsum16.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  gemv_rows(n, m, k, yp, [&](int64_t r, int64_t i, int64_t c0, int64_t c1) {
-    return dot_q6k(qp + (r * blocks + c0 / 256) * kQ6Block, xp + i * k + c0, sp + (i * k + c0) / 16, (c1 - c0) / 256);
+  gemv_rows(n, m, yp, [&](int64_t r, int64_t i) {
+    return dot_q6k(qp + r * blocks * kQ6Block, xp + i * k, sp + i * k / 16, blocks);
   });
   for (int64_t i = 0; i < m; ++i)
     for (int64_t r = 0; r < n; ++r) yp[i * n + r] *= step[i];
