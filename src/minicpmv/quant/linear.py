@@ -301,7 +301,7 @@ def kernel_works(kind: str, device: str, dtype: torch.dtype) -> bool:
     n, k = 96, 256
     w = torch.randn(n, k, generator=g)
     x = torch.randn(3, k, generator=g).to(device=device, dtype=dtype)
-    spec = {"int8_native": QuantSpec(8, 32), "q6k_native": QuantSpec(6, 16), "int8c_native": QuantSpec(8)}.get(
+    spec = {"int8_native": QuantSpec(8, 32), "q6k_native": QuantSpec(6, 16)}.get(
         kind, QuantSpec(8) if kind.startswith("int8") else QuantSpec(4, 32))
     if spec.bits == 6:  # any bytes are valid Q6_K blocks; keep the block scales d small
         blocks = torch.randint(0, 256, (n, k // Q6K_WEIGHTS, Q6K_BYTES), generator=g, dtype=torch.uint8)
@@ -341,21 +341,19 @@ def _kernel_for(spec: QuantSpec, device: torch.device, dtype: torch.dtype) -> st
 
 
 def native_kernels_apply(spec: QuantSpec, device: torch.device | str) -> bool:
-    """Whether this package's own CPU kernels (``quant/native.py``) run layers of ``spec`` here:
-    int4 (any group size) and grouped int8 on a CPU where the kernels build and pass their check."""
-    return _native_possible(spec, device) and kernel_works(_native_kind(spec), "cpu", torch.float32)
+    """Whether this package's own CPU kernels (``quant/native.py``) run layers of ``spec`` here
+    (int4, int8 per channel or grouped, Q6_K): on a CPU where they build and pass their check."""
+    return (torch.device(device).type == "cpu" and native.ops() is not None
+            and kernel_works(_native_kind(spec), "cpu", torch.float32))
 
 
-_NATIVE_KIND = {4: "int4_native", 8: "int8_native", 6: "q6k_native"}  # int8 per channel: "int8c_native"
+_NATIVE_KINDS = ("int4_native", "int8_native", "int8c_native", "q6k_native")
 
 
 def _native_kind(spec: QuantSpec) -> str:
-    return "int8c_native" if spec.bits == 8 and spec.group_size is None else _NATIVE_KIND[spec.bits]
-
-
-def _native_possible(spec: QuantSpec, device: torch.device | str) -> bool:
-    """The native kernels exist here and take ``spec`` (not yet checked against the reference)."""
-    return torch.device(device).type == "cpu" and native.ops() is not None
+    if spec.bits == 8:
+        return "int8_native" if spec.group_size else "int8c_native"  # grouped / per channel
+    return "int4_native" if spec.bits == 4 else "q6k_native"
 
 
 def _has_onednn_int8() -> bool:
@@ -483,7 +481,7 @@ class QuantLinear(nn.Module):
         if kind == "int8c_native" and self.in_features % 32:  # the per-channel kernel takes rows of 32s
             onednn = _has_onednn_int8() and kernel_works("int8_onednn", str(device), self.dtype)
             kind = "int8_onednn" if onednn else "int8"
-        if kind.endswith("_native") and self.spec.bits != 6:
+        if kind in _NATIVE_KINDS and self.spec.bits != 6:
             self._pack_native()
         if kind == "int8_onednn":
             self._pack_onednn()
@@ -538,7 +536,7 @@ class QuantLinear(nn.Module):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         kind = self.kind
-        if kind in _NATIVE_KIND.values() or kind == "int8c_native":
+        if kind in _NATIVE_KINDS:
             return self._native_matmul(x)
         if kind == "int8_onednn":
             return _int8_onednn_matmul(self, x).to(x.dtype) if x.shape[0] else x.new_zeros(0, self.out_features)
@@ -573,9 +571,9 @@ class QuantLinear(nn.Module):
 
     def storage(self) -> dict[str, torch.Tensor]:
         """The portable storage tensors (recovered from the kernel layout when packed)."""
-        if self.kind == "q6k_native" or (self.spec.bits == 6 and self.kind == "dequant"):
+        if self.spec.bits == 6:  # Q6_K blocks are their own storage, whatever the kernel
             return {"qweight": self.qweight}  # type: ignore[dict-item]
-        if self.kind in ("int4_native", "int8_native", "int8c_native"):
+        if self.kind in _NATIVE_KINDS:
             out = {"qweight": self.qweight, "scales": self.scales.to(self.dtype)}  # type: ignore[union-attr]
             if self.spec.bits == 4:
                 z = self._buffers.get("zeros")
