@@ -80,7 +80,10 @@ def load_ours(model: nn.Module, path: Path, requantize: str | None) -> None:
 
     from minicpmv.formats import gguf_names as names
     from minicpmv.formats.gguf_read import GGUFTensor, _shape
-    from minicpmv.quant.linear import PackedLinear, QuantLinear, QuantSpec, native_kernels_apply, replace_module
+    from minicpmv.formats.load import gguf_keeps_int8
+    from minicpmv.quant.linear import PackedLinear, QuantLinear, QuantSpec, replace_module
+
+    keep_int8 = not requantize and gguf_keeps_int8("cpu")  # requantized: Q8_0 goes through the float path
 
     entries = {names.gguf_to_llm(t.name): GGUFTensor(np.asarray(t.data), T(int(t.tensor_type)), _shape(t))
                for t in GGUFReader(str(path)).tensors}
@@ -89,15 +92,10 @@ def load_ours(model: nn.Module, path: Path, requantize: str | None) -> None:
             continue
         entry, bias_entry = entries[f"{name}.weight"], entries.get(f"{name}.bias")
         bias = None if bias_entry is None else bias_entry.to_float().to(torch.bfloat16)
-        st = entry.int4()
-        if st is None and not requantize and native_kernels_apply(QuantSpec(6, 16), "cpu") and entry.int8_exact:
-            st = entry.int8()  # Q8_0 as grouped int8, Q6_K blocks as stored: as the loader does
-        if st is not None:
-            if "scales" not in st:
-                spec = QuantSpec(6, 16)
-            else:
-                bits = 8 if st["qweight"].dtype == torch.int8 else 4
-                spec = QuantSpec(bits, layer.in_features // st["scales"].shape[1])
+        kept = entry.kept_quantized(keep_int8)  # as the loader decides
+        if kept is not None:
+            st = kept()
+            spec = QuantSpec.of_storage(st, layer.in_features)
             new: nn.Module = QuantLinear(layer.in_features, layer.out_features, spec,
                                          bias=bias is not None, dtype=torch.bfloat16, device="meta")
             new.set_storage(st, bias, device="cpu")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,11 +132,22 @@ class GGUFTensor:
 
     def int4(self) -> dict[str, torch.Tensor] | None:
         """int4 group-32 storage for Q4_0 / Q4_K matrices, else None."""
-        if self.qtype not in INT4_EXACT or len(self.shape) != 2 or self.shape[1] % INT4_GROUP:
+        if not self.int4_exact:
             return None
         st = int4_storage(self.data, self.qtype, self.shape)  # type: ignore[arg-type]
         return st if self.rows is None else {k: v[torch.from_numpy(self.rows)] for k, v in st.items()}
 
+    @property
+    def int4_exact(self) -> bool:
+        """Whether ``int4()`` holds this tensor (Q4_0 / Q4_K matrices), without decoding it."""
+        return self.qtype in INT4_EXACT and len(self.shape) == 2 and self.shape[1] % INT4_GROUP == 0
+
+    def kept_quantized(self, keep_int8: bool) -> Callable[[], dict[str, torch.Tensor]] | None:
+        """The storage maker a linear layer keeps this tensor in (``int4``, or ``int8`` for Q8_0 /
+        Q6_K when ``keep_int8``), or None: dequantize it. Decides without decoding."""
+        if self.int4_exact:
+            return self.int4  # type: ignore[return-value]
+        return self.int8 if keep_int8 and self.int8_exact else None
 
     @property
     def int8_exact(self) -> bool:

@@ -112,17 +112,21 @@ class OpenCheckpoint:
         entries = self._gguf.tensors((cfg.text.num_attention_heads, cfg.text.num_key_value_heads))
         floats: dict[str, Callable[[], torch.Tensor]] = {}
         int4: dict[str, Storage] = {}
-        # Q8_0 / Q6_K stay quantized where the native kernels run them (else dequantized)
-        grouped_int8 = native_kernels_apply(QuantSpec(8, 32), device) and native_kernels_apply(QuantSpec(6, 16), device)
+        keep_int8 = gguf_keeps_int8(device)
         for key, entry in entries.items():
             layer = key.removesuffix(".weight")
-            if layer in targets and entry.int4() is not None:
-                int4[layer] = entry.int4
-            elif layer in targets and grouped_int8 and entry.int8_exact:
-                int4[layer] = entry.int8
+            kept = entry.kept_quantized(keep_int8) if layer in targets else None
+            if kept is not None:
+                int4[layer] = kept
             else:
                 floats[key] = entry.to_float
         return floats, int4
+
+
+def gguf_keeps_int8(device: torch.device | str) -> bool:
+    """Whether GGUF's Q8_0 / Q6_K matrices stay quantized on ``device``: where the native kernels
+    run both (elsewhere they are dequantized)."""
+    return native_kernels_apply(QuantSpec(8, 32), device) and native_kernels_apply(QuantSpec(6, 16), device)
 
 
 def _assemble(
@@ -144,11 +148,7 @@ def _assemble(
             raise CheckpointError(f"{name} is stored both quantized and as a float weight")
         old = model.get_submodule(name)
         st = make()
-        if "scales" not in st:  # GGML Q6_K blocks as stored
-            spec = QuantSpec(6, 16, name.endswith("lm_head"))
-        else:
-            bits = 8 if st["qweight"].dtype == torch.int8 else 4
-            spec = QuantSpec(bits, old.in_features // int(st["scales"].shape[1]), name.endswith("lm_head"))
+        spec = QuantSpec.of_storage(st, old.in_features, lm_head=name.endswith("lm_head"))
         check_quantizable(name, old.in_features, spec)
         replace_module(model, name, QuantLinear(old.in_features, old.out_features, spec, bias=old.bias is not None,
                                                 dtype=dtype, device="meta"))

@@ -120,6 +120,16 @@ class QuantSpec:
             raise InputError(f"--group-size / group_size applies to int4 only (got {group_size} for int8)")
         return cls(bits, group_size, lm_head)
 
+    @classmethod
+    def of_storage(cls, storage: dict[str, torch.Tensor], in_features: int, *, lm_head: bool = True) -> QuantSpec:
+        """The spec whose layout ``storage`` is: Q6_K blocks (no scales), int8 (int8 values, group
+        size from the scales' width; one scale per row: per channel) or int4."""
+        scales = storage.get("scales")
+        if scales is None:
+            return cls(6, 16, lm_head)
+        group = None if scales.dim() == 1 else in_features // int(scales.shape[1])
+        return cls(8 if storage["qweight"].dtype == torch.int8 else 4, group, lm_head)
+
     def to_config(self) -> dict[str, Any]:
         """The ``quantization_config`` entry of config.json."""
         return {"quant_method": QUANT_METHOD, "bits": self.bits, "group_size": self.group_size,
