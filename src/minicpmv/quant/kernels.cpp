@@ -73,6 +73,29 @@ float to_fixed(const float* x, int64_t k, int16_t* out) {
   return step;
 }
 
+// The rows of x [M, K] as 16-bit fixed point: q [M, K] and one step per row.
+struct FixedRows {
+  std::vector<int16_t> q;
+  std::vector<float> step;
+};
+
+FixedRows fixed_rows(const at::Tensor& x) {
+  const int64_t m = x.size(0), k = x.size(1);
+  const auto xf = x.to(at::kFloat).contiguous();
+  FixedRows f{std::vector<int16_t>(m * k), std::vector<float>(m)};
+  for (int64_t i = 0; i < m; ++i) f.step[i] = to_fixed(xf.data_ptr<float>() + i * k, k, f.q.data() + i * k);
+  return f;
+}
+
+// Sums of each `group` consecutive fixed-point values of a row (exact: |sum| < 2^24), times `scale`.
+void group_sums(const int16_t* q, int64_t k, int64_t group, float scale, float* out) {
+  for (int64_t g = 0; g < k / group; ++g) {
+    int32_t acc = 0;
+    for (int64_t j = 0; j < group; ++j) acc += q[g * group + j];
+    out[g] = static_cast<float>(acc) * scale;
+  }
+}
+
 void check_rows(const at::Tensor& x, const at::Tensor& w, int64_t k_per_row, const char* name) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, name, ": expects 2-D x and weight");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), name, ": expects contiguous tensors");
@@ -185,15 +208,12 @@ at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
     TORCH_CHECK(k % 32 == 0 && q.scalar_type() == at::kChar && s.dim() == 1 && s.size(0) == n,
                 "q8_gemv: per-channel int8 needs K % 32 == 0, int8 weights and [N] scales");
     const Scales sc = scales_of(s, "q8_gemv");
-    auto xf = x.to(at::kFloat).contiguous();
-    std::vector<int16_t> xq(m * k);
-    std::vector<float> step(m);
-    for (int64_t i = 0; i < m; ++i) step[i] = to_fixed(xf.data_ptr<float>() + i * k, k, xq.data() + i * k);
+    const FixedRows xq = fixed_rows(x);
     auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
     const int8_t* qp = q.data_ptr<int8_t>();
     float* yp = y.data_ptr<float>();
     gemv_rows(n, m, yp, [&](int64_t r, int64_t i) {
-      return dot_q8_row(qp + r * k, xq.data() + i * k, k) * (sc[r] * step[i]);
+      return dot_q8_row(qp + r * k, xq.q.data() + i * k, k) * (sc[r] * xq.step[i]);
     });
     return y;
   }
@@ -203,13 +223,11 @@ at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   TORCH_CHECK(k % group == 0 && s.is_contiguous() && s.size(0) == n && s.size(1) == groups, "q8_gemv: bad shapes");
   TORCH_CHECK(q.scalar_type() == at::kChar, "q8_gemv: expects int8 weights");
   const Scales sc = scales_of(s, "q8_gemv");
-  auto xf = x.to(at::kFloat).contiguous();
-  auto xq = at::empty({m, k}, x.options().dtype(at::kShort));
-  std::vector<float> step(m);
-  for (int64_t i = 0; i < m; ++i) step[i] = to_fixed(xf.data_ptr<float>() + i * k, k, xq.data_ptr<int16_t>() + i * k);
+  const FixedRows xq = fixed_rows(x);
+  const std::vector<float>& step = xq.step;
   auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
   const int8_t* qp = q.data_ptr<int8_t>();
-  const int16_t* xp = xq.data_ptr<int16_t>();
+  const int16_t* xp = xq.q.data();
   float* yp = y.data_ptr<float>();
   gemv_rows(n, m, yp, [&](int64_t r, int64_t i) {
     const Scales sr = sc.row(r, groups);
@@ -295,24 +313,19 @@ at::Tensor q4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
     TORCH_CHECK(z->is_contiguous() && z->scalar_type() == at::kFloat && z->sizes() == s.sizes(), "q4_gemv: zeros must be float32 like scales");
     zp = z->data_ptr<float>();
   }
-  auto xf = x.to(at::kFloat).contiguous();  // [M, K]
-  const float* xp = xf.data_ptr<float>();
-  std::vector<float> step(m), xsum(m * groups);  // [M], [M, G]
-  std::vector<int16_t> xq(k), xe(m * k / 2), xo(m * k / 2);  // xe / xo: [M, K/2], even / odd k
+  const FixedRows xq = fixed_rows(x);
+  const std::vector<float>& step = xq.step;
+  std::vector<float> xsum(m * groups);  // [M, G]
+  std::vector<int16_t> xe(m * k / 2), xo(m * k / 2);  // [M, K/2]: even / odd k
   for (int64_t i = 0; i < m; ++i) {
-    step[i] = to_fixed(xp + i * k, k, xq.data());
+    const int16_t* row = xq.q.data() + i * k;
     for (int64_t j = 0; j < k / 2; ++j) {
-      xe[i * k / 2 + j] = xq[2 * j];
-      xo[i * k / 2 + j] = xq[2 * j + 1];
+      xe[i * k / 2 + j] = row[2 * j];
+      xo[i * k / 2 + j] = row[2 * j + 1];
     }
     // group sums of the same rounded activations the dot products see, so that the offset and
     // the nibble sums share one rounding of x: the error is that of w = (q - 8) s + z, not of q s
-    const int64_t group = k / groups;
-    for (int64_t g = 0; g < groups; ++g) {
-      int32_t acc = 0;
-      for (int64_t j = 0; j < group; ++j) acc += xq[g * group + j];
-      xsum[i * groups + g] = static_cast<float>(acc) * step[i];
-    }
+    group_sums(row, k, k / groups, step[i], xsum.data() + i * groups);
   }
   auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
   const uint8_t* qp = q.data_ptr<uint8_t>();
@@ -454,16 +467,14 @@ at::Tensor q6k_gemv(const at::Tensor& x, const at::Tensor& q) {
   const int64_t m = x.size(0), k = x.size(1), n = q.size(0), blocks = k / 256;
   TORCH_CHECK(k % 256 == 0 && q.scalar_type() == at::kByte, "q6k_gemv: expects K % 256 == 0 and uint8 blocks");
   check_rows(x, q, blocks * kQ6Block, "q6k_gemv");
-  auto xf = x.to(at::kFloat).contiguous();
-  auto xq = at::empty({m, k}, x.options().dtype(at::kShort));
-  std::vector<float> step(m);
-  for (int64_t i = 0; i < m; ++i) step[i] = to_fixed(xf.data_ptr<float>() + i * k, k, xq.data_ptr<int16_t>() + i * k);
-  // sums of 16 fixed-point activations (exact in float32: |sum| < 2^20)
-  auto xsum16 = xq.to(at::kFloat).view({m, k / 16, 16}).sum(-1).contiguous();  // [M, K/16]
+  const FixedRows xq = fixed_rows(x);
+  const std::vector<float>& step = xq.step;
+  std::vector<float> xsum16(m * k / 16);  // [M, K/16]: sums of 16 fixed-point activations
+  for (int64_t i = 0; i < m; ++i) group_sums(xq.q.data() + i * k, k, 16, 1.f, xsum16.data() + i * k / 16);
   auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
   const uint8_t* qp = q.data_ptr<uint8_t>();
-  const int16_t* xp = xq.data_ptr<int16_t>();
-  const float* sp = xsum16.data_ptr<float>();
+  const int16_t* xp = xq.q.data();
+  const float* sp = xsum16.data();
   float* yp = y.data_ptr<float>();
   gemv_rows(n, m, yp, [&](int64_t r, int64_t i) {
     return dot_q6k(qp + r * blocks * kQ6Block, xp + i * k, sp + i * k / 16, blocks);
