@@ -294,7 +294,16 @@ def test_rows_with_different_settings_are_processed_one_by_one():
     assert choose_tokens(logits, rows, ()) == [0, 2]  # a finished row pads
 
 
-class _RowCountSensitive(torch.nn.Linear):
+class _RowwiseLinear(torch.nn.Linear):
+    """A linear layer computed row by row (elementwise products, then a sum): each row's result is
+    the same whatever the row count. torch's own fp32 GEMM is not on every CPU (on a Sapphire
+    Rapids host 4 and 8 rows of an 8x8 layer round differently), so the probe is tested on this."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x[:, None, :] * self.weight[None]).sum(-1) + self.bias  # [rows, out]
+
+
+class _RowCountSensitive(_RowwiseLinear):
     """A linear layer whose rounding depends on how many rows it gets (like a GEMM tail path)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -304,7 +313,7 @@ class _RowCountSensitive(torch.nn.Linear):
 
 def test_row_step_probes_linear_layers():
     torch.manual_seed(0)
-    assert row_step(torch.nn.Sequential(torch.nn.Linear(8, 8)), 1) == 1
+    assert row_step(torch.nn.Sequential(_RowwiseLinear(8, 8)), 1) == 1
     assert row_step(torch.nn.Sequential(_RowCountSensitive(8, 8)), 8) == 4
     assert row_step(torch.nn.Sequential(_RowCountSensitive(8, 8)), 6) == 6  # 4 and 6 rows round differently
 
@@ -342,7 +351,8 @@ def test_static_width_gives_the_rounded_width_logits_bitwise(model, monkeypatch)
     """Static shapes (every step attends over max_model_len, rows from the buckets) under the
     batch-invariant settings: bit-identical to the rounded-width engine."""
     static = BatchEngine(model, max_batch_size=6, max_model_len=1024, decode_mode=DecodeMode(static=True))
-    assert static.row_buckets == [4, 6]
+    buckets = static.row_buckets  # [4, 6] where 4-row and 6-row GEMMs agree per row, [2, 4, 6] on hosts
+    assert buckets[-1] == 6 and all(b % buckets[0] == 0 for b in buckets[:-1])  # where 2 rows do too
     shapes = []
     real = static.lm.forward
     monkeypatch.setattr(static.lm, "forward", lambda e, p, m, **k: shapes.append(tuple(m.shape)) or real(e, p, m, **k))
@@ -353,14 +363,14 @@ def test_static_width_gives_the_rounded_width_logits_bitwise(model, monkeypatch)
     pairs = [(a, b) for (_, la), (_, lb) in zip(got, ref, strict=True) for a, b in zip(la, lb, strict=True)]
     assert pairs and all(torch.equal(a, b) for a, b in pairs)
     decode_shapes = {s for s in shapes if s[0] > 1}
-    assert decode_shapes <= {(4, 1024), (6, 1024)} and len(decode_shapes) == 2  # both buckets were used
+    assert decode_shapes <= {(b, 1024) for b in buckets} and len(decode_shapes) >= 2  # several buckets used
 
 
 def test_compiled_engine_alone_equals_batched_and_eager(model26):
     """The compiled step (one graph: 4 rows, the probed row count, at the static width) gives the
     same logits alone and in a batch, and the eager engine's tokens."""
     compiled = BatchEngine(model26, max_batch_size=4, max_model_len=512, decode_mode=DecodeMode(compile="default"))
-    assert compiled.row_buckets == [4]
+    assert compiled.row_buckets[-1] == 4  # [4], or [2, 4] on a host whose 2-row GEMMs agree per row
     limits = [9, 5, 12, 7]
     convs = _conversations()[3:]
     work = list(zip(convs, limits, strict=True))

@@ -130,7 +130,8 @@ def test_last_only_is_last_row(llms, load_case, positions) -> None:
         hidden = llm.forward_hidden(embeds, positions(mask), mask)
     assert full.dtype == last.dtype == torch.float32
     assert last.shape == (1, 1, llm.config.vocab_size)
-    torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=0)
+    # one row and many rows may take different GEMM paths (2.4e-6 apart on a Sapphire Rapids host)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=0)
     assert hidden.shape == embeds.shape
 
 
