@@ -131,7 +131,8 @@ def test_tokenizer_spells_any_string_and_keeps_question_words_whole(tmp_path: Pa
 
 
 def _tiny(out: Path) -> demo.DemoConfig:
-    return demo.DemoConfig(output=str(out), stage1_steps=2, stage1_batch=3, train_images=12, stage2_epochs=1,
+    return demo.DemoConfig(output=str(out), shape_warmup_steps=2, stage1_steps=2, stage1_batch=3, train_images=12,
+                           stage2_epochs=1,
                            stage2_batch=6, eval_items=0, threads=1, device="cpu", vision_width=64, vision_layers=1,
                            llm_width=128, llm_layers=1)
 
@@ -168,3 +169,49 @@ def test_ci_installs_the_training_and_evaluation_fonts() -> None:
     for package in (*syn.FONT_PACKAGES, "fonts-dejavu-core", "fonts-liberation", "fonts-freefont-ttf"):
         assert package in ci, package
     syn.check_fonts()
+
+
+def _tiny_model(tmp_path: Path, width: int = 64):
+    cfg = demo.DemoConfig(output=str(tmp_path), vision_width=width, vision_layers=1, llm_width=128, llm_layers=1)
+    init = tmp_path / "init"
+    demo.write_configs(init, cfg, demo.write_tokenizer(init))
+    return demo.build_model(init, 0), cfg
+
+
+def test_patch_embedding_starts_as_whitening_of_training_patches(tmp_path: Path) -> None:
+    import torch
+
+    from minicpmv.processing.image import to_patches
+    from minicpmv.train import demo_vision as dv
+
+    model, _ = _tiny_model(tmp_path)
+    dv.whitened_patch_init(model, random.Random(1), pictures=24)
+    conv = model.vpm.embeddings.patch_embedding
+    w = conv.weight.detach().reshape(conv.weight.shape[0], -1).double()  # [Dv, 3*P*P]
+    gram = w @ w.T  # principal directions are orthogonal: off-diagonal zero
+    assert (gram - torch.diag(torch.diagonal(gram))).abs().max() < 1e-3 * gram.diagonal().max()
+    rng = random.Random(2)  # pictures the init did not see: each channel's spread is about 0.5
+    pix = torch.stack([torch.from_numpy(to_patches(dv.picture(rng, (224, 224))[0])) for _ in range(12)])
+    with torch.no_grad():
+        out = conv(pix)  # [B, Dv, 1, L]
+    std = out.std(dim=(0, 2, 3))  # [Dv]
+    assert 0.3 < float(std[:8].mean()) < 0.7 and float(out.mean().abs()) < 0.1
+    assert float(std[0]) > float(std[-1])  # the floor keeps the weakest directions small
+
+
+def test_shape_warmup_trains_only_the_tower_and_the_shape_head(tmp_path: Path) -> None:
+    import torch
+
+    from minicpmv.train import demo_vision as dv
+
+    model, cfg = _tiny_model(tmp_path)
+    cfg.shape_warmup_steps, cfg.stage1_batch = 3, 2
+    heads = dv.DenseHeads(cfg.vision_width, model.config.text.hidden_size)
+    def state() -> dict[str, torch.Tensor]:
+        return {n: t.clone() for n, t in [*model.state_dict().items(), *heads.state_dict().items()]}
+
+    before = state()
+    dv.shape_warmup(model, heads, cfg, torch.device("cpu"))
+    changed = {n for n, t in state().items() if not torch.equal(t, before[n])}
+    assert "vpm.embeddings.patch_embedding.weight" in changed and "patch.shape.weight" in changed
+    assert not {n for n in changed if not (n.startswith("vpm.") or n.startswith("patch.shape."))}

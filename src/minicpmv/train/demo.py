@@ -9,8 +9,10 @@
 2. model: the 2.6 checkpoint layout (SigLIP-NaViT tower, 2D resampler, Qwen2 backbone) at small
    sizes, seen through one ~224x224 view per picture (``max_slice_nums`` 1: no slices, so the
    layout of a 1024-pixel picture is seen whole), randomly initialised;
-3. stage 1 (``demo_vision.py``): the tower and resampler are pretrained on dense targets from
-   the training generator (per patch and per resampler slot), on freshly drawn pictures;
+3. stage 1 (``demo_vision.py``): the patch embedding starts as PCA whitening of training
+   patches, the tower learns the shape under each patch alone first, then the tower and
+   resampler are pretrained on every dense target of the training generator (per patch and per
+   resampler slot), on freshly drawn pictures;
 4. stage 2 (``demo_llm.py``): the LLM is trained on multi-turn questions (official fine-tuning
    records, processed by the inference ``Processor``) over the frozen vision features;
 5. evaluation (``demo_eval.py``): the independent evaluation set, greedy and sampled, through
@@ -59,18 +61,20 @@ CHAT_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0][
 class DemoConfig:
     output: str
     seed: int = 0
-    vision_width: int = 128
+    vision_width: int = 192
     vision_layers: int = 4
     llm_width: int = 256
     llm_layers: int = 4
-    stage1_steps: int = 2000
+    shape_warmup_steps: int = 1200
+    shape_warmup_lr: float = 3e-4
+    stage1_steps: int = 5000
     stage1_batch: int = 14
-    stage1_lr: float = 1e-3
-    train_images: int = 2000
-    stage2_epochs: int = 2
+    stage1_lr: float = 4e-4
+    train_images: int = 12000
+    stage2_epochs: int = 3
     stage2_batch: int = 16
     stage2_lr: float = 1e-3
-    eval_items: int = 10  # per family of the independent evaluation set (0: no evaluation)
+    eval_items: int = 40  # per family of the independent evaluation set (0: no evaluation)
     threads: int | None = None
     device: str = "auto"
 

@@ -12,6 +12,11 @@ read the targets the generator knows exactly:
   per colour name holding that object's attributes and count; slot 12+i the i-th character.
   A head is shared by every slot it applies to, so a fact has one code wherever it appears.
 
+Before that, the patch embedding starts as PCA whitening of training patches
+(``whitened_patch_init``) and the tower is trained on the per-patch shape target alone
+(``shape_warmup``): shapes are told apart by outlines spanning several patches, which the
+multi-task phase did not learn from a random tower. Loss weights per head: ``HEAD_WEIGHTS``.
+
 The heads are dropped afterwards: what stays is a tower and resampler whose 32 output vectors
 carry these facts at fixed places, for the LLM to read in stage 2. Does not touch the LLM.
 """
@@ -39,6 +44,10 @@ SLOT_HEADS = {"world": len(syn.WORLD), "count": 1 + MAX_OBJECTS, "nchars": 1 + M
               "colour": 1 + len(COLOURS), "shape": 1 + len(SHAPES), "xbin": 1 + syn.XBINS, "ybin": 1 + syn.XBINS,
               "size": 2 + len(syn.SIZE_EDGES), "char": 1 + len(syn.ALPHABET)}
 KIND_MIX = {"shapes": 0.45, "text": 0.3, "lines": 0.1, "other": 0.15}
+# Loss weights of the heads (1 if absent). Shapes are told apart by their outlines, which span
+# several patches; with every head weighted 1 the easy ones (colour, counts) took the shared
+# tower and the shape heads stayed at the majority class for 1,000 steps.
+HEAD_WEIGHTS = {"p_shape": 4.0, "s_shape": 2.0}
 
 
 class DenseHeads(nn.Module):
@@ -83,9 +92,10 @@ def _acc(logits: torch.Tensor, target: torch.Tensor, ignore: int) -> torch.Tenso
     return (logits.detach().argmax(-1) == target)[keep].float().mean()
 
 
-def picture(rng: random.Random, size: tuple[int, int]) -> tuple[Any, dict[str, np.ndarray]]:
-    """One training picture's view and its targets (patch ``p_*`` [L], slot ``s_*`` [Q])."""
-    kind = rng.choices(list(KIND_MIX), weights=list(KIND_MIX.values()))[0]
+def picture(rng: random.Random, size: tuple[int, int], kind: str | None = None) -> tuple[Any, dict[str, np.ndarray]]:
+    """One training picture's view and its targets (patch ``p_*`` [L], slot ``s_*`` [Q]); its kind
+    is drawn from ``KIND_MIX`` unless given."""
+    kind = kind or rng.choices(list(KIND_MIX), weights=list(KIND_MIX.values()))[0]
     lines = rng.randint(2, 5) if kind == "lines" else 1
     scene = syn.make_scene(rng, "text" if kind == "lines" else kind, lines=lines, size=size)
     img, masks = syn.render(scene, masks=True)
@@ -97,9 +107,10 @@ def picture(rng: random.Random, size: tuple[int, int]) -> tuple[Any, dict[str, n
     return view, labels
 
 
-def batch(rng: random.Random, n: int, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
+def batch(rng: random.Random, n: int, device: torch.device, kind: str | None = None
+          ) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
     size = syn.canvas_size(rng)
-    views, labs = zip(*(picture(rng, size) for _ in range(n)), strict=True)
+    views, labs = zip(*(picture(rng, size, kind) for _ in range(n)), strict=True)
     w, h = views[0].size
     pixels = [torch.from_numpy(to_patches(v)).to(device) for v in views]  # each [3, 14, L*14]
     tgt = torch.tensor([[h // syn.PATCH, w // syn.PATCH]] * n)  # [B, 2]
@@ -107,9 +118,67 @@ def batch(rng: random.Random, n: int, device: torch.device) -> tuple[list[torch.
     return pixels, tgt, labels
 
 
+@torch.no_grad()
+def whitened_patch_init(model: MiniCPMV, rng: random.Random, pictures: int = 96) -> None:
+    """Start the patch embedding as PCA whitening of training patches: output channel i projects a
+    patch (normalised pixels, [3*14*14]) on its i-th principal direction, scaled to a standard
+    deviation of 0.5, with the mean patch removed by the bias. From random weights the tower
+    learned colour and position but not shapes or characters (per-patch accuracy at chance after
+    2,000 steps); the principal directions hand it edges, strokes and corners from the first step."""
+    conv = model.vpm.embeddings.patch_embedding  # weight [Dv, 3, P, P]
+    rows = []
+    for _ in range(pictures):
+        view, _ = picture(rng, syn.canvas_size(rng))
+        pix = torch.from_numpy(to_patches(view))  # [3, P, L*P]
+        p = pix.shape[1]
+        rows.append(pix.reshape(3, p, -1, p).permute(2, 0, 1, 3).reshape(-1, 3 * p * p))  # [L, 3*P*P]
+    data = torch.cat(rows).double()  # [N, 3*P*P]
+    mean = data.mean(0)
+    cov = torch.cov((data - mean).T)  # [3PP, 3PP]
+    eig, vec = torch.linalg.eigh(cov)  # ascending
+    width = min(conv.weight.shape[0], data.shape[1])  # channels past 3*P*P keep their random start
+    eig, vec = eig.flip(0)[:width].clamp_min(0), vec.flip(1)[:, :width]  # [W], [3PP, W]
+    scale = 0.5 / torch.sqrt(eig + eig.mean() * 0.05)  # [W]; the floor keeps noise directions small
+    weight = (vec * scale).T  # [W, 3PP]
+    conv.weight[:width].copy_(weight.reshape(width, *conv.weight.shape[1:]).to(conv.weight.dtype))
+    conv.bias[:width].copy_((-weight @ mean).to(conv.bias.dtype))
+
+
+def shape_warmup(model: MiniCPMV, heads: DenseHeads, cfg: Any, device: torch.device) -> float:
+    """Train the tower on one target first: the shape of the object under each patch, on shapes
+    pictures, at a constant rate. Mixed with every other head from the start, the shape heads
+    stayed at the majority class for 1,000 steps; alone they reach 47% in 350 steps (measured),
+    and the multi-task phase then starts from a tower that already sees outlines. Returns the
+    final running accuracy."""
+    head = heads.patch["shape"]
+    params = list(model.vpm.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.shape_warmup_lr, weight_decay=0.05)
+    rng = random.Random(cfg.seed + 103)
+    running = 0.0
+    model.train()
+    for step in range(cfg.shape_warmup_steps):
+        pixels, tgt, labels = batch(rng, cfg.stage1_batch, device, kind="shapes")
+        target = labels["p_shape"]  # [B, L]
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            patches = model.vpm.encode_slices(pixels, tgt, batch_size=len(pixels))  # [B, L, Dv]
+        logits = head(patches.float())  # [B, L, C]
+        loss = _ce(logits, target, 0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        running = 0.95 * running + 0.05 * _acc(logits, target, 0).item()
+        if step % 50 == 0 or step == cfg.shape_warmup_steps - 1:
+            log.info("stage 1 shape warm-up step %d/%d loss %.3f shape %.3f", step, cfg.shape_warmup_steps,
+                     loss.item(), running)
+    return running
+
+
 def pretrain_vision(model: MiniCPMV, cfg: Any, device: torch.device) -> dict[str, float]:
     """Stage 1; returns the final running accuracies of the heads."""
+    whitened_patch_init(model, random.Random(cfg.seed + 99))
     heads = DenseHeads(cfg.vision_width, model.config.text.hidden_size).to(device)
+    shape_warmup(model, heads, cfg, device)
     params = list(model.vpm.parameters()) + list(model.resampler.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.stage1_lr, weight_decay=0.05)
     warm = max(1, cfg.stage1_steps // 20)
@@ -124,7 +193,7 @@ def pretrain_vision(model: MiniCPMV, cfg: Any, device: torch.device) -> dict[str
             patches = model.vpm.encode_slices(pixels, tgt, batch_size=len(pixels))  # [B, L, Dv]
             feats = model.resampler(patches, tgt, None)  # [B, Q, H]
             parts = heads(patches, feats, labels)
-        loss = sum(v for k, v in parts.items() if not k.endswith("_acc"))
+        loss = sum(v * HEAD_WEIGHTS.get(k, 1.0) for k, v in parts.items() if not k.endswith("_acc"))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
