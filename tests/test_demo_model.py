@@ -79,11 +79,6 @@ def _square_and_star() -> Image.Image:
     return img
 
 
-# What the bundled model gets right among pictures drawn here by hand. It gets these wrong (the
-# README's evaluation table has the rates): "What colour is the square?" on _square_and_star
-# ("blue": the colours of the two shapes swapped), "How many shapes are there?" on
-# _three_green_triangles ("2"), "Is the square left of the star?" ("no"), and it cannot read
-# (issue 21).
 def _house() -> Image.Image:
     return Image.open(EXAMPLES / "house.png").convert("RGB")
 
@@ -94,6 +89,11 @@ def _blue_square_top_left() -> Image.Image:
     return img
 
 
+# What the bundled model gets right among pictures drawn here by hand. It gets these wrong (the
+# README's evaluation table has the rates): "What colour is the square?" on _square_and_star
+# ("blue": the colours of the two shapes swapped), "How many shapes are there?" on
+# _three_green_triangles ("2"), "Is the square left of the star?" ("no"), and it cannot read
+# (issue 21).
 CASES = [
     (_red_circle, "What colour is the shape?", "red"),
     (_red_circle, "What shape is this?", "circle"),

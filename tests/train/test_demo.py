@@ -132,9 +132,8 @@ def test_tokenizer_spells_any_string_and_keeps_question_words_whole(tmp_path: Pa
 
 def _tiny(out: Path) -> demo.DemoConfig:
     return demo.DemoConfig(output=str(out), shape_warmup_steps=2, stage1_steps=2, stage1_batch=3, train_images=12,
-                           stage2_epochs=1,
-                           stage2_batch=6, eval_items=0, threads=1, device="cpu", vision_width=64, vision_layers=1,
-                           llm_width=128, llm_layers=1)
+                           stage2_epochs=1, stage2_batch=6, eval_items=0, threads=1, device="cpu", vision_width=64,
+                           vision_layers=1, llm_width=128, llm_layers=1)
 
 
 def test_tiny_recipe_run_is_deterministic_and_loadable(tmp_path: Path) -> None:
@@ -171,8 +170,8 @@ def test_ci_installs_the_training_and_evaluation_fonts() -> None:
     syn.check_fonts()
 
 
-def _tiny_model(tmp_path: Path, width: int = 64):
-    cfg = demo.DemoConfig(output=str(tmp_path), vision_width=width, vision_layers=1, llm_width=128, llm_layers=1)
+def _tiny_model(tmp_path: Path):
+    cfg = demo.DemoConfig(output=str(tmp_path), vision_width=64, vision_layers=1, llm_width=128, llm_layers=1)
     init = tmp_path / "init"
     demo.write_configs(init, cfg, demo.write_tokenizer(init))
     return demo.build_model(init, 0), cfg

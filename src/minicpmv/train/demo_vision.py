@@ -144,12 +144,20 @@ def whitened_patch_init(model: MiniCPMV, rng: random.Random, pictures: int = 96)
     conv.bias[:width].copy_((-weight @ mean).to(conv.bias.dtype))
 
 
-def shape_warmup(model: MiniCPMV, heads: DenseHeads, cfg: Any, device: torch.device) -> float:
+def _clipped_step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor) -> None:
+    """One optimizer step on ``loss`` with the gradient norm clipped to 1."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
+def shape_warmup(model: MiniCPMV, heads: DenseHeads, cfg: Any, device: torch.device) -> None:
     """Train the tower on one target first: the shape of the object under each patch, on shapes
     pictures, at a constant rate. Mixed with every other head from the start, the shape heads
     stayed at the majority class for 1,000 steps; alone they reach 47% in 350 steps (measured),
-    and the multi-task phase then starts from a tower that already sees outlines. Returns the
-    final running accuracy."""
+    and the multi-task phase then starts from a tower that already sees outlines (the running
+    accuracy is logged)."""
     head = heads.patch["shape"]
     params = list(model.vpm.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.shape_warmup_lr, weight_decay=0.05)
@@ -163,15 +171,11 @@ def shape_warmup(model: MiniCPMV, heads: DenseHeads, cfg: Any, device: torch.dev
             patches = model.vpm.encode_slices(pixels, tgt, batch_size=len(pixels))  # [B, L, Dv]
         logits = head(patches.float())  # [B, L, C]
         loss = _ce(logits, target, 0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _clipped_step(opt, params, loss)
         running = 0.95 * running + 0.05 * _acc(logits, target, 0).item()
         if step % 50 == 0 or step == cfg.shape_warmup_steps - 1:
             log.info("stage 1 shape warm-up step %d/%d loss %.3f shape %.3f", step, cfg.shape_warmup_steps,
                      loss.item(), running)
-    return running
 
 
 def pretrain_vision(model: MiniCPMV, cfg: Any, device: torch.device) -> dict[str, float]:
@@ -194,10 +198,7 @@ def pretrain_vision(model: MiniCPMV, cfg: Any, device: torch.device) -> dict[str
             feats = model.resampler(patches, tgt, None)  # [B, Q, H]
             parts = heads(patches, feats, labels)
         loss = sum(v * HEAD_WEIGHTS.get(k, 1.0) for k, v in parts.items() if not k.endswith("_acc"))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _clipped_step(opt, params, loss)
         sched.step()
         for k, v in parts.items():
             if not torch.isnan(v):
