@@ -6,7 +6,8 @@ q8_0 and q4_0. For each file, in ``--rounds`` interleaved rounds:
 
 * this package: the file loaded as ``minicpmv.load`` loads a GGUF (bf16: the native bf16 GEMV, or
   prepacked oneDNN; Q8_0: grouped int8 and Q6_K: its blocks, on the native kernels, exactly, else
-  dequantized to bf16; also requantized to int8 with ``quantize="int8"``; Q4_0: int4 group 32, exactly),
+  dequantized to bf16; also requantized to int8 with ``quantize="int8"``; Q4_0: int4 group 32, the
+  weights exact, multiplied at decode with Q8_0 activation blocks as llama.cpp multiplies them),
   ``--prompt`` prompt positions prefilled, then ``--tokens`` decode steps with the engine;
 * llama.cpp: ``llama-bench -m FILE -p PROMPT -n TOKENS -d PROMPT -t THREADS`` (prefill of the prompt,
   decode after a prompt of the same depth), when ``LLAMA_BENCH`` names an already-built binary.

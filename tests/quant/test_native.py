@@ -61,8 +61,64 @@ def test_q4_gemv_matches_the_dequantized_weight(group: int, k: int, zeros: bool)
     w = dequantize_weight(st, QuantSpec(4, group), torch.float32)  # [33, k]
     for m in (1, 4):
         x = torch.randn(m, k, generator=g)
-        assert _rel(OPS.q4_gemv(x, st["qweight"], s, z), x.double() @ w.double().t()) < 1e-4
+        # symmetric group 32 (GGUF's Q4_0) takes llama.cpp's 8-bit activations; the rest 16 bits
+        ref = x.double() @ w.double().t() if zeros or group != 32 else _q8_0_reference(x, q, s)
+        assert _rel(OPS.q4_gemv(x, st["qweight"], s, z), ref) < 1e-4
     assert torch.equal(OPS.q4_dequant(st["qweight"], s, z, torch.float32), w)
+
+
+def _q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's quantize_row_q8_0 on x86: per 32 values d = amax / 127 stored as float16,
+    q = round(x * (127 / amax)), ties to even. Returns (q [M, K], d [M, K/32])."""
+    blocks = x.float().reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inv)  # torch.round: half to even
+    return q.reshape(x.shape), (amax / 127).half().float().squeeze(-1)
+
+
+def _q8_0_reference(x: torch.Tensor, q4: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Q4_0 x Q8_0 as llama.cpp computes it: per block, (s_w * d_x) * sum (q - 8) * xq, in float64."""
+    xq, d = _q8_0(x)
+    sums = torch.einsum("mgj,ngj->mng", xq.double().reshape(x.shape[0], -1, 32),
+                        (q4.double() - 8).reshape(q4.shape[0], -1, 32))  # [M, N, G]
+    scale = s.float().double()[None] * d.double()[:, None]  # [M, N, G]
+    return (sums * scale).sum(-1)
+
+
+@needs_native
+@pytest.mark.parametrize("k", [32, 96, 512, 608, 3584])
+def test_q4_0_weights_meet_activations_as_llama_cpp_q8_0_blocks(k: int) -> None:
+    """Symmetric group-32 weights: the 8-bit activation blocks of llama.cpp (float16 scale, ties
+    to even), so the sums are its sums up to float32 accumulation (1e-6), not merely close to the
+    float product (~1e-3 off); an all-zero block and a NaN are carried through."""
+    g = torch.Generator().manual_seed(k)
+    q = torch.randint(0, 16, (21, k), generator=g, dtype=torch.uint8)
+    s = (torch.rand(21, k // 32, generator=g) / 50).half()
+    x = torch.randn(3, k, generator=g)
+    x[1, :32] = 0  # an all-zero block: d = 0
+    got = OPS.q4_gemv(x, pack_nibbles(q), s, None)
+    ref = _q8_0_reference(x, q, s)
+    assert _rel(got, ref) < 1e-6
+    w = (q.float() - 8) * s.float().repeat_interleave(32, 1)
+    assert _rel(got, x.double() @ w.double().t()) > 1e-5  # really the 8-bit path, not the float one
+    x[2, 5] = float("nan")
+    got = OPS.q4_gemv(x, pack_nibbles(q), s, None)
+    assert got[2].isnan().all() and not got[:2].isnan().any()
+
+
+@needs_native
+def test_q4_gemv_rows_read_in_blocks_equal_rows_read_alone() -> None:
+    """The kernel reads 4 weight rows per activation load; each row's sum is the same bits as
+    when that row is the whole weight (then read alone), for every remainder of a task."""
+    g = torch.Generator().manual_seed(7)
+    k = 608  # 19 groups: the 16-group, 2-group and last-group paths
+    q = pack_nibbles(torch.randint(0, 16, (37, k), generator=g, dtype=torch.uint8))
+    s = (torch.rand(37, k // 32, generator=g) / 50).half()
+    x = torch.randn(3, k, generator=g)
+    full = OPS.q4_gemv(x, q, s, None)  # [3, 37]
+    alone = torch.cat([OPS.q4_gemv(x, q[r:r + 1].contiguous(), s[r:r + 1].contiguous(), None) for r in range(37)], 1)
+    assert torch.equal(full, alone)
 
 
 def _q6k_blocks(n: int, k: int, seed: int) -> torch.Tensor:

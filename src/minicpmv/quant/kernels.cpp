@@ -2,14 +2,17 @@
 // minicpmv/quant/native.py and registered as torch.ops.minicpmv_native.*.
 //
 // Every kernel computes y[M, N] = x[M, K] @ W[N, K]^T for a few rows of x (decoding: M is the batch),
-// reading each weight row once for all M rows, split over rows of W with ATen's thread pool.
+// reading each block of weight rows from memory once for all M rows, split over rows of W with
+// ATen's thread pool.
 // * bf16_gemv: bf16 weights and activations, products summed in float32 (vdpbf16ps).
 // * q8_gemv: int8 weights with one float32 scale per `group` (16 or 32) weights of a row, or per row.
 // * q4_gemv: 4-bit weights, groups of 32, w = (q - 8) * s + z (q in 0..15; nibble pairs: even k low,
 //   odd k high; z absent for symmetric formats such as GGUF's Q4_0), quant/linear.py's int4 storage.
+//   Symmetric weights with one scale per 32 (GGUF's Q4_0) are multiplied as llama.cpp multiplies
+//   them: activations as Q8_0 blocks (8 bits and a float16 scale per 32; vpdpbusd).
 // * q6k_gemv: GGML's Q6_K blocks read as stored (0.82 byte per weight).
 // * q4_dequant / q8_dequant / q6k_dequant: the whole weight, for prefill (where a GEMM runs on it).
-// The integer kernels take activations as 16-bit fixed point per row (x = xq * 2^(e - 15) with
+// The other integer kernels take activations as 16-bit fixed point per row (x = xq * 2^(e - 15) with
 // |x| < 2^e), multiply-add them with vpdpwssd and scale each group's exact int32 partial sums in
 // float32. This file does not choose when the kernels apply (quant/linear.py does).
 #include <ATen/ATen.h>
@@ -22,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VNNI__) || !defined(__AVX512BF16__)
@@ -32,13 +36,24 @@ namespace {
 
 constexpr int64_t kGrain = 16;   // rows of W per task
 
-// y[i, r] = dot(r, i) for every row r of W (tasks of kGrain rows) and row i of x. (Sweeping the
-// columns in L1-sized chunks across a block of rows measured slower: shorter weight streams.)
-template <typename Dot>
-void gemv_rows(int64_t n, int64_t m, float* y, const Dot& dot) {
+// y[i, r] for every row r of W and row i of x, tasks of kGrain rows of W split over threads. Each
+// dot reads kBlock rows of W at once: dot(std::integral_constant<int, R>, r, i, out) writes
+// out[j] = y[i, r + j] for j < R (R = kBlock, or 1 for the rows left at the end of a task). Four
+// rows sharing each activation load doubled the rate on matrices held in cache (bf16 19 -> 38
+// GB/s on a Sapphire Rapids host); read from memory it measured level. Every row's arithmetic is
+// the same whatever R, so results do not depend on where a task's rows fall.
+template <int kBlock = 4, typename Dot>
+void gemv_row_blocks(int64_t n, int64_t m, float* y, const Dot& dot) {
   at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r)
-      for (int64_t i = 0; i < m; ++i) y[i * n + r] = dot(r, i);
+    float out[kBlock];
+    int64_t r = lo;
+    for (; r + kBlock <= hi; r += kBlock)
+      for (int64_t i = 0; i < m; ++i) {
+        dot(std::integral_constant<int, kBlock>{}, r, i, out);
+        for (int j = 0; j < kBlock; ++j) y[i * n + r + j] = out[j];
+      }
+    for (; r < hi; ++r)
+      for (int64_t i = 0; i < m; ++i) dot(std::integral_constant<int, 1>{}, r, i, y + i * n + r);
   });
 }
 
@@ -117,18 +132,29 @@ Scales scales_of(const at::Tensor& s, const char* name) {
   return Scales{nullptr, reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>())};
 }
 
-float dot_bf16(const uint16_t* w, const uint16_t* x, int64_t k) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+// R rows of bf16 weights (`stride` elements apart) against one bf16 row x: out[r] = sum_k w_rk x_k,
+// each row summed in two float32 chains (alternate 32-wide chunks; the tail in the first), an
+// order that gives PyTorch's bf16 linear bit for bit on the layers of the recorded checkpoints.
+template <int R>
+void dot_bf16(const uint16_t* w, int64_t stride, const uint16_t* x, int64_t k, float* out) {
+  __m512 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  auto at = [&](int r, int64_t i) { return (__m512bh)_mm512_loadu_si512(w + r * stride + i); };
   int64_t i = 0;
   for (; i + 64 <= k; i += 64) {
-    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
-    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + i + 32), (__m512bh)_mm512_loadu_si512(x + i + 32));
+    const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + i), x1 = (__m512bh)_mm512_loadu_si512(x + i + 32);
+    for (int r = 0; r < R; ++r) {
+      a0[r] = _mm512_dpbf16_ps(a0[r], at(r, i), x0);
+      a1[r] = _mm512_dpbf16_ps(a1[r], at(r, i + 32), x1);
+    }
   }
   for (; i < k; i += 32) {
     const __mmask32 m = k - i >= 32 ? 0xFFFFFFFFu : ((1u << (k - i)) - 1u);
-    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(m, w + i), (__m512bh)_mm512_maskz_loadu_epi16(m, x + i));
+    const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + i);
+    for (int r = 0; r < R; ++r)
+      a0[r] = _mm512_dpbf16_ps(a0[r], (__m512bh)_mm512_maskz_loadu_epi16(m, w + r * stride + i), xv);
   }
-  return hsum(_mm512_add_ps(a0, a1));
+  for (int r = 0; r < R; ++r) out[r] = hsum(_mm512_add_ps(a0[r], a1[r]));
 }
 
 at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w) {
@@ -139,66 +165,91 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w) {
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
-  gemv_rows(n, m, yp, [&](int64_t r, int64_t i) {
-    return dot_bf16(wp + r * k, xp + i * k, k);
+  gemv_row_blocks(n, m, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
+    dot_bf16<decltype(rows)::value>(wp + r * k, k, xp + i * k, k, out);
   });
   return y;
 }
 
-// Sum over groups of 16 weights: int8 row `w`, fixed-point activations `x`, one scale per group.
-float dot_q8_g16(const int8_t* w, const int16_t* x, Scales s, int64_t groups) {
-  __m512 acc = _mm512_setzero_ps();
-  int64_t g = 0;
-  for (; g + 2 <= groups; g += 2) {  // 32 weights: lanes 0-7 group g, lanes 8-15 group g + 1
-    const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 16)));
-    const __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512(x + g * 16));
-    const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(s[g]), _mm256_set1_ps(s[g + 1]), 1);
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sv, acc);
-  }
-  if (g < groups) {
-    const __m512i wv = _mm512_cvtepi8_epi16(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + g * 16))));
-    const __m512i xv = _mm512_maskz_loadu_epi16(0xFFFFu, x + g * 16);
-    const __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wv, xv);
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(s[g]), acc);
-  }
-  return hsum(acc);
+// int8 row r of a block of R (`stride` weights apart) as 16-bit values: the 32 weights from `at`.
+inline __m512i int8_at(const int8_t* w, int64_t stride, int r, int64_t at) {
+  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * stride + at)));
 }
 
-float dot_q8_g32(const int8_t* w, const int16_t* x, Scales s, int64_t groups) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();  // two chains: hide the FMA latency
+// R rows against fixed-point activations x, one scale per group of 16 weights:
+// out[r] = sum_g s_rg * sum_{k in g} w_rk x_k.
+template <int R>
+void dot_q8_g16(const int8_t* w, int64_t stride, const int16_t* x, const Scales* s, int64_t groups, float* out) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   int64_t g = 0;
-  for (; g + 2 <= groups; g += 2) {
-    const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 32)));
-    const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 32 + 32)));
-    const __m512i p0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(x + g * 32));
-    const __m512i p1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512(x + g * 32 + 32));
-    a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_set1_ps(s[g]), a0);
-    a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_set1_ps(s[g + 1]), a1);
+  for (; g + 2 <= groups; g += 2) {  // 32 weights: lanes 0-7 group g, lanes 8-15 group g + 1
+    const __m512i xv = _mm512_loadu_si512(x + g * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), int8_at(w, stride, r, g * 16), xv);
+      const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(s[r][g]), _mm256_set1_ps(s[r][g + 1]), 1);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sv, acc[r]);
+    }
   }
   if (g < groups) {
-    const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 32)));
-    const __m512i p0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(x + g * 32));
-    a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_set1_ps(s[g]), a0);
+    const __m512i xv = _mm512_maskz_loadu_epi16(0xFFFFu, x + g * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512i wv = _mm512_cvtepi8_epi16(_mm256_castsi128_si256(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * stride + g * 16))));
+      const __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wv, xv);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(s[r][g]), acc[r]);
+    }
   }
-  return hsum(_mm512_add_ps(a0, a1));
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+}
+
+// The same with one scale per 32 weights; two sums per row (even / odd groups).
+template <int R>
+void dot_q8_g32(const int8_t* w, int64_t stride, const int16_t* x, const Scales* s, int64_t groups, float* out) {
+  __m512 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    const __m512i x0 = _mm512_loadu_si512(x + g * 32), x1 = _mm512_loadu_si512(x + g * 32 + 32);
+    for (int r = 0; r < R; ++r) {
+      const __m512i p0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), int8_at(w, stride, r, g * 32), x0);
+      const __m512i p1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), int8_at(w, stride, r, g * 32 + 32), x1);
+      a0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_set1_ps(s[r][g]), a0[r]);
+      a1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_set1_ps(s[r][g + 1]), a1[r]);
+    }
+  }
+  if (g < groups) {
+    const __m512i x0 = _mm512_loadu_si512(x + g * 32);
+    for (int r = 0; r < R; ++r) {
+      const __m512i p0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), int8_at(w, stride, r, g * 32), x0);
+      a0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_set1_ps(s[r][g]), a0[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(_mm512_add_ps(a0[r], a1[r]));
 }
 
 // Per output channel (one scale per row, applied by the caller): exact int32 sums of 32 products
 // each, added in float32.
-float dot_q8_row(const int8_t* w, const int16_t* x, int64_t k) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+template <int R>
+void dot_q8_row(const int8_t* w, int64_t stride, const int16_t* x, int64_t k, float* out) {
+  __m512 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  auto part = [&](int r, int64_t i, __m512i xv) {
+    return _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), int8_at(w, stride, r, i), xv));
+  };
   int64_t i = 0;
   for (; i + 64 <= k; i += 64) {
-    const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i)));
-    const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i + 32)));
-    a0 = _mm512_add_ps(a0, _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(x + i))));
-    a1 = _mm512_add_ps(a1, _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512(x + i + 32))));
+    const __m512i x0 = _mm512_loadu_si512(x + i), x1 = _mm512_loadu_si512(x + i + 32);
+    for (int r = 0; r < R; ++r) {
+      a0[r] = _mm512_add_ps(a0[r], part(r, i, x0));
+      a1[r] = _mm512_add_ps(a1[r], part(r, i + 32, x1));
+    }
   }
   for (; i < k; i += 32) {
-    const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i)));
-    a0 = _mm512_add_ps(a0, _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(x + i))));
+    const __m512i x0 = _mm512_loadu_si512(x + i);
+    for (int r = 0; r < R; ++r) a0[r] = _mm512_add_ps(a0[r], part(r, i, x0));
   }
-  return hsum(_mm512_add_ps(a0, a1));
+  for (int r = 0; r < R; ++r) out[r] = hsum(_mm512_add_ps(a0[r], a1[r]));
 }
 
 at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, int64_t group) {
@@ -212,8 +263,10 @@ at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
     auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
     const int8_t* qp = q.data_ptr<int8_t>();
     float* yp = y.data_ptr<float>();
-    gemv_rows(n, m, yp, [&](int64_t r, int64_t i) {
-      return dot_q8_row(qp + r * k, xq.q.data() + i * k, k) * (sc[r] * xq.step[i]);
+    gemv_row_blocks(n, m, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
+      constexpr int R = decltype(rows)::value;
+      dot_q8_row<R>(qp + r * k, k, xq.q.data() + i * k, k, out);
+      for (int j = 0; j < R; ++j) out[j] *= sc[r + j] * xq.step[i];
     });
     return y;
   }
@@ -229,9 +282,12 @@ at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   const int8_t* qp = q.data_ptr<int8_t>();
   const int16_t* xp = xq.q.data();
   float* yp = y.data_ptr<float>();
-  gemv_rows(n, m, yp, [&](int64_t r, int64_t i) {
-    const Scales sr = sc.row(r, groups);
-    return group == 16 ? dot_q8_g16(qp + r * k, xp + i * k, sr, groups) : dot_q8_g32(qp + r * k, xp + i * k, sr, groups);
+  gemv_row_blocks(n, m, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
+    constexpr int R = decltype(rows)::value;
+    Scales sr[R];
+    for (int j = 0; j < R; ++j) sr[j] = sc.row(r + j, groups);
+    if (group == 16) dot_q8_g16<R>(qp + r * k, k, xp + i * k, sr, groups, out);
+    else dot_q8_g32<R>(qp + r * k, k, xp + i * k, sr, groups, out);
   });
   for (int64_t i = 0; i < m; ++i)
     for (int64_t r = 0; r < n; ++r) yp[i * n + r] *= step[i];
@@ -244,39 +300,54 @@ __m512 load_scales(Scales s, int64_t g, __mmask16 mk) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, s.f16 + g));
 }
 
-// 4-bit row: bytes b hold weights 2b (low nibble) and 2b + 1 (high); xe/xo are the even/odd
-// activations, 16 of each per group of 32 weights. Returns sum_g s_g * sum_k q_k * x_k.
-float dot_q4(const uint8_t* w, const int16_t* xe, const int16_t* xo, Scales s, int64_t groups, int shift) {
+// R rows of 4-bit weights (`stride` bytes apart) against one row of activations: bytes b hold
+// weights 2b (low nibble) and 2b + 1 (high); xe/xo are the even/odd activations, 16 of each per
+// group of 32 weights. out[r] = sum_g s_rg * sum_k q_rk * x_k. The rows share every activation
+// load: one row at a time reads 4 bytes of activations per byte of weights, which on a wide K
+// (down_proj: 37 KB of activations) no longer stays in L1 beside the weight stream.
+template <int R>
+void dot_q4(const uint8_t* w, int64_t stride, const int16_t* xe, const int16_t* xo, const Scales* s, int64_t groups,
+            int shift, float* out) {
   const __m512i low = _mm512_set1_epi16(0x0F);
-  __m512 acc = _mm512_setzero_ps();
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  // 32 bytes (64 weights, groups g and g + 1) of row r, nibble products summed per 32-bit lane
+  auto nibbles = [&](int r, int64_t g, __m512i e, __m512i o) {
+    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * stride + g * 16)));
+    return _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, low), e),
+                               _mm512_srli_epi16(b, 4), o);
+  };
   int64_t g = 0;
-  if (shift == 0) {  // one scale per 32 weights (GGUF's Q4_0 / Q4_K): 16 scales loaded at once
+  if (shift == 0) {  // one scale per 32 weights (GGUF's Q4_K, int4 group 32): 16 scales loaded at once
     for (; g + 16 <= groups; g += 16) {
-      const __m512 s16 = load_scales(s, g, 0xFFFF);
+      __m512 s16[R];
+      for (int r = 0; r < R; ++r) s16[r] = load_scales(s[r], g, 0xFFFF);
       for (int j = 0; j < 8; ++j) {
         const int64_t gg = g + 2 * j;
-        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + gg * 16)));
-        __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, low), _mm512_loadu_si512(xe + gg * 16));
-        p = _mm512_dpwssd_epi32(p, _mm512_srli_epi16(b, 4), _mm512_loadu_si512(xo + gg * 16));
+        const __m512i e = _mm512_loadu_si512(xe + gg * 16), o = _mm512_loadu_si512(xo + gg * 16);
         const __m512i pick = _mm512_inserti64x4(_mm512_set1_epi32(2 * j), _mm256_set1_epi32(2 * j + 1), 1);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(pick, s16), acc);
+        for (int r = 0; r < R; ++r)
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(nibbles(r, gg, e, o)), _mm512_permutexvar_ps(pick, s16[r]), acc[r]);
       }
     }
   }
-  for (; g + 2 <= groups; g += 2) {  // 64 weights in 32 bytes: lanes 0-7 group g, 8-15 group g + 1
-    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 16)));
-    __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, low), _mm512_loadu_si512(xe + g * 16));
-    p = _mm512_dpwssd_epi32(p, _mm512_srli_epi16(b, 4), _mm512_loadu_si512(xo + g * 16));
-    const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(s[g >> shift]), _mm256_set1_ps(s[(g + 1) >> shift]), 1);
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sv, acc);
+  for (; g + 2 <= groups; g += 2) {  // lanes 0-7 group g, 8-15 group g + 1
+    const __m512i e = _mm512_loadu_si512(xe + g * 16), o = _mm512_loadu_si512(xo + g * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(s[r][g >> shift]), _mm256_set1_ps(s[r][(g + 1) >> shift]), 1);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(nibbles(r, g, e, o)), sv, acc[r]);
+    }
   }
-  if (g < groups) {
-    const __m512i b = _mm512_cvtepu8_epi16(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + g * 16))));
-    __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, low), _mm512_maskz_loadu_epi16(0xFFFFu, xe + g * 16));
-    p = _mm512_dpwssd_epi32(p, _mm512_srli_epi16(b, 4), _mm512_maskz_loadu_epi16(0xFFFFu, xo + g * 16));
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(s[g >> shift]), acc);
+  if (g < groups) {  // the last group alone: 16 bytes
+    const __m512i e = _mm512_maskz_loadu_epi16(0xFFFFu, xe + g * 16), o = _mm512_maskz_loadu_epi16(0xFFFFu, xo + g * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512i b = _mm512_cvtepu8_epi16(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * stride + g * 16))));
+      __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, low), e);
+      p = _mm512_dpwssd_epi32(p, _mm512_srli_epi16(b, 4), o);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(s[r][g >> shift]), acc[r]);
+    }
   }
-  return hsum(acc);
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
 }
 
 // sum_g (z_g - 8 s_g) * xsum_g: the offset part of w = (q - 8) * s + z (z absent: zero).
@@ -302,6 +373,96 @@ int q4_shift(int64_t k, int64_t groups, const char* name) {
   return 0;
 }
 
+// Activations as GGML's Q8_0 blocks, what llama.cpp multiplies Q4_0 weights with: per 32 values,
+// d = amax / 127 kept as float16 and q = round(x * 127 / amax) (ties to even, as its x86 code
+// rounds). even / odd: the block's even and odd k, 16 each (the nibble order of the weights);
+// dsum: d times the sum of the block's q (the share of the weights' "- 8"). A block holding NaN
+// or an infinity gets d = NaN, which the row's result then carries.
+struct Q8Blocks {
+  std::vector<int8_t> even, odd;  // [M, K/2]
+  std::vector<float> d, dsum;     // [M, K/32]
+};
+
+Q8Blocks q8_0_blocks(const at::Tensor& x) {
+  const int64_t m = x.size(0), k = x.size(1), groups = k / 32;
+  const auto xf = x.to(at::kFloat).contiguous();
+  const float* xp = xf.data_ptr<float>();
+  Q8Blocks b{std::vector<int8_t>(m * k / 2), std::vector<int8_t>(m * k / 2), std::vector<float>(m * groups),
+             std::vector<float>(m * groups)};
+  const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
+  for (int64_t g = 0; g < m * groups; ++g) {
+    const __m512 lo = _mm512_loadu_ps(xp + 32 * g), hi = _mm512_loadu_ps(xp + 32 * g + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    const bool bad = _mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q);
+    if (bad || !std::isfinite(amax)) {
+      b.d[g] = b.dsum[g] = NAN;  // even / odd stay zero
+      continue;
+    }
+    const __m512 id = _mm512_set1_ps(amax != 0.f ? 127.f / amax : 0.f);
+    constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m512i qlo = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(lo, id), kRound));
+    const __m512i qhi = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(hi, id), kRound));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(b.even.data() + 16 * g), _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(qlo, evens, qhi)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(b.odd.data() + 16 * g), _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(qlo, odds, qhi)));
+    b.d[g] = _cvtsh_ss(_cvtss_sh(amax / 127.f, _MM_FROUND_TO_NEAREST_INT));
+    b.dsum[g] = b.d[g] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
+  }
+  return b;
+}
+
+// R rows of symmetric 4-bit weights, one scale per 32 (GGUF's Q4_0), against one row of Q8_0
+// blocks: out[r] = sum_g s_rg d_g sum_k q_rk xq_k. 64 bytes of a row (4 groups) per step: low and
+// high nibbles times the even and odd activations with vpdpbusd (u8 x s8, 4 products per lane).
+template <int R>
+void dot_q4_q8(const uint8_t* w, int64_t stride, const int8_t* xe, const int8_t* xo, const float* xd, const Scales* s,
+               int64_t groups, float* out) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512i pick[4];  // chunk c of 16 groups: lane j sums bytes 4j..4j+3, in group 4c + j / 4
+  for (int c = 0; c < 4; ++c)
+    pick[c] = _mm512_set_epi32(4 * c + 3, 4 * c + 3, 4 * c + 3, 4 * c + 3, 4 * c + 2, 4 * c + 2, 4 * c + 2, 4 * c + 2,
+                               4 * c + 1, 4 * c + 1, 4 * c + 1, 4 * c + 1, 4 * c, 4 * c, 4 * c, 4 * c);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; g += 16) {
+    const int64_t left = std::min<int64_t>(16, groups - g);
+    const __mmask16 mk = left == 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1u);
+    const __m512 d16 = _mm512_maskz_loadu_ps(mk, xd + g);
+    __m512 s16[R];
+    for (int r = 0; r < R; ++r) s16[r] = _mm512_mul_ps(load_scales(s[r], g, mk), d16);
+    for (int c = 0; c < 4 && 4 * c < left; ++c) {
+      const int64_t at = (g + 4 * c) * 16, n4 = std::min<int64_t>(4, left - 4 * c);
+      const __mmask64 bm = n4 == 4 ? ~__mmask64{0} : (__mmask64{1} << (16 * n4)) - 1;
+      const __m512i e = _mm512_maskz_loadu_epi8(bm, xe + at), o = _mm512_maskz_loadu_epi8(bm, xo + at);
+      for (int r = 0; r < R; ++r) {
+        const __m512i b = _mm512_maskz_loadu_epi8(bm, w + r * stride + at);
+        __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, low), e);
+        p = _mm512_dpbusd_epi32(p, _mm512_and_si512(_mm512_srli_epi16(b, 4), low), o);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(pick[c], s16[r]), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+}
+
+// q4_gemv for symmetric group-32 weights: activations as Q8_0 blocks (llama.cpp's arithmetic).
+at::Tensor q4_q8_gemv(const at::Tensor& x, const at::Tensor& q, Scales sc) {
+  const int64_t m = x.size(0), k = x.size(1), n = q.size(0), groups = k / 32;
+  const Q8Blocks xb = q8_0_blocks(x);
+  auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  gemv_row_blocks(n, m, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
+    constexpr int R = decltype(rows)::value;
+    Scales sr[R];
+    for (int j = 0; j < R; ++j) sr[j] = sc.row(r + j, groups);
+    dot_q4_q8<R>(qp + r * k / 2, k / 2, xb.even.data() + i * k / 2, xb.odd.data() + i * k / 2, xb.d.data() + i * groups,
+                 sr, groups, out);
+    for (int j = 0; j < R; ++j) out[j] += offset_q4(sr[j], nullptr, xb.dsum.data() + i * groups, groups);
+  });
+  return y;
+}
+
 at::Tensor q4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const c10::optional<at::Tensor>& z) {
   const int64_t m = x.size(0), k = x.size(1), n = q.size(0), groups = s.size(1);
   check_rows(x, q, k / 2, "q4_gemv");
@@ -313,6 +474,7 @@ at::Tensor q4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
     TORCH_CHECK(z->is_contiguous() && z->scalar_type() == at::kFloat && z->sizes() == s.sizes(), "q4_gemv: zeros must be float32 like scales");
     zp = z->data_ptr<float>();
   }
+  if (!zp && shift == 0) return q4_q8_gemv(x, q, sc);
   const FixedRows xq = fixed_rows(x);
   const std::vector<float>& step = xq.step;
   std::vector<float> xsum(m * groups);  // [M, G]
@@ -332,8 +494,11 @@ at::Tensor q4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   const float* xs = xsum.data();
   const int16_t *ep = xe.data(), *op = xo.data();
   float* yp = y.data_ptr<float>();
-  gemv_rows(n, m, yp, [&](int64_t r, int64_t i) {
-    return dot_q4(qp + r * k / 2, ep + i * k / 2, op + i * k / 2, sc.row(r, groups), k / 32, shift);
+  gemv_row_blocks(n, m, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
+    constexpr int R = decltype(rows)::value;
+    Scales sr[R];
+    for (int j = 0; j < R; ++j) sr[j] = sc.row(r + j, groups);
+    dot_q4<R>(qp + r * k / 2, k / 2, ep + i * k / 2, op + i * k / 2, sr, k / 32, shift, out);
   });
   at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r)
@@ -343,6 +508,7 @@ at::Tensor q4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   });
   return y;
 }
+
 
 // Whole weights for prefill (a GEMM then runs on them): [N, K] in bf16 (rounded to nearest even,
 // as a cast does) or float32.
@@ -427,40 +593,55 @@ __m256i q6_part(__m256i a, __m256i b, __m256i h, int p) {
   return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
 }
 
-// sum over one row of Q6_K blocks of w * x (x as 16-bit fixed point). Per half, parts 0+1 and
-// 2+3 are decoded 64 at a time; the "- 32" of every weight is folded into one offset per block:
-// d * sum_j sc_j * (sum_{16 weights of j} q x - 32 * sum_{16 of j} x).
-float dot_q6k(const uint8_t* w, const int16_t* x, const float* xsum16, int64_t blocks) {
+// Q6_K: R rows of blocks (`stride` bytes apart) against x (16-bit fixed point): out[r] = sum w_rk x_k.
+// Per half block, parts 0+1 and 2+3 are decoded 64 at a time; the "- 32" of every weight is folded
+// into one offset per block: d * sum_j sc_j * (sum_{16 weights of j} q x - 32 * sum_{16 of j} x).
+template <int R>
+void dot_q6k(const uint8_t* w, int64_t stride, const int16_t* x, const float* xsum16, int64_t blocks, float* out) {
   const __m512i nib = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(0x03);
   // scale index per lane for part p of half h: lanes 0-7 -> 8h + 2p, lanes 8-15 -> 8h + 2p + 1
   __m512i idx[8];
   for (int hp = 0; hp < 8; ++hp)
     idx[hp] = _mm512_set_epi32(2 * hp + 1, 2 * hp + 1, 2 * hp + 1, 2 * hp + 1, 2 * hp + 1, 2 * hp + 1, 2 * hp + 1,
                                2 * hp + 1, 2 * hp, 2 * hp, 2 * hp, 2 * hp, 2 * hp, 2 * hp, 2 * hp, 2 * hp);
-  __m512 acc = _mm512_setzero_ps();
+  __m512 acc[R], sc[R], part_acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t blk = 0; blk < blocks; ++blk, w += kQ6Block, x += 256, xsum16 += 16) {
-    const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 192))));
-    uint16_t dh;
-    std::memcpy(&dh, w + 208, 2);
-    __m512 part_acc = _mm512_mul_ps(_mm512_mul_ps(sc, _mm512_loadu_ps(xsum16)), _mm512_set1_ps(-32.f));
+    const __m512 xs = _mm512_mul_ps(_mm512_loadu_ps(xsum16), _mm512_set1_ps(-32.f));
+    for (int r = 0; r < R; ++r) {
+      sc[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * stride + 192))));
+      part_acc[r] = _mm512_mul_ps(sc[r], xs);
+    }
     for (int h = 0; h < 2; ++h) {
-      const __m512i ab = _mm512_loadu_si512(w + 64 * h);  // low nibbles of parts 0|1 (low) and 2|3 (high)
-      const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 128 + 32 * h));
-      const __m512i h01 = _mm512_inserti64x4(_mm512_castsi256_si512(hb), _mm256_srli_epi16(hb, 2), 1);
-      const __m512i q01 = _mm512_or_si512(_mm512_and_si512(ab, nib), _mm512_slli_epi16(_mm512_and_si512(h01, two), 4));
-      const __m512i q23 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ab, 4), nib),
-                                          _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h01, 4), two), 4));
-      const __m256i parts[4] = {_mm512_castsi512_si256(q01), _mm512_extracti64x4_epi64(q01, 1),
-                                _mm512_castsi512_si256(q23), _mm512_extracti64x4_epi64(q23, 1)};
+      __m256i parts[R][4];
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* wr = w + r * stride;
+        const __m512i ab = _mm512_loadu_si512(wr + 64 * h);  // low nibbles of parts 0|1 (low) and 2|3 (high)
+        const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 128 + 32 * h));
+        const __m512i h01 = _mm512_inserti64x4(_mm512_castsi256_si512(hb), _mm256_srli_epi16(hb, 2), 1);
+        const __m512i q01 = _mm512_or_si512(_mm512_and_si512(ab, nib), _mm512_slli_epi16(_mm512_and_si512(h01, two), 4));
+        const __m512i q23 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ab, 4), nib),
+                                            _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h01, 4), two), 4));
+        parts[r][0] = _mm512_castsi512_si256(q01);
+        parts[r][1] = _mm512_extracti64x4_epi64(q01, 1);
+        parts[r][2] = _mm512_castsi512_si256(q23);
+        parts[r][3] = _mm512_extracti64x4_epi64(q23, 1);
+      }
       for (int p = 0; p < 4; ++p) {
-        const __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_cvtepu8_epi16(parts[p]),
-                                              _mm512_loadu_si512(x + 128 * h + 32 * p));
-        part_acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(idx[4 * h + p], sc), part_acc);
+        const __m512i xv = _mm512_loadu_si512(x + 128 * h + 32 * p);
+        for (int r = 0; r < R; ++r) {
+          const __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_cvtepu8_epi16(parts[r][p]), xv);
+          part_acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(idx[4 * h + p], sc[r]), part_acc[r]);
+        }
       }
     }
-    acc = _mm512_fmadd_ps(part_acc, _mm512_set1_ps(_cvtsh_ss(dh)), acc);
+    for (int r = 0; r < R; ++r) {
+      uint16_t dh;
+      std::memcpy(&dh, w + r * stride + 208, 2);
+      acc[r] = _mm512_fmadd_ps(part_acc[r], _mm512_set1_ps(_cvtsh_ss(dh)), acc[r]);
+    }
   }
-  return hsum(acc);
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
 }
 
 at::Tensor q6k_gemv(const at::Tensor& x, const at::Tensor& q) {
@@ -476,8 +657,9 @@ at::Tensor q6k_gemv(const at::Tensor& x, const at::Tensor& q) {
   const int16_t* xp = xq.q.data();
   const float* sp = xsum16.data();
   float* yp = y.data_ptr<float>();
-  gemv_rows(n, m, yp, [&](int64_t r, int64_t i) {
-    return dot_q6k(qp + r * blocks * kQ6Block, xp + i * k, sp + i * k / 16, blocks);
+  // one row at a time: decoding Q6_K keeps the registers busy (2 or 4 rows at once measured slower)
+  gemv_row_blocks<1>(n, m, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
+    dot_q6k<decltype(rows)::value>(qp + r * blocks * kQ6Block, blocks * kQ6Block, xp + i * k, sp + i * k / 16, blocks, out);
   });
   for (int64_t i = 0; i < m; ++i)
     for (int64_t r = 0; r < n; ++r) yp[i * n + r] *= step[i];
