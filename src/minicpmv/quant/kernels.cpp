@@ -22,6 +22,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -123,6 +124,12 @@ struct Scales {
   const uint16_t* f16 = nullptr;
   float operator[](int64_t i) const { return f32 ? f32[i] : _cvtsh_ss(f16[i]); }
   Scales row(int64_t r, int64_t len) const { return f32 ? Scales{f32 + r * len, nullptr} : Scales{nullptr, f16 + r * len}; }
+  template <int R>
+  std::array<Scales, R> rows(int64_t r, int64_t len) const {  // rows r .. r + R - 1
+    std::array<Scales, R> out;
+    for (int j = 0; j < R; ++j) out[j] = row(r + j, len);
+    return out;
+  }
 };
 
 Scales scales_of(const at::Tensor& s, const char* name) {
@@ -284,10 +291,9 @@ at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   float* yp = y.data_ptr<float>();
   gemv_row_blocks(n, m, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
     constexpr int R = decltype(rows)::value;
-    Scales sr[R];
-    for (int j = 0; j < R; ++j) sr[j] = sc.row(r + j, groups);
-    if (group == 16) dot_q8_g16<R>(qp + r * k, k, xp + i * k, sr, groups, out);
-    else dot_q8_g32<R>(qp + r * k, k, xp + i * k, sr, groups, out);
+    const auto sr = sc.rows<R>(r, groups);
+    if (group == 16) dot_q8_g16<R>(qp + r * k, k, xp + i * k, sr.data(), groups, out);
+    else dot_q8_g32<R>(qp + r * k, k, xp + i * k, sr.data(), groups, out);
   });
   for (int64_t i = 0; i < m; ++i)
     for (int64_t r = 0; r < n; ++r) yp[i * n + r] *= step[i];
@@ -454,10 +460,9 @@ at::Tensor q4_q8_gemv(const at::Tensor& x, const at::Tensor& q, Scales sc) {
   float* yp = y.data_ptr<float>();
   gemv_row_blocks(n, m, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
     constexpr int R = decltype(rows)::value;
-    Scales sr[R];
-    for (int j = 0; j < R; ++j) sr[j] = sc.row(r + j, groups);
+    const auto sr = sc.rows<R>(r, groups);
     dot_q4_q8<R>(qp + r * k / 2, k / 2, xb.even.data() + i * k / 2, xb.odd.data() + i * k / 2, xb.d.data() + i * groups,
-                 sr, groups, out);
+                 sr.data(), groups, out);
     for (int j = 0; j < R; ++j) out[j] += offset_q4(sr[j], nullptr, xb.dsum.data() + i * groups, groups);
   });
   return y;
@@ -496,9 +501,8 @@ at::Tensor q4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   float* yp = y.data_ptr<float>();
   gemv_row_blocks(n, m, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
     constexpr int R = decltype(rows)::value;
-    Scales sr[R];
-    for (int j = 0; j < R; ++j) sr[j] = sc.row(r + j, groups);
-    dot_q4<R>(qp + r * k / 2, k / 2, ep + i * k / 2, op + i * k / 2, sr, k / 32, shift, out);
+    const auto sr = sc.rows<R>(r, groups);
+    dot_q4<R>(qp + r * k / 2, k / 2, ep + i * k / 2, op + i * k / 2, sr.data(), k / 32, shift, out);
   });
   at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r)
