@@ -91,7 +91,7 @@ def _q8_0_reference(x: torch.Tensor, q4: torch.Tensor, s: torch.Tensor) -> torch
 def test_q4_0_weights_meet_activations_as_llama_cpp_q8_0_blocks(k: int) -> None:
     """Symmetric group-32 weights: the 8-bit activation blocks of llama.cpp (float16 scale, ties
     to even), so the sums are its sums up to float32 accumulation (1e-6), not merely close to the
-    float product (~1e-3 off); an all-zero block and a NaN are carried through."""
+    float product (about 0.5% off); an all-zero block and a NaN are carried through."""
     g = torch.Generator().manual_seed(k)
     q = torch.randint(0, 16, (21, k), generator=g, dtype=torch.uint8)
     s = (torch.rand(21, k // 32, generator=g) / 50).half()
@@ -108,17 +108,42 @@ def test_q4_0_weights_meet_activations_as_llama_cpp_q8_0_blocks(k: int) -> None:
 
 
 @needs_native
-def test_q4_gemv_rows_read_in_blocks_equal_rows_read_alone() -> None:
+@pytest.mark.parametrize("zeros", [False, True])  # the Q8_0 path / the 16-bit path
+def test_q4_gemv_rows_read_in_blocks_equal_rows_read_alone(zeros: bool) -> None:
     """The kernel reads 4 weight rows per activation load; each row's sum is the same bits as
     when that row is the whole weight (then read alone), for every remainder of a task."""
     g = torch.Generator().manual_seed(7)
-    k = 608  # 19 groups: the 16-group, 2-group and last-group paths
+    k = 608  # 19 groups: full and partial chunks of 16 groups, pairs and a last single group
     q = pack_nibbles(torch.randint(0, 16, (37, k), generator=g, dtype=torch.uint8))
     s = (torch.rand(37, k // 32, generator=g) / 50).half()
+    z = torch.randn(37, k // 32, generator=g) / 50 if zeros else None
+    if zeros:
+        s = s.float()
     x = torch.randn(3, k, generator=g)
-    full = OPS.q4_gemv(x, q, s, None)  # [3, 37]
-    alone = torch.cat([OPS.q4_gemv(x, q[r:r + 1].contiguous(), s[r:r + 1].contiguous(), None) for r in range(37)], 1)
+    full = OPS.q4_gemv(x, q, s, z)  # [3, 37]
+    alone = torch.cat([OPS.q4_gemv(x, q[r:r + 1].contiguous(), s[r:r + 1].contiguous(),
+                                   None if z is None else z[r:r + 1].contiguous()) for r in range(37)], 1)
     assert torch.equal(full, alone)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["bf16", "q8_g16", "q8_g32", "q8_channel"])
+def test_bf16_and_int8_rows_read_in_blocks_equal_rows_read_alone(kind: str) -> None:
+    """The same for the bf16 and int8 kernels (37 rows: blocks of 4 and the rest of each task)."""
+    g = torch.Generator().manual_seed(8)
+    n, k = 37, 608
+    x = torch.randn(2, k, generator=g)
+    if kind == "bf16":
+        w = torch.randn(n, k, generator=g).bfloat16()
+        def run(rows: slice) -> torch.Tensor:
+            return OPS.bf16_gemv(x.bfloat16(), w[rows].contiguous())
+    else:
+        group = {"q8_g16": 16, "q8_g32": 32, "q8_channel": 0}[kind]
+        q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        s = torch.rand((n, k // group) if group else (n,), generator=g) / 50
+        def run(rows: slice) -> torch.Tensor:
+            return OPS.q8_gemv(x, q[rows].contiguous(), s[rows].contiguous(), group)
+    assert torch.equal(run(slice(None)), torch.cat([run(slice(r, r + 1)) for r in range(n)], 1))
 
 
 def _q6k_blocks(n: int, k: int, seed: int) -> torch.Tensor:
