@@ -60,12 +60,15 @@ void gemv_row_blocks(int64_t n, int64_t m, float* y, const Dot& dot) {
 
 float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
+// The first min(n, 16) of 16 lanes (loads and stores at the end of a row).
+__mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1u); }
+
 // One row of activations as 16-bit fixed point: returns the step 2^(e - 15).
 float to_fixed(const float* x, int64_t k, int16_t* out) {
   __m512 vmax = _mm512_setzero_ps();
   __mmask16 nan = 0;
   for (int64_t i = 0; i < k; i += 16) {
-    const __mmask16 mk = k - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1u);
+    const __mmask16 mk = first_lanes(k - i);
     const __m512 v = _mm512_maskz_loadu_ps(mk, x + i);
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
@@ -80,7 +83,7 @@ float to_fixed(const float* x, int64_t k, int16_t* out) {
   const float step = std::ldexp(1.f, e - 15);
   const __m512 inv = _mm512_set1_ps(1.f / step), lim = _mm512_set1_ps(32767.f);  // a power of two: exact
   for (int64_t i = 0; i < k; i += 16) {
-    const __mmask16 mk = k - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1u);
+    const __mmask16 mk = first_lanes(k - i);
     __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + i), inv),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // ties to even
     q = _mm512_min_ps(_mm512_max_ps(q, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
@@ -317,11 +320,14 @@ void dot_q4(const uint8_t* w, int64_t stride, const int16_t* xe, const int16_t* 
   const __m512i low = _mm512_set1_epi16(0x0F);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  // 32 bytes (64 weights, groups g and g + 1) of row r, nibble products summed per 32-bit lane
-  auto nibbles = [&](int r, int64_t g, __m512i e, __m512i o) {
-    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * stride + g * 16)));
+  // nibble products of weight bytes (as 16-bit values) with the even / odd activations, per 32-bit lane
+  auto products = [&](__m512i b, __m512i e, __m512i o) {
     return _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, low), e),
                                _mm512_srli_epi16(b, 4), o);
+  };
+  // 32 bytes (64 weights, groups g and g + 1) of row r
+  auto nibbles = [&](int r, int64_t g, __m512i e, __m512i o) {
+    return products(_mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * stride + g * 16))), e, o);
   };
   int64_t g = 0;
   if (shift == 0) {  // one scale per 32 weights (GGUF's Q4_K, int4 group 32): 16 scales loaded at once
@@ -347,9 +353,8 @@ void dot_q4(const uint8_t* w, int64_t stride, const int16_t* xe, const int16_t* 
   if (g < groups) {  // the last group alone: 16 bytes
     const __m512i e = _mm512_maskz_loadu_epi16(0xFFFFu, xe + g * 16), o = _mm512_maskz_loadu_epi16(0xFFFFu, xo + g * 16);
     for (int r = 0; r < R; ++r) {
-      const __m512i b = _mm512_cvtepu8_epi16(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * stride + g * 16))));
-      __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, low), e);
-      p = _mm512_dpwssd_epi32(p, _mm512_srli_epi16(b, 4), o);
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * stride + g * 16));
+      const __m512i p = products(_mm512_cvtepu8_epi16(_mm256_castsi128_si256(bytes)), e, o);
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(s[r][g >> shift]), acc[r]);
     }
   }
@@ -361,7 +366,7 @@ float offset_q4(Scales s, const float* z, const float* xs, int64_t groups) {
   __m512 acc = _mm512_setzero_ps();
   const __m512 eight = _mm512_set1_ps(8.f);
   for (int64_t g = 0; g < groups; g += 16) {
-    const __mmask16 mk = groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g)) - 1u);
+    const __mmask16 mk = first_lanes(groups - g);
     const __m512 zv = z ? _mm512_maskz_loadu_ps(mk, z + g) : _mm512_setzero_ps();
     const __m512 c = _mm512_fnmadd_ps(eight, load_scales(s, g, mk), zv);  // z - 8 s
     acc = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mk, xs + g), acc);
@@ -432,7 +437,7 @@ void dot_q4_q8(const uint8_t* w, int64_t stride, const int8_t* xe, const int8_t*
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; g += 16) {
     const int64_t left = std::min<int64_t>(16, groups - g);
-    const __mmask16 mk = left == 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1u);
+    const __mmask16 mk = first_lanes(left);
     const __m512 d16 = _mm512_maskz_loadu_ps(mk, xd + g);
     __m512 s16[R];
     for (int r = 0; r < R; ++r) s16[r] = _mm512_mul_ps(load_scales(s[r], g, mk), d16);
