@@ -81,7 +81,7 @@ def llama_once(binary: str, gguf: Path, image: Path, threads: int) -> dict[str, 
     ms = [int(m) for m in SLICE_LINE.findall(done.stdout + done.stderr)]
     if done.returncode != 0 or not ms:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f"llama-mtmd-cli failed (exit {done.returncode}): {' | '.join(tail)}")
+        raise RuntimeError(f"llama-mtmd-cli failed (exit {done.returncode}): {' | '.join(tail) or 'no output'}")
     return {"seconds": sum(ms) / 1e3, "slices": len(ms)}
 
 
@@ -111,9 +111,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.ours_once:
         print(json.dumps(ours_once(*args.ours_once, args.threads)))
         return 0
+    binary = os.environ.get("LLAMA_MTMD")
+    if binary and not os.access(binary, os.X_OK):
+        print(f"bench_mmproj.py: LLAMA_MTMD={binary} is not an executable file (build llama-mtmd-cli first)")
+        return 2
+    try:
+        return _run(args, binary)
+    except (RuntimeError, subprocess.SubprocessError, OSError) as e:
+        print(f"bench_mmproj.py: {e}")
+        return 1
+
+
+def _run(args: argparse.Namespace, binary: str | None) -> int:
     import torch
 
-    binary = os.environ.get("LLAMA_MTMD")
     ckpt, gguf, image = prepare(args.cache_dir, args.llm_layers, args.image_size)
     print(f"{_cpu_name()}, {os.cpu_count()} CPUs, {args.threads} threads; torch {torch.__version__}; "
           f"python {platform.python_version()}; llama-mtmd-cli: {binary or 'not given (LLAMA_MTMD)'}; "
