@@ -80,8 +80,9 @@ def load(
     ``dtype="bfloat16", vision_dtype="float32"``); default: ``dtype``.
     ``quantize="int8"`` / ``"int4"`` quantizes the LLM linear layers (weight-only; int4 in groups of
     ``group_size`` input columns, default 128) while loading; a checkpoint written by
-    ``minicpmv quantize`` loads quantized without it. bf16 LLM layers on CPU are prepacked for
-    oneDNN (faster decoding; not for training; `.to()` / `.float()` afterwards unpack them).
+    ``minicpmv quantize`` loads quantized without it. bf16 linear layers on CPU (LLM, vision,
+    resampler) are prepacked for the native kernels or oneDNN (faster decoding and prefill; not for
+    training; `.to()` / `.float()` afterwards unpack them).
     ``compile=True`` decodes with static shapes through ``torch.compile`` (CUDA graphs on CUDA,
     "reduce-overhead"; "default" elsewhere); a string picks the ``torch.compile`` mode and
     "static" the static-shape step without compiling (``engine/generate.DecodeMode``). Off by default.

@@ -142,6 +142,18 @@ def test_inspect_describes_a_quantized_checkpoint(tmp_path, capsys, args) -> Non
     assert json.loads(capsys.readouterr().out)["quantization"] is None
 
 
+def test_bf16_load_prepacks_the_vision_and_resampler_linears() -> None:
+    """Safetensors in bf16 on a CPU: the vision tower's and resampler's linears are prepacked like
+    the LLM's, each by its own dtype (a float32 vision stays plain)."""
+    cm = minicpmv.load(CKPT["2.6"], dtype="bfloat16")
+    parts = (cm.model.vpm, cm.model.resampler)
+    vision = [m for part in parts for m in part.modules() if isinstance(m, torch.nn.Linear)]
+    assert vision and all(isinstance(m, PackedLinear) == can_prepack(torch.bfloat16, "cpu") for m in vision)
+    mixed = minicpmv.load(CKPT["2.6"], dtype="bfloat16", vision_dtype="float32")
+    assert not any(isinstance(m, PackedLinear) for m in mixed.model.vpm.modules())
+    assert any(isinstance(m, PackedLinear) for m in mixed.model.llm.modules()) == can_prepack(torch.bfloat16, "cpu")
+
+
 def test_prepacked_and_quantized_models_can_be_cast_after_load() -> None:
     packed = minicpmv.load(CKPT["2.6"], dtype="bfloat16")
     if can_prepack(torch.bfloat16, "cpu"):

@@ -58,6 +58,19 @@ def test_f32_export_loads_back_equal(exports: dict, version: str) -> None:
     assert [k for k in src if not torch.equal(src[k], got[k])] == []
 
 
+def test_bf16_gguf_load_prepacks_the_vision_linears_too(exports: dict) -> None:
+    """Loaded in bf16 on a CPU, the vision tower's and resampler's linears are prepacked like the
+    LLM's (their prompt-size GEMMs take the faster bf16 path); with a float32 vision they are not."""
+    from minicpmv.quant.linear import PackedLinear, can_prepack
+
+    cm = minicpmv.load(exports["2.6", "bf16", True], dtype="bfloat16")
+    parts = (cm.model.vpm, cm.model.resampler)
+    vision = [m for part in parts for m in part.modules() if isinstance(m, torch.nn.Linear)]
+    assert vision and all(isinstance(m, PackedLinear) == can_prepack(torch.bfloat16, "cpu") for m in vision)
+    cm = minicpmv.load(exports["2.6", "bf16", True], dtype="bfloat16", vision_dtype="float32")
+    assert not any(isinstance(m, PackedLinear) for m in cm.model.vpm.modules())
+
+
 def test_bf16_export_keeps_the_language_model_exact(exports: dict) -> None:
     src = _state(minicpmv.load(CONF / "2.6" / "_checkpoint", dtype="float32"))
     got = _state(minicpmv.load(exports["2.6", "bf16", True], dtype="float32"))

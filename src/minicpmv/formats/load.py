@@ -10,7 +10,7 @@ GGUF are read by this package's readers and filled in with ``loading.fill_model`
 * int4 storage that maps exactly (AWQ, GGUF Q4_0 / Q4_K language-model linears) becomes
   ``QuantLinear`` layers run by the int4 kernels;
 * every other weight is dequantized to the requested dtype (bitsandbytes nf4/fp4, GGUF Q8_0 /
-  Q5_K / Q6_K ...), the remaining bf16 LLM linears are prepacked for oneDNN, and ``quantize=``
+  Q5_K / Q6_K ...), the remaining bf16 linears (LLM, vision, resampler) are prepacked, and ``quantize=``
   requantizes them to int8 / int4 like the float release.
 
 The format is taken from recorded metadata (``formats/detect.py``). Nothing here runs a model.
@@ -158,7 +158,8 @@ def _assemble(
 
 
 def _finish(model: MiniCPMV, dtype: torch.dtype, device: torch.device, quantize: QuantSpec | None) -> None:
-    """Pack int4 layers for their kernel; requantize (``quantize``) or prepack the float LLM linears."""
+    """Pack int4 layers for their kernel; requantize (``quantize``) or prepack the float LLM linears,
+    and prepack the bf16 vision and resampler linears."""
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.prepare()
@@ -173,6 +174,8 @@ def _finish(model: MiniCPMV, dtype: torch.dtype, device: torch.device, quantize:
                                                                device=device))
     if can_prepack(dtype, device):
         prepack_linears(model.llm)
+    for part in (model.vpm, model.resampler):  # each layer checked: the vision dtype may differ
+        prepack_linears(part)
     model.eval()
 
 

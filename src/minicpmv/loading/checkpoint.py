@@ -382,7 +382,7 @@ def load_model(
     ``vpm.*`` and the ``resampler.*``); integer tensors keep their stored dtype.
     A checkpoint whose config.json records a ``quantization_config`` loads its quantized layers
     as ``QuantLinear``; ``quantize`` quantizes a float checkpoint's LLM linear layers while
-    loading; ``prepack`` prepacks the remaining bf16 LLM linear layers for oneDNN (CPU).
+    loading; ``prepack`` prepacks the remaining bf16 linear layers (LLM, vision, resampler) on a CPU.
     ``device_map`` ("auto" with optional ``max_memory``, or a mapping) replaces ``device``.
     """
     path = Path(path)
@@ -410,7 +410,7 @@ def load_model(
 
     placement = _placement(model, device, device_map, max_memory, dtype_of)
     plan = LoadPlan.build(model, slots, stored, quantize=None if qspec else quantize, prepack=prepack,
-                          dtype=dtype, device=placement.device_of)
+                          dtype=dtype, device=placement.device_of, dtype_of=dtype_of)
     _materialise(slots, stored, dtype_of=dtype_of, device_of=placement.device_of, handlers=plan.handlers)
     plan.finish(model)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,7 @@ from torch import nn
 
 from ..errors import ConfigError, InputError
 from . import native
+from .wide_gemm import prefill_linear, prefill_linear_rows
 
 log = logging.getLogger(__name__)
 
@@ -562,22 +564,29 @@ class QuantLinear(nn.Module):
 
     def _native_matmul(self, x: torch.Tensor) -> torch.Tensor:
         ops, q = native.ops(), self.qweight
+        if x.shape[0] > NATIVE_MAX_ROWS:  # prefill: a GEMM on the weight, dequantized per call
+            y = prefill_linear_rows(x, self.out_features, self._dequantized_rows(x.dtype))  # [M, N]
+            return y * self.scales.to(x.dtype) if self.kind == "int8c_native" else y  # row scales after
         if self.spec.bits == 6:
-            if x.shape[0] > NATIVE_MAX_ROWS:
-                return F.linear(x, ops.q6k_dequant(q, self.in_features, x.dtype))
             return ops.q6k_gemv(x.contiguous(), q).to(x.dtype)  # [M, N]
         s, z = self.scales, self._buffers.get("zeros")
         if self.kind == "int8c_native":
-            if x.shape[0] > NATIVE_MAX_ROWS:  # prefill: GEMM on the int8 values, then the row scales
-                return F.linear(x, q.to(x.dtype)) * s.to(x.dtype)  # [M, N]
             return ops.q8_gemv(x.contiguous(), q, s, 0).to(x.dtype)  # [M, N]
-        if x.shape[0] > NATIVE_MAX_ROWS:  # prefill: a GEMM on the weight, dequantized once per call
-            w = (ops.q4_dequant(q, s, z, x.dtype) if self.spec.bits == 4
-                 else ops.q8_dequant(q, s, self.spec.group_size, x.dtype))  # [N, K]
-            return F.linear(x, w)
         if self.spec.bits == 4:
             return ops.q4_gemv(x.contiguous(), q, s, z).to(x.dtype)  # [M, N]
         return ops.q8_gemv(x.contiguous(), q, s, self.spec.group_size).to(x.dtype)  # [M, N]
+
+    def _dequantized_rows(self, dtype: torch.dtype) -> Callable[[int, int], torch.Tensor]:
+        """(first, end) -> weight rows first..end-1 in ``dtype`` (per-channel int8: unscaled)."""
+        ops, q, k = native.ops(), self.qweight, self.in_features
+        s, z = self._buffers.get("scales"), self._buffers.get("zeros")  # Q6_K has neither
+        if self.spec.bits == 6:
+            return lambda a, b: ops.q6k_dequant(q[a:b], k, dtype)
+        if self.kind == "int8c_native":
+            return lambda a, b: q[a:b].to(dtype)
+        if self.spec.bits == 4:
+            return lambda a, b: ops.q4_dequant(q[a:b], s[a:b], None if z is None else z[a:b], dtype)
+        return lambda a, b: ops.q8_dequant(q[a:b], s[a:b], self.spec.group_size, dtype)
 
     def storage(self) -> dict[str, torch.Tensor]:
         """The portable storage tensors (recovered from the kernel layout when packed)."""
@@ -645,7 +654,8 @@ class PackedLinear(nn.Linear):
     """An inference-only bf16 ``nn.Linear`` for CPUs, faster than ``F.linear`` at decoding.
 
     Where this package's native kernels exist (``quant/native.py``), the weight stays plain and
-    up to ``NATIVE_MAX_ROWS`` rows go through the native bf16 GEMV (prefill: ``F.linear``).
+    up to ``NATIVE_MAX_ROWS`` rows go through the native bf16 GEMV (prefill: oneDNN's bf16 GEMM or
+    float32 MKL, whichever ``quant/wide_gemm.py`` measured faster on this CPU).
     Elsewhere the weight is reordered once into oneDNN's blocked layout. Results equal the plain
     layer's up to the order of float32 sums. ``state_dict`` gives the plain weight back. Moving or
     casting the layer (``.to``, ``.float()``, ``.cuda()``) unpacks the weight first and packs it
@@ -669,7 +679,7 @@ class PackedLinear(nn.Linear):
             if self.bias is not None:  # added before the one rounding to bf16, as a fused GEMM does
                 y = y + self.bias.float()
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, w, self.bias)
+        return prefill_linear(x, w, self.bias)  # bf16 on a CPU: oneDNN or float32 MKL, the faster
 
     def _apply(self, fn: Any, recurse: bool = True) -> PackedLinear:
         if _moved(fn, self.weight.dtype, self.weight.device) is None:  # nothing changes: stay packed

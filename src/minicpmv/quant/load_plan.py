@@ -67,18 +67,20 @@ class LoadPlan:
     def build(
         cls, model: nn.Module, slots: dict[str, list[tuple[nn.Module, str, bool]]],
         stored: dict[str, Path], *, quantize: QuantSpec | None, prepack: bool, dtype: torch.dtype,
-        device: torch.device | Callable[[str], torch.device],
+        device: torch.device | Callable[[str], torch.device], dtype_of: Callable[[str], torch.dtype] | None = None,
     ) -> LoadPlan:
         """Plan quantize-on-load (float checkpoint + ``quantize``) and bf16 prepacking of the
-        remaining LLM linear layers (``prepack``, for those on a CPU) for a float meta ``model``
-        whose keys checked out. ``device``: one device, or the device of each key."""
+        remaining linear layers of the LLM, vision tower and resampler (``prepack``, for those
+        stored bf16 on a CPU) for a float meta ``model`` whose keys checked out. ``device``: one
+        device, or the device of each key; ``dtype_of``: each key's dtype (default ``dtype``)."""
         device_of = device if callable(device) else (lambda _key: device)
+        key_dtype = dtype_of if dtype_of is not None else (lambda _key: dtype)
         plan = cls()
         plan._read_int4_privately(slots, device_of)
         if quantize is not None:
             plan._quantize_on_load(model, quantize, dtype, device_of)
         if prepack:
-            plan._prepack(model, slots, lambda key: can_prepack(dtype, device_of(key)))
+            plan._prepack(model, slots, lambda key: can_prepack(key_dtype(key), device_of(key)))
         return plan
 
     def _quantize_on_load(
@@ -102,11 +104,12 @@ class LoadPlan:
     def _prepack(
         self, model: nn.Module, slots: dict[str, list[tuple[nn.Module, str, bool]]], allowed: Callable[[str], bool]
     ) -> None:
-        llm_linears = {id(m) for m in model.llm.modules() if type(m) is nn.Linear}
+        parts = [p for p in (getattr(model, n, None) for n in ("llm", "vpm", "resampler")) if isinstance(p, nn.Module)]
+        linears = {id(m) for part in parts for m in part.modules() if type(m) is nn.Linear}
         for key, holders in slots.items():
             if key in self.handlers or not holders or not key.endswith(".weight") or not allowed(key):
                 continue
-            if all(id(mod) in llm_linears and name == "weight" for mod, name, _ in holders) and len(holders) == 1:
+            if all(id(mod) in linears and name == "weight" for mod, name, _ in holders) and len(holders) == 1:
                 self.handlers[key] = _prepack_handler(holders[0][0])
 
     def finish(self, model: nn.Module) -> None:

@@ -1,0 +1,107 @@
+"""bf16 linear layers over many rows (a prompt's prefill) on a CPU: the faster of two GEMMs.
+
+oneDNN runs a bf16 GEMM on AMX tiles where the CPU has them, several times faster than float32.
+Without AMX it uses AVX-512 bf16 dot products, which some CPUs issue at half the rate of float32
+FMAs: on an Intel Sapphire Rapids VM with oneDNN kept off AMX, its bf16 GEMMs ran at 115-160
+GFLOP/s on two cores where MKL's float32 ones ran at 175-235. ``prefill_linear`` then
+widens the bf16 weight to float32 one block of rows at a time (the block stays in cache while
+MKL multiplies it), so the weights are stored once, in bf16, and still read once per call.
+
+Which GEMM runs is decided once per process by timing both on a small problem
+(``gemm_choice``; ``MINICPMV_BF16_GEMM=onednn`` or ``fp32`` forces one). Both multiply the
+same bf16 values exactly, sum in float32 and round once to bf16: results differ only in the
+order of the float32 sums. Decoding steps (a few rows) do not come here: they use the native
+GEMV of ``quant/native.py``. Does not pack or store weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+RowsOf = Callable[[int, int], torch.Tensor]  # (first, end) -> weight rows first..end-1
+
+CHOICES = ("onednn", "fp32")
+BLOCK_FLOATS = 4 << 20  # float32 weight values widened per block (16 MiB: stays in a 32 MiB L3) ...
+MIN_BLOCK_ROWS = 256  # ... but no thinner than this (thin blocks slowed MKL: 55 rows of 18,944 by 1.5x)
+FP32_MARGIN = 0.9  # float32 must take under this fraction of oneDNN's time to be chosen
+
+
+def widened_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` for bf16 ``x`` [..., K] and ``w`` [N, K], multiplied in float32
+    (MKL) with ``w`` widened a block of rows at a time; the result is bf16 [..., N]."""
+    return _widened(x, w.shape[0], lambda first, end: w[first:end], bias)
+
+
+def _widened(x: torch.Tensor, n_out: int, rows_of: RowsOf, bias: torch.Tensor | None) -> torch.Tensor:
+    k = x.shape[-1]
+    rows = x.numel() // k
+    xf = x.reshape(rows, k).float()  # [rows, K]
+    out = torch.empty(rows, n_out)  # [rows, N]: MKL writes each block's columns in place
+    step = max(MIN_BLOCK_ROWS, BLOCK_FLOATS // k)
+    block = torch.empty(min(step, n_out), k)  # [step, K] float32
+    for s in range(0, n_out, step):
+        e = min(n_out, s + step)
+        wide = block[: e - s]
+        wide.copy_(rows_of(s, e))  # [e-s, K] bf16 -> float32, exact
+        torch.mm(xf, wide.t(), out=out[:, s:e])  # [rows, e-s]
+    if bias is not None:
+        out += bias.float()  # before the one rounding to bf16, as a fused GEMM adds it
+    y = out.to(x.dtype)  # [rows, N], rounded to bf16 once
+    return y.reshape(*x.shape[:-1], n_out)
+
+
+def _best_time(fn: Callable[[], object], repeats: int = 2) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@functools.cache
+def gemm_choice() -> str:
+    """"onednn" or "fp32": the GEMM ``prefill_linear`` uses for bf16 in this process."""
+    forced = os.environ.get("MINICPMV_BF16_GEMM", "").strip().lower()
+    if forced:
+        if forced not in CHOICES:
+            raise ConfigError(f"MINICPMV_BF16_GEMM={forced!r}: expected one of {', '.join(CHOICES)}")
+        return forced
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 3584, generator=g).bfloat16()  # a layer's width: small probes favour oneDNN
+    w = torch.randn(4096, 3584, generator=g).bfloat16()
+    onednn = _best_time(lambda: F.linear(x, w))
+    fp32 = _best_time(lambda: widened_linear(x, w, None))
+    choice = "fp32" if fp32 < FP32_MARGIN * onednn else "onednn"
+    log.info("bf16 prefill GEMM: %s (oneDNN bf16 %.1f ms, float32 %.1f ms on a 256x3584x4096 probe)",
+             choice, onednn * 1e3, fp32 * 1e3)
+    return choice
+
+
+def prefill_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` over many rows: for bf16 CPU tensors through the GEMM
+    ``gemm_choice`` picked, for anything else ``F.linear`` itself."""
+    if w.dtype != torch.bfloat16:
+        return F.linear(x, w, bias)
+    return prefill_linear_rows(x, w.shape[0], lambda first, end: w[first:end], bias)
+
+
+def prefill_linear_rows(x: torch.Tensor, n_out: int, rows_of: RowsOf, bias: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+    """``prefill_linear`` of a bf16 weight [n_out, K] that ``rows_of(first, end)`` gives a block of
+    rows at a time (dequantized, say): the float32 path never holds the whole weight."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and gemm_choice() == "fp32":
+        return _widened(x, n_out, rows_of, bias)
+    return F.linear(x, rows_of(0, n_out), bias)

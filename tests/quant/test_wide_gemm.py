@@ -1,0 +1,117 @@
+"""The prefill GEMM of bf16 linears (quant/wide_gemm.py): the float32 path against a float64
+reference, block edges, the choice between the two GEMMs and its override, and PackedLinear's use."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minicpmv.errors import ConfigError
+from minicpmv.quant import wide_gemm
+from minicpmv.quant.linear import NATIVE_MAX_ROWS, PackedLinear
+
+
+@pytest.fixture
+def choice(monkeypatch: pytest.MonkeyPatch):
+    """Set MINICPMV_BF16_GEMM for one test (the cached choice is recomputed before and after)."""
+
+    def force(value: str | None) -> None:
+        if value is None:
+            monkeypatch.delenv("MINICPMV_BF16_GEMM", raising=False)
+        else:
+            monkeypatch.setenv("MINICPMV_BF16_GEMM", value)
+        wide_gemm.gemm_choice.cache_clear()
+
+    yield force
+    monkeypatch.delenv("MINICPMV_BF16_GEMM", raising=False)
+    wide_gemm.gemm_choice.cache_clear()
+
+
+def _case(rows: int, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, rows, k, generator=g).bfloat16()  # [2, rows, K]
+    w = (torch.randn(n, k, generator=g) / k**0.5).bfloat16()  # [N, K]
+    return x, w, torch.randn(n, generator=g).bfloat16()
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """float64 product of the same bf16 values, rounded once to bf16."""
+    y = x.double() @ w.double().t()  # [..., N]
+    return (y if bias is None else y + bias.double()).bfloat16()
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance between two bf16 tensors in units in the last place."""
+    ia = a.view(torch.int16).int()
+    ib = b.view(torch.int16).int()
+    ia = torch.where(ia < 0, -32768 - ia, ia)  # sign-magnitude to ordered integers
+    ib = torch.where(ib < 0, -32768 - ib, ib)
+    return int((ia - ib).abs().max())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_widened_linear_matches_float64_across_blocks(monkeypatch: pytest.MonkeyPatch, bias: bool) -> None:
+    monkeypatch.setattr(wide_gemm, "BLOCK_FLOATS", 16 * 96)  # blocks of 16 rows: 6 full ones and a tail of 5
+    monkeypatch.setattr(wide_gemm, "MIN_BLOCK_ROWS", 1)
+    x, w, b = _case(rows=37, n=101, k=96)
+    y = wide_gemm.widened_linear(x, w, b if bias else None)
+    ref = _reference(x, w, b if bias else None)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 37, 101) and y.is_contiguous()
+    assert _ulps(y, ref) <= 1  # float32 sums, one rounding: at most a tie the other way
+    assert (y == ref).float().mean() > 0.99
+
+
+def test_reference_comparison_sees_a_dropped_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The comparison above fails on a product that loses the last block of rows."""
+    monkeypatch.setattr(wide_gemm, "BLOCK_FLOATS", 16 * 96)
+    monkeypatch.setattr(wide_gemm, "MIN_BLOCK_ROWS", 1)
+    x, w, _ = _case(rows=37, n=101, k=96)
+    y = wide_gemm.widened_linear(x, w[:96], None)  # 101 - 96 = the tail block missing
+    broken = torch.cat([y, torch.zeros(2, 37, 5, dtype=y.dtype)], dim=-1)
+    assert _ulps(broken, _reference(x, w, None)) > 1
+
+
+def test_choice_is_forced_by_the_environment(choice) -> None:
+    choice("fp32")
+    assert wide_gemm.gemm_choice() == "fp32"
+    choice(" ONEDNN ")
+    assert wide_gemm.gemm_choice() == "onednn"
+    choice("amx")
+    with pytest.raises(ConfigError, match=r"MINICPMV_BF16_GEMM='amx': expected one of onednn, fp32"):
+        wide_gemm.gemm_choice()
+
+
+@pytest.mark.parametrize(("onednn", "fp32", "expected"),
+                         [(1.0, 0.8, "fp32"), (1.0, 0.95, "onednn"), (0.3, 1.0, "onednn")])
+def test_choice_by_measurement(choice, monkeypatch: pytest.MonkeyPatch, onednn: float, fp32: float,
+                               expected: str) -> None:
+    """float32 is chosen only when it beats oneDNN by the margin (timings stubbed: oneDNN first)."""
+    choice(None)
+    times = iter([onednn, fp32])
+    monkeypatch.setattr(wide_gemm, "_best_time", lambda fn: next(times))
+    assert wide_gemm.gemm_choice() == expected
+
+
+def test_choice_by_measurement_on_this_cpu(choice) -> None:
+    choice(None)
+    assert wide_gemm.gemm_choice() in wide_gemm.CHOICES
+
+
+@pytest.mark.parametrize("forced", wide_gemm.CHOICES)
+def test_packed_linear_prefill_goes_through_the_chosen_gemm(choice, monkeypatch: pytest.MonkeyPatch,
+                                                            forced: str) -> None:
+    choice(forced)
+    calls: list[int] = []
+    real = wide_gemm._widened
+    monkeypatch.setattr(wide_gemm, "_widened", lambda *a: calls.append(1) or real(*a))
+    x, w, b = _case(rows=NATIVE_MAX_ROWS + 3, n=64, k=128, seed=1)
+    lin = nn.Linear(128, 64, dtype=torch.bfloat16)
+    lin.weight, lin.bias = nn.Parameter(w, requires_grad=False), nn.Parameter(b, requires_grad=False)
+    packed = PackedLinear(lin)
+    with torch.inference_mode():
+        y = packed(x)
+    assert len(calls) == (forced == "fp32")
+    assert _ulps(y, _reference(x, w, b)) <= 1
+    assert _ulps(y, F.linear(x, w, b)) <= 1
