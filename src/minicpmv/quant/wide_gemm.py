@@ -34,7 +34,7 @@ RowsOf = Callable[[int, int], torch.Tensor]  # (first, end) -> weight rows first
 CHOICES = ("onednn", "fp32")
 BLOCK_FLOATS = 4 << 20  # float32 weight values widened per block (16 MiB: stays in a 32 MiB L3) ...
 MIN_BLOCK_ROWS = 256  # ... but no thinner than this (thin blocks slowed MKL: 55 rows of 18,944 by 1.5x)
-FP32_MARGIN = 0.9  # float32 must take under this fraction of oneDNN's time to be chosen
+FP32_MARGIN = 0.95  # float32 must take under this fraction of oneDNN's time to be chosen
 
 
 def widened_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -61,13 +61,17 @@ def _widened(x: torch.Tensor, n_out: int, rows_of: RowsOf, bias: torch.Tensor | 
     return y.reshape(*x.shape[:-1], n_out)
 
 
-def _best_time(fn: Callable[[], object], repeats: int = 2) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
+def _best_times(fns: list[Callable[[], object]], rounds: int = 3) -> list[float]:
+    """Each function's fastest run over ``rounds`` alternations (after one warm-up each): a busy
+    moment of a shared host then costs every candidate alike."""
+    for fn in fns:
         fn()
-        best = min(best, time.perf_counter() - t)
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t)
     return best
 
 
@@ -82,8 +86,7 @@ def gemm_choice() -> str:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 3584, generator=g).bfloat16()  # a layer's width: small probes favour oneDNN
     w = torch.randn(4096, 3584, generator=g).bfloat16()
-    onednn = _best_time(lambda: F.linear(x, w))
-    fp32 = _best_time(lambda: widened_linear(x, w, None))
+    onednn, fp32 = _best_times([lambda: F.linear(x, w), lambda: widened_linear(x, w, None)])
     choice = "fp32" if fp32 < FP32_MARGIN * onednn else "onednn"
     log.info("bf16 prefill GEMM: %s (oneDNN bf16 %.1f ms, float32 %.1f ms on a 256x3584x4096 probe)",
              choice, onednn * 1e3, fp32 * 1e3)
@@ -93,7 +96,7 @@ def gemm_choice() -> str:
 def prefill_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, w, bias)`` over many rows: for bf16 CPU tensors through the GEMM
     ``gemm_choice`` picked, for anything else ``F.linear`` itself."""
-    if w.dtype != torch.bfloat16:
+    if w.dtype != torch.bfloat16 or (torch.is_grad_enabled() and w.requires_grad):
         return F.linear(x, w, bias)
     return prefill_linear_rows(x, w.shape[0], lambda first, end: w[first:end], bias)
 
@@ -102,6 +105,7 @@ def prefill_linear_rows(x: torch.Tensor, n_out: int, rows_of: RowsOf, bias: torc
                         ) -> torch.Tensor:
     """``prefill_linear`` of a bf16 weight [n_out, K] that ``rows_of(first, end)`` gives a block of
     rows at a time (dequantized, say): the float32 path never holds the whole weight."""
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and gemm_choice() == "fp32":
+    tracked = torch.is_grad_enabled() and x.requires_grad  # autograd cannot follow the blocks' out=
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not tracked and gemm_choice() == "fp32":
         return _widened(x, n_out, rows_of, bias)
     return F.linear(x, rows_of(0, n_out), bias)
