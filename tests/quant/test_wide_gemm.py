@@ -55,6 +55,7 @@ def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
 def test_widened_linear_matches_float64_across_blocks(monkeypatch: pytest.MonkeyPatch, bias: bool) -> None:
     monkeypatch.setattr(wide_gemm, "BLOCK_FLOATS", 16 * 96)  # blocks of 16 rows: 6 full ones and a tail of 5
     monkeypatch.setattr(wide_gemm, "MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(wide_gemm, "ROW_CHUNK", 32)  # 74 activation rows: 32, 32 and 10
     x, w, b = _case(rows=37, n=101, k=96)
     y = wide_gemm.widened_linear(x, w, b if bias else None)
     ref = _reference(x, w, b if bias else None)

@@ -34,6 +34,7 @@ RowsOf = Callable[[int, int], torch.Tensor]  # (first, end) -> weight rows first
 CHOICES = ("onednn", "fp32")
 BLOCK_FLOATS = 4 << 20  # float32 weight values widened per block (16 MiB: stays in a 32 MiB L3) ...
 MIN_BLOCK_ROWS = 256  # ... but no thinner than this (thin blocks slowed MKL: 55 rows of 18,944 by 1.5x)
+ROW_CHUNK = 4096  # activation rows per pass (the weight is widened again for each)
 FP32_MARGIN = 0.95  # float32 must take under this fraction of oneDNN's time to be chosen
 
 
@@ -46,18 +47,21 @@ def widened_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) 
 def _widened(x: torch.Tensor, n_out: int, rows_of: RowsOf, bias: torch.Tensor | None) -> torch.Tensor:
     k = x.shape[-1]
     rows = x.numel() // k
-    xf = x.reshape(rows, k).float()  # [rows, K]
-    out = torch.empty(rows, n_out)  # [rows, N]: MKL writes each block's columns in place
+    x2 = x.reshape(rows, k)  # [rows, K]
+    y = torch.empty(rows, n_out, dtype=x.dtype)  # [rows, N]
     step = max(MIN_BLOCK_ROWS, BLOCK_FLOATS // k)
     block = torch.empty(min(step, n_out), k)  # [step, K] float32
-    for s in range(0, n_out, step):
-        e = min(n_out, s + step)
-        wide = block[: e - s]
-        wide.copy_(rows_of(s, e))  # [e-s, K] bf16 -> float32, exact
-        torch.mm(xf, wide.t(), out=out[:, s:e])  # [rows, e-s]
-    if bias is not None:
-        out += bias.float()  # before the one rounding to bf16, as a fused GEMM adds it
-    y = out.to(x.dtype)  # [rows, N], rounded to bf16 once
+    for r0 in range(0, rows, ROW_CHUNK):  # bounds the float32 product (a long prompt's MLP: GBs)
+        xf = x2[r0 : r0 + ROW_CHUNK].float()  # [m, K]
+        out = torch.empty(xf.shape[0], n_out)  # [m, N]: MKL writes each block's columns in place
+        for s in range(0, n_out, step):
+            e = min(n_out, s + step)
+            wide = block[: e - s]
+            wide.copy_(rows_of(s, e))  # [e-s, K] bf16 -> float32, exact
+            torch.mm(xf, wide.t(), out=out[:, s:e])  # [m, e-s]
+        if bias is not None:
+            out += bias.float()  # before the one rounding to bf16, as a fused GEMM adds it
+        y[r0 : r0 + ROW_CHUNK] = out  # rounded to bf16 once
     return y.reshape(*x.shape[:-1], n_out)
 
 
