@@ -189,6 +189,7 @@ def test_bf16_prefill_dequantizes_block_by_block_on_the_float32_gemm(monkeypatch
         layer = QuantLinear.from_float(torch.randn(37, 256, generator=g) / 16, None, spec, dtype=torch.bfloat16)
     x = torch.randn(L.NATIVE_MAX_ROWS + 5, 256, generator=g).bfloat16()
     monkeypatch.setattr(wide_gemm, "BLOCK_FLOATS", 8 * 256)  # blocks of 8 rows: 4 and a tail of 5
+    monkeypatch.setattr(wide_gemm, "MIN_MACS", 0)
     monkeypatch.setattr(wide_gemm, "MIN_BLOCK_ROWS", 1)
     out = {}
     for choice in wide_gemm.CHOICES:

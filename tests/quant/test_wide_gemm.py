@@ -17,6 +17,8 @@ from minicpmv.quant.linear import NATIVE_MAX_ROWS, PackedLinear
 def choice(monkeypatch: pytest.MonkeyPatch):
     """Set MINICPMV_BF16_GEMM for one test (the cached choice is recomputed before and after)."""
 
+    monkeypatch.setattr(wide_gemm, "MIN_MACS", 0)  # the tests' products are small
+
     def force(value: str | None) -> None:
         if value is None:
             monkeypatch.delenv("MINICPMV_BF16_GEMM", raising=False)
@@ -130,3 +132,16 @@ def test_tensors_that_need_gradients_keep_f_linear(choice) -> None:
         F.linear(ref_x, ref_w, b).float().sum().backward()
         got, want = (xg.grad, ref_x.grad) if needs == "x" else (wg.grad, ref_w.grad)
         assert torch.equal(got, want)
+
+
+def test_small_products_skip_the_probe(choice, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below MIN_MACS multiply-adds F.linear runs without probing (a tiny model pays nothing)."""
+    choice(None)
+    monkeypatch.setattr(wide_gemm, "MIN_MACS", 12 * 16 * 32 + 1)
+    probed: list[int] = []
+    monkeypatch.setattr(wide_gemm, "_best_times", lambda fns: probed.append(1) or [1.0, 0.5])
+    x, w, b = _case(rows=6, n=16, k=32, seed=4)  # 12 rows x 16 x 32
+    assert torch.equal(wide_gemm.prefill_linear(x, w, b), F.linear(x, w, b)) and probed == []
+    monkeypatch.setattr(wide_gemm, "MIN_MACS", 12 * 16 * 32)
+    wide_gemm.prefill_linear(x, w, b)
+    assert probed == [1] and wide_gemm.gemm_choice() == "fp32"

@@ -34,6 +34,7 @@ RowsOf = Callable[[int, int], torch.Tensor]  # (first, end) -> weight rows first
 CHOICES = ("onednn", "fp32")
 BLOCK_FLOATS = 4 << 20  # float32 weight values widened per block (16 MiB: stays in a 32 MiB L3) ...
 MIN_BLOCK_ROWS = 256  # ... but no thinner than this (thin blocks slowed MKL: 55 rows of 18,944 by 1.5x)
+MIN_MACS = 1 << 27  # smaller products (multiply-adds) stay on F.linear: a few ms either way
 ROW_CHUNK = 4096  # activation rows per pass (the weight is widened again for each)
 FP32_MARGIN = 0.95  # float32 must take under this fraction of oneDNN's time to be chosen
 
@@ -110,6 +111,7 @@ def prefill_linear_rows(x: torch.Tensor, n_out: int, rows_of: RowsOf, bias: torc
     """``prefill_linear`` of a bf16 weight [n_out, K] that ``rows_of(first, end)`` gives a block of
     rows at a time (dequantized, say): the float32 path never holds the whole weight."""
     tracked = torch.is_grad_enabled() and x.requires_grad  # autograd cannot follow the blocks' out=
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not tracked and gemm_choice() == "fp32":
+    small = x.numel() * n_out < MIN_MACS  # not worth the probe (the demo model never pays for it)
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not (tracked or small) and gemm_choice() == "fp32":
         return _widened(x, n_out, rows_of, bias)
     return F.linear(x, rows_of(0, n_out), bias)
