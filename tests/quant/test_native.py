@@ -174,7 +174,7 @@ def test_q6k_gemv_reads_the_blocks_as_stored(k: int) -> None:
 @needs_native
 @pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(4, 128), QuantSpec(8, 32), QuantSpec(8),
                                   QuantSpec(6, 16)])
-def test_bf16_prefill_dequantizes_block_by_block_on_the_float32_gemm(monkeypatch: pytest.MonkeyPatch,
+def test_bf16_prefill_dequantizes_block_by_block_on_the_float32_gemm(choice, monkeypatch: pytest.MonkeyPatch,
                                                                       spec: QuantSpec) -> None:
     """bf16 prefill through the float32 GEMM (weights dequantized a few rows at a time, with a
     tail block) gives what the oneDNN GEMM on the whole dequantized weight gives, up to the order
@@ -189,15 +189,11 @@ def test_bf16_prefill_dequantizes_block_by_block_on_the_float32_gemm(monkeypatch
         layer = QuantLinear.from_float(torch.randn(37, 256, generator=g) / 16, None, spec, dtype=torch.bfloat16)
     x = torch.randn(L.NATIVE_MAX_ROWS + 5, 256, generator=g).bfloat16()
     monkeypatch.setattr(wide_gemm, "BLOCK_FLOATS", 8 * 256)  # blocks of 8 rows: 4 and a tail of 5
-    monkeypatch.setattr(wide_gemm, "MIN_MACS", 0)
     monkeypatch.setattr(wide_gemm, "MIN_BLOCK_ROWS", 1)
     out = {}
-    for choice in wide_gemm.CHOICES:
-        monkeypatch.setenv("MINICPMV_BF16_GEMM", choice)
-        wide_gemm.gemm_choice.cache_clear()
-        out[choice] = layer(x).float()
-    wide_gemm.gemm_choice.cache_clear()
-    monkeypatch.delenv("MINICPMV_BF16_GEMM")
+    for forced in wide_gemm.CHOICES:
+        choice(forced)
+        out[forced] = layer(x).float()
     assert _rel(out["fp32"], out["onednn"]) < 2 ** -7  # one or two bf16 roundings apart at most
 
 

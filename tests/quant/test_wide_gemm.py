@@ -13,24 +13,6 @@ from minicpmv.quant import wide_gemm
 from minicpmv.quant.linear import NATIVE_MAX_ROWS, PackedLinear
 
 
-@pytest.fixture
-def choice(monkeypatch: pytest.MonkeyPatch):
-    """Set MINICPMV_BF16_GEMM for one test (the cached choice is recomputed before and after)."""
-
-    monkeypatch.setattr(wide_gemm, "MIN_MACS", 0)  # the tests' products are small
-
-    def force(value: str | None) -> None:
-        if value is None:
-            monkeypatch.delenv("MINICPMV_BF16_GEMM", raising=False)
-        else:
-            monkeypatch.setenv("MINICPMV_BF16_GEMM", value)
-        wide_gemm.gemm_choice.cache_clear()
-
-    yield force
-    monkeypatch.delenv("MINICPMV_BF16_GEMM", raising=False)
-    wide_gemm.gemm_choice.cache_clear()
-
-
 def _case(rows: int, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, rows, k, generator=g).bfloat16()  # [2, rows, K]
