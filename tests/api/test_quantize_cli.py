@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import minicpmv
 from minicpmv.cli import main
 from minicpmv.engine.session import ChatSession
 from minicpmv.errors import CheckpointError, ConfigError, InputError
 from minicpmv.quant.linear import PackedLinear, QuantLinear, can_prepack
+from minicpmv.quant.wide_gemm import prefill_linear
 
 from .conftest import CONF
 
@@ -149,8 +151,11 @@ def test_bf16_load_prepacks_the_vision_and_resampler_linears() -> None:
     parts = (cm.model.vpm, cm.model.resampler)
     vision = [m for part in parts for m in part.modules() if isinstance(m, torch.nn.Linear)]
     assert vision and all(isinstance(m, PackedLinear) == can_prepack(torch.bfloat16, "cpu") for m in vision)
+    routed = prefill_linear if can_prepack(torch.bfloat16, "cpu") else F.linear
+    assert cm.model.resampler.attn.project is routed  # the packed in_proj: the same prefill GEMM
     mixed = minicpmv.load(CKPT["2.6"], dtype="bfloat16", vision_dtype="float32")
     assert not any(isinstance(m, PackedLinear) for m in mixed.model.vpm.modules())
+    assert mixed.model.resampler.attn.project is F.linear
     assert any(isinstance(m, PackedLinear) for m in mixed.model.llm.modules()) == can_prepack(torch.bfloat16, "cpu")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 from PIL import Image
@@ -62,13 +63,17 @@ def test_bf16_gguf_load_prepacks_the_vision_linears_too(exports: dict) -> None:
     """Loaded in bf16 on a CPU, the vision tower's and resampler's linears are prepacked like the
     LLM's (their prompt-size GEMMs take the faster bf16 path); with a float32 vision they are not."""
     from minicpmv.quant.linear import PackedLinear, can_prepack
+    from minicpmv.quant.wide_gemm import prefill_linear
 
     cm = minicpmv.load(exports["2.6", "bf16", True], dtype="bfloat16")
     parts = (cm.model.vpm, cm.model.resampler)
     vision = [m for part in parts for m in part.modules() if isinstance(m, torch.nn.Linear)]
     assert vision and all(isinstance(m, PackedLinear) == can_prepack(torch.bfloat16, "cpu") for m in vision)
+    routed = prefill_linear if can_prepack(torch.bfloat16, "cpu") else F.linear
+    assert cm.model.resampler.attn.project is routed  # the packed in_proj: the same prefill GEMM
     cm = minicpmv.load(exports["2.6", "bf16", True], dtype="bfloat16", vision_dtype="float32")
     assert not any(isinstance(m, PackedLinear) for m in cm.model.vpm.modules())
+    assert cm.model.resampler.attn.project is F.linear
 
 
 def test_bf16_export_keeps_the_language_model_exact(exports: dict) -> None:

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from minicpmv.errors import ConfigError
+from minicpmv.modeling.resampler import ResamplerAttention
 from minicpmv.quant import wide_gemm
-from minicpmv.quant.linear import NATIVE_MAX_ROWS, PackedLinear
+from minicpmv.quant.linear import NATIVE_MAX_ROWS, PackedLinear, route_in_projections
 
 
 def _case(rows: int, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -58,6 +59,18 @@ def test_reference_comparison_sees_a_dropped_block(monkeypatch: pytest.MonkeyPat
     assert _ulps(broken, _reference(x, w, None)) > 1
 
 
+@pytest.mark.parametrize(("n", "most"), [(1152, 974), (4304, 3640), (18944, 1170), (3584, 1170), (512, 4096),
+                                         (300, 256), (1000, 999), (4096, 1024), (17, 16)])
+def test_blocks_are_balanced(n: int, most: int) -> None:
+    """No thin last block: the rows split into as few blocks as ``most`` allows, of equal size
+    rounded up to 16 rows (1,152 rows by at most 974: 576 + 576, not 974 + 178)."""
+    step = wide_gemm.balanced_step(n, most)
+    blocks = -(-n // step)
+    last = n - (blocks - 1) * step
+    assert blocks <= -(-n // most) and (step == n or step % 16 == 0)
+    assert last >= step - 16 * blocks, (step, last)
+
+
 def test_choice_is_forced_by_the_environment(choice) -> None:
     choice("fp32")
     assert wide_gemm.gemm_choice() == "fp32"
@@ -99,6 +112,34 @@ def test_packed_linear_prefill_goes_through_the_chosen_gemm(choice, monkeypatch:
     assert len(calls) == (forced == "fp32")
     assert _ulps(y, _reference(x, w, b)) <= 1
     assert _ulps(y, F.linear(x, w, b)) <= 1
+
+
+@pytest.mark.parametrize("forced", wide_gemm.CHOICES)
+def test_resampler_in_projections_go_through_the_chosen_gemm(choice, monkeypatch: pytest.MonkeyPatch,
+                                                             forced: str) -> None:
+    """The resampler's packed in_proj (no nn.Linear to swap) is routed by ``route_in_projections``:
+    its key and value projections take the chosen GEMM, and the attention output stays F.linear's
+    within bf16 rounding; a float32 layer is left on F.linear."""
+    choice(forced)
+    calls: list[int] = []
+    real = wide_gemm._widened
+    monkeypatch.setattr(wide_gemm, "_widened", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(5)
+    attn = ResamplerAttention(64, 4)
+    with torch.no_grad():
+        attn.in_proj_bias.normal_(generator=g)
+    attn = attn.bfloat16().eval()
+    query = torch.randn(8, 64, generator=g).bfloat16()  # [Q, D]
+    kv = torch.randn(3, 40, 64, generator=g).bfloat16()  # [N, K, D]
+    with torch.inference_mode():
+        plain = attn(query, kv, kv, None)  # [N, Q, D]
+        route_in_projections(attn)
+        routed = attn(query, kv, kv, None)
+    assert attn.project is wide_gemm.prefill_linear and len(calls) == 3 * (forced == "fp32")
+    torch.testing.assert_close(routed.float(), plain.float(), atol=2e-2, rtol=2e-2)
+    fp32 = ResamplerAttention(64, 4)
+    route_in_projections(fp32)
+    assert fp32.project is F.linear
 
 
 def test_tensors_that_need_gradients_keep_f_linear(choice) -> None:

@@ -21,7 +21,7 @@ tower or decide how slices map to placeholders.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -80,7 +80,9 @@ def temporal_rows(embed_dim: int, ids: Sequence[int]) -> np.ndarray:
 class ResamplerAttention(nn.Module):
     """Cross-attention with torch ``MultiheadAttention``'s parameter layout (packed in_proj).
 
-    Computes the same math as ``nn.MultiheadAttention`` (batch-first here) through SDPA.
+    Computes the same math as ``nn.MultiheadAttention`` (batch-first here) through SDPA. The three
+    in-projections run through ``self.project`` (``F.linear``; a loader may route it through a
+    faster GEMM for the weights it holds, as it swaps the ``nn.Linear`` layers for packed ones).
     """
 
     def __init__(self, embed_dim: int, num_heads: int) -> None:
@@ -92,6 +94,7 @@ class ResamplerAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
         self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.project: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] = F.linear
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.in_proj_bias)
 
@@ -104,10 +107,10 @@ class ResamplerAttention(nn.Module):
         nq, h = query.shape[0], self.num_heads
         wq, wk, wv = self.in_proj_weight.chunk(3)  # each [D, D]
         bq, bk, bv = self.in_proj_bias.chunk(3)  # each [D]
-        q = F.linear(query, wq, bq).view(nq, h, d // h).transpose(0, 1)  # [h, Q, hd]
+        q = self.project(query, wq, bq).view(nq, h, d // h).transpose(0, 1)  # [h, Q, hd]
         q = q.unsqueeze(0).expand(n, h, nq, d // h).contiguous()  # [N, h, Q, hd]
-        kh = F.linear(key, wk, bk).view(n, k, h, d // h).transpose(1, 2)  # [N, h, K, hd]
-        vh = F.linear(value, wv, bv).view(n, k, h, d // h).transpose(1, 2)  # [N, h, K, hd]
+        kh = self.project(key, wk, bk).view(n, k, h, d // h).transpose(1, 2)  # [N, h, K, hd]
+        vh = self.project(value, wv, bv).view(n, k, h, d // h).transpose(1, 2)  # [N, h, K, hd]
         mask = None if key_valid is None else key_valid[:, None, None, :]  # [N, 1, 1, K] True = attend
         o = F.scaled_dot_product_attention(q, kh, vh, attn_mask=mask)  # [N, h, Q, hd]
         return self.out_proj(o.transpose(1, 2).reshape(n, nq, d))  # [N, Q, D]

@@ -797,4 +797,15 @@ def prepack_linears(module: nn.Module) -> int:
     ]
     for name in names:
         replace_module(module, name, PackedLinear(module.get_submodule(name)))
+    route_in_projections(module)
     return len(names)
+
+
+def route_in_projections(module: nn.Module) -> None:
+    """Point the packed in-projections of ``module``'s attention layers (a bf16 CPU
+    ``in_proj_weight`` used through a ``project`` callable, as the resampler's is) at
+    ``prefill_linear``, so their prompt-size products take the GEMM the bf16 ``PackedLinear``s take."""
+    for m in module.modules():
+        w = getattr(m, "in_proj_weight", None)
+        if isinstance(w, torch.Tensor) and hasattr(m, "project") and can_prepack(w.dtype, w.device):
+            m.project = prefill_linear

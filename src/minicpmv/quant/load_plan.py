@@ -33,6 +33,7 @@ from .linear import (
     quant_targets,
     quantize_weight,
     replace_module,
+    route_in_projections,
     storage_shapes,
 )
 
@@ -62,6 +63,7 @@ class LoadPlan:
 
     handlers: dict[str, Handler] = field(default_factory=dict)
     quantized: list[str] = field(default_factory=list)
+    prepack: bool = False  # bf16 CPU layers go to the prefill GEMM (see ``finish``)
 
     @classmethod
     def build(
@@ -75,7 +77,7 @@ class LoadPlan:
         device, or the device of each key; ``dtype_of``: each key's dtype (default ``dtype``)."""
         device_of = device if callable(device) else (lambda _key: device)
         key_dtype = dtype_of if dtype_of is not None else (lambda _key: dtype)
-        plan = cls()
+        plan = cls(prepack=prepack)
         plan._read_int4_privately(slots, device_of)
         if quantize is not None:
             plan._quantize_on_load(model, quantize, dtype, device_of)
@@ -119,6 +121,8 @@ class LoadPlan:
                 m.prepare()
             elif type(m) is nn.Linear and getattr(m, _PREPACKED, False):
                 replace_module(model, name, PackedLinear(m))
+        if self.prepack:
+            route_in_projections(model)
 
 
 def _weight_handler(layer: QuantLinear, device: torch.device) -> Handler:
