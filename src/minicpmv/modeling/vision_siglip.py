@@ -5,8 +5,10 @@ to ``[B, Lmax, Dv]`` features after ``post_layernorm``. Submodule names equal th
 ``vpm.*`` keys without the prefix, so a stripped state dict loads strictly. Position ids follow
 the reference bucketing onto the fixed ``side x side`` table exactly, float32 ``arange``
 artefacts included. Attention (``attend``) is the reference's eager formula run a few heads at a
-time on a CPU (bit-identical to it in bf16, and twice as fast as SDPA there), and SDPA on GPUs
-and for a padded batch (additive key-padding mask), which matches it to float32 rounding.
+time on a CPU (bit-identical to it in bf16; SDPA's flash kernel keeps float32 scores, and its
+speed there depends on the host: 2x slower on the host this was written on, 1.2-2x faster on an
+Intel Sapphire Rapids VM with torch 2.13), and SDPA on GPUs and for a padded batch (additive
+key-padding mask), which matches it to float32 rounding.
 
 ``encode_slices`` (the path ``MiniCPMV.encode_images`` takes) wastes nothing on padding: slices
 with equal patch counts run together without a mask, in chunks of ``batch_size`` (on a GPU,
@@ -137,9 +139,9 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
     The scores are made, scaled and softmaxed in the input dtype (bf16 softmax accumulates in
     float32 and rounds once, like the reference's ``softmax(dtype=float32).to(bf16)``), a few
-    heads at a time so each score block stays in cache. On a CPU this runs about 2x faster than
-    SDPA's flash kernel at the vision tower's head size (72) and gives the reference's bf16
-    numbers bit for bit, where flash keeps float32 scores.
+    heads at a time so each score block stays in cache. It gives the reference's bf16 numbers bit
+    for bit, where SDPA's flash kernel keeps float32 scores (which of the two is faster depends on
+    the CPU: see the module docstring).
     """
     b, h, n, hd = q.shape
     out = q.new_empty(b, n, h, hd)  # [B, L, h, hd]
