@@ -198,19 +198,51 @@ def test_patch_embedding_starts_as_whitening_of_training_patches(tmp_path: Path)
     assert float(std[0]) > float(std[-1])  # the floor keeps the weakest directions small
 
 
-def test_shape_warmup_trains_only_the_tower_and_the_shape_head(tmp_path: Path) -> None:
+@pytest.mark.parametrize("head", ["shape", "char"])
+def test_warmups_train_only_the_tower_and_their_head(tmp_path: Path, head: str) -> None:
     import torch
 
     from minicpmv.train import demo_vision as dv
 
     model, cfg = _tiny_model(tmp_path)
-    cfg.shape_warmup_steps, cfg.stage1_batch = 3, 2
+    cfg.shape_warmup_steps, cfg.char_warmup_steps, cfg.stage1_batch = 3, 3, 2
     heads = dv.DenseHeads(cfg.vision_width, model.config.text.hidden_size)
     def state() -> dict[str, torch.Tensor]:
         return {n: t.clone() for n, t in [*model.state_dict().items(), *heads.state_dict().items()]}
 
     before = state()
-    dv.shape_warmup(model, heads, cfg, torch.device("cpu"))
+    (dv.shape_warmup if head == "shape" else dv.char_warmup)(model, heads, cfg, torch.device("cpu"))
     changed = {n for n, t in state().items() if not torch.equal(t, before[n])}
-    assert "vpm.embeddings.patch_embedding.weight" in changed and "patch.shape.weight" in changed
-    assert not {n for n in changed if not (n.startswith("vpm.") or n.startswith("patch.shape."))}
+    assert "vpm.embeddings.patch_embedding.weight" in changed and f"patch.{head}.weight" in changed
+    assert not {n for n in changed if not (n.startswith("vpm.") or n.startswith(f"patch.{head}."))}
+
+
+def test_the_bundled_recipe_has_no_character_warmup() -> None:
+    """The card of the bundled model records the recipe that made it: the curriculum stays off."""
+    assert demo.DemoConfig(output="x").char_warmup_steps == 0
+
+
+def _ink_per_cell(img, ink: tuple[int, int, int], paper: tuple[int, int, int]) -> np.ndarray:
+    """Fraction of each patch cell's pixels nearer the ink than 60% of the paper's distance to it
+    (anti-aliased strokes of small fonts included). [cells]"""
+    dist = np.abs(np.asarray(img, np.int32) - np.asarray(ink)).sum(-1)  # [H, W]
+    a = dist < 0.6 * np.abs(np.asarray(paper) - np.asarray(ink)).sum()  # [H, W]
+    side = syn.VIEW // syn.PATCH
+    return a.reshape(side, syn.PATCH, side, syn.PATCH).mean(axis=(1, 3)).reshape(-1)
+
+
+@pytest.mark.parametrize("jitter", [0, 3])
+def test_char_grid_labels_the_cells_its_characters_are_drawn_in(jitter: int) -> None:
+    rng = random.Random(7)
+    for _ in range(5):
+        img, labels = syn.char_grid(rng, jitter)
+        assert img.size == (syn.VIEW, syn.VIEW) and labels.shape == ((syn.VIEW // syn.PATCH) ** 2,)
+        assert (labels > 0).sum() == 40 and labels.max() <= len(ALPHABET)
+        corner = img.getpixel((0, 0))
+        ink = (0, 0, 0) if sum(corner) > 380 else (255, 255, 255)
+        cells = _ink_per_cell(img, ink, corner)
+        on, off = cells[labels > 0], cells[labels == 0]
+        assert (on > 0).all(), "a labelled cell holds no ink"
+        assert on.mean() > 4 * off.mean()
+        shifted = np.roll(labels, 1)  # labels one cell off: the check above sees it
+        assert not (cells[shifted > 0] > 0).all() or cells[shifted > 0].mean() < 4 * cells[shifted == 0].mean()

@@ -67,6 +67,7 @@ class DemoConfig:
     llm_layers: int = 4
     shape_warmup_steps: int = 1200
     shape_warmup_lr: float = 3e-4
+    char_warmup_steps: int = 0  # character curriculum (demo_vision.char_warmup); off in the bundled recipe
     stage1_steps: int = 5000
     stage1_batch: int = 14
     stage1_lr: float = 4e-4

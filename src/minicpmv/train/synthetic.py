@@ -316,6 +316,27 @@ def _place_lines(rng: random.Random, w: int, h: int, bg: Any, path: str, texts: 
 OTHER_STYLES = ("noise", "blobs", "clutter", "house", "tree", "face", "landscape", "scribble")
 
 
+def char_grid(rng: random.Random, jitter: int, chars: int = 40) -> tuple[Image.Image, np.ndarray]:
+    """A ``VIEW`` x ``VIEW`` picture of ``chars`` random characters in one training font (11-20 px),
+    each in its own patch cell with its centre at most ``jitter`` px from the cell's, and the
+    per-patch labels [cells] (1 + index in ``ALPHABET``; 0 = empty cell). The first steps of a
+    character curriculum: the tower learns glyphs that one patch holds before misaligned ones."""
+    side = VIEW // PATCH
+    bg = sample_background(rng)
+    img = paint_background(bg, VIEW, VIEW)
+    ink = (0, 0, 0) if sum(bg[0]) > 380 else (255, 255, 255)
+    f = font(rng.choice(TRAIN_FONTS), rng.randint(11, 20))
+    draw = ImageDraw.Draw(img)
+    labels = np.zeros(side * side, np.int64)
+    for cell in rng.sample(range(side * side), min(chars, side * side)):
+        c = rng.choice(ALPHABET)
+        r, q = divmod(cell, side)
+        dx, dy = rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)
+        draw.text((q * PATCH + PATCH // 2 + dx, r * PATCH + PATCH // 2 + dy), c, fill=ink, font=f, anchor="mm")
+        labels[cell] = 1 + ALPHABET.index(c)
+    return img, labels
+
+
 def make_scene(rng: random.Random, kind: str, *, n_objects: int | None = None, lines: int = 1,
                size: tuple[int, int] | None = None) -> Scene:
     """A random scene of ``kind`` (shapes, text or other), on a canvas of ``size`` or a random one."""
