@@ -15,8 +15,9 @@ scene, pixels and labels. Three kinds of scene (``make_scene``):
 ``render`` draws a scene at its canvas size and returns the object-id and character-id masks used
 by ``dense_labels``, which gives the vision pretraining targets per patch (colour, shape, position
 bin, size bin, same-shape/same-colour counts of the object there, character and its index in its
-line) and per resampler slot (``SLOT_NAMES``). Questions and answers live in ``synthetic_qa.py``;
-nothing here trains or evaluates.
+line) and per resampler slot (``SLOT_NAMES``). ``char_grid`` draws characters one per patch cell
+(with per-patch labels) for an optional character curriculum. Questions and answers live in
+``synthetic_qa.py``; nothing here trains or evaluates.
 """
 
 from __future__ import annotations
