@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -114,11 +114,16 @@ def batch(rng: random.Random, n: int, device: torch.device, kind: str | None = N
           ) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
     size = syn.canvas_size(rng)
     views, labs = zip(*(picture(rng, size, kind) for _ in range(n)), strict=True)
-    w, h = views[0].size
-    pixels = [torch.from_numpy(to_patches(v)).to(device) for v in views]  # each [3, 14, L*14]
-    tgt = torch.tensor([[h // syn.PATCH, w // syn.PATCH]] * n)  # [B, 2]
+    pixels, tgt = tower_input(views, device)
     labels = {k: torch.from_numpy(np.stack([lab[k] for lab in labs])).to(device) for k in labs[0]}
     return pixels, tgt, labels
+
+
+def tower_input(views: Sequence[Any], device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Equal-size views -> the tower's patch rows (each [3, 14, L*14]) and their patch grids [B, 2]."""
+    w, h = views[0].size
+    pixels = [torch.from_numpy(to_patches(v)).to(device) for v in views]  # each [3, 14, L*14]
+    return pixels, torch.tensor([[h // syn.PATCH, w // syn.PATCH]] * len(views))  # [B, 2]
 
 
 @torch.no_grad()
@@ -199,14 +204,12 @@ def char_warmup(model: MiniCPMV, heads: DenseHeads, cfg: Any, device: torch.devi
     900, and kept 39% at full offset after this schedule's 800 steps. Off (0 steps) in the bundled
     recipe, whose card must match the run that made it."""
     rng = random.Random(cfg.seed + 107)
-    steps, side = cfg.char_warmup_steps, syn.VIEW // syn.PATCH
+    steps = cfg.char_warmup_steps
 
     def draw(step: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         jitter = round(syn.PATCH // 2 * max(0.0, (step / steps - 0.25) / 0.75))
         views, labs = zip(*(syn.char_grid(rng, jitter) for _ in range(cfg.stage1_batch)), strict=True)
-        pixels = [torch.from_numpy(to_patches(v)).to(device) for v in views]  # each [3, 14, L*14]
-        tgt = torch.tensor([[side, side]] * len(views))  # [B, 2]
-        return pixels, tgt, torch.from_numpy(np.stack(labs)).to(device)  # target [B, L]
+        return *tower_input(views, device), torch.from_numpy(np.stack(labs)).to(device)  # target [B, L]
 
     _one_head_warmup(model, heads.patch["char"], steps, cfg.shape_warmup_lr, draw, "character")
 
