@@ -62,6 +62,19 @@ def test_the_stream_rules_give_the_postprocessed_answer(model, quirk, data) -> N
     assert streamed == compat.postprocess(ids, v, tok, id0_quirk=quirk)
 
 
+@pytest.mark.parametrize("quirk", [True, False])
+def test_a_dropped_id0_before_the_bos_keeps_the_bos_leading(model, quirk) -> None:
+    """[0, bos] with the id-0 quirk: postprocess drops the 0, then the leading bos; the stream
+    must too (found by the property test above: it streamed the bos's text)."""
+    tok, v = model.tokenizer, model.version
+    if tok.bos_token_id is None:
+        pytest.skip("this tokenizer has no bos")
+    for ids in ([0, tok.bos_token_id], [0, 0, tok.bos_token_id, 5], [tok.bos_token_id, tok.bos_token_id]):
+        text = TextStream(model.runner.decode, compat.answer_rules(v, tok, id0_quirk=quirk))
+        streamed = "".join(text.feed(i).text for i in ids) + text.finish("stop").text
+        assert streamed == compat.postprocess(ids, v, tok, id0_quirk=quirk), ids
+
+
 def test_official_stream_rules_keep_id0_and_whitespace(model26) -> None:
     tok = model26.tokenizer
     rules = compat.official_stream_rules(model26.version, tok)

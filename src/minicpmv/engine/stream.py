@@ -301,8 +301,11 @@ class TextStream:
     def feed(self, token_id: int) -> TextEvent:
         token_id = int(token_id)
         self.token_ids.append(token_id)
-        first, self._first = self._first, False
+        first = self._first
         hidden = token_id in self.rules.hidden_ids or (first and token_id in self.rules.leading_ids)
+        # a hidden id (the dropped id 0) before it does not make a leading bos visible: postprocess
+        # removes those ids before it looks for the bos
+        self._first = first and token_id in self.rules.hidden_ids
         if hidden or self.stopped:
             return TextEvent(token_ids=(token_id,))
         return self._emit(self._decoder.feed([token_id]), (token_id,), None, final=False)
