@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, Playwright, expect, sync_playwright
 
 from minicpmv.ui.logic import video_supported
 
@@ -155,6 +155,11 @@ def user_messages(page: Page, text: str | None = None):
 
 def bot_messages(page: Page):
     return page.locator('#chatbot [data-testid="bot"]')
+
+
+def uploaded(page: Page, component: str) -> Locator:
+    """The download link an audio component shows once its file is on the server."""
+    return page.locator(f'{component} a[data-testid="download-link"][href*="/gradio_api/file="]')
 
 
 def ask_and_wait(page: Page, text: str) -> str:
@@ -339,14 +344,24 @@ def test_spoken_answer_with_a_cloned_voice_plays_in_the_page(
             pg = browser.new_context(permissions=["microphone"], viewport={"width": 1280, "height": 1400}).new_page()
             pg.set_default_timeout(WAIT_MS)
             pg.goto(url)
+            import time as _t
+            def _slow(route):
+                if route.request.method == "POST" and "/upload" in route.request.url:
+                    _t.sleep(2.0)
+                route.continue_()
+            pg.route("**/*", _slow)
             pg.locator("#speak input").check()
             pg.locator("#voice").get_by_text("Clone the reference clip").click()
             pg.locator("#voice-ref input[type=file]").set_input_files(str(ref))
             expect(pg.locator("#voice-ref audio")).not_to_have_count(0)  # the uploaded clip, ready to play
+            expect(uploaded(pg, "#voice-ref")).to_have_count(1)
             pg.locator("#audio-in button.record-button").click()  # the microphone: a fake beep
             pg.wait_for_timeout(1500)  # record 1.5 s of it
             pg.locator("#audio-in button.stop-button").first.click()
             expect(pg.locator("#audio-in audio")).not_to_have_count(0)
+            # The player shows the local recording at once; the message takes it only once it is
+            # on the server (a busy machine took longer than the Enter key: CI sent no audio).
+            expect(uploaded(pg, "#audio-in")).to_have_count(1)
             ask_and_wait(pg, "Please answer.")
             expect(pg.locator('#chatbot a[href$=".wav"]')).to_have_count(1)  # the recording is in the chat
             link = pg.locator('#answer-audio a[data-testid="download-link"]')
