@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from minicpmv.errors import InputError
 from minicpmv.train import demo
 from minicpmv.train import synthetic as syn
 from minicpmv.train import synthetic_qa as qa
@@ -152,6 +153,60 @@ def test_tiny_recipe_run_is_deterministic_and_loadable(tmp_path: Path) -> None:
         demo.run(_tiny(tmp_path / "a"))
 
 
+def test_a_run_into_the_same_folder_reuses_finished_stage1_weights(tmp_path: Path) -> None:
+    """Stage 2 again over the stage-1 weights of an earlier run gives the checkpoint a run from
+    scratch gives; other stage-1 settings, or weights changed since, are refused in one line."""
+    import shutil
+
+    import torch
+
+    first = demo.run(_tiny(tmp_path))
+    assert first["stage1_reused"] is False
+    shutil.rmtree(tmp_path / "final")
+    again = demo.run(_tiny(tmp_path))
+    assert again["stage1_reused"] is True and again["weights_sha256"] == first["weights_sha256"]
+    assert again["stage1_final"] == first["stage1_final"]
+    assert again["times"]["stage1_wall_s"] == first["times"]["stage1_wall_s"]
+    shutil.rmtree(tmp_path / "final")
+    longer = demo.run(demo.DemoConfig(**{**_tiny(tmp_path).__dict__, "stage2_epochs": 2}))  # a stage-2 setting
+    assert longer["stage1_reused"] is True and longer["weights_sha256"] != first["weights_sha256"]
+    shutil.rmtree(tmp_path / "final")
+    with pytest.raises(InputError, match=r"other settings \(stage1_steps 2 there, 3 now\)") as err:
+        demo.run(demo.DemoConfig(**{**_tiny(tmp_path).__dict__, "stage1_steps": 3}))
+    assert "\n" not in str(err.value)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(tmp_path / "init" / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + torch.ones_like(weights[name])
+    save_file(weights, str(tmp_path / "init" / "model.safetensors"))
+    with pytest.raises(InputError, match="changed since stage 1 wrote it"):
+        demo.run(_tiny(tmp_path))
+
+
+def test_stage2_reads_and_encodes_its_pictures_a_chunk_at_a_time(tmp_path: Path) -> None:
+    """Chunked caching gives every sample the features of one pass over all of them, and keeps no
+    pixels (36,000 pictures' pixels did not fit 24 GB)."""
+    import torch
+
+    from minicpmv.api import load
+    from minicpmv.train.data import build_dataset
+    from minicpmv.train.demo_llm import cache_features, cached_dataset, save_weights
+
+    model, _ = _tiny_model(tmp_path)
+    save_weights(model, tmp_path / "init")
+    data = qa.write_split(tmp_path / "data", "train", 9, 0)
+    chat = load(str(tmp_path / "init"), dtype="float32")
+    whole, _ = build_dataset(chat.processor, data, 1024)
+    want = cache_features(chat.model, whole)
+    samples, cache = cached_dataset(chat.model, chat.processor, data, 1024, chunk=4)
+    assert [(s.id, s.input_ids, s.labels) for s in samples] == [(s.id, s.input_ids, s.labels) for s in whole]
+    assert all(s.pixel_values == [] for s in samples) and any(s.pixel_values for s in whole)
+    assert cache.keys() == want.keys()
+    for k, v in want.items():
+        assert (v is None and cache[k] is None) or torch.equal(cache[k], v), k
+
+
 def test_train_demo_cli_rejects_unknown_or_malformed_settings(tmp_path: Path) -> None:
     from minicpmv.cli import main
 
@@ -217,9 +272,18 @@ def test_warmups_train_only_the_tower_and_their_head(tmp_path: Path, head: str) 
     assert not {n for n in changed if not (n.startswith("vpm.") or n.startswith(f"patch.{head}."))}
 
 
-def test_the_bundled_recipe_has_no_character_warmup() -> None:
-    """The card of the bundled model records the recipe that made it: the curriculum stays off."""
-    assert demo.DemoConfig(output="x").char_warmup_steps == 0
+# Settings added after the bundled run, with the value that leaves that run's recipe unchanged.
+ADDED_SINCE_THE_BUNDLED_RUN = {"char_warmup_steps": 0}
+
+
+def test_the_recipe_defaults_are_those_of_the_bundled_run() -> None:
+    """The card's command is `train-demo` with this commit's defaults, so they must be the settings
+    the card records (where the run was placed and how many threads it took aside)."""
+    card = json.loads((Path(demo.__file__).parent.parent / "demo_model" / "DEMO_CARD.json").read_text())
+    defaults = demo.DemoConfig(output="x").__dict__
+    ran = {k: v for k, v in card["config"].items() if k not in ("output", "threads")}
+    assert ran == {k: defaults[k] for k in ran}
+    assert {k: defaults[k] for k in defaults.keys() - ran.keys() - {"output", "threads"}} == ADDED_SINCE_THE_BUNDLED_RUN
 
 
 def _ink_per_cell(img, ink: tuple[int, int, int], paper: tuple[int, int, int]) -> np.ndarray:

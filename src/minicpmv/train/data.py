@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,25 +218,37 @@ def build_sample(processor: Processor, labels: LabelBuilder, record: dict[str, A
                   bounds=bounds, entries=[len(t) for t in temporal], temporal=[list(t) for t in temporal])
 
 
-def build_dataset(processor: Processor, path: str | Path, max_length: int, *, max_skip_ratio: float = 0.05,
-                  max_slice_nums: int | None = None) -> tuple[list[Sample], DatasetStats]:
-    """All samples of a data file; skipped ones counted; InputError if too many are skipped."""
+def iter_samples(processor: Processor, path: str | Path, max_length: int, stats: DatasetStats, *,
+                 max_slice_nums: int | None = None) -> Iterator[Sample]:
+    """The samples of a data file one by one (the pictures of the ones not yet read are not held in
+    memory); the ones too long for ``max_length`` are skipped and counted in ``stats``."""
     path = Path(path)
     records = read_records(path)
     lb = LabelBuilder(processor)
-    stats = DatasetStats(total=len(records))
-    out = []
+    stats.total += len(records)
     for rec in records:
         try:
-            out.append(build_sample(processor, lb, rec, path.parent, max_length, max_slice_nums))
+            yield build_sample(processor, lb, rec, path.parent, max_length, max_slice_nums)
         except ContextLengthError as e:
             stats.skipped += 1
             stats.skipped_ids.append(str(rec.get("id")))
             log.warning("skipping sample: %s", e)
+
+
+def check_skipped(stats: DatasetStats, max_length: int, max_skip_ratio: float = 0.05) -> None:
+    """InputError if more than ``max_skip_ratio`` of the samples were skipped."""
     if stats.skipped > max_skip_ratio * stats.total:
         raise InputError(f"{stats.skipped} of {stats.total} samples do not fit max_length={max_length} "
                          f"(more than max_skip_ratio={max_skip_ratio}); raise --max-length or lower "
                          "--max-slice-nums")
+
+
+def build_dataset(processor: Processor, path: str | Path, max_length: int, *, max_skip_ratio: float = 0.05,
+                  max_slice_nums: int | None = None) -> tuple[list[Sample], DatasetStats]:
+    """All samples of a data file; skipped ones counted; InputError if too many are skipped."""
+    stats = DatasetStats()
+    out = list(iter_samples(processor, path, max_length, stats, max_slice_nums=max_slice_nums))
+    check_skipped(stats, max_length, max_skip_ratio)
     return out, stats
 
 

@@ -19,8 +19,10 @@
    ``minicpmv.load`` (the inference path users run).
 
 ``DIR/final`` is the checkpoint; ``DIR/report.json`` holds the evaluation table, timings (wall and
-CPU), seed, font hashes and the weights' sha256. ``bundle`` copies a finished run into the
-package's ``demo_model`` folder with its card.
+CPU), seed, font hashes and the weights' sha256. Stage 1 leaves its weights and a record of its
+settings in ``DIR/init`` (``stage1.json``); a later run into the same ``DIR`` with the same stage-1
+settings starts at stage 2 (so stage-2 settings can be tried without the hour of stage 1).
+``bundle`` copies a finished run into the package's ``demo_model`` folder with its card.
 """
 
 from __future__ import annotations
@@ -232,11 +234,61 @@ class _Clock:
         self.lap("total", self._t0)
 
 
+# What stage 1's weights depend on: a run directory's stage-1 weights are reused only when these match.
+STAGE1_SETTINGS = ("seed", "vision_width", "vision_layers", "llm_width", "llm_layers", "shape_warmup_steps",
+                   "shape_warmup_lr", "char_warmup_steps", "stage1_steps", "stage1_batch", "stage1_lr", "threads",
+                   "device")
+
+
+def _stage1_key(cfg: DemoConfig) -> dict[str, Any]:
+    return {**{k: getattr(cfg, k) for k in STAGE1_SETTINGS}, "torch": torch.__version__, "fonts_sha256": fonts_digest()}
+
+
+def finished_stage1(init: Path, cfg: DemoConfig) -> dict[str, Any] | None:
+    """The record of the stage-1 weights in ``init`` if an earlier run with these stage-1 settings
+    finished them (its ``stage1.json``), else None; raises ``InputError`` for weights of other settings
+    or weights that changed since."""
+    path = init / "stage1.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    want = _stage1_key(cfg)
+    diff = [f"{k} {record['key'].get(k)!r} there, {v!r} now" for k, v in want.items() if record["key"].get(k) != v]
+    if diff:
+        raise InputError(f"{init} holds stage-1 weights of other settings ({'; '.join(diff)}): choose another "
+                         f"--output, or delete {init} to train stage 1 again")
+    if sha256(init / "model.safetensors") != record["weights_sha256"]:
+        raise InputError(f"{init}/model.safetensors changed since stage 1 wrote it; delete {init} to train it again")
+    return record
+
+
+def _stage1(cfg: DemoConfig, init: Path, device: torch.device) -> dict[str, Any]:
+    """Train stage 1 and save its weights and record in ``init`` (the record last, so an interrupted
+    save is never taken for a finished one)."""
+    from .demo_llm import save_weights
+    from .demo_vision import pretrain_vision
+
+    vocab = write_tokenizer(init)
+    write_configs(init, cfg, vocab)
+    model = build_model(init, cfg.seed).to(device)
+    clock = _Clock()
+    t = clock.now()
+    final = pretrain_vision(model, cfg, device)
+    clock.lap("stage1", t)
+    save_weights(model.cpu(), init)
+    record = {"key": _stage1_key(cfg), "stage1_final": final, "times": clock.times,
+              "weights_sha256": sha256(init / "model.safetensors")}
+    tmp = init / "stage1.json.partial"
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(init / "stage1.json")
+    return record
+
+
 def run(cfg: DemoConfig) -> dict[str, Any]:
-    """The whole recipe; returns (and writes) the report."""
+    """The whole recipe; returns (and writes) the report. Stage-1 weights an earlier run with the
+    same stage-1 settings left in ``OUTPUT/init`` are reused (its stage-1 times are reported)."""
     from .demo_eval import evaluate
     from .demo_llm import train_llm
-    from .demo_vision import pretrain_vision
 
     syn.check_fonts()
     if cfg.threads:
@@ -247,25 +299,28 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     device = _device(cfg.device)
     clock = _Clock()
     init = out / "init"
-    vocab = write_tokenizer(init)
-    write_configs(init, cfg, vocab)
-    model = build_model(init, cfg.seed).to(device)
-    t = clock.now()
-    stage1 = pretrain_vision(model, cfg, device)
-    clock.lap("stage1", t)
+    record = finished_stage1(init, cfg)
+    reused = record is not None
+    if record is not None:
+        log.info("stage 1: reusing the weights in %s (trained in %.0f s)", init, record["times"]["stage1_wall_s"])
+    else:
+        record = _stage1(cfg, init, device)
+    clock.times.update(record["times"])
     t = clock.now()
     train_json = qa.write_split(out / "data", "train", cfg.train_images, cfg.seed)
     clock.lap("data", t)
     t = clock.now()
-    stage2 = train_llm(model, init, train_json, out / "final", cfg, device)
+    stage2 = train_llm(init, train_json, out / "final", cfg, device)
     clock.lap("stage2", t)
+    stage1 = record["stage1_final"]
     t = clock.now()
     table = evaluate(out / "final", n_per_family=cfg.eval_items, seed=cfg.seed + 1000) if cfg.eval_items else None
     clock.lap("eval", t)
     clock.total()
     report = {"config": asdict(cfg), "evaluation": table, "stage1_final": stage1, "stage2_final_loss": stage2,
-              "times": clock.times, "weights_sha256": sha256(out / "final" / "model.safetensors"),
-              "fonts_sha256": fonts_digest(), "torch": torch.__version__}
+              "stage1_reused": reused, "times": clock.times,
+              "weights_sha256": sha256(out / "final" / "model.safetensors"), "fonts_sha256": fonts_digest(),
+              "torch": torch.__version__}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 

@@ -1,8 +1,8 @@
 """Stage 2 of the demo recipe: train the LLM on question/answer chats over frozen vision features.
 
-The stage-1 weights are saved into the run's ``init`` checkpoint and loaded back with
+Stage 1 leaves its weights in the run's ``init`` checkpoint; they are loaded with
 ``minicpmv.load``, so the data goes through the inference ``Processor`` exactly as a user's
-fine-tuning data would (``data.build_dataset``: chat template, placeholders, assistant-only
+fine-tuning data would (``data.iter_samples``: chat template, placeholders, assistant-only
 labels). The tower and resampler stay frozen, so each picture's 32 resampler vectors are
 computed once (``cache_features``) and the LLM (embeddings, layers, head) is trained on them with
 the fine-tuning loss (``model.LossModule``), in length-sorted shuffled batches. The checkpoint is
@@ -11,6 +11,8 @@ written by ``model.save_checkpoint_dir`` in bf16. Does not draw pictures or eval
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import math
 import random
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 
 from ..api import load
-from .data import Sample, build_dataset
+from .data import DatasetStats, Sample, check_skipped, iter_samples
 from .model import LossModule, collate, save_checkpoint_dir
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,23 @@ def cache_features(core: Any, samples: list[Sample], batch: int = 32) -> dict[st
     return out
 
 
+def cached_dataset(core: Any, processor: Any, data: Path, max_length: int, chunk: int = 256
+                   ) -> tuple[list[Sample], dict[str, torch.Tensor | None]]:
+    """The samples of ``data`` without their pixels, and their features (``cache_features``). Read
+    and encoded ``chunk`` samples at a time: the pixels of all of them (0.6 MB a picture) did not
+    fit 24 GB at 36,000 pictures."""
+    stats = DatasetStats()
+    samples: list[Sample] = []
+    cache: dict[str, torch.Tensor | None] = {}
+    stream = iter_samples(processor, data, max_length, stats)
+    while part := list(itertools.islice(stream, chunk)):
+        cache.update(cache_features(core, part))
+        samples.extend(dataclasses.replace(s, pixel_values=[]) for s in part)  # features cached: pixels unused
+    check_skipped(stats, max_length)
+    log.info("stage 2: %d samples (%d skipped), vision features cached", len(samples), stats.skipped)
+    return samples, cache
+
+
 def _batches(samples: list[Sample], size: int, rng: random.Random) -> list[list[Sample]]:
     """Shuffled batches of samples of similar length (less padding)."""
     order = sorted(samples, key=lambda s: (len(s.input_ids), rng.random()))
@@ -67,15 +86,13 @@ def save_weights(model: torch.nn.Module, ckpt: Path, dtype: torch.dtype = torch.
     save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
 
 
-def train_llm(model: Any, init: Path, data: Path, final: Path, cfg: Any, device: torch.device) -> float:
-    """Stage 2; writes the checkpoint to ``final`` and returns the last running loss."""
-    save_weights(model.cpu(), init)
+def train_llm(init: Path, data: Path, final: Path, cfg: Any, device: torch.device) -> float:
+    """Stage 2 from the stage-1 checkpoint ``init``; writes the checkpoint to ``final`` and returns
+    the last running loss."""
     chat = load(str(init), dtype="float32", device=device)
     core = chat.model
-    samples, stats = build_dataset(chat.processor, data, max_length=1024)
-    log.info("stage 2: %d samples (%d skipped); caching vision features", len(samples), stats.skipped)
     core.eval()
-    cache = cache_features(core, samples)
+    samples, cache = cached_dataset(core, chat.processor, data, max_length=1024)
     core.requires_grad_(False)
     core.llm.requires_grad_(True)
     core.llm.train()
