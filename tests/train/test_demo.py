@@ -184,6 +184,25 @@ def test_a_run_into_the_same_folder_reuses_finished_stage1_weights(tmp_path: Pat
         demo.run(_tiny(tmp_path))
 
 
+def test_a_run_starts_from_another_runs_stage1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--stage1-from copies a finished stage 1 into the new run (the first run's folder is left as
+    it was) and gives the checkpoint a run from scratch gives."""
+    from minicpmv.cli import main
+
+    first = demo.run(_tiny(tmp_path / "a"))
+    before = sorted((p.name, demo.sha256(p)) for p in (tmp_path / "a" / "init").iterdir())
+    second = demo.run(_tiny(tmp_path / "b"), stage1_from=tmp_path / "a")
+    assert second["stage1_reused"] is True and second["stage1_from"] == str(tmp_path / "a")
+    assert second["weights_sha256"] == first["weights_sha256"]
+    assert sorted((p.name, demo.sha256(p)) for p in (tmp_path / "a" / "init").iterdir()) == before
+    (tmp_path / "c" / "init").mkdir(parents=True)
+    with pytest.raises(InputError, match="already exists; choose another --output"):
+        demo.run(_tiny(tmp_path / "c"), stage1_from=tmp_path / "a")
+    assert main(["train-demo", "--output", str(tmp_path / "d"), "--stage1-from", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"minicpmv: error: {tmp_path / 'none'} holds no finished stage 1 (no init/stage1.json)\n"
+
+
 def test_stage2_reads_and_encodes_its_pictures_a_chunk_at_a_time(tmp_path: Path) -> None:
     """Chunked caching gives every sample the features of one pass over all of them, and keeps no
     pixels (36,000 pictures' pixels did not fit 24 GB)."""

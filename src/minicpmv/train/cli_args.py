@@ -122,12 +122,15 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-images", type=int, default=None, help="images in the question-training split")
     p.add_argument("--eval-items", type=int, default=None, help="items per family of the independent evaluation")
     p.add_argument("--stage2-epochs", type=int, default=None, help="epochs over the question-training split")
+    p.add_argument("--stage1-from", default=None, metavar="RUN",
+                   help="start at stage 2 from the finished stage 1 of the run directory RUN (same stage-1 settings)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any other recipe setting (see minicpmv.train.demo.DemoConfig)")
 
 
 def cmd_train_demo(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
 
     from .demo import DemoConfig, run
 
@@ -153,7 +156,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
                                  f"{kind.__name__}, not {value!r}") from None
     from .demo_eval import format_table
 
-    report = run(cfg)
+    report = run(cfg, stage1_from=None if args.stage1_from is None else Path(args.stage1_from))
     if report["evaluation"]:
         print(format_table(report["evaluation"]))
     print(json.dumps({"times": report["times"], "weights_sha256": report["weights_sha256"]}, indent=2))

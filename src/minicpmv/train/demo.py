@@ -20,8 +20,9 @@
 
 ``DIR/final`` is the checkpoint; ``DIR/report.json`` holds the evaluation table, timings (wall and
 CPU), seed, font hashes and the weights' sha256. Stage 1 leaves its weights and a record of its
-settings in ``DIR/init`` (``stage1.json``); a later run into the same ``DIR`` with the same stage-1
-settings starts at stage 2 (so stage-2 settings can be tried without the hour of stage 1).
+settings in ``DIR/init`` (``stage1.json``); a later run into the same ``DIR``, or into a new one
+with ``stage1_from=DIR``, with the same stage-1 settings starts at stage 2 (so stage-2 settings
+can be tried without the hour of stage 1).
 ``bundle`` copies a finished run into the package's ``demo_model`` folder with its card.
 """
 
@@ -284,9 +285,22 @@ def _stage1(cfg: DemoConfig, init: Path, device: torch.device) -> dict[str, Any]
     return record
 
 
-def run(cfg: DemoConfig) -> dict[str, Any]:
+def copy_stage1(run_dir: Path, init: Path) -> None:
+    """Copy the finished stage 1 of the run in ``run_dir`` into ``init`` (which must not exist yet)."""
+    import shutil
+
+    src = Path(run_dir) / "init"
+    if not (src / "stage1.json").is_file():
+        raise InputError(f"{run_dir} holds no finished stage 1 (no init/stage1.json)")
+    if init.exists():
+        raise InputError(f"{init} already exists; choose another --output to start from {run_dir}'s stage 1")
+    shutil.copytree(src, init)
+
+
+def run(cfg: DemoConfig, *, stage1_from: Path | None = None) -> dict[str, Any]:
     """The whole recipe; returns (and writes) the report. Stage-1 weights an earlier run with the
-    same stage-1 settings left in ``OUTPUT/init`` are reused (its stage-1 times are reported)."""
+    same stage-1 settings left in ``OUTPUT/init``, or in ``stage1_from/init`` (copied), are reused
+    (their stage-1 times are reported)."""
     from .demo_eval import evaluate
     from .demo_llm import train_llm
 
@@ -299,6 +313,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     device = _device(cfg.device)
     clock = _Clock()
     init = out / "init"
+    if stage1_from is not None:
+        copy_stage1(stage1_from, init)
     record = finished_stage1(init, cfg)
     reused = record is not None
     if record is not None:
@@ -318,7 +334,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     clock.lap("eval", t)
     clock.total()
     report = {"config": asdict(cfg), "evaluation": table, "stage1_final": stage1, "stage2_final_loss": stage2,
-              "stage1_reused": reused, "times": clock.times,
+              "stage1_reused": reused, "stage1_from": None if stage1_from is None else str(stage1_from),
+              "times": clock.times,
               "weights_sha256": sha256(out / "final" / "model.safetensors"), "fonts_sha256": fonts_digest(),
               "torch": torch.__version__}
     (out / "report.json").write_text(json.dumps(report, indent=2))
