@@ -195,6 +195,9 @@ def test_a_run_starts_from_another_runs_stage1(tmp_path: Path, capsys: pytest.Ca
     assert second["stage1_reused"] is True and second["stage1_from"] == str(tmp_path / "a")
     assert second["weights_sha256"] == first["weights_sha256"]
     assert sorted((p.name, demo.sha256(p)) for p in (tmp_path / "a" / "init").iterdir()) == before
+    with pytest.raises(InputError, match=r"other settings \(stage1_steps 2 there, 3 now\): give --stage1-from"):
+        demo.run(demo.DemoConfig(**{**_tiny(tmp_path / "c").__dict__, "stage1_steps": 3}), stage1_from=tmp_path / "a")
+    assert not (tmp_path / "c").exists()  # refused before anything was copied
     (tmp_path / "c" / "init").mkdir(parents=True)
     with pytest.raises(InputError, match="already exists; choose another --output"):
         demo.run(_tiny(tmp_path / "c"), stage1_from=tmp_path / "a")

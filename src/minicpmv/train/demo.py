@@ -245,21 +245,21 @@ def _stage1_key(cfg: DemoConfig) -> dict[str, Any]:
     return {**{k: getattr(cfg, k) for k in STAGE1_SETTINGS}, "torch": torch.__version__, "fonts_sha256": fonts_digest()}
 
 
-def finished_stage1(init: Path, cfg: DemoConfig) -> dict[str, Any] | None:
+def finished_stage1(init: Path, cfg: DemoConfig, fix: str | None = None) -> dict[str, Any] | None:
     """The record of the stage-1 weights in ``init`` if an earlier run with these stage-1 settings
-    finished them (its ``stage1.json``), else None; raises ``InputError`` for weights of other settings
-    or weights that changed since."""
+    finished them (its ``stage1.json``), else None; raises ``InputError`` (ending with ``fix``, by
+    default: delete ``init``) for weights of other settings or weights that changed since."""
     path = init / "stage1.json"
     if not path.exists():
         return None
+    fix = fix or f"choose another --output, or delete {init} to train stage 1 again"
     record = json.loads(path.read_text())
     want = _stage1_key(cfg)
     diff = [f"{k} {record['key'].get(k)!r} there, {v!r} now" for k, v in want.items() if record["key"].get(k) != v]
     if diff:
-        raise InputError(f"{init} holds stage-1 weights of other settings ({'; '.join(diff)}): choose another "
-                         f"--output, or delete {init} to train stage 1 again")
+        raise InputError(f"{init} holds stage-1 weights of other settings ({'; '.join(diff)}): {fix}")
     if sha256(init / "model.safetensors") != record["weights_sha256"]:
-        raise InputError(f"{init}/model.safetensors changed since stage 1 wrote it; delete {init} to train it again")
+        raise InputError(f"{init}/model.safetensors changed since stage 1 wrote it: {fix}")
     return record
 
 
@@ -285,12 +285,14 @@ def _stage1(cfg: DemoConfig, init: Path, device: torch.device) -> dict[str, Any]
     return record
 
 
-def copy_stage1(run_dir: Path, init: Path) -> None:
-    """Copy the finished stage 1 of the run in ``run_dir`` into ``init`` (which must not exist yet)."""
+def copy_stage1(run_dir: Path, init: Path, cfg: DemoConfig) -> None:
+    """Copy the finished stage 1 of the run in ``run_dir`` into ``init`` (which must not exist yet),
+    once it is known to match ``cfg``'s stage-1 settings (a refused one leaves nothing behind)."""
     import shutil
 
     src = Path(run_dir) / "init"
-    if not (src / "stage1.json").is_file():
+    fix = "give --stage1-from a run made with this recipe's stage-1 settings"
+    if finished_stage1(src, cfg, fix) is None:
         raise InputError(f"{run_dir} holds no finished stage 1 (no init/stage1.json)")
     if init.exists():
         raise InputError(f"{init} already exists; choose another --output to start from {run_dir}'s stage 1")
@@ -314,10 +316,10 @@ def run(cfg: DemoConfig, *, stage1_from: Path | None = None) -> dict[str, Any]:
     clock = _Clock()
     init = out / "init"
     if stage1_from is not None:
-        copy_stage1(stage1_from, init)
+        copy_stage1(stage1_from, init, cfg)
     record = finished_stage1(init, cfg)
     reused = record is not None
-    if record is not None:
+    if reused:
         log.info("stage 1: reusing the weights in %s (trained in %.0f s)", init, record["times"]["stage1_wall_s"])
     else:
         record = _stage1(cfg, init, device)
@@ -328,12 +330,12 @@ def run(cfg: DemoConfig, *, stage1_from: Path | None = None) -> dict[str, Any]:
     t = clock.now()
     stage2 = train_llm(init, train_json, out / "final", cfg, device)
     clock.lap("stage2", t)
-    stage1 = record["stage1_final"]
     t = clock.now()
     table = evaluate(out / "final", n_per_family=cfg.eval_items, seed=cfg.seed + 1000) if cfg.eval_items else None
     clock.lap("eval", t)
     clock.total()
-    report = {"config": asdict(cfg), "evaluation": table, "stage1_final": stage1, "stage2_final_loss": stage2,
+    report = {"config": asdict(cfg), "evaluation": table, "stage1_final": record["stage1_final"],
+              "stage2_final_loss": stage2,
               "stage1_reused": reused, "stage1_from": None if stage1_from is None else str(stage1_from),
               "times": clock.times,
               "weights_sha256": sha256(out / "final" / "model.safetensors"), "fonts_sha256": fonts_digest(),
