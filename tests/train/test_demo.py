@@ -229,6 +229,32 @@ def test_stage2_reads_and_encodes_its_pictures_a_chunk_at_a_time(tmp_path: Path)
         assert (v is None and cache[k] is None) or torch.equal(cache[k], v), k
 
 
+def test_stage2_can_learn_the_shape_questions_alone_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With stage2_first_steps, the first steps see no text picture; then come the epochs over the
+    whole mix (text pictures included), and the weights differ from a whole-mix-only run."""
+    import math
+
+    from minicpmv.train import demo_llm
+
+    seen: list[list[str]] = []
+    collate = demo_llm.collate
+
+    def spy(group: list[demo_llm.Sample]) -> dict:
+        seen.append([s.id for s in group])
+        return collate(group)
+
+    plain = demo.run(demo.DemoConfig(**{**_tiny(tmp_path / "a").__dict__, "train_images": 24}))
+    monkeypatch.setattr(demo_llm, "collate", spy)
+    cfg = demo.DemoConfig(**{**_tiny(tmp_path / "b").__dict__, "stage2_first_steps": 4, "train_images": 24})
+    two = demo.run(cfg, stage1_from=tmp_path / "a")
+    text = demo_llm.text_picture_ids(tmp_path / "b" / "data" / "train.json")
+    assert 0 < len(text) < 24
+    assert len(seen) == 4 + math.ceil(24 / 6)
+    assert not text & {i for group in seen[:4] for i in group}
+    assert sorted(i for group in seen[4:] for i in group) == sorted(f"train-{i}" for i in range(24))
+    assert two["weights_sha256"] != plain["weights_sha256"]
+
+
 def test_train_demo_cli_rejects_unknown_or_malformed_settings(tmp_path: Path) -> None:
     from minicpmv.cli import main
 

@@ -78,6 +78,8 @@ class DemoConfig:
     stage2_epochs: int = 3
     stage2_batch: int = 16
     stage2_lr: float = 1e-3
+    stage2_first_steps: int = 0  # shape questions alone first (demo_llm.train_llm); 0: the whole mix from the start
+    stage2_mix_lr: float = 3e-4  # peak rate over the whole mix after those steps
     eval_items: int = 40  # per family of the independent evaluation set (0: no evaluation)
     threads: int | None = None
     device: str = "auto"

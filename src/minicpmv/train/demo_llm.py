@@ -5,7 +5,8 @@ Stage 1 leaves its weights in the run's ``init`` checkpoint; they are loaded wit
 fine-tuning data would (``data.iter_samples``: chat template, placeholders, assistant-only
 labels). The tower and resampler stay frozen, so each picture's 32 resampler vectors are
 computed once (``cache_features``) and the LLM (embeddings, layers, head) is trained on them with
-the fine-tuning loss (``model.LossModule``), in length-sorted shuffled batches. The checkpoint is
+the fine-tuning loss (``model.LossModule``), in length-sorted shuffled batches, optionally on the
+shape questions alone first (``train_llm``). The checkpoint is
 written by ``model.save_checkpoint_dir`` in bf16. Does not draw pictures or evaluate.
 """
 
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import math
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +89,50 @@ def save_weights(model: torch.nn.Module, ckpt: Path, dtype: torch.dtype = torch.
     save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _steps(module: CachedFeatures, params: list[torch.nn.Parameter], groups: Iterator[list[Sample]], total: int,
+           lr: float, warm: int, running: float | None, tag: str) -> float | None:
+    """``total`` optimiser steps over ``groups`` (AdamW, ``lr`` after a linear warm-up of ``warm``
+    steps, cosine down to 0); returns the running loss."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / total))))
+    device = params[0].device
+    for step, group in enumerate(itertools.islice(groups, total)):
+        batch = collate(group)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            ce, n = module(batch)
+        loss = ce / max(n, 1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0 or step == total - 1:
+            log.info("stage 2 %s step %d/%d loss %.4f", tag, step, total, running)
+    return running
+
+
+def _epochs(samples: list[Sample], size: int, rng: random.Random, epochs: int | None) -> Iterator[list[Sample]]:
+    """Batches of ``epochs`` passes over ``samples`` (endless with None), reshuffled each pass."""
+    for _ in itertools.count() if epochs is None else range(epochs):
+        yield from _batches(samples, size, rng)
+
+
+def text_picture_ids(data: Path) -> set[str]:
+    """Ids of the records of ``data`` whose picture is text (``kind`` "text")."""
+    return {r["id"] for r in json.loads(Path(data).read_text()) if r.get("kind") == "text"}
+
+
 def train_llm(init: Path, data: Path, final: Path, cfg: Any, device: torch.device) -> float:
     """Stage 2 from the stage-1 checkpoint ``init``; writes the checkpoint to ``final`` and returns
-    the last running loss."""
+    the last running loss.
+
+    With ``cfg.stage2_first_steps``, the LLM first learns the shape questions alone (every record
+    but the text pictures) for that many steps at ``stage2_lr``, then ``stage2_epochs`` passes over
+    the whole mix at ``stage2_mix_lr``: trained on the whole mix from the start, the reading
+    answers (which the tower cannot yet support) crowd out positions and attribute binding.
+    Without it, ``stage2_epochs`` passes over the whole mix at ``stage2_lr``."""
     chat = load(str(init), dtype="float32", device=device)
     core = chat.model
     core.eval()
@@ -98,30 +142,20 @@ def train_llm(init: Path, data: Path, final: Path, cfg: Any, device: torch.devic
     core.llm.train()
     module = CachedFeatures(core, cache)
     params = [p for p in core.llm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.stage2_lr, weight_decay=0.01)
     rng = random.Random(cfg.seed + 202)
     torch.manual_seed(cfg.seed + 202)
-    per_epoch = math.ceil(len(samples) / cfg.stage2_batch)
-    total = per_epoch * cfg.stage2_epochs
-    warm = max(1, total // 30)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / total))))
-    running, step = None, 0
-    for _ in range(cfg.stage2_epochs):
-        for group in _batches(samples, cfg.stage2_batch, rng):
-            batch = collate(group)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-                ce, n = module(batch)
-            loss = ce / max(n, 1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-            if step % 50 == 0 or step == total - 1:
-                log.info("stage 2 step %d/%d loss %.4f", step, total, running)
-            step += 1
+    running, lr = None, cfg.stage2_lr
+    if cfg.stage2_first_steps:
+        text = text_picture_ids(data)
+        shapes = [s for s in samples if s.id not in text]
+        first = cfg.stage2_first_steps
+        running = _steps(module, params, _epochs(shapes, cfg.stage2_batch, rng, None), first, lr,
+                         max(1, first // 30), running, "shapes")
+        lr = cfg.stage2_mix_lr
+    total = math.ceil(len(samples) / cfg.stage2_batch) * cfg.stage2_epochs
+    warm = 1 if cfg.stage2_first_steps else max(1, total // 30)
+    running = _steps(module, params, _epochs(samples, cfg.stage2_batch, rng, cfg.stage2_epochs), total, lr, warm,
+                     running, "mix")
     core.eval()
     save_checkpoint_dir(core, init, final, torch.bfloat16)
     return float(running or 0.0)
