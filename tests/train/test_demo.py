@@ -133,8 +133,8 @@ def test_tokenizer_spells_any_string_and_keeps_question_words_whole(tmp_path: Pa
 
 def _tiny(out: Path) -> demo.DemoConfig:
     return demo.DemoConfig(output=str(out), shape_warmup_steps=2, stage1_steps=2, stage1_batch=3, train_images=12,
-                           stage2_epochs=1, stage2_batch=6, eval_items=0, threads=1, device="cpu", vision_width=64,
-                           vision_layers=1, llm_width=128, llm_layers=1)
+                           stage2_first_steps=2, stage2_epochs=1, stage2_batch=6, eval_items=0, threads=1, device="cpu",
+                           vision_width=64, vision_layers=1, llm_width=128, llm_layers=1)
 
 
 def test_tiny_recipe_run_is_deterministic_and_loadable(tmp_path: Path) -> None:
@@ -231,7 +231,7 @@ def test_stage2_reads_and_encodes_its_pictures_a_chunk_at_a_time(tmp_path: Path)
 
 def test_stage2_can_learn_the_shape_questions_alone_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With stage2_first_steps, the first steps see no text picture; then come the epochs over the
-    whole mix (text pictures included), and the weights differ from a whole-mix-only run."""
+    whole mix (text pictures included), and the weights differ from a whole-mix-only run (0)."""
     import math
 
     from minicpmv.train import demo_llm
@@ -243,7 +243,7 @@ def test_stage2_can_learn_the_shape_questions_alone_first(tmp_path: Path, monkey
         seen.append([s.id for s in group])
         return collate(group)
 
-    plain = demo.run(demo.DemoConfig(**{**_tiny(tmp_path / "a").__dict__, "train_images": 24}))
+    plain = demo.run(demo.DemoConfig(**{**_tiny(tmp_path / "a").__dict__, "train_images": 24, "stage2_first_steps": 0}))
     monkeypatch.setattr(demo_llm, "collate", spy)
     cfg = demo.DemoConfig(**{**_tiny(tmp_path / "b").__dict__, "stage2_first_steps": 4, "train_images": 24})
     two = demo.run(cfg, stage1_from=tmp_path / "a")
@@ -253,6 +253,23 @@ def test_stage2_can_learn_the_shape_questions_alone_first(tmp_path: Path, monkey
     assert not text & {i for group in seen[:4] for i in group}
     assert sorted(i for group in seen[4:] for i in group) == sorted(f"train-{i}" for i in range(24))
     assert two["weights_sha256"] != plain["weights_sha256"]
+
+
+def test_bundle_copies_a_finished_run_with_its_card(tmp_path: Path) -> None:
+    """The card names how the run was made; a run started from another's stage 1 gets the totals
+    with that stage 1 added back; weights that no longer match the report are refused."""
+    demo.run(_tiny(tmp_path / "a"))
+    report = demo.run(_tiny(tmp_path / "b"), stage1_from=tmp_path / "a")
+    card = demo.bundle(tmp_path / "b", tmp_path / "dest", command="train-demo")
+    assert card["weights_sha256"] == demo.sha256(tmp_path / "dest" / "model.safetensors") == report["weights_sha256"]
+    assert card["stage1_reused"] is True and card["stage1_from"] == str(tmp_path / "a")
+    t = report["times"]
+    assert card["times_s"]["total_with_stage1_wall_s"] == round(t["total_wall_s"] + t["stage1_wall_s"], 1)
+    assert json.loads((tmp_path / "dest" / "DEMO_CARD.json").read_text()) == card
+    assert "total_with_stage1_wall_s" not in demo.bundle(tmp_path / "a", tmp_path / "dest2", command="x")["times_s"]
+    (tmp_path / "b" / "final" / "model.safetensors").write_bytes(b"changed")
+    with pytest.raises(InputError, match="does not match the hash"):
+        demo.bundle(tmp_path / "b", tmp_path / "dest3", command="train-demo")
 
 
 def test_train_demo_cli_rejects_unknown_or_malformed_settings(tmp_path: Path) -> None:
@@ -321,7 +338,7 @@ def test_warmups_train_only_the_tower_and_their_head(tmp_path: Path, head: str) 
 
 
 # Settings added after the bundled run, with the value that leaves that run's recipe unchanged.
-ADDED_SINCE_THE_BUNDLED_RUN = {"char_warmup_steps": 0}
+ADDED_SINCE_THE_BUNDLED_RUN: dict[str, object] = {}
 
 
 def test_the_recipe_defaults_are_those_of_the_bundled_run() -> None:

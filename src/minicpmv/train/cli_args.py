@@ -121,7 +121,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage1-steps", type=int, default=None, help="vision pretraining steps")
     p.add_argument("--train-images", type=int, default=None, help="images in the question-training split")
     p.add_argument("--eval-items", type=int, default=None, help="items per family of the independent evaluation")
-    p.add_argument("--stage2-epochs", type=int, default=None, help="epochs over the question-training split")
+    p.add_argument("--stage2-epochs", type=int, default=None,
+                   help="epochs over the whole question-training split (after stage2_first_steps)")
     p.add_argument("--stage1-from", default=None, metavar="RUN",
                    help="start at stage 2 from the finished stage 1 of the run directory RUN (same stage-1 settings)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
