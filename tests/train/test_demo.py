@@ -255,6 +255,20 @@ def test_stage2_can_learn_the_shape_questions_alone_first(tmp_path: Path, monkey
     assert two["weights_sha256"] != plain["weights_sha256"]
 
 
+def test_stage2_settings_out_of_range_are_refused_in_one_line(tmp_path: Path) -> None:
+    """Negative step counts are refused before stage 1; shapes-first steps over a split with
+    nothing but text pictures too (they would wait forever for a batch)."""
+    from minicpmv.train.demo_llm import train_llm
+
+    with pytest.raises(InputError, match="stage2_first_steps must be 0 or more, not -1"):
+        demo.run(demo.DemoConfig(**{**_tiny(tmp_path / "a").__dict__, "stage2_first_steps": -1}))
+    assert not (tmp_path / "a").exists()
+    demo.run(_tiny(tmp_path / "b"))
+    data = qa.write_split(tmp_path / "data", "train", 3, 0, weights={"text": 1.0})
+    with pytest.raises(InputError, match="holds only text pictures: nothing for stage2_first_steps"):
+        train_llm(tmp_path / "b" / "init", data, tmp_path / "final", _tiny(tmp_path / "c"), demo._device("cpu"))
+
+
 def test_bundle_copies_a_finished_run_with_its_card(tmp_path: Path) -> None:
     """The card names how the run was made; a run started from another's stage 1 gets the totals
     with that stage 1 added back; weights that no longer match the report are refused."""

@@ -308,6 +308,9 @@ def run(cfg: DemoConfig, *, stage1_from: Path | None = None) -> dict[str, Any]:
     from .demo_eval import evaluate
     from .demo_llm import train_llm
 
+    for name in ("stage2_first_steps", "stage2_epochs"):  # checked before the hour of stage 1
+        if getattr(cfg, name) < 0:
+            raise InputError(f"{name} must be 0 or more, not {getattr(cfg, name)}")
     syn.check_fonts()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..api import load
+from ..errors import InputError
 from .data import DatasetStats, Sample, check_skipped, iter_samples
 from .model import LossModule, collate, save_checkpoint_dir
 
@@ -93,6 +94,8 @@ def _steps(module: CachedFeatures, params: list[torch.nn.Parameter], groups: Ite
            lr: float, warm: int, running: float | None, tag: str) -> float | None:
     """``total`` optimiser steps over ``groups`` (AdamW, ``lr`` after a linear warm-up of ``warm``
     steps, cosine down to 0); returns the running loss."""
+    if total <= 0:
+        return running
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / total))))
@@ -148,6 +151,8 @@ def train_llm(init: Path, data: Path, final: Path, cfg: Any, device: torch.devic
     if cfg.stage2_first_steps:
         text = text_picture_ids(data)
         shapes = [s for s in samples if s.id not in text]
+        if not shapes:
+            raise InputError(f"{data} holds only text pictures: nothing for stage2_first_steps (set it to 0)")
         first = cfg.stage2_first_steps
         running = _steps(module, params, _epochs(shapes, cfg.stage2_batch, rng, None), first, lr,
                          max(1, first // 30), running, "shapes")
