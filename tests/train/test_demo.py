@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from minicpmv.errors import InputError
 from minicpmv.train import demo
@@ -352,7 +353,7 @@ def test_warmups_train_only_the_tower_and_their_head(tmp_path: Path, head: str) 
 
 
 # Settings added after the bundled run, with the value that leaves that run's recipe unchanged.
-ADDED_SINCE_THE_BUNDLED_RUN: dict[str, object] = {}
+ADDED_SINCE_THE_BUNDLED_RUN: dict[str, object] = {"stage2_open_world": False}
 
 
 def test_the_recipe_defaults_are_those_of_the_bundled_run() -> None:
@@ -389,3 +390,46 @@ def test_char_grid_labels_the_cells_its_characters_are_drawn_in(jitter: int) -> 
         assert on.mean() > 4 * off.mean()
         shifted = np.roll(labels, 1)  # labels one cell off: the check above sees it
         assert not (cells[shifted > 0] > 0).all() or cells[shifted > 0].mean() < 4 * cells[shifted == 0].mean()
+
+
+def test_the_tokenizer_stage1_writes_is_the_bundled_models(tmp_path: Path) -> None:
+    """Stage 1 writes the tokenizer from the training words, so a question list that grows (stage 2's
+    open off-world questions included) must leave it as the bundled model has it."""
+    demo.write_tokenizer(tmp_path)
+    bundled = Path(demo.__file__).parent.parent / "demo_model"
+    for name in ("vocab.json", "merges.txt"):
+        assert (tmp_path / name).read_bytes() == (bundled / name).read_bytes(), name
+
+
+def test_off_world_questions_name_nothing_of_the_models_world() -> None:
+    rng = random.Random(3)
+    world = {*COLOURS, *SHAPES, *(w for p in POSITIONS for w in p.split()), "text", "shape", "colour", "color",
+             "written", "letters"}
+    seen = set()
+    for _ in range(2000):
+        q = qa.off_world_question(rng)
+        words = {w.strip("?.,'s").lower() for w in q.split()}
+        assert not words & world, q
+        seen.add(q)
+    assert len(seen) > 1000  # open lists, not a handful of fixed questions
+    def refused(open_world: bool) -> set[str]:
+        scenes = [syn.make_scene(random.Random(s), kind) for s in range(150) for kind in ("shapes", "text", "other")]
+        return {q for s in scenes for q, a in qa.scene_turns(s, random.Random(s.seed), 4, open_world) if a == REFUSAL}
+
+    composed = {qa.off_world_question(rng) for _ in range(20000)} - set(qa.T["oow"])
+    assert not refused(False) & composed  # the bundled recipe's closed list only
+    assert len(refused(True) & composed) > 20  # stage2_open_world: composed ones too
+
+
+def test_stage1_draws_its_own_other_styles_and_stage2_adds_more() -> None:
+    from minicpmv.train.synthetic_other import draw_other
+
+    rng = random.Random(4)
+    assert {syn.make_scene(rng, "other").style for _ in range(400)} == set(syn.OTHER_STYLES)
+    for style in set(syn.STAGE2_OTHER_STYLES) - set(syn.OTHER_STYLES):
+        for seed in range(3):
+            bg = Image.new("RGB", (320, 240), (240, 240, 240))
+            a = np.asarray(draw_other(bg.copy(), style, random.Random(seed)), np.int32)  # [h, w, 3]
+            b = np.asarray(draw_other(bg.copy(), style, random.Random(seed)), np.int32)
+            assert a.shape == (240, 320, 3) and (a == b).all(), style
+            assert (np.abs(a - 240).sum(-1) > 30).mean() > 0.003, f"{style} drew next to nothing"  # a stick figure: ~1%

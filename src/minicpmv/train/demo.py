@@ -80,6 +80,7 @@ class DemoConfig:
     stage2_lr: float = 1e-3
     stage2_first_steps: int = 6000  # shape questions alone first (demo_llm.train_llm); 0: the whole mix only
     stage2_mix_lr: float = 3e-4  # peak rate over the whole mix after those steps
+    stage2_open_world: bool = False  # composed off-world questions, more pictures to refuse (synthetic_qa.write_split)
     eval_items: int = 40  # per family of the independent evaluation set (0: no evaluation)
     threads: int | None = None
     device: str = "auto"
@@ -330,7 +331,7 @@ def run(cfg: DemoConfig, *, stage1_from: Path | None = None) -> dict[str, Any]:
         record = _stage1(cfg, init, device)
     clock.times.update(record["times"])
     t = clock.now()
-    train_json = qa.write_split(out / "data", "train", cfg.train_images, cfg.seed)
+    train_json = qa.write_split(out / "data", "train", cfg.train_images, cfg.seed, open_world=cfg.stage2_open_world)
     clock.lap("data", t)
     t = clock.now()
     stage2 = train_llm(init, train_json, out / "final", cfg, device)

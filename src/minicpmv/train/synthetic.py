@@ -315,6 +315,9 @@ def _place_lines(rng: random.Random, w: int, h: int, bg: Any, path: str, texts: 
 
 
 OTHER_STYLES = ("noise", "blobs", "clutter", "house", "tree", "face", "landscape", "scribble")
+# Stage 2 (the questions) with the recipe's stage2_open_world also draws these; stage 1 keeps the
+# list above, so that its pictures, hence the bundled tower, stay those of the recipe that made them.
+STAGE2_OTHER_STYLES = (*OTHER_STYLES, "photo", "photo", "person", "vehicle", "composite", "composite")
 
 
 def char_grid(rng: random.Random, jitter: int, chars: int = 40) -> tuple[Image.Image, np.ndarray]:

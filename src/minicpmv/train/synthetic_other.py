@@ -4,7 +4,10 @@
 ``synthetic.OTHER_STYLES``: photo-like textures (multi-scale noise, blurred blobs), clutter of
 overlapping shapes and lines, drawings whose parts touch (house, tree, face, landscape) and
 scribbles. They share one property the in-world pictures never have: parts that touch or
-overlap, strokes, or texture. This module only draws; labels and questions live elsewhere.
+overlap, strokes, or texture. Stage 2 with the recipe's ``stage2_open_world`` also draws
+``synthetic.STAGE2_OTHER_STYLES``: photo-like scenes (shaded sky and ground, soft objects, grain),
+figures, cars and boats, and pictures combining several drawings. This module only draws; labels
+and questions live elsewhere.
 """
 
 from __future__ import annotations
@@ -127,8 +130,82 @@ def _scribble(canvas: Image.Image, rng: random.Random) -> Image.Image:
     return canvas
 
 
+def _photo(canvas: Image.Image, rng: random.Random) -> Image.Image:
+    """A photo-like scene: shaded sky and ground, soft objects with highlights, sensor noise."""
+    w, h = canvas.size
+    horizon = int(h * rng.uniform(0.2, 0.8))
+    top, low = np.asarray(_rgb(rng), np.float32), np.asarray(_rgb(rng), np.float32)
+    ramp = np.linspace(0, 1, h, dtype=np.float32)[:, None, None]  # [h, 1, 1]
+    img = np.broadcast_to(top * (1 - ramp) + low * ramp, (h, w, 3)).copy()  # [h, w, 3]
+    ground = np.asarray(_noise(canvas, rng), np.float32) * rng.uniform(0.3, 0.8)  # [h, w, 3]
+    img[horizon:] = img[horizon:] * 0.4 + ground[horizon:]
+    out = Image.fromarray(img.clip(0, 255).astype(np.uint8), "RGB")
+    d = ImageDraw.Draw(out)
+    for _ in range(rng.randint(2, 10)):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0.3 * h, h), rng.uniform(0.04, 0.3) * min(w, h)
+        c = _rgb(rng)
+        d.ellipse((cx - r, cy - r * rng.uniform(0.5, 1.5), cx + r, cy + r), fill=c)
+        hi = tuple(min(255, v + 60) for v in c)
+        d.ellipse((cx - r * 0.5, cy - r * 0.6, cx, cy - r * 0.1), fill=hi)
+    out = out.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 3)))
+    grain = np.random.default_rng(rng.randrange(2**31)).normal(0, rng.uniform(2, 14), (h, w, 3))  # [h, w, 3]
+    return Image.fromarray((np.asarray(out, np.float32) + grain).clip(0, 255).astype(np.uint8), "RGB")
+
+
+def _person(canvas: Image.Image, rng: random.Random) -> Image.Image:
+    """A stick figure or a filled figure with a round head."""
+    w, h = canvas.size
+    s = min(w, h) * rng.uniform(0.3, 0.8)
+    cx, top = rng.uniform(0.3, 0.7) * w, rng.uniform(0.05, 0.3) * h
+    d = ImageDraw.Draw(canvas)
+    c, lw = _rgb(rng), max(2, int(s / rng.uniform(15, 40)))
+    r = s * 0.12
+    d.ellipse((cx - r, top, cx + r, top + 2 * r), fill=_rgb(rng), outline=c, width=lw)
+    neck, hip = top + 2 * r, top + s * 0.6
+    d.line((cx, neck, cx, hip), fill=c, width=lw)
+    for side in (-1, 1):
+        d.line((cx, neck + s * 0.1, cx + side * s * rng.uniform(0.15, 0.3), neck + s * rng.uniform(0, 0.3)), fill=c,
+               width=lw)
+        d.line((cx, hip, cx + side * s * rng.uniform(0.1, 0.25), top + s), fill=c, width=lw)
+    return canvas
+
+
+def _vehicle(canvas: Image.Image, rng: random.Random) -> Image.Image:
+    """A car (body, cabin, wheels) or a sailing boat (hull, mast, sail) on a line of ground or water."""
+    w, h = canvas.size
+    s = min(w, h) * rng.uniform(0.35, 0.7)
+    x0, base = rng.uniform(0.05 * w, max(0.06 * w, w - s - 0.05 * w)), h * rng.uniform(0.6, 0.9)
+    d = ImageDraw.Draw(canvas)
+    d.rectangle((0, base, w, h), fill=_rgb(rng))
+    if rng.random() < 0.5:
+        d.rectangle((x0, base - s * 0.35, x0 + s, base - s * 0.1), fill=_rgb(rng))
+        d.polygon([(x0 + s * 0.2, base - s * 0.35), (x0 + s * 0.3, base - s * 0.55), (x0 + s * 0.7, base - s * 0.55),
+                   (x0 + s * 0.8, base - s * 0.35)], fill=_rgb(rng))
+        for fx in (0.22, 0.78):
+            r = s * 0.11
+            d.ellipse((x0 + s * fx - r, base - s * 0.1 - r, x0 + s * fx + r, base - s * 0.1 + r), fill=(20, 20, 20))
+    else:
+        d.polygon([(x0, base - s * 0.2), (x0 + s, base - s * 0.2), (x0 + s * 0.8, base), (x0 + s * 0.2, base)],
+                  fill=_rgb(rng))
+        mast = x0 + s * rng.uniform(0.4, 0.6)
+        d.line((mast, base - s * 0.2, mast, base - s), fill=(60, 40, 20), width=max(1, int(s / 40)))
+        d.polygon([(mast, base - s), (mast, base - s * 0.25), (mast + s * 0.35, base - s * 0.25)], fill=_rgb(rng))
+    return canvas
+
+
+def _composite(canvas: Image.Image, rng: random.Random) -> Image.Image:
+    """Two or three of the drawings above on one canvas (a child's picture of a scene)."""
+    parts = rng.sample([_house, _tree, _face, _person, _vehicle], rng.randint(2, 3))
+    if rng.random() < 0.4:
+        canvas = _landscape(canvas, rng)
+    for part in parts:
+        canvas = part(canvas, rng)
+    return canvas
+
+
 _STYLES = {"noise": _noise, "blobs": _blobs, "clutter": _clutter, "house": _house, "tree": _tree, "face": _face,
-           "landscape": _landscape, "scribble": _scribble}
+           "landscape": _landscape, "scribble": _scribble, "photo": _photo, "person": _person, "vehicle": _vehicle,
+           "composite": _composite}
 
 
 def draw_other(canvas: Image.Image, style: str, rng: random.Random) -> Image.Image:

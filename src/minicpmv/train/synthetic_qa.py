@@ -13,6 +13,7 @@ writes records in the official fine-tuning format. Pictures are drawn by ``synth
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -30,7 +31,7 @@ from .demo_world import (
     image_answer,
     position_name,
 )
-from .synthetic import Obj, Scene, make_scene, render
+from .synthetic import STAGE2_OTHER_STYLES, Obj, Scene, make_scene, render
 
 QA = tuple[str, str]
 
@@ -225,7 +226,41 @@ def _extreme(scene: Scene, rng: random.Random) -> QA | None:
     return q, o.colour if "colour" in q else o.shape
 
 
-def ask_shapes(scene: Scene, fam: str, rng: random.Random) -> tuple[QA, Obj | None] | None:
+_OFF_NOUNS = ("person", "man", "woman", "child", "dog", "cat", "bird", "horse", "animal", "car", "bus", "train",
+              "plane", "boat", "building", "house", "bridge", "tower", "street", "town", "city", "country",
+              "mountain", "river", "lake", "beach", "forest", "flower", "tree", "garden", "food", "dish", "drink",
+              "fruit", "painting", "photo", "drawing", "logo", "brand", "movie", "song", "book", "game", "team",
+              "player", "artist", "painter", "photographer", "room", "kitchen", "church", "school", "shop", "face")
+_OFF_ASPECTS = ("name", "age", "price", "history", "meaning", "story", "weather", "temperature", "mood", "style",
+                "owner", "address", "value", "purpose", "origin", "language", "species", "model", "author")
+_OFF_VERBS = ("made", "drew", "painted", "took", "designed", "built", "owns", "wrote", "sent", "created")
+_OFF_PARTICIPLES = ("taken", "made", "drawn", "painted", "built", "photographed", "created", "found", "bought")
+_OFF_ADJECTIVES = ("old", "big", "tall", "far", "expensive", "heavy", "fast", "famous", "dangerous", "happy", "real")
+_OFF_TEMPLATES = ("Who {v} this {n}?", "What kind of {n} is this?", "What type of {n} is it?", "Which {n} is this?",
+                  "Where was this {p}?", "Where is this {n}?", "When was this {n} {p}?", "What is the {a} of this {n}?",
+                  "What is the {n}'s {a}?", "How {j} is the {n}?", "Is the {n} {j}?", "What is the {n} doing?",
+                  "Why is the {n} here?", "How many {n}s are there?", "Can you name the {n}?", "Tell me about the {n}.",
+                  "Who is the {n} in this picture?", "What {n} is shown here?", "Is this {n} {j}?",
+                  "Do you know this {n}?", "What does the {n} think?", "Where does the {n} live?")
+
+
+def off_world_question(rng: random.Random) -> str:
+    """A question about something outside the demo model's world, composed from open word lists (many
+    of whose words the tokenizer spells in bytes, as it does most words a user may type)."""
+    return rng.choice(_OFF_TEMPLATES).format(n=rng.choice(_OFF_NOUNS), a=rng.choice(_OFF_ASPECTS),
+                                             v=rng.choice(_OFF_VERBS), p=rng.choice(_OFF_PARTICIPLES),
+                                             j=rng.choice(_OFF_ADJECTIVES))
+
+
+def _oow(rng: random.Random, open_world: bool) -> QA:
+    """An out-of-world question: from ``T["oow"]``, or half the time (``open_world``) composed."""
+    if open_world and rng.random() >= 0.5:
+        return off_world_question(rng), REFUSAL
+    return rng.choice(T["oow"]), REFUSAL
+
+
+def ask_shapes(scene: Scene, fam: str, rng: random.Random, open_world: bool = False
+               ) -> tuple[QA, Obj | None] | None:
     """A question of ``fam`` about a shapes scene, and the object it is about (for follow-ups)."""
     n = len(scene.objects)
     if fam in ("colour", "shape", "position", "lr", "tb"):
@@ -243,11 +278,11 @@ def ask_shapes(scene: Scene, fam: str, rng: random.Random) -> tuple[QA, Obj | No
     if fam == "reading":
         return (rng.choice(T[fam]), NO_TEXT), None
     if fam == "oow":
-        return (rng.choice(T[fam]), REFUSAL), None
+        return _oow(rng, open_world), None
     return None
 
 
-def ask_text(scene: Scene, fam: str, rng: random.Random) -> QA | None:
+def ask_text(scene: Scene, fam: str, rng: random.Random, open_world: bool = False) -> QA | None:
     if fam == "reading":
         return rng.choice(T[fam]), scene.lines[0]
     if fam == "describe":
@@ -256,7 +291,7 @@ def ask_text(scene: Scene, fam: str, rng: random.Random) -> QA | None:
         qa = _counts(scene, fam, rng)
         return qa
     if fam == "oow":
-        return rng.choice(T[fam]), REFUSAL
+        return _oow(rng, open_world)
     if fam in T and fam not in ("more", "per_image"):
         q = rng.choice(T[fam])
         return (q.format(r="circle", s="circle", c="red", a="circle", b="star"), NO_SHAPES)
@@ -288,7 +323,7 @@ TEXT_FAMILY_WEIGHTS = {"reading": 10, "describe": 1, "count": 0.5, "colour": 0.5
                        "colour_of": 0.3, "oow": 0.7}
 
 
-def _shape_turns(scene: Scene, rng: random.Random, n: int) -> list[QA]:
+def _shape_turns(scene: Scene, rng: random.Random, n: int, open_world: bool) -> list[QA]:
     turns: list[QA] = []
     focus: Obj | None = None
     fams, weights = list(SHAPE_FAMILY_WEIGHTS), list(SHAPE_FAMILY_WEIGHTS.values())
@@ -299,31 +334,35 @@ def _shape_turns(scene: Scene, rng: random.Random, n: int) -> list[QA]:
             turns.append(qa)
             focus = None
             continue
-        got = ask_shapes(scene, rng.choices(fams, weights=weights)[0], rng)
+        got = ask_shapes(scene, rng.choices(fams, weights=weights)[0], rng, open_world)
         if got is not None:
             turns.append(got[0])
             focus = got[1] if len(scene.objects) > 1 else None
     return turns
 
 
-def scene_turns(scene: Scene, rng: random.Random, n: int) -> list[QA]:
-    """``n`` question/answer turns about one scene (fewer if the scene allows fewer)."""
+def scene_turns(scene: Scene, rng: random.Random, n: int, open_world: bool = False) -> list[QA]:
+    """``n`` question/answer turns about one scene (fewer if the scene allows fewer); with
+    ``open_world``, composed out-of-world questions too (``off_world_question``)."""
     if scene.kind == "shapes":
-        return _shape_turns(scene, rng, n)
+        return _shape_turns(scene, rng, n, open_world)
     if scene.kind == "other":
         fams = [*IN_WORLD_SHAPE_FAMILIES, "reading", "oow", "describe", "describe"]
         out = []
         for _ in range(n):
             fam = rng.choice(fams)
-            got = ask_shapes(make_scene(random.Random(rng.random()), "shapes", n_objects=2), fam, rng)
-            out.append((got[0][0] if got else rng.choice(T["describe"]), REFUSAL))
+            got = ask_shapes(make_scene(random.Random(rng.random()), "shapes", n_objects=2), fam, rng, open_world)
+            if fam == "oow" and open_world:
+                out.append(_oow(rng, open_world))
+            else:
+                out.append((got[0][0] if got else rng.choice(T["describe"]), REFUSAL))
         return out
     fams, weights = list(TEXT_FAMILY_WEIGHTS), list(TEXT_FAMILY_WEIGHTS.values())
     turns = []
     for _ in range(n * 3):
         if len(turns) == n:
             break
-        qa = ask_text(scene, rng.choices(fams, weights=weights)[0], rng)
+        qa = ask_text(scene, rng.choices(fams, weights=weights)[0], rng, open_world)
         if qa is not None and qa not in turns:
             turns.append(qa)
     return turns
@@ -359,18 +398,23 @@ def _record(rng: random.Random, images: list[str], turns: list[QA]) -> list[dict
 
 
 KIND_WEIGHTS = {"shapes": 0.5, "text": 0.3, "other": 0.1, "pair": 0.08, "none": 0.02}
+OPEN_WORLD_KIND_WEIGHTS = {"shapes": 0.5, "text": 0.26, "other": 0.14, "pair": 0.08, "none": 0.02}
 
 
-def write_split(out: Path, name: str, n: int, seed: int, weights: dict[str, float] | None = None) -> Path:
-    """Write ``n`` records (canvas PNGs under ``out/name/``) to ``out/name.json``; returns that path."""
-    weights = weights or KIND_WEIGHTS
+def write_split(out: Path, name: str, n: int, seed: int, weights: dict[str, float] | None = None,
+                open_world: bool = False) -> Path:
+    """Write ``n`` records (canvas PNGs under ``out/name/``) to ``out/name.json``; returns that path.
+
+    ``open_world`` (the recipe's ``stage2_open_world``, off by default) adds composed out-of-world
+    questions, draws the "other" pictures from ``STAGE2_OTHER_STYLES`` and gives them more chats."""
+    weights = weights or (OPEN_WORLD_KIND_WEIGHTS if open_world else KIND_WEIGHTS)
     rng = random.Random(seed)
     (out / name).mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     while len(records) < n:
         i = len(records)
         kind = rng.choices(list(weights), weights=list(weights.values()))[0]
-        rec = _make_record(out, name, i, kind, rng)
+        rec = _make_record(out, name, i, kind, rng, open_world)
         if rec is not None:
             records.append(rec)
     path = out / f"{name}.json"
@@ -378,7 +422,8 @@ def write_split(out: Path, name: str, n: int, seed: int, weights: dict[str, floa
     return path
 
 
-def _make_record(out: Path, name: str, i: int, kind: str, rng: random.Random) -> dict[str, Any] | None:
+def _make_record(out: Path, name: str, i: int, kind: str, rng: random.Random, open_world: bool
+                 ) -> dict[str, Any] | None:
     if kind == "none":
         q = rng.choice(("Hello!", "What can you do?", "How are you?", "What colour is the sky?", "Hi"))
         return {"id": f"{name}-{i}", "conversations": [{"role": "user", "content": q},
@@ -395,7 +440,9 @@ def _make_record(out: Path, name: str, i: int, kind: str, rng: random.Random) ->
             paths[f"<image_{j:02d}>"] = rel
         return {"id": f"{name}-{i}", "image": paths, "conversations": _record(rng, list(paths), turns), "kind": kind}
     scene = make_scene(rng, kind)
-    turns = scene_turns(scene, rng, rng.choice((1, 2, 3, 3, 4)))
+    if kind == "other" and open_world:
+        scene = dataclasses.replace(scene, style=rng.choice(STAGE2_OTHER_STYLES))
+    turns = scene_turns(scene, rng, rng.choice((1, 2, 3, 3, 4)), open_world)
     if not turns:
         return None
     rel = f"{name}/{i:06d}.png"
