@@ -353,7 +353,7 @@ def test_warmups_train_only_the_tower_and_their_head(tmp_path: Path, head: str) 
 
 
 # Settings added after the bundled run, with the value that leaves that run's recipe unchanged.
-ADDED_SINCE_THE_BUNDLED_RUN: dict[str, object] = {"stage2_open_world": False}
+ADDED_SINCE_THE_BUNDLED_RUN: dict[str, object] = {"stage2_open_world": False, "stage2_real_photos": False}
 
 
 def test_the_recipe_defaults_are_those_of_the_bundled_run() -> None:
@@ -433,3 +433,50 @@ def test_stage1_draws_its_own_other_styles_and_stage2_adds_more() -> None:
             b = np.asarray(draw_other(bg.copy(), style, random.Random(seed)), np.int32)
             assert a.shape == (240, 320, 3) and (a == b).all(), style
             assert (np.abs(a - 240).sum(-1) > 30).mean() > 0.003, f"{style} drew next to nothing"  # a stick figure: ~1%
+
+
+def _fake_scikit_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
+    """A stand-in skimage/data with each photo a plain colour of its own; returns the colours."""
+    import importlib.util
+    import types
+
+    from minicpmv.train import synthetic_other as so
+
+    data = tmp_path / "skimage" / "data"
+    data.mkdir(parents=True)
+    colours = [(10 * i, 255 - 10 * i, 7 * i) for i in range(len(so.PHOTO_FILES))]
+    for name, colour in zip(so.PHOTO_FILES, colours, strict=True):
+        Image.new("RGB", (300, 200), colour).save(data / name)
+    real = importlib.util.find_spec
+    spec = types.SimpleNamespace(submodule_search_locations=[str(data.parent)])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "skimage" else real(name, *a))
+    so._photos.cache_clear()
+    return colours
+
+
+def test_real_photos_come_from_scikit_image_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from minicpmv.train.synthetic_other import draw_other
+
+    colours = _fake_scikit_image(tmp_path, monkeypatch)
+    img = draw_other(Image.new("RGB", (224, 160)), "real_photo", random.Random(0))
+    assert img.size == (224, 160) and img.getpixel((100, 80)) in colours
+
+    def photo_records(real_photos: bool) -> int:
+        out = tmp_path / f"split-{real_photos}"
+        recs = json.loads(qa.write_split(out, "train", 80, 0, real_photos=real_photos).read_text())
+        others = [r for r in recs if r.get("kind") == "other"]
+        return sum(len(Image.open(out / r["image"]).getcolors(1) or []) == 1 for r in others)
+
+    assert photo_records(False) == 0 and photo_records(True) > 0
+
+
+def test_missing_real_photos_are_refused_before_stage1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "skimage" else real(name, *a))
+    cfg = _tiny(tmp_path / "run")
+    cfg.stage2_real_photos = True
+    with pytest.raises(InputError, match="pip install scikit-image"):
+        demo.run(cfg)
+    assert not (tmp_path / "run" / "init").exists()

@@ -81,6 +81,7 @@ class DemoConfig:
     stage2_first_steps: int = 6000  # shape questions alone first (demo_llm.train_llm); 0: the whole mix only
     stage2_mix_lr: float = 3e-4  # peak rate over the whole mix after those steps
     stage2_open_world: bool = False  # composed off-world questions, more pictures to refuse (synthetic_qa.write_split)
+    stage2_real_photos: bool = False  # crops of scikit-image's photos among those to refuse (needs scikit-image)
     eval_items: int = 40  # per family of the independent evaluation set (0: no evaluation)
     threads: int | None = None
     device: str = "auto"
@@ -313,6 +314,10 @@ def run(cfg: DemoConfig, *, stage1_from: Path | None = None) -> dict[str, Any]:
         if getattr(cfg, name) < 0:
             raise InputError(f"{name} must be 0 or more, not {getattr(cfg, name)}")
     syn.check_fonts()
+    if cfg.stage2_real_photos:
+        from .synthetic_other import photo_dir
+
+        photo_dir()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output)
@@ -331,7 +336,8 @@ def run(cfg: DemoConfig, *, stage1_from: Path | None = None) -> dict[str, Any]:
         record = _stage1(cfg, init, device)
     clock.times.update(record["times"])
     t = clock.now()
-    train_json = qa.write_split(out / "data", "train", cfg.train_images, cfg.seed, open_world=cfg.stage2_open_world)
+    train_json = qa.write_split(out / "data", "train", cfg.train_images, cfg.seed, open_world=cfg.stage2_open_world,
+                                 real_photos=cfg.stage2_real_photos)
     clock.lap("data", t)
     t = clock.now()
     stage2 = train_llm(init, train_json, out / "final", cfg, device)

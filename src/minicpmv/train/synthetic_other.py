@@ -6,17 +6,29 @@ overlapping shapes and lines, drawings whose parts touch (house, tree, face, lan
 scribbles. They share one property the in-world pictures never have: parts that touch or
 overlap, strokes, or texture. Stage 2 with the recipe's ``stage2_open_world`` also draws
 ``synthetic.STAGE2_OTHER_STYLES``: photo-like scenes (shaded sky and ground, soft objects, grain),
-figures, cars and boats, and pictures combining several drawings. This module only draws; labels
-and questions live elsewhere.
+figures, cars and boats, and pictures combining several drawings; with ``stage2_real_photos``,
+crops of the photos scikit-image ships (``photo_dir``). This module only draws; labels and
+questions live elsewhere.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from ..errors import InputError
+
+# Photos scikit-image ships in ``skimage/data`` (read as files; skimage itself is not imported).
+# None of them is among the evaluation's photos (the JPEGs inside gradio).
+PHOTO_FILES = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png",
+               "coffee.png", "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "moon.png",
+               "motorcycle_left.png", "retina.jpg", "rocket.jpg")
 
 
 def _rgb(rng: random.Random) -> tuple[int, int, int]:
@@ -203,9 +215,33 @@ def _composite(canvas: Image.Image, rng: random.Random) -> Image.Image:
     return canvas
 
 
+def photo_dir() -> Path:
+    """Where scikit-image's photos are; ``InputError`` if it is not installed or lacks them."""
+    spec = importlib.util.find_spec("skimage")  # finds the package without importing it
+    root = Path(next(iter(spec.submodule_search_locations or []), "")) / "data" if spec else None
+    missing = [f for f in PHOTO_FILES if root is None or not (root / f).is_file()]
+    if missing:
+        raise InputError(f"stage2_real_photos needs the photos scikit-image ships ({', '.join(missing[:3])}"
+                         f"{', ...' if len(missing) > 3 else ''} not found): pip install scikit-image")
+    return root
+
+
+@lru_cache(maxsize=1)
+def _photos(root: str) -> tuple[Image.Image, ...]:
+    return tuple(Image.open(Path(root) / f).convert("RGB") for f in PHOTO_FILES)
+
+
+def _real_photo(canvas: Image.Image, rng: random.Random) -> Image.Image:
+    """A crop (40-100% of each side) of one of scikit-image's photos, resized to the canvas."""
+    photo = rng.choice(_photos(str(photo_dir())))
+    cw, ch = int(photo.width * rng.uniform(0.4, 1)), int(photo.height * rng.uniform(0.4, 1))
+    x, y = rng.randint(0, photo.width - cw), rng.randint(0, photo.height - ch)
+    return photo.crop((x, y, x + cw, y + ch)).resize(canvas.size, Image.BICUBIC)
+
+
 _STYLES = {"noise": _noise, "blobs": _blobs, "clutter": _clutter, "house": _house, "tree": _tree, "face": _face,
            "landscape": _landscape, "scribble": _scribble, "photo": _photo, "person": _person, "vehicle": _vehicle,
-           "composite": _composite}
+           "composite": _composite, "real_photo": _real_photo}
 
 
 def draw_other(canvas: Image.Image, style: str, rng: random.Random) -> Image.Image:

@@ -402,11 +402,13 @@ OPEN_WORLD_KIND_WEIGHTS = {"shapes": 0.5, "text": 0.26, "other": 0.14, "pair": 0
 
 
 def write_split(out: Path, name: str, n: int, seed: int, weights: dict[str, float] | None = None,
-                open_world: bool = False) -> Path:
+                open_world: bool = False, real_photos: bool = False) -> Path:
     """Write ``n`` records (canvas PNGs under ``out/name/``) to ``out/name.json``; returns that path.
 
     ``open_world`` (the recipe's ``stage2_open_world``, off by default) adds composed out-of-world
-    questions, draws the "other" pictures from ``STAGE2_OTHER_STYLES`` and gives them more chats."""
+    questions, draws the "other" pictures from ``STAGE2_OTHER_STYLES`` and gives them more chats;
+    ``real_photos`` (``stage2_real_photos``) makes 40% of the "other" pictures crops of real photos
+    (``synthetic_other.photo_dir``)."""
     weights = weights or (OPEN_WORLD_KIND_WEIGHTS if open_world else KIND_WEIGHTS)
     rng = random.Random(seed)
     (out / name).mkdir(parents=True, exist_ok=True)
@@ -414,7 +416,7 @@ def write_split(out: Path, name: str, n: int, seed: int, weights: dict[str, floa
     while len(records) < n:
         i = len(records)
         kind = rng.choices(list(weights), weights=list(weights.values()))[0]
-        rec = _make_record(out, name, i, kind, rng, open_world)
+        rec = _make_record(out, name, i, kind, rng, open_world, real_photos)
         if rec is not None:
             records.append(rec)
     path = out / f"{name}.json"
@@ -422,8 +424,8 @@ def write_split(out: Path, name: str, n: int, seed: int, weights: dict[str, floa
     return path
 
 
-def _make_record(out: Path, name: str, i: int, kind: str, rng: random.Random, open_world: bool
-                 ) -> dict[str, Any] | None:
+def _make_record(out: Path, name: str, i: int, kind: str, rng: random.Random, open_world: bool,
+                 real_photos: bool = False) -> dict[str, Any] | None:
     if kind == "none":
         q = rng.choice(("Hello!", "What can you do?", "How are you?", "What colour is the sky?", "Hi"))
         return {"id": f"{name}-{i}", "conversations": [{"role": "user", "content": q},
@@ -442,6 +444,8 @@ def _make_record(out: Path, name: str, i: int, kind: str, rng: random.Random, op
     scene = make_scene(rng, kind)
     if kind == "other" and open_world:
         scene = dataclasses.replace(scene, style=rng.choice(STAGE2_OTHER_STYLES))
+    if kind == "other" and real_photos and rng.random() < 0.4:
+        scene = dataclasses.replace(scene, style="real_photo")
     turns = scene_turns(scene, rng, rng.choice((1, 2, 3, 3, 4)), open_world)
     if not turns:
         return None
