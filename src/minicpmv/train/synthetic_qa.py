@@ -352,8 +352,8 @@ def scene_turns(scene: Scene, rng: random.Random, n: int, open_world: bool = Fal
         for _ in range(n):
             fam = rng.choice(fams)
             got = ask_shapes(make_scene(random.Random(rng.random()), "shapes", n_objects=2), fam, rng, open_world)
-            if fam == "oow" and open_world:
-                out.append(_oow(rng, open_world))
+            if fam == "oow" and open_world:  # a second draw (the first is unused): the 60,000-chat
+                out.append(_oow(rng, open_world))  # experiment's data were made so (README)
             else:
                 out.append((got[0][0] if got else rng.choice(T["describe"]), REFUSAL))
         return out
