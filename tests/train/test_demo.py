@@ -437,6 +437,7 @@ def test_stage1_draws_its_own_other_styles_and_stage2_adds_more() -> None:
 
 def _fake_scikit_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
     """A stand-in skimage/data with each photo a plain colour of its own; returns the colours."""
+    import functools
     import importlib.util
     import types
 
@@ -450,7 +451,7 @@ def _fake_scikit_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[
     real = importlib.util.find_spec
     spec = types.SimpleNamespace(submodule_search_locations=[str(data.parent)])
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "skimage" else real(name, *a))
-    so._photos.cache_clear()
+    monkeypatch.setattr(so, "_photos", functools.lru_cache(maxsize=1)(so._photos.__wrapped__))  # a cache of its own
     return colours
 
 

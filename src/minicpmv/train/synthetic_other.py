@@ -227,13 +227,15 @@ def photo_dir() -> Path:
 
 
 @lru_cache(maxsize=1)
-def _photos(root: str) -> tuple[Image.Image, ...]:
-    return tuple(Image.open(Path(root) / f).convert("RGB") for f in PHOTO_FILES)
+def _photos() -> tuple[Image.Image, ...]:
+    """scikit-image's photos, found and read once per process (not once per picture drawn)."""
+    root = photo_dir()
+    return tuple(Image.open(root / f).convert("RGB") for f in PHOTO_FILES)
 
 
 def _real_photo(canvas: Image.Image, rng: random.Random) -> Image.Image:
     """A crop (40-100% of each side) of one of scikit-image's photos, resized to the canvas."""
-    photo = rng.choice(_photos(str(photo_dir())))
+    photo = rng.choice(_photos())
     cw, ch = int(photo.width * rng.uniform(0.4, 1)), int(photo.height * rng.uniform(0.4, 1))
     x, y = rng.randint(0, photo.width - cw), rng.randint(0, photo.height - ch)
     return photo.crop((x, y, x + cw, y + ch)).resize(canvas.size, Image.BICUBIC)

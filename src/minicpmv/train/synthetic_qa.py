@@ -425,7 +425,7 @@ def write_split(out: Path, name: str, n: int, seed: int, weights: dict[str, floa
 
 
 def _make_record(out: Path, name: str, i: int, kind: str, rng: random.Random, open_world: bool,
-                 real_photos: bool = False) -> dict[str, Any] | None:
+                 real_photos: bool) -> dict[str, Any] | None:
     if kind == "none":
         q = rng.choice(("Hello!", "What can you do?", "How are you?", "What colour is the sky?", "Hi"))
         return {"id": f"{name}-{i}", "conversations": [{"role": "user", "content": q},
