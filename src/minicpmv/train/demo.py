@@ -74,14 +74,14 @@ class DemoConfig:
     stage1_steps: int = 5000
     stage1_batch: int = 14
     stage1_lr: float = 4e-4
-    train_images: int = 36000
+    train_images: int = 60000
     stage2_epochs: int = 1
     stage2_batch: int = 16
     stage2_lr: float = 1e-3
     stage2_first_steps: int = 6000  # shape questions alone first (demo_llm.train_llm); 0: the whole mix only
     stage2_mix_lr: float = 3e-4  # peak rate over the whole mix after those steps
-    stage2_open_world: bool = False  # composed off-world questions, more pictures to refuse (synthetic_qa.write_split)
-    stage2_real_photos: bool = False  # crops of scikit-image's photos among those to refuse (needs scikit-image)
+    stage2_open_world: bool = True  # composed off-world questions, more pictures to refuse (synthetic_qa.write_split)
+    stage2_real_photos: bool = True  # crops of scikit-image's photos among those to refuse (needs scikit-image)
     eval_items: int = 40  # per family of the independent evaluation set (0: no evaluation)
     threads: int | None = None
     device: str = "auto"
