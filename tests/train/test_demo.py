@@ -417,8 +417,8 @@ def test_off_world_questions_name_nothing_of_the_models_world() -> None:
         return {q for s in scenes for q, a in qa.scene_turns(s, random.Random(s.seed), 4, open_world) if a == REFUSAL}
 
     composed = {qa.off_world_question(rng) for _ in range(20000)} - set(qa.T["oow"])
-    assert not refused(False) & composed  # the bundled recipe's closed list only
-    assert len(refused(True) & composed) > 20  # stage2_open_world: composed ones too
+    assert not refused(False) & composed  # setting off (the earlier recipes): the closed list only
+    assert len(refused(True) & composed) > 20  # stage2_open_world (the recipe's default): composed ones too
 
 
 def test_stage1_draws_its_own_other_styles_and_stage2_adds_more() -> None:

@@ -352,8 +352,8 @@ def scene_turns(scene: Scene, rng: random.Random, n: int, open_world: bool = Fal
         for _ in range(n):
             fam = rng.choice(fams)
             got = ask_shapes(make_scene(random.Random(rng.random()), "shapes", n_objects=2), fam, rng, open_world)
-            if fam == "oow" and open_world:  # a second draw (the first is unused): the 60,000-chat
-                out.append(_oow(rng, open_world))  # experiment's data were made so (README)
+            if fam == "oow" and open_world:  # a second draw (the first is unused): the bundled
+                out.append(_oow(rng, open_world))  # model's training data were made so
             else:
                 out.append((got[0][0] if got else rng.choice(T["describe"]), REFUSAL))
         return out
@@ -405,7 +405,7 @@ def write_split(out: Path, name: str, n: int, seed: int, weights: dict[str, floa
                 open_world: bool = False, real_photos: bool = False) -> Path:
     """Write ``n`` records (canvas PNGs under ``out/name/``) to ``out/name.json``; returns that path.
 
-    ``open_world`` (the recipe's ``stage2_open_world``, off by default) adds composed out-of-world
+    ``open_world`` (the recipe's ``stage2_open_world``; off here, on in the recipe) adds composed out-of-world
     questions, draws the "other" pictures from ``STAGE2_OTHER_STYLES`` and gives them more chats;
     ``real_photos`` (``stage2_real_photos``) makes 40% of the "other" pictures crops of real photos
     (``synthetic_other.photo_dir``)."""
