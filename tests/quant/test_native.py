@@ -110,10 +110,11 @@ def test_q4_0_weights_meet_activations_as_llama_cpp_q8_0_blocks(k: int) -> None:
 @needs_native
 @pytest.mark.parametrize("zeros", [False, True])  # the Q8_0 path / the 16-bit path
 def test_q4_gemv_rows_read_in_blocks_equal_rows_read_alone(zeros: bool) -> None:
-    """The kernel reads 4 weight rows per activation load; each row's sum is the same bits as
-    when that row is the whole weight (then read alone), for every remainder of a task."""
+    """On wide rows (K > 8192) the kernel reads 4 weight rows per activation load; each row's sum
+    is the same bits as when that row is the whole weight (then read alone), for every remainder
+    of a task."""
     g = torch.Generator().manual_seed(7)
-    k = 608  # 19 groups: full and partial chunks of 16 groups, pairs and a last single group
+    k = 8288  # 259 groups: full and partial chunks of 16 groups, pairs and a last single group
     q = pack_nibbles(torch.randint(0, 16, (37, k), generator=g, dtype=torch.uint8))
     s = (torch.rand(37, k // 32, generator=g) / 50).half()
     z = torch.randn(37, k // 32, generator=g) / 50 if zeros else None
@@ -131,7 +132,7 @@ def test_q4_gemv_rows_read_in_blocks_equal_rows_read_alone(zeros: bool) -> None:
 def test_bf16_and_int8_rows_read_in_blocks_equal_rows_read_alone(kind: str) -> None:
     """The same for the bf16 and int8 kernels (37 rows: blocks of 4 and the rest of each task)."""
     g = torch.Generator().manual_seed(8)
-    n, k = 37, 608
+    n, k = 37, 8288  # wide enough for the 4-row blocks
     x = torch.randn(2, k, generator=g)
     if kind == "bf16":
         w = torch.randn(n, k, generator=g).bfloat16()

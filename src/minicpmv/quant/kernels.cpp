@@ -38,24 +38,36 @@ namespace {
 constexpr int64_t kGrain = 16;   // rows of W per task
 
 // y[i, r] for every row r of W and row i of x, tasks of kGrain rows of W split over threads. Each
-// dot reads kBlock rows of W at once: dot(std::integral_constant<int, R>, r, i, out) writes
-// out[j] = y[i, r + j] for j < R (R = kBlock, or 1 for the rows left at the end of a task). Four
-// rows sharing each activation load doubled the rate on matrices held in cache (bf16 19 -> 38
-// GB/s on a Sapphire Rapids host); read from memory it measured level. Every row's arithmetic is
-// the same whatever R, so results do not depend on where a task's rows fall.
-template <int kBlock = 4, typename Dot>
-void gemv_row_blocks(int64_t n, int64_t m, float* y, const Dot& dot) {
+// dot reads R rows of W at once: dot(std::integral_constant<int, R>, r, i, out) writes
+// out[j] = y[i, r + j] for j < R. Every row's arithmetic is the same whatever R, so results do not
+// depend on where a task's rows fall.
+template <int R, typename Dot>
+void gemv_rows(int64_t n, int64_t m, float* y, const Dot& dot) {
   at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
-    float out[kBlock];
+    float out[R];
     int64_t r = lo;
-    for (; r + kBlock <= hi; r += kBlock)
+    for (; R > 1 && r + R <= hi; r += R)
       for (int64_t i = 0; i < m; ++i) {
-        dot(std::integral_constant<int, kBlock>{}, r, i, out);
-        for (int j = 0; j < kBlock; ++j) y[i * n + r + j] = out[j];
+        dot(std::integral_constant<int, R>{}, r, i, out);
+        for (int j = 0; j < R; ++j) y[i * n + r + j] = out[j];
       }
     for (; r < hi; ++r)
       for (int64_t i = 0; i < m; ++i) dot(std::integral_constant<int, 1>{}, r, i, y + i * n + r);
   });
+}
+
+// Activation rows wider than this (in values) make rows of W share each activation load.
+constexpr int64_t kShareAbove = 8192;
+
+// gemv_rows with R = kBlock rows of W per dot where x's rows are wide (k > kShareAbove), else one.
+// Sharing pays where the activations no longer stay in L1 beside the weight stream (down_proj:
+// 37 KB of bf16); on narrower rows, four interleaved row streams read slower from memory than
+// one sequential stream on an AMD Zen 4 host (bf16 28 against 32-34 GB/s, Q4_0 33 against 61
+// Gweights/s on [18944, 3584]), while on a Sapphire Rapids host they measured level from memory.
+template <int kBlock = 4, typename Dot>
+void gemv_row_blocks(int64_t n, int64_t m, int64_t k, float* y, const Dot& dot) {
+  if (k > kShareAbove) gemv_rows<kBlock>(n, m, y, dot);
+  else gemv_rows<1>(n, m, y, dot);
 }
 
 float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
@@ -175,7 +187,7 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w) {
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
-  gemv_row_blocks(n, m, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
+  gemv_row_blocks(n, m, k, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
     dot_bf16<decltype(rows)::value>(wp + r * k, k, xp + i * k, k, out);
   });
   return y;
@@ -273,7 +285,7 @@ at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
     auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
     const int8_t* qp = q.data_ptr<int8_t>();
     float* yp = y.data_ptr<float>();
-    gemv_row_blocks(n, m, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
+    gemv_row_blocks(n, m, k, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
       constexpr int R = decltype(rows)::value;
       dot_q8_row<R>(qp + r * k, k, xq.q.data() + i * k, k, out);
       for (int j = 0; j < R; ++j) out[j] *= sc[r + j] * xq.step[i];
@@ -292,7 +304,7 @@ at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   const int8_t* qp = q.data_ptr<int8_t>();
   const int16_t* xp = xq.q.data();
   float* yp = y.data_ptr<float>();
-  gemv_row_blocks(n, m, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
+  gemv_row_blocks(n, m, k, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
     constexpr int R = decltype(rows)::value;
     const auto sr = sc.rows<R>(r, groups);
     if (group == 16) dot_q8_g16<R>(qp + r * k, k, xp + i * k, sr.data(), groups, out);
@@ -463,7 +475,7 @@ at::Tensor q4_q8_gemv(const at::Tensor& x, const at::Tensor& q, Scales sc) {
   auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
   const uint8_t* qp = q.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-  gemv_row_blocks(n, m, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
+  gemv_row_blocks(n, m, k, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
     constexpr int R = decltype(rows)::value;
     const auto sr = sc.rows<R>(r, groups);
     dot_q4_q8<R>(qp + r * k / 2, k / 2, xb.even.data() + i * k / 2, xb.odd.data() + i * k / 2, xb.d.data() + i * groups,
@@ -504,7 +516,7 @@ at::Tensor q4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   const float* xs = xsum.data();
   const int16_t *ep = xe.data(), *op = xo.data();
   float* yp = y.data_ptr<float>();
-  gemv_row_blocks(n, m, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
+  gemv_row_blocks(n, m, k, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
     constexpr int R = decltype(rows)::value;
     const auto sr = sc.rows<R>(r, groups);
     dot_q4<R>(qp + r * k / 2, k / 2, ep + i * k / 2, op + i * k / 2, sr.data(), k / 32, shift, out);
@@ -667,7 +679,7 @@ at::Tensor q6k_gemv(const at::Tensor& x, const at::Tensor& q) {
   const float* sp = xsum16.data();
   float* yp = y.data_ptr<float>();
   // one row at a time: decoding Q6_K keeps the registers busy (2 or 4 rows at once measured slower)
-  gemv_row_blocks<1>(n, m, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
+  gemv_row_blocks<1>(n, m, k, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
     dot_q6k<decltype(rows)::value>(qp + r * blocks * kQ6Block, blocks * kQ6Block, xp + i * k, sp + i * k / 16, blocks, out);
   });
   for (int64_t i = 0; i < m; ++i)
