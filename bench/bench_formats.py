@@ -8,7 +8,8 @@ q8_0 and q4_0. For each file, in ``--rounds`` interleaved rounds:
   prepacked oneDNN; Q8_0: grouped int8 and Q6_K: its blocks, on the native kernels, exactly, else
   dequantized to bf16; also requantized to int8 with ``quantize="int8"``; Q4_0: int4 group 32, the
   weights exact, multiplied at decode with Q8_0 activation blocks as llama.cpp multiplies them),
-  ``--prompt`` prompt positions prefilled, then ``--tokens`` decode steps with the engine;
+  ``--prompt`` prompt positions prefilled (timed after a warm-up prefill, as llama-bench times its
+  prefill; the first prefill of the process is printed too), then ``--tokens`` decode steps with the engine;
 * llama.cpp: ``llama-bench -m FILE -p PROMPT -n TOKENS -d PROMPT -t THREADS`` (prefill of the prompt,
   decode after a prompt of the same depth), when ``LLAMA_BENCH`` names an already-built binary.
 
@@ -113,8 +114,12 @@ def load_ours(model: nn.Module, path: Path, requantize: str | None) -> None:
     gc.collect()
 
 
-def ours(model: nn.Module, prompt: int, tokens: int) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) of the engine on ``model.llm``."""
+def ours(model: nn.Module, prompt: int, tokens: int) -> tuple[float, float, float]:
+    """(prefill tok/s, decode tok/s, first prefill tok/s) of the engine on ``model.llm``. Like
+    llama-bench, which runs a warm-up before it measures, the timed prefill is the second of the
+    process (the first, into a throwaway cache, pays one-time costs: oneDNN's kernel creation,
+    and on a machine's first run the GEMM probe of ``quant/wide_gemm.py``); its rate is the third
+    value."""
     from minicpmv.engine.generate import generate_steps, prefill_positions
     from minicpmv.engine.kv_cache import KVCache
     from minicpmv.engine.sampling import SamplingParams
@@ -126,6 +131,9 @@ def ours(model: nn.Module, prompt: int, tokens: int) -> tuple[float, float]:
     mask = torch.ones(1, prompt, dtype=torch.long)
     with torch.inference_mode():
         t = time.perf_counter()
+        model(emb, prefill_positions(mask), mask, cache=KVCache.for_model(model, 1))  # the warm-up
+        first = prompt / (time.perf_counter() - t)
+        t = time.perf_counter()
         model(emb, prefill_positions(mask), mask, cache=cache)
         pp = prompt / (time.perf_counter() - t)
         step = model.embed_tokens(torch.zeros(1, 1, dtype=torch.long))
@@ -136,7 +144,7 @@ def ours(model: nn.Module, prompt: int, tokens: int) -> tuple[float, float]:
         for _ in it:
             pass
         tg = tokens / (time.perf_counter() - t)
-    return pp, tg
+    return pp, tg, first
 
 
 def theirs(binary: str, path: Path, prompt: int, tokens: int, threads: int) -> tuple[float, float]:
@@ -177,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         del base
         gc.collect()
         variants = [(f, None) for f in types] + ([("q8_0", "int8")] if "q8_0" in types else [])
-        rows: dict[str, list[tuple[float, float]]] = {}
+        rows: dict[str, list[tuple[float, ...]]] = {}
         for r in range(args.rounds):
             for fmt, requant in variants:
                 name = f"ours {fmt}" + (f" -> {requant}" if requant else "")
@@ -190,14 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _ours_fresh(args: Any, path: Path, requant: str | None) -> tuple[float, float]:
+def _ours_fresh(args: Any, path: Path, requant: str | None) -> tuple[float, ...]:
     """``ours`` in a fresh process, as a user's run starts: the memory this process churned while
     writing the files (and the other variants) does not decide whether the weights get 2 MB pages."""
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import torch, bench_formats as b; "
             f"torch.set_num_threads({args.threads}); m = b._skeleton({args.dims!r}, {args.layers}); "
             f"b.load_ours(m, b.Path({str(path)!r}), {requant!r}); print(*b.ours(m, {args.prompt}, {args.tokens}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    return float(out[-2]), float(out[-1])
+    return float(out[-3]), float(out[-2]), float(out[-1])
 
 
 def _skeleton(dims: str, layers: int) -> nn.Module:
@@ -220,10 +228,13 @@ def _skeleton(dims: str, layers: int) -> nn.Module:
     return model.eval()
 
 
-def _report(rows: dict[str, list[tuple[float, float]]], args: Any) -> None:
+def _report(rows: dict[str, list[tuple[float, ...]]], args: Any) -> None:
     print(f"\n== {args.dims} LLM dims, {args.layers} layers, prompt {args.prompt}, {args.tokens} decode tokens, "
           f"{args.threads} threads, {args.rounds} interleaved rounds (median [min-max])")
-    print(f"{'variant':<22} {'prefill tok/s':>24} {'decode tok/s':>24} {'x llama.cpp (pp / tg)':>22}")
+    print("prefill: after a warm-up prefill, as llama-bench measures it; ours' first prefill of the process "
+          "in the last column")
+    print(f"{'variant':<22} {'prefill tok/s':>24} {'decode tok/s':>24} {'x llama.cpp (pp / tg)':>22} "
+          f"{'first prefill':>14}")
     for name, vals in rows.items():
         pp, tg = [v[0] for v in vals], [v[1] for v in vals]
         fmt = name.split()[1]
@@ -232,8 +243,9 @@ def _report(rows: dict[str, list[tuple[float, float]]], args: Any) -> None:
         if ref:
             ratio = (f"{statistics.median(pp) / statistics.median([v[0] for v in ref]):.2f} / "
                      f"{statistics.median(tg) / statistics.median([v[1] for v in ref]):.2f}")
+        first = f"{statistics.median([v[2] for v in vals]):14.1f}" if len(vals[0]) > 2 else ""
         print(f"{name:<22} {statistics.median(pp):8.1f} [{min(pp):6.1f}-{max(pp):6.1f}] "
-              f"{statistics.median(tg):8.2f} [{min(tg):6.2f}-{max(tg):6.2f}] {ratio:>22}")
+              f"{statistics.median(tg):8.2f} [{min(tg):6.2f}-{max(tg):6.2f}] {ratio:>22} {first}")
 
 
 if __name__ == "__main__":

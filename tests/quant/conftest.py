@@ -8,10 +8,12 @@ from minicpmv.quant import wide_gemm
 
 
 @pytest.fixture
-def choice(monkeypatch: pytest.MonkeyPatch):
-    """Set MINICPMV_BF16_GEMM for one test (the cached choice is recomputed before and after)."""
+def choice(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """Set MINICPMV_BF16_GEMM for one test (the cached choice is recomputed before and after; the
+    choice this machine remembers is kept in a temporary cache)."""
 
     monkeypatch.setattr(wide_gemm, "MIN_MACS", 0)  # the tests' products are small
+    monkeypatch.setenv("MINICPMV_CACHE", str(tmp_path))
 
     def force(value: str | None) -> None:
         if value is None:

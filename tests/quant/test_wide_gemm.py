@@ -3,6 +3,8 @@ reference, block edges, the choice between the two GEMMs and its override, and P
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,6 +91,33 @@ def test_choice_by_measurement(choice, monkeypatch: pytest.MonkeyPatch, onednn: 
     choice(None)
     monkeypatch.setattr(wide_gemm, "_best_times", lambda fns: [onednn, fp32])
     assert wide_gemm.gemm_choice() == expected
+
+
+def test_the_measured_choice_is_remembered_for_this_machine(choice, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A later process (the in-process cache cleared) reads the choice instead of probing again;
+    another thread count is another machine setting and is measured; a damaged file is measured
+    over and rewritten; the environment still wins."""
+    choice(None)
+    probes: list[int] = []
+    timings = [[1.0, 0.5]]
+    monkeypatch.setattr(wide_gemm, "_best_times", lambda fns: probes.append(1) or timings[0])
+    assert wide_gemm.gemm_choice() == "fp32" and probes == [1]
+    timings[0] = [0.5, 1.0]  # a probe now would say oneDNN
+    wide_gemm.gemm_choice.cache_clear()
+    assert wide_gemm.gemm_choice() == "fp32" and probes == [1]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        wide_gemm.gemm_choice.cache_clear()
+        assert wide_gemm.gemm_choice() == "onednn" and probes == [1, 1]
+    finally:
+        torch.set_num_threads(threads)
+    wide_gemm._choices_file().write_text("{not json")
+    wide_gemm.gemm_choice.cache_clear()
+    assert wide_gemm.gemm_choice() == "onednn" and probes == [1, 1, 1]
+    assert json.loads(wide_gemm._choices_file().read_text()) == {wide_gemm._machine_key(): "onednn"}
+    choice("fp32")
+    assert wide_gemm.gemm_choice() == "fp32" and probes == [1, 1, 1]
 
 
 def test_choice_by_measurement_on_this_cpu(choice) -> None:

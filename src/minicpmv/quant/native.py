@@ -40,6 +40,16 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def cpu_signature() -> str:
+    """The CPU model name and feature flags (what a measured choice about this machine depends on)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return sys.platform
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    return f"{model}|{' '.join(sorted(_cpu_flags()))}"
+
+
 def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()

@@ -7,8 +7,10 @@ GFLOP/s on two cores where MKL's float32 ones ran at 175-235. ``prefill_linear``
 widens the bf16 weight to float32 one block of rows at a time (the block stays in cache while
 MKL multiplies it), so the weights are stored once, in bf16, and still read once per call.
 
-Which GEMM runs is decided once per process by timing both on a small problem
-(``gemm_choice``; ``MINICPMV_BF16_GEMM=onednn`` or ``fp32`` forces one). Both multiply the
+Which GEMM runs is decided once per machine by timing both on a small problem (``gemm_choice``,
+0.2-0.6 s, remembered under the kernel cache keyed by CPU, PyTorch version and thread count, so
+later processes' first prompt does not pay it again; ``MINICPMV_BF16_GEMM=onednn`` or ``fp32``
+forces one). Both multiply the
 same bf16 values exactly, sum in float32 and round once to bf16: results differ only in the
 order of the float32 sums. Decoding steps (a few rows) do not come here: they use the native
 GEMV of ``quant/native.py``. Does not pack or store weights.
@@ -17,15 +19,20 @@ GEMV of ``quant/native.py``. Does not pack or store weights.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from .native import cache_dir, cpu_signature
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +99,23 @@ def _best_times(fns: list[Callable[[], object]], rounds: int = 3) -> list[float]
 
 @functools.cache
 def gemm_choice() -> str:
-    """"onednn" or "fp32": the GEMM ``prefill_linear`` uses for bf16 in this process."""
+    """"onednn" or "fp32": the GEMM ``prefill_linear`` uses for bf16 in this process (forced by
+    the environment, else remembered for this machine, else measured now and remembered)."""
     forced = os.environ.get("MINICPMV_BF16_GEMM", "").strip().lower()
     if forced:
         if forced not in CHOICES:
             raise ConfigError(f"MINICPMV_BF16_GEMM={forced!r}: expected one of {', '.join(CHOICES)}")
         return forced
+    key = _machine_key()
+    remembered = _remembered().get(key)
+    if remembered in CHOICES:
+        return str(remembered)
+    choice = _measured_choice()
+    _remember(key, choice)
+    return choice
+
+
+def _measured_choice() -> str:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 3584, generator=g).bfloat16()  # a layer's width: small probes favour oneDNN
     w = torch.randn(4096, 3584, generator=g).bfloat16()
@@ -106,6 +124,42 @@ def gemm_choice() -> str:
     log.info("bf16 prefill GEMM: %s (oneDNN bf16 %.1f ms, float32 %.1f ms on a 256x3584x4096 probe)",
              choice, onednn * 1e3, fp32 * 1e3)
     return choice
+
+
+def _choices_file() -> Path:
+    return cache_dir() / "bf16_gemm_choice.json"
+
+
+def _machine_key() -> str:
+    """What the measured choice depends on: the CPU, PyTorch (its oneDNN and MKL) and the threads."""
+    parts = (cpu_signature(), torch.__version__, str(torch.get_num_threads()))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _remembered() -> dict[str, str]:
+    try:
+        data = json.loads(_choices_file().read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, or unreadable: measure again (and rewrite it)
+    return data if isinstance(data, dict) else {}
+
+
+def _remember(key: str, choice: str) -> None:
+    """Add this machine's choice to the file, atomically (a failure only costs a later probe)."""
+    path = _choices_file()
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump({**_remembered(), key: choice}, f)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        log.info("could not remember the bf16 GEMM choice in %s: %s", path, e)
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def prefill_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
