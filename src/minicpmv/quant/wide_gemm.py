@@ -8,11 +8,11 @@ widens the bf16 weight to float32 one block of rows at a time (the block stays i
 MKL multiplies it), so the weights are stored once, in bf16, and still read once per call.
 
 Which GEMM runs is decided once per machine by timing both on a small problem (``gemm_choice``,
-0.2-0.6 s, remembered under the kernel cache keyed by CPU, PyTorch version and thread count, so
-later processes' first prompt does not pay it again; ``MINICPMV_BF16_GEMM=onednn`` or ``fp32``
-forces one). Both multiply the
-same bf16 values exactly, sum in float32 and round once to bf16: results differ only in the
-order of the float32 sums. Decoding steps (a few rows) do not come here: they use the native
+0.2-0.6 s, remembered in the kernel cache keyed by CPU, PyTorch version and thread count, so a
+later process's first prompt does not pay it again; deleting the file measures again, and
+``MINICPMV_BF16_GEMM=onednn`` or ``fp32`` forces one). Both multiply the same bf16 values
+exactly, sum in float32 and round once to bf16: results differ only in the order of the float32
+sums. Decoding steps (a few rows) do not come here: they use the native
 GEMV of ``quant/native.py``. Does not pack or store weights.
 """
 
