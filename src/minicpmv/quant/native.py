@@ -22,6 +22,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,23 +43,23 @@ def cache_dir() -> Path:
 
 def cpu_signature() -> str:
     """The CPU model name and feature flags (what a measured choice about this machine depends on)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return sys.platform
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
-    return f"{model}|{' '.join(sorted(_cpu_flags()))}"
+    return f"{_cpuinfo_value('model name')}|{' '.join(sorted(_cpu_flags()))}"
 
 
 def _cpu_flags() -> set[str]:
+    return set(_cpuinfo_value("flags").split())
+
+
+def _cpuinfo_value(key: str) -> str:
+    """The value of the first ``key`` line of /proc/cpuinfo ("" where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return ""
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        if line.startswith(key):
+            return line.split(":", 1)[1].strip()
+    return ""
 
 
 def why_unavailable() -> str | None:
@@ -104,20 +105,31 @@ def _build() -> Path:
     target = cache_dir() / f"minicpmv_kernels-{_key()}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
     log.info("building minicpmv's CPU kernels (once per machine, about ten seconds)")
-    try:
-        done = subprocess.run(_command(Path(tmp)), capture_output=True, text=True, timeout=_TIMEOUT_S)
+
+    def compile_to(tmp: Path) -> None:
+        done = subprocess.run(_command(tmp), capture_output=True, text=True, timeout=_TIMEOUT_S)
         if done.returncode != 0:
             errors = [line for line in done.stderr.splitlines() if "error" in line] or ["compiler failed"]
             raise RuntimeError(errors[0].strip())
+
+    write_atomically(target, compile_to)
+    return target
+
+
+def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """Make ``target`` by ``write(tmp)`` on a temporary file beside it, then a rename: readers see
+    the old file or the whole new one, concurrent writers each their own temporary file, and a
+    failure (raised on) leaves nothing behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return target
 
 
 @functools.lru_cache(maxsize=1)

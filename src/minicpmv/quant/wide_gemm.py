@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .native import cache_dir, cpu_signature
+from .native import cache_dir, cpu_signature, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -147,19 +146,11 @@ def _remembered() -> dict[str, str]:
 def _remember(key: str, choice: str) -> None:
     """Add this machine's choice to the file, atomically (a failure only costs a later probe)."""
     path = _choices_file()
-    tmp = None
+    choices = {**_remembered(), key: choice}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump({**_remembered(), key: choice}, f)
-        os.replace(tmp, path)
-        tmp = None
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(choices)))
     except OSError as e:
         log.info("could not remember the bf16 GEMM choice in %s: %s", path, e)
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def prefill_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
