@@ -173,6 +173,25 @@ def test_q6k_gemv_reads_the_blocks_as_stored(k: int) -> None:
 
 
 @needs_native
+def test_q6k_gemv_is_exact_at_the_extremes_of_weights_and_activations() -> None:
+    """Largest 6-bit values (63 and 0) and block scales (127, -128) against activations whose fixed
+    point is +-32767 (the kernel splits each into a signed high and an unsigned low byte): the
+    integer sums must not overflow, so the result is the exact product up to float32 sums."""
+    k = 512
+    q = _q6k_blocks(6, k, 0).view(6, k // 256, 210)
+    q[:, :, :192] = torch.tensor([255, 0, 255, 0, 255, 0], dtype=torch.uint8)[:, None, None]  # q = 63 or 0
+    q[:, :, 192:208] = torch.tensor([127, 127, 128, 128, 127, 128], dtype=torch.uint8)[:, None, None]
+    q = q.reshape(6, -1)
+    w = L.dequantize_q6k(q)
+    top = 32767 * 2.0**-14  # |x| < 2: the fixed-point step is 2^-14, so this is 32767 steps exactly
+    x = torch.full((3, k), top)
+    x[1, ::2] = -top
+    x[2, : k // 2] = -top
+    ref = x.double() @ w.double().t()
+    assert _rel(OPS.q6k_gemv(x, q), ref) < 1e-6
+
+
+@needs_native
 @pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(4, 128), QuantSpec(8, 32), QuantSpec(8),
                                   QuantSpec(6, 16)])
 def test_bf16_prefill_dequantizes_block_by_block_on_the_float32_gemm(choice, monkeypatch: pytest.MonkeyPatch,

@@ -13,8 +13,8 @@
 // * q6k_gemv: GGML's Q6_K blocks read as stored (0.82 byte per weight).
 // * q4_dequant / q8_dequant / q6k_dequant: the whole weight, for prefill (where a GEMM runs on it).
 // The other integer kernels take activations as 16-bit fixed point per row (x = xq * 2^(e - 15) with
-// |x| < 2^e), multiply-add them with vpdpwssd and scale each group's exact int32 partial sums in
-// float32. This file does not choose when the kernels apply (quant/linear.py does).
+// |x| < 2^e), multiply-add them with vpdpwssd (Q6_K: vpdpbusd on the two bytes of each value) and
+// scale each group's exact int32 partial sums in float32. This file does not choose when the kernels apply (quant/linear.py does).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -435,25 +435,46 @@ Q8Blocks q8_0_blocks(const at::Tensor& x) {
 }
 
 // R rows of symmetric 4-bit weights, one scale per 32 (GGUF's Q4_0), against one row of Q8_0
-// blocks: out[r] = sum_g s_rg d_g sum_k q_rk xq_k. 64 bytes of a row (4 groups) per step: low and
-// high nibbles times the even and odd activations with vpdpbusd (u8 x s8, 4 products per lane).
+// blocks: out[r] = sum_g s_rg d_g sum_k (q_rk - 8) xq_k. 64 bytes of a row (4 groups) per step: low
+// and high nibbles times the even and odd activations with vpdpbusd (u8 x s8, 4 products per lane),
+// alternate steps in two float32 sums (one sum's multiply-add latency bounded the loop); the "- 8"
+// is one multiply-add per 16 groups with the scales already loaded: -8 sum_g s_rg dsum_g.
 template <int R>
-void dot_q4_q8(const uint8_t* w, int64_t stride, const int8_t* xe, const int8_t* xo, const float* xd, const Scales* s,
-               int64_t groups, float* out) {
+void dot_q4_q8(const uint8_t* w, int64_t stride, const int8_t* xe, const int8_t* xo, const float* xd, const float* xs,
+               const Scales* s, int64_t groups, float* out) {
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512i pick[4];  // chunk c of 16 groups: lane j sums bytes 4j..4j+3, in group 4c + j / 4
   for (int c = 0; c < 4; ++c)
     pick[c] = _mm512_set_epi32(4 * c + 3, 4 * c + 3, 4 * c + 3, 4 * c + 3, 4 * c + 2, 4 * c + 2, 4 * c + 2, 4 * c + 2,
                                4 * c + 1, 4 * c + 1, 4 * c + 1, 4 * c + 1, 4 * c, 4 * c, 4 * c, 4 * c);
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[R][2], off[R];  // two sums of the products; sum of s_rg dsum_g
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = off[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; g += 16) {
     const int64_t left = std::min<int64_t>(16, groups - g);
     const __mmask16 mk = first_lanes(left);
     const __m512 d16 = _mm512_maskz_loadu_ps(mk, xd + g);
+    const __m512 ds16 = _mm512_maskz_loadu_ps(mk, xs + g);
     __m512 s16[R];
-    for (int r = 0; r < R; ++r) s16[r] = _mm512_mul_ps(load_scales(s[r], g, mk), d16);
-    for (int c = 0; c < 4 && 4 * c < left; ++c) {
+    for (int r = 0; r < R; ++r) {
+      const __m512 sw = load_scales(s[r], g, mk);
+      s16[r] = _mm512_mul_ps(sw, d16);
+      off[r] = _mm512_fmadd_ps(sw, ds16, off[r]);
+    }
+    if (left == 16) {  // full chunks: no masks
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) {
+        const int64_t at = (g + 4 * c) * 16;
+        const __m512i e = _mm512_loadu_si512(xe + at), o = _mm512_loadu_si512(xo + at);
+        for (int r = 0; r < R; ++r) {
+          const __m512i b = _mm512_loadu_si512(w + r * stride + at);
+          __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, low), e);
+          p = _mm512_dpbusd_epi32(p, _mm512_and_si512(_mm512_srli_epi16(b, 4), low), o);
+          acc[r][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(pick[c], s16[r]), acc[r][c & 1]);
+        }
+      }
+      continue;
+    }
+    for (int c = 0; c < 4 && 4 * c < left; ++c) {  // the row's last, partial 16 groups
       const int64_t at = (g + 4 * c) * 16, n4 = std::min<int64_t>(4, left - 4 * c);
       const __mmask64 bm = n4 == 4 ? ~__mmask64{0} : (__mmask64{1} << (16 * n4)) - 1;
       const __m512i e = _mm512_maskz_loadu_epi8(bm, xe + at), o = _mm512_maskz_loadu_epi8(bm, xo + at);
@@ -461,11 +482,11 @@ void dot_q4_q8(const uint8_t* w, int64_t stride, const int8_t* xe, const int8_t*
         const __m512i b = _mm512_maskz_loadu_epi8(bm, w + r * stride + at);
         __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, low), e);
         p = _mm512_dpbusd_epi32(p, _mm512_and_si512(_mm512_srli_epi16(b, 4), low), o);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(pick[c], s16[r]), acc[r]);
+        acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(pick[c], s16[r]), acc[r][0]);
       }
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+  for (int r = 0; r < R; ++r) out[r] = hsum(_mm512_fmadd_ps(_mm512_set1_ps(-8.f), off[r], _mm512_add_ps(acc[r][0], acc[r][1])));
 }
 
 // q4_gemv for symmetric group-32 weights: activations as Q8_0 blocks (llama.cpp's arithmetic).
@@ -479,8 +500,7 @@ at::Tensor q4_q8_gemv(const at::Tensor& x, const at::Tensor& q, Scales sc) {
     constexpr int R = decltype(rows)::value;
     const auto sr = sc.rows<R>(r, groups);
     dot_q4_q8<R>(qp + r * k / 2, k / 2, xb.even.data() + i * k / 2, xb.odd.data() + i * k / 2, xb.d.data() + i * groups,
-                 sr.data(), groups, out);
-    for (int j = 0; j < R; ++j) out[j] += offset_q4(sr[j], nullptr, xb.dsum.data() + i * groups, groups);
+                 xb.dsum.data() + i * groups, sr.data(), groups, out);
   });
   return y;
 }
@@ -614,27 +634,32 @@ __m256i q6_part(__m256i a, __m256i b, __m256i h, int p) {
   return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
 }
 
-// Q6_K: R rows of blocks (`stride` bytes apart) against x (16-bit fixed point): out[r] = sum w_rk x_k.
-// Per half block, parts 0+1 and 2+3 are decoded 64 at a time; the "- 32" of every weight is folded
-// into one offset per block: d * sum_j sc_j * (sum_{16 weights of j} q x - 32 * sum_{16 of j} x).
+// Q6_K: R rows of blocks (`stride` bytes apart) against x (16-bit fixed point, split into its high
+// signed byte xa and low unsigned byte xb, x = 256 xa + xb): out[r] = sum w_rk x_k. Per half block,
+// parts 0+1 and 2+3 are decoded 64 at a time and multiplied with vpdpbusd (4 products per lane,
+// exact in int32: 256 * 4 * 63 * 128 + 4 * 63 * 255 < 2^24, so the float32 conversion is exact
+// too); the "- 32" of every weight is one offset per block: d * sum_j sc_j * (sum_{16 of j} q x -
+// 32 * sum_{16 of j} x).
 template <int R>
-void dot_q6k(const uint8_t* w, int64_t stride, const int16_t* x, const float* xsum16, int64_t blocks, float* out) {
+void dot_q6k(const uint8_t* w, int64_t stride, const int8_t* xa, const uint8_t* xb, const float* xsum16, int64_t blocks,
+             float* out) {
   const __m512i nib = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(0x03);
-  // scale index per lane for part p of half h: lanes 0-7 -> 8h + 2p, lanes 8-15 -> 8h + 2p + 1
-  __m512i idx[8];
-  for (int hp = 0; hp < 8; ++hp)
-    idx[hp] = _mm512_set_epi32(2 * hp + 1, 2 * hp + 1, 2 * hp + 1, 2 * hp + 1, 2 * hp + 1, 2 * hp + 1, 2 * hp + 1,
-                               2 * hp + 1, 2 * hp, 2 * hp, 2 * hp, 2 * hp, 2 * hp, 2 * hp, 2 * hp, 2 * hp);
+  // scale index per lane of the 64 weights c (0: parts 0+1, 1: parts 2+3) of half h: 8h + 4c + lane / 4
+  __m512i idx[4];
+  for (int hc = 0; hc < 4; ++hc)
+    idx[hc] = _mm512_set_epi32(4 * hc + 3, 4 * hc + 3, 4 * hc + 3, 4 * hc + 3, 4 * hc + 2, 4 * hc + 2, 4 * hc + 2,
+                               4 * hc + 2, 4 * hc + 1, 4 * hc + 1, 4 * hc + 1, 4 * hc + 1, 4 * hc, 4 * hc, 4 * hc, 4 * hc);
   __m512 acc[R], sc[R], part_acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t blk = 0; blk < blocks; ++blk, w += kQ6Block, x += 256, xsum16 += 16) {
+  for (int64_t blk = 0; blk < blocks; ++blk, w += kQ6Block, xa += 256, xb += 256, xsum16 += 16) {
     const __m512 xs = _mm512_mul_ps(_mm512_loadu_ps(xsum16), _mm512_set1_ps(-32.f));
     for (int r = 0; r < R; ++r) {
       sc[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * stride + 192))));
       part_acc[r] = _mm512_mul_ps(sc[r], xs);
     }
     for (int h = 0; h < 2; ++h) {
-      __m256i parts[R][4];
+      const __m512i a01 = _mm512_loadu_si512(xa + 128 * h), a23 = _mm512_loadu_si512(xa + 128 * h + 64);
+      const __m512i b01 = _mm512_loadu_si512(xb + 128 * h), b23 = _mm512_loadu_si512(xb + 128 * h + 64);
       for (int r = 0; r < R; ++r) {
         const uint8_t* wr = w + r * stride;
         const __m512i ab = _mm512_loadu_si512(wr + 64 * h);  // low nibbles of parts 0|1 (low) and 2|3 (high)
@@ -643,17 +668,11 @@ void dot_q6k(const uint8_t* w, int64_t stride, const int16_t* x, const float* xs
         const __m512i q01 = _mm512_or_si512(_mm512_and_si512(ab, nib), _mm512_slli_epi16(_mm512_and_si512(h01, two), 4));
         const __m512i q23 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ab, 4), nib),
                                             _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h01, 4), two), 4));
-        parts[r][0] = _mm512_castsi512_si256(q01);
-        parts[r][1] = _mm512_extracti64x4_epi64(q01, 1);
-        parts[r][2] = _mm512_castsi512_si256(q23);
-        parts[r][3] = _mm512_extracti64x4_epi64(q23, 1);
-      }
-      for (int p = 0; p < 4; ++p) {
-        const __m512i xv = _mm512_loadu_si512(x + 128 * h + 32 * p);
-        for (int r = 0; r < R; ++r) {
-          const __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_cvtepu8_epi16(parts[r][p]), xv);
-          part_acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(idx[4 * h + p], sc[r]), part_acc[r]);
-        }
+        // q (0..63) as unsigned times the signed high bytes, then the unsigned low bytes times q as signed
+        const __m512i d01 = _mm512_dpbusd_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q01, a01), 8), b01, q01);
+        const __m512i d23 = _mm512_dpbusd_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q23, a23), 8), b23, q23);
+        part_acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d01), _mm512_permutexvar_ps(idx[2 * h], sc[r]), part_acc[r]);
+        part_acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d23), _mm512_permutexvar_ps(idx[2 * h + 1], sc[r]), part_acc[r]);
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -672,15 +691,20 @@ at::Tensor q6k_gemv(const at::Tensor& x, const at::Tensor& q) {
   const FixedRows xq = fixed_rows(x);
   const std::vector<float>& step = xq.step;
   std::vector<float> xsum16(m * k / 16);  // [M, K/16]: sums of 16 fixed-point activations
+  std::vector<int8_t> xa(m * k);   // [M, K]: x >> 8 (signed)
+  std::vector<uint8_t> xb(m * k);  // [M, K]: x & 255
+  for (int64_t i = 0; i < m * k; ++i) {
+    xa[i] = static_cast<int8_t>(xq.q[i] >> 8);
+    xb[i] = static_cast<uint8_t>(xq.q[i] & 0xFF);
+  }
   for (int64_t i = 0; i < m; ++i) group_sums(xq.q.data() + i * k, k, 16, 1.f, xsum16.data() + i * k / 16);
   auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
   const uint8_t* qp = q.data_ptr<uint8_t>();
-  const int16_t* xp = xq.q.data();
   const float* sp = xsum16.data();
   float* yp = y.data_ptr<float>();
-  // one row at a time: decoding Q6_K keeps the registers busy (2 or 4 rows at once measured slower)
   gemv_row_blocks<1>(n, m, k, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
-    dot_q6k<decltype(rows)::value>(qp + r * blocks * kQ6Block, blocks * kQ6Block, xp + i * k, sp + i * k / 16, blocks, out);
+    dot_q6k<decltype(rows)::value>(qp + r * blocks * kQ6Block, blocks * kQ6Block, xa.data() + i * k, xb.data() + i * k,
+                                   sp + i * k / 16, blocks, out);
   });
   for (int64_t i = 0; i < m; ++i)
     for (int64_t r = 0; r < n; ++r) yp[i * n + r] *= step[i];
