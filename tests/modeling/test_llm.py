@@ -16,6 +16,7 @@ from minicpmv.modeling.layers import (
     RotaryEmbedding,
     SimpleKVCache,
     apply_rotary,
+    GatedMLP,
     attention,
     build_attn_mask,
 )
@@ -162,6 +163,24 @@ def test_tied_word_embeddings(tiny_config) -> None:
     assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
     untied = build_backbone(tiny_config("4.5").text)
     assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_mlp_in_place_without_autograd_gives_the_same_values(dtype: torch.dtype) -> None:
+    """Inference runs silu and the product in place: bit for bit what the autograd path computes,
+    down(silu(gate(x)) * up(x)), and that path still trains."""
+    torch.manual_seed(0)
+    mlp = GatedMLP(16, 40).to(dtype)
+    x = torch.randn(3, 5, 16, dtype=dtype)
+    ref = mlp.down_proj(F.silu(x @ mlp.gate_proj.weight.t()) * (x @ mlp.up_proj.weight.t()))
+    with torch.inference_mode():
+        fast = mlp(x)
+    with torch.no_grad():
+        assert torch.equal(mlp(x), fast)
+    tracked = mlp(x)
+    assert torch.equal(tracked.detach(), fast) and torch.equal(fast, ref.detach())
+    tracked.sum().backward()
+    assert mlp.gate_proj.weight.grad is not None
 
 
 def test_rmsnorm_float32_math_weight_after_cast() -> None:

@@ -143,7 +143,12 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)  # [..., I] each
+        if torch.is_grad_enabled() or gate.dtype != up.dtype:
+            return self.down_proj(F.silu(gate) * up)
+        # without autograd, in place: the same values, and a prompt's prefill no longer allocates
+        # (and faults in) two more [T, I] tensors per layer
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 @dataclass(frozen=True)
