@@ -14,8 +14,10 @@ q8_0 and q4_0. For each file, in ``--rounds`` interleaved rounds:
   decode after a prompt of the same depth), when ``LLAMA_BENCH`` names an already-built binary.
 
 Each of our runs is a fresh process (as a user's is; llama-bench's are too). Prints tok/s per
-round and the range over rounds, and our/llama.cpp ratios (median of rounds).
-The machine may be shared: compare within one run only. Needs ~14 GB free disk/RAM (4 layers).
+round and the range over rounds, and our/llama.cpp ratios: each round's ratio (the two ran back
+to back), then their median; a virtual machine's memory bandwidth can move by half within minutes,
+so the ratio of two medians taken at different moments says less. Compare within one run only.
+Needs ~14 GB free disk/RAM (4 layers).
 
     LLAMA_BENCH=/path/to/llama-bench python bench/bench_formats.py --layers 4 --rounds 3
 """
@@ -184,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {fmt}: {files[fmt].stat().st_size / 2**30:.2f} GiB", flush=True)
         del base
         gc.collect()
-        variants = [(f, None) for f in types] + ([("q8_0", "int8")] if "q8_0" in types else [])
+        # the int8 requantization right after Q8_0's pair, the llama.cpp run it is compared with
+        variants = [v for f in types for v in [(f, None)] + ([(f, "int8")] if f == "q8_0" else [])]
         rows: dict[str, list[tuple[float, ...]]] = {}
         for r in range(args.rounds):
             for fmt, requant in variants:
@@ -193,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                 if binary and requant is None:
                     rows.setdefault(f"llama.cpp {fmt}", []).append(
                         theirs(binary, files[fmt], args.prompt, args.tokens, args.threads))
-            print(f"round {r + 1}: " + "; ".join(f"{k} {v[-1][1]:.1f}" for k, v in rows.items()), flush=True)
+            done = "; ".join(f"{k} {v[-1][1]:.1f}" for k, v in rows.items())
+            print(f"round {r + 1} decode tok/s: {done}", flush=True)
     _report(rows, args)
     return 0
 
@@ -240,9 +244,9 @@ def _report(rows: dict[str, list[tuple[float, ...]]], args: Any) -> None:
         fmt = name.split()[1]
         ref = rows.get(f"llama.cpp {fmt}") if name.startswith("ours") else None
         ratio = ""
-        if ref:
-            ratio = (f"{statistics.median(pp) / statistics.median([v[0] for v in ref]):.2f} / "
-                     f"{statistics.median(tg) / statistics.median([v[1] for v in ref]):.2f}")
+        if ref:  # per round (ours and llama.cpp back to back, the host's speed alike), then the median
+            ratio = (f"{statistics.median(o[0] / t[0] for o, t in zip(vals, ref, strict=True)):.2f} / "
+                     f"{statistics.median(o[1] / t[1] for o, t in zip(vals, ref, strict=True)):.2f}")
         first = f"{statistics.median([v[2] for v in vals]):14.1f}" if len(vals[0]) > 2 else ""
         print(f"{name:<22} {statistics.median(pp):8.1f} [{min(pp):6.1f}-{max(pp):6.1f}] "
               f"{statistics.median(tg):8.2f} [{min(tg):6.2f}-{max(tg):6.2f}] {ratio:>22} {first}")

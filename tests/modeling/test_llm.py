@@ -11,12 +11,12 @@ import torch.nn.functional as F
 
 from minicpmv.errors import ConfigError
 from minicpmv.modeling.layers import (
+    GatedMLP,
     KVCacheProtocol,
     RMSNorm,
     RotaryEmbedding,
     SimpleKVCache,
     apply_rotary,
-    GatedMLP,
     attention,
     build_attn_mask,
 )
