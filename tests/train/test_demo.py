@@ -287,15 +287,19 @@ def test_bundle_copies_a_finished_run_with_its_card(tmp_path: Path) -> None:
         demo.bundle(tmp_path / "b", tmp_path / "dest3", command="train-demo")
 
 
-def test_train_demo_cli_rejects_unknown_or_malformed_settings(tmp_path: Path) -> None:
+def test_train_demo_cli_rejects_unknown_or_malformed_settings(tmp_path: Path, capsys) -> None:
+    """One line on stderr and exit status 2, as every other input error of the CLI; nothing runs."""
     from minicpmv.cli import main
 
-    with pytest.raises(SystemExit, match="unknown setting 'nope'"):
-        main(["train-demo", "--output", str(tmp_path / "x"), "--set", "nope=1"])
-    with pytest.raises(SystemExit, match="--set seed takes an int, not 'maybe'"):
-        main(["train-demo", "--output", str(tmp_path / "x"), "--set", "seed=maybe"])
-    with pytest.raises(SystemExit, match="--set stage1_lr takes a float"):
-        main(["train-demo", "--output", str(tmp_path / "x"), "--set", "stage1_lr=fast"])
+    for item, message in [("nope=1", "unknown setting 'nope' in --set"),
+                          ("seed=maybe", "--set seed takes an int, not 'maybe'"),
+                          ("stage1_lr=fast", "--set stage1_lr takes a float, not 'fast'"),
+                          ("stage2_open_world=perhaps", "--set stage2_open_world takes true or false, not 'perhaps'"),
+                          ("stage1_steps", "--set takes FIELD=VALUE, got 'stage1_steps'")]:
+        assert main(["train-demo", "--output", str(tmp_path / "x"), "--set", item]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("minicpmv: error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()
 
 
 def test_ci_installs_the_training_and_evaluation_fonts() -> None:

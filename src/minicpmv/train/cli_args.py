@@ -129,6 +129,32 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="override any other recipe setting (see minicpmv.train.demo.DemoConfig)")
 
 
+def apply_settings(cfg: object, items: list[str]) -> None:
+    """``--set FIELD=VALUE`` overrides onto a recipe config, each value parsed as the field's type
+    (true/false/1/0 for booleans); a malformed item or unknown field raises ``InputError``, which the
+    CLI prints as one line with exit status 2."""
+    from ..errors import InputError
+
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise InputError(f"--set takes FIELD=VALUE, got {item!r}")
+        if not hasattr(cfg, key) or key == "output":
+            raise InputError(f"unknown setting {key!r} in --set (see minicpmv.train.demo.DemoConfig)")
+        current = getattr(cfg, key)
+        if isinstance(current, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise InputError(f"--set {key} takes true or false, not {value!r}")
+            setattr(cfg, key, value.lower() in ("true", "1"))
+            continue
+        kind = type(current) if current is not None else int
+        try:
+            setattr(cfg, key, kind(value))
+        except ValueError:
+            article = "an" if kind is int else "a"
+            raise InputError(f"--set {key} takes {article} {kind.__name__}, not {value!r}") from None
+
+
 def cmd_train_demo(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -139,22 +165,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     for name in ("stage1_steps", "train_images", "eval_items", "stage2_epochs"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if not hasattr(cfg, key) or key == "output":
-            raise SystemExit(f"minicpmv train-demo: unknown setting {key!r} in --set")
-        current = getattr(cfg, key)
-        if isinstance(current, bool):
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise SystemExit(f"minicpmv train-demo: --set {key} takes true or false, not {value!r}")
-            setattr(cfg, key, value.lower() in ("true", "1"))
-        else:
-            kind = type(current) if current is not None else int
-            try:
-                setattr(cfg, key, kind(value))
-            except ValueError:
-                raise SystemExit(f"minicpmv train-demo: --set {key} takes a{'n' if kind is int else ''} "
-                                 f"{kind.__name__}, not {value!r}") from None
+    apply_settings(cfg, args.set)
     from .demo_eval import format_table
 
     report = run(cfg, stage1_from=None if args.stage1_from is None else Path(args.stage1_from))
