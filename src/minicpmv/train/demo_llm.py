@@ -28,6 +28,7 @@ from ..api import load
 from ..errors import InputError
 from .data import DatasetStats, Sample, check_skipped, iter_samples
 from .model import LossModule, collate, save_checkpoint_dir
+from .schedule import warm_cosine
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,7 @@ def _steps(module: CachedFeatures, params: list[torch.nn.Parameter], groups: Ite
     if total <= 0:
         return running
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / total))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warm_cosine(warm, total))
     device = params[0].device
     for step, group in enumerate(itertools.islice(groups, total)):
         batch = collate(group)

@@ -39,6 +39,7 @@ from ..modeling.vlm import MiniCPMV
 from ..processing.image import to_patches
 from . import synthetic as syn
 from .demo_world import COLOURS, MAX_CHARS, MAX_OBJECTS, SHAPES
+from .schedule import warm_cosine
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +224,7 @@ def pretrain_vision(model: MiniCPMV, cfg: Any, device: torch.device) -> dict[str
     params = list(model.vpm.parameters()) + list(model.resampler.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.stage1_lr, weight_decay=0.05)
     warm = max(1, cfg.stage1_steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
-        1 + np.cos(np.pi * min(1.0, s / cfg.stage1_steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warm_cosine(warm, cfg.stage1_steps))
     rng = random.Random(cfg.seed + 101)
     running: dict[str, float] = {}
     model.train()
