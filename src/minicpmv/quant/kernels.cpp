@@ -14,7 +14,8 @@
 // * q4_dequant / q8_dequant / q6k_dequant: the whole weight, for prefill (where a GEMM runs on it).
 // The other integer kernels take activations as 16-bit fixed point per row (x = xq * 2^(e - 15) with
 // |x| < 2^e), multiply-add them with vpdpwssd (Q6_K: vpdpbusd on the two bytes of each value) and
-// scale each group's exact int32 partial sums in float32. This file does not choose when the kernels apply (quant/linear.py does).
+// scale each group's exact int32 partial sums in float32. This file does not choose when the
+// kernels apply (quant/linear.py does).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -486,7 +487,8 @@ void dot_q4_q8(const uint8_t* w, int64_t stride, const int8_t* xe, const int8_t*
       }
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(_mm512_fmadd_ps(_mm512_set1_ps(-8.f), off[r], _mm512_add_ps(acc[r][0], acc[r][1])));
+  for (int r = 0; r < R; ++r)
+    out[r] = hsum(_mm512_fmadd_ps(_mm512_set1_ps(-8.f), off[r], _mm512_add_ps(acc[r][0], acc[r][1])));
 }
 
 // q4_gemv for symmetric group-32 weights: activations as Q8_0 blocks (llama.cpp's arithmetic).
@@ -669,8 +671,9 @@ void dot_q6k(const uint8_t* w, int64_t stride, const int8_t* xa, const uint8_t* 
         const __m512i q23 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ab, 4), nib),
                                             _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h01, 4), two), 4));
         // q (0..63) as unsigned times the signed high bytes, then the unsigned low bytes times q as signed
-        const __m512i d01 = _mm512_dpbusd_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q01, a01), 8), b01, q01);
-        const __m512i d23 = _mm512_dpbusd_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q23, a23), 8), b23, q23);
+        const __m512i zero = _mm512_setzero_si512();
+        const __m512i d01 = _mm512_dpbusd_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(zero, q01, a01), 8), b01, q01);
+        const __m512i d23 = _mm512_dpbusd_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(zero, q23, a23), 8), b23, q23);
         part_acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d01), _mm512_permutexvar_ps(idx[2 * h], sc[r]), part_acc[r]);
         part_acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d23), _mm512_permutexvar_ps(idx[2 * h + 1], sc[r]), part_acc[r]);
       }
@@ -702,6 +705,7 @@ at::Tensor q6k_gemv(const at::Tensor& x, const at::Tensor& q) {
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* sp = xsum16.data();
   float* yp = y.data_ptr<float>();
+  // one row at a time: decoding Q6_K keeps the registers busy (2 or 4 rows at once measured slower)
   gemv_row_blocks<1>(n, m, k, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
     dot_q6k<decltype(rows)::value>(qp + r * blocks * kQ6Block, blocks * kQ6Block, xa.data() + i * k, xb.data() + i * k,
                                    sp + i * k / 16, blocks, out);
