@@ -20,7 +20,7 @@ import minicpmv
 from minicpmv.errors import CheckpointError, InputError
 from minicpmv.formats import gguf_names as names
 from minicpmv.formats.gguf_quants import dequantize, int4_storage, int8_storage, quantize
-from minicpmv.formats.gguf_read import GGUFCheckpoint, find_pair
+from minicpmv.formats.gguf_read import GGUFCheckpoint, GGUFTensor, find_pair
 from minicpmv.formats.gguf_write import export_gguf
 from minicpmv.processing.tokenizer import Tokenizer
 from minicpmv.quant.linear import QuantLinear, QuantSpec, dequantize_q6k, dequantize_weight, native_kernels_apply
@@ -187,6 +187,23 @@ def test_q8_0_int8_storage_and_q6k_blocks_are_the_block_dequantization() -> None
     data = quantize(x, T.Q6_K)  # the raw blocks the native kernel reads decode to the gguf package's weights
     ref = torch.from_numpy(dequantize(data, T.Q6_K).reshape(x.shape))
     assert torch.equal(dequantize_q6k(torch.from_numpy(np.ascontiguousarray(data.reshape(24, -1)))), ref)
+
+
+@pytest.mark.parametrize("qtype, dtype", [(T.F32, torch.float32), (T.F16, torch.float16), (T.BF16, torch.bfloat16)])
+def test_float_tensors_are_read_as_stored_with_the_values_of_the_float32_path(qtype: T, dtype: torch.dtype) -> None:
+    """The loader takes F32 / F16 / BF16 tensors in their own type (no float32 detour): the same
+    values as ``to_float``, the rotary row gather applied alike, and a Q8_0 tensor still widened."""
+    x = np.random.default_rng(3).standard_normal((12, 64)).astype(np.float32) * 0.05
+    x[0, :4] = [1e-40, -0.0, 3.0e38 if qtype != T.F16 else 6.0e4, -1.5]
+    data = quantize(x, qtype)
+    rows = np.array([3, 0, 1, 2, 7, 4, 5, 6, 11, 8, 9, 10])
+    for gather in (None, rows):
+        entry = GGUFTensor(data, qtype, x.shape, gather)
+        got = entry.as_stored()
+        assert got.dtype == dtype and got.shape == x.shape
+        assert torch.equal(got.float(), entry.to_float())
+    small = x[1:]  # (Q8_0 of 3e38 would overflow its float16 scale)
+    assert GGUFTensor(quantize(small, T.Q8_0), T.Q8_0, small.shape).as_stored().dtype == torch.float32
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_K])

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"GGUF"
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER = 1, 3, 4
+# float types read as stored: torch dtype and the numpy view of the file's bytes
+_AS_STORED = {T.F32: (torch.float32, np.float32), T.F16: (torch.float16, np.float16),
+              T.BF16: (torch.bfloat16, np.int16)}
 # tokenizer.ggml.pre -> (split regex, NFC normalizer, clean_up_tokenization_spaces)
 _PRE = {
     "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -129,6 +132,19 @@ class GGUFTensor:
     def to_float(self) -> torch.Tensor:
         x = dequantize(self.data, self.qtype).reshape(self.shape)
         return torch.from_numpy(np.array(x if self.rows is None else x[self.rows], copy=True))  # off the read-only map
+
+    def as_stored(self) -> torch.Tensor:
+        """F32, F16 and BF16 tensors in their own type, copied off the map without a conversion
+        (a BF16 file otherwise goes through float32: ~50x slower to read, twice the memory at its
+        peak); other types as ``to_float`` gives them. The values are the same: widening to float32
+        is exact, so casting either to the model's dtype rounds alike."""
+        stored = _AS_STORED.get(self.qtype)
+        if stored is None:
+            return self.to_float()
+        dtype, view = stored
+        x = np.asarray(self.data).view(view).reshape(self.shape)
+        t = torch.from_numpy(np.array(x if self.rows is None else x[self.rows], copy=True))
+        return t.view(dtype) if dtype is torch.bfloat16 else t
 
     def int4(self) -> dict[str, torch.Tensor] | None:
         """int4 group-32 storage for Q4_0 / Q4_K matrices, else None."""

@@ -119,7 +119,7 @@ class OpenCheckpoint:
             if kept is not None:
                 int4[layer] = kept
             else:
-                floats[key] = entry.to_float
+                floats[key] = entry.as_stored
         return floats, int4
 
 
