@@ -108,7 +108,7 @@ def load_ours(model: nn.Module, path: Path, requantize: str | None) -> None:
             new = QuantLinear.from_float(entry.to_float(), bias, QuantSpec.parse(requantize), dtype=torch.bfloat16)
         else:
             lin = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, dtype=torch.bfloat16)
-            lin.weight = nn.Parameter(entry.to_float().to(torch.bfloat16), requires_grad=False)
+            lin.weight = nn.Parameter(entry.as_stored().to(torch.bfloat16), requires_grad=False)
             if bias is not None:
                 lin.bias = nn.Parameter(bias, requires_grad=False)
             new = PackedLinear(lin)
