@@ -191,17 +191,19 @@ def test_q8_0_int8_storage_and_q6k_blocks_are_the_block_dequantization() -> None
 
 @pytest.mark.parametrize("qtype, dtype", [(T.F32, torch.float32), (T.F16, torch.float16), (T.BF16, torch.bfloat16)])
 def test_float_tensors_are_read_as_stored_with_the_values_of_the_float32_path(qtype: T, dtype: torch.dtype) -> None:
-    """The loader takes F32 / F16 / BF16 tensors in their own type (no float32 detour): the same
-    values as ``to_float``, the rotary row gather applied alike, and a Q8_0 tensor still widened."""
+    """The loader takes F32 / F16 / BF16 tensors in their own type (no float32 detour): the values
+    the gguf package decodes, the rotary row gather applied, and a Q8_0 tensor still widened."""
     x = np.random.default_rng(3).standard_normal((12, 64)).astype(np.float32) * 0.05
     x[0, :4] = [1e-40, -0.0, 3.0e38 if qtype != T.F16 else 6.0e4, -1.5]
     data = quantize(x, qtype)
     rows = np.array([3, 0, 1, 2, 7, 4, 5, 6, 11, 8, 9, 10])
+    ref = dequantize(data, qtype).reshape(x.shape)  # float32
     for gather in (None, rows):
         entry = GGUFTensor(data, qtype, x.shape, gather)
         got = entry.as_stored()
         assert got.dtype == dtype and got.shape == x.shape
-        assert torch.equal(got.float(), entry.to_float())
+        want = torch.from_numpy(ref if gather is None else ref[gather])
+        assert torch.equal(got.float(), want) and torch.equal(entry.to_float(), want)
     small = x[1:]  # (Q8_0 of 3e38 would overflow its float16 scale)
     assert GGUFTensor(quantize(small, T.Q8_0), T.Q8_0, small.shape).as_stored().dtype == torch.float32
 
