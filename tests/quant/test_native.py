@@ -13,7 +13,15 @@ from torch import nn
 
 from minicpmv.quant import linear as L
 from minicpmv.quant import native
-from minicpmv.quant.linear import PackedLinear, QuantLinear, QuantSpec, dequantize_weight, pack_nibbles
+from minicpmv.quant.linear import (
+    PackedLinear,
+    QuantLinear,
+    QuantSpec,
+    dequantize_weight,
+    pack_nibbles,
+    q4_0_blocks,
+    q4_0_split,
+)
 
 OPS = native.ops()
 needs_native = pytest.mark.skipif(OPS is None, reason=f"native kernels unavailable: {native.why_unavailable()}")
@@ -61,10 +69,28 @@ def test_q4_gemv_matches_the_dequantized_weight(group: int, k: int, zeros: bool)
     w = dequantize_weight(st, QuantSpec(4, group), torch.float32)  # [33, k]
     for m in (1, 4):
         x = torch.randn(m, k, generator=g)
-        # symmetric group 32 (GGUF's Q4_0) takes llama.cpp's 8-bit activations; the rest 16 bits
-        ref = x.double() @ w.double().t() if zeros or group != 32 else _q8_0_reference(x, q, s)
-        assert _rel(OPS.q4_gemv(x, st["qweight"], s, z), ref) < 1e-4
+        assert _rel(OPS.q4_gemv(x, st["qweight"], s, z), x.double() @ w.double().t()) < 1e-4  # 16-bit activations
+        if group == 32 and not zeros:  # GGUF's Q4_0: its own kernel, llama.cpp's 8-bit activations
+            assert _rel(OPS.q4_0_gemv(x, q4_0_blocks(st["qweight"], s)), _q8_0_reference(x, q, s)) < 1e-4
     assert torch.equal(OPS.q4_dequant(st["qweight"], s, z, torch.float32), w)
+
+
+@pytest.mark.parametrize("groups", [1, 5, 16, 37, 112])  # a partial chunk alone, full chunks, both
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_q4_0_rows_interleave_scales_and_nibbles_per_16_groups(groups: int, dtype: torch.dtype) -> None:
+    """The Q4_0 kernel's rows: per 16 groups their scales' bytes then their nibbles, the last chunk
+    with the groups it has; q4_0_split gives the storage back exactly."""
+    g = torch.Generator().manual_seed(groups)
+    q = torch.randint(0, 256, (3, groups * 16), generator=g, dtype=torch.uint8)
+    s = (torch.rand(3, groups, generator=g) / 50).to(dtype)
+    rows = q4_0_blocks(q, s)
+    sb = s.element_size()
+    assert rows.shape == (3, groups * (16 + sb)) and rows.is_contiguous()
+    first = min(16, groups)  # the first chunk: its scales, then its nibbles
+    assert torch.equal(rows[:, : first * sb], s[:, :first].contiguous().view(torch.uint8))
+    assert torch.equal(rows[:, first * sb: first * (16 + sb)], q[:, : first * 16])
+    back_q, back_s = q4_0_split(rows, groups)
+    assert torch.equal(back_q, q) and back_s.dtype == dtype and torch.equal(back_s, s)
 
 
 def _q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,13 +123,15 @@ def test_q4_0_weights_meet_activations_as_llama_cpp_q8_0_blocks(k: int) -> None:
     s = (torch.rand(21, k // 32, generator=g) / 50).half()
     x = torch.randn(3, k, generator=g)
     x[1, :32] = 0  # an all-zero block: d = 0
-    got = OPS.q4_gemv(x, pack_nibbles(q), s, None)
+    rows = q4_0_blocks(pack_nibbles(q), s)
+    got = OPS.q4_0_gemv(x, rows)
     ref = _q8_0_reference(x, q, s)
     assert _rel(got, ref) < 1e-6
     w = (q.float() - 8) * s.float().repeat_interleave(32, 1)
     assert _rel(got, x.double() @ w.double().t()) > 1e-5  # really the 8-bit path, not the float one
+    assert torch.equal(OPS.q4_0_gemv(x, q4_0_blocks(pack_nibbles(q), s.float())), got)  # float32 scales
     x[2, 5] = float("nan")
-    got = OPS.q4_gemv(x, pack_nibbles(q), s, None)
+    got = OPS.q4_0_gemv(x, rows)
     assert got[2].isnan().all() and not got[:2].isnan().any()
 
 
@@ -121,9 +149,14 @@ def test_q4_gemv_rows_read_in_blocks_equal_rows_read_alone(zeros: bool) -> None:
     if zeros:
         s = s.float()
     x = torch.randn(3, k, generator=g)
-    full = OPS.q4_gemv(x, q, s, z)  # [3, 37]
-    alone = torch.cat([OPS.q4_gemv(x, q[r:r + 1].contiguous(), s[r:r + 1].contiguous(),
-                                   None if z is None else z[r:r + 1].contiguous()) for r in range(37)], 1)
+    if zeros:
+        full = OPS.q4_gemv(x, q, s, z)  # [3, 37]
+        alone = torch.cat([OPS.q4_gemv(x, q[r:r + 1].contiguous(), s[r:r + 1].contiguous(), z[r:r + 1].contiguous())
+                           for r in range(37)], 1)
+    else:
+        rows = q4_0_blocks(q, s)
+        full = OPS.q4_0_gemv(x, rows)
+        alone = torch.cat([OPS.q4_0_gemv(x, rows[r:r + 1].contiguous()) for r in range(37)], 1)
     assert torch.equal(full, alone)
 
 
@@ -268,8 +301,37 @@ def test_grouped_int8_round_trips_and_symmetric_int4_drops_its_zeros() -> None:
     sym = QuantLinear(64, 40, QuantSpec(4, 32), bias=False, dtype=torch.float32, device="meta")
     sym.set_storage(q4, None, device="cpu")
     sym.prepare()
-    assert sym.zeros is None and sym.scales.dtype == torch.float16  # GGUF's Q4_0: 0.5625 bytes per weight
+    # GGUF's Q4_0: the Q4_0 kernel's rows replace the storage, float16 scales: 0.5625 bytes per weight
+    assert set(sym._buffers) == {"chunks"} and sym.chunks.shape == (40, 2 * 18)
     assert all(torch.equal(sym.storage()[k], q4[k]) for k in q4)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q4_0_layers_decode_with_llama_cpp_arithmetic_and_prefill_from_their_rows(dtype: torch.dtype) -> None:
+    """A symmetric group-32 int4 layer (GGUF's Q4_0; 113 groups: full chunks and a tail, a bias):
+    decode rows are llama.cpp's Q4_0 x Q8_0 sums, prefill rows multiply the dequantized weight,
+    and moving the layer gives the same storage back."""
+    g = torch.Generator().manual_seed(4)
+    n, k = 24, 113 * 32
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    s = (torch.rand(n, k // 32, generator=g) / 50).bfloat16().float()  # exact in bf16 and float16
+    st = {"qweight": pack_nibbles(q), "scales": s, "zeros": torch.zeros_like(s)}
+    bias = torch.randn(n, generator=g)
+    layer = QuantLinear(k, n, QuantSpec(4, 32), bias=True, dtype=dtype, device="meta")
+    layer.set_storage(st, bias, device="cpu")
+    layer.prepare()
+    assert "chunks" in layer._buffers
+    x = torch.randn(L.NATIVE_MAX_ROWS + 3, k, generator=g).to(dtype)
+    decode = layer(x[:2]).double()
+    ref = _q8_0_reference(x[:2].float(), q, s) + bias.to(dtype).double()
+    assert _rel(decode, ref) < (1e-6 if dtype == torch.float32 else 2**-7)
+    w = (q.double() - 8) * s.double().repeat_interleave(32, 1)
+    exact = x.double() @ w.t() + bias.to(dtype).double()
+    assert _rel(layer(x).double(), exact) < (1e-5 if dtype == torch.float32 else 2**-7)  # prefill
+    moved = layer.double()
+    assert all(torch.equal(moved.storage()[key], st[key].double()) for key in ("scales", "zeros"))
+    assert torch.equal(moved.storage()["qweight"], st["qweight"])
 
 
 @needs_native

@@ -6,10 +6,11 @@
 // ATen's thread pool.
 // * bf16_gemv: bf16 weights and activations, products summed in float32 (vdpbf16ps).
 // * q8_gemv: int8 weights with one float32 scale per `group` (16 or 32) weights of a row, or per row.
-// * q4_gemv: 4-bit weights, groups of 32, w = (q - 8) * s + z (q in 0..15; nibble pairs: even k low,
-//   odd k high; z absent for symmetric formats such as GGUF's Q4_0), quant/linear.py's int4 storage.
-//   Symmetric weights with one scale per 32 (GGUF's Q4_0) are multiplied as llama.cpp multiplies
-//   them: activations as Q8_0 blocks (8 bits and a float16 scale per 32; vpdpbusd).
+// * q4_gemv: 4-bit weights in groups of 32-256, w = (q - 8) * s + z (q in 0..15; nibble pairs: even k
+//   low, odd k high; z may be absent), quant/linear.py's int4 storage.
+// * q4_0_gemv: symmetric 4-bit weights with one scale per 32 (GGUF's Q4_0), scales and nibbles
+//   interleaved per 16 groups, multiplied as llama.cpp multiplies them: activations as Q8_0 blocks
+//   (8 bits and a float16 scale per 32; vpdpbusd).
 // * q6k_gemv: GGML's Q6_K blocks read as stored (0.82 byte per weight).
 // * q4_dequant / q8_dequant / q6k_dequant: the whole weight, for prefill (where a GEMM runs on it).
 // The other integer kernels take activations as 16-bit fixed point per row (x = xq * 2^(e - 15) with
@@ -435,14 +436,28 @@ Q8Blocks q8_0_blocks(const at::Tensor& x) {
   return b;
 }
 
-// R rows of symmetric 4-bit weights, one scale per 32 (GGUF's Q4_0), against one row of Q8_0
-// blocks: out[r] = sum_g s_rg d_g sum_k (q_rk - 8) xq_k. 64 bytes of a row (4 groups) per step: low
-// and high nibbles times the even and odd activations with vpdpbusd (u8 x s8, 4 products per lane),
+// Symmetric 4-bit weights with one scale per 32 (GGUF's Q4_0) as the Q4_0 kernel reads them: each
+// row in chunks of 16 groups, a chunk its 16 scales (float16 or float32, S) then its 16 x 16 bytes
+// of nibble pairs, the row's last chunk holding its `left` groups the same way. One stream per row
+// (scales and nibbles in separate arrays, two streams, read 1.4x slower on [18944, 3584] from
+// memory on an AMD Zen 4 host). quant/linear.py's q4_0_blocks builds it.
+template <typename S>
+constexpr int64_t q4_0_row_bytes(int64_t groups) { return groups * (16 + static_cast<int64_t>(sizeof(S))); }
+
+template <typename S>
+__m512 q4_0_scales(const uint8_t* at, __mmask16 mk) {
+  if constexpr (sizeof(S) == 2) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, at));
+  else return _mm512_maskz_loadu_ps(mk, at);
+}
+
+// R rows of Q4_0 chunks (`stride` bytes apart) against one row of Q8_0 blocks:
+// out[r] = sum_g s_rg d_g sum_k (q_rk - 8) xq_k. 64 bytes of nibbles (4 groups) per step: low and
+// high nibbles times the even and odd activations with vpdpbusd (u8 x s8, 4 products per lane),
 // alternate steps in two float32 sums (one sum's multiply-add latency bounded the loop); the "- 8"
 // is one multiply-add per 16 groups with the scales already loaded: -8 sum_g s_rg dsum_g.
-template <int R>
+template <int R, typename S>
 void dot_q4_q8(const uint8_t* w, int64_t stride, const int8_t* xe, const int8_t* xo, const float* xd, const float* xs,
-               const Scales* s, int64_t groups, float* out) {
+               int64_t groups, float* out) {
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512i pick[4];  // chunk c of 16 groups: lane j sums bytes 4j..4j+3, in group 4c + j / 4
   for (int c = 0; c < 4; ++c)
@@ -455,9 +470,11 @@ void dot_q4_q8(const uint8_t* w, int64_t stride, const int8_t* xe, const int8_t*
     const __mmask16 mk = first_lanes(left);
     const __m512 d16 = _mm512_maskz_loadu_ps(mk, xd + g);
     const __m512 ds16 = _mm512_maskz_loadu_ps(mk, xs + g);
+    const uint8_t* chunk = w + q4_0_row_bytes<S>(g);                        // row 0's chunk
+    const uint8_t* nib = chunk + left * static_cast<int64_t>(sizeof(S));  // its nibbles
     __m512 s16[R];
     for (int r = 0; r < R; ++r) {
-      const __m512 sw = load_scales(s[r], g, mk);
+      const __m512 sw = q4_0_scales<S>(chunk + r * stride, mk);
       s16[r] = _mm512_mul_ps(sw, d16);
       off[r] = _mm512_fmadd_ps(sw, ds16, off[r]);
     }
@@ -467,7 +484,7 @@ void dot_q4_q8(const uint8_t* w, int64_t stride, const int8_t* xe, const int8_t*
         const int64_t at = (g + 4 * c) * 16;
         const __m512i e = _mm512_loadu_si512(xe + at), o = _mm512_loadu_si512(xo + at);
         for (int r = 0; r < R; ++r) {
-          const __m512i b = _mm512_loadu_si512(w + r * stride + at);
+          const __m512i b = _mm512_loadu_si512(nib + r * stride + 64 * c);
           __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, low), e);
           p = _mm512_dpbusd_epi32(p, _mm512_and_si512(_mm512_srli_epi16(b, 4), low), o);
           acc[r][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(pick[c], s16[r]), acc[r][c & 1]);
@@ -480,7 +497,7 @@ void dot_q4_q8(const uint8_t* w, int64_t stride, const int8_t* xe, const int8_t*
       const __mmask64 bm = n4 == 4 ? ~__mmask64{0} : (__mmask64{1} << (16 * n4)) - 1;
       const __m512i e = _mm512_maskz_loadu_epi8(bm, xe + at), o = _mm512_maskz_loadu_epi8(bm, xo + at);
       for (int r = 0; r < R; ++r) {
-        const __m512i b = _mm512_maskz_loadu_epi8(bm, w + r * stride + at);
+        const __m512i b = _mm512_maskz_loadu_epi8(bm, nib + r * stride + 64 * c);
         __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, low), e);
         p = _mm512_dpbusd_epi32(p, _mm512_and_si512(_mm512_srli_epi16(b, 4), low), o);
         acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(pick[c], s16[r]), acc[r][0]);
@@ -491,18 +508,25 @@ void dot_q4_q8(const uint8_t* w, int64_t stride, const int8_t* xe, const int8_t*
     out[r] = hsum(_mm512_fmadd_ps(_mm512_set1_ps(-8.f), off[r], _mm512_add_ps(acc[r][0], acc[r][1])));
 }
 
-// q4_gemv for symmetric group-32 weights: activations as Q8_0 blocks (llama.cpp's arithmetic).
-at::Tensor q4_q8_gemv(const at::Tensor& x, const at::Tensor& q, Scales sc) {
-  const int64_t m = x.size(0), k = x.size(1), n = q.size(0), groups = k / 32;
+// y[M, N] for Q4_0 chunks [N, K/32 * (16 + 2 or 4)] (float16 or float32 scales, told apart by the
+// row length): activations as Q8_0 blocks (llama.cpp's arithmetic).
+at::Tensor q4_0_gemv(const at::Tensor& x, const at::Tensor& blocks) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 32 == 0 && blocks.dim() == 2 && blocks.is_contiguous()
+              && blocks.scalar_type() == at::kByte, "q4_0_gemv: expects x [M, K] (K % 32 == 0), uint8 chunks [N, bytes]");
+  const int64_t m = x.size(0), k = x.size(1), n = blocks.size(0), groups = k / 32, stride = blocks.size(1);
+  const bool half = stride == q4_0_row_bytes<uint16_t>(groups);
+  TORCH_CHECK(half || stride == q4_0_row_bytes<float>(groups), "q4_0_gemv: rows of ", stride, " bytes for K = ", k);
   const Q8Blocks xb = q8_0_blocks(x);
   auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
-  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const uint8_t* bp = blocks.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   gemv_row_blocks(n, m, k, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
     constexpr int R = decltype(rows)::value;
-    const auto sr = sc.rows<R>(r, groups);
-    dot_q4_q8<R>(qp + r * k / 2, k / 2, xb.even.data() + i * k / 2, xb.odd.data() + i * k / 2, xb.d.data() + i * groups,
-                 xb.dsum.data() + i * groups, sr.data(), groups, out);
+    const int64_t at = i * k / 2, ag = i * groups;
+    if (half) dot_q4_q8<R, uint16_t>(bp + r * stride, stride, xb.even.data() + at, xb.odd.data() + at, xb.d.data() + ag,
+                                     xb.dsum.data() + ag, groups, out);
+    else dot_q4_q8<R, float>(bp + r * stride, stride, xb.even.data() + at, xb.odd.data() + at, xb.d.data() + ag,
+                             xb.dsum.data() + ag, groups, out);
   });
   return y;
 }
@@ -518,7 +542,6 @@ at::Tensor q4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
     TORCH_CHECK(z->is_contiguous() && z->scalar_type() == at::kFloat && z->sizes() == s.sizes(), "q4_gemv: zeros must be float32 like scales");
     zp = z->data_ptr<float>();
   }
-  if (!zp && shift == 0) return q4_q8_gemv(x, q, sc);
   const FixedRows xq = fixed_rows(x);
   const std::vector<float>& step = xq.step;
   std::vector<float> xsum(m * groups);  // [M, G]
@@ -753,6 +776,7 @@ TORCH_LIBRARY(minicpmv_native, lib) {
   lib.def("bf16_gemv(Tensor x, Tensor w) -> Tensor", &bf16_gemv);
   lib.def("q8_gemv(Tensor x, Tensor q, Tensor s, int group) -> Tensor", &q8_gemv);
   lib.def("q4_gemv(Tensor x, Tensor q, Tensor s, Tensor? z) -> Tensor", &q4_gemv);
+  lib.def("q4_0_gemv(Tensor x, Tensor blocks) -> Tensor", &q4_0_gemv);
   lib.def("q4_dequant(Tensor q, Tensor s, Tensor? z, ScalarType dtype) -> Tensor", &q4_dequant);
   lib.def("q8_dequant(Tensor q, Tensor s, int group, ScalarType dtype) -> Tensor", &q8_dequant);
   lib.def("q6k_gemv(Tensor x, Tensor q) -> Tensor", &q6k_gemv);

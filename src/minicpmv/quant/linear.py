@@ -249,6 +249,41 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack([p & 15, p >> 4], dim=-1).view(p.shape[0], -1)
 
 
+Q4_0_CHUNK = 16  # groups of 32 per chunk of the Q4_0 kernel's rows
+
+
+def q4_0_blocks(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Symmetric group-32 int4 (GGUF's Q4_0): nibbles uint8 [N, K/2] and float16 or float32 scales
+    [N, K/32] -> the rows the native Q4_0 kernel reads, uint8 [N, K/32 * (16 + scale bytes)]: per
+    16 groups their scales' bytes, then their 16 x 16 bytes of nibbles (the last chunk of a row
+    with the groups it has). One stream per row instead of two; ``q4_0_split`` inverts it."""
+    n, groups = scales.shape
+    sb = scales.element_size()
+    s_bytes = scales.contiguous().view(torch.uint8).view(n, groups, sb)  # [N, G, sb], little-endian
+    q = qweight.reshape(n, groups, 16)  # [N, G, 16]
+    full = groups - groups % Q4_0_CHUNK
+    parts = []
+    if full:
+        c = full // Q4_0_CHUNK
+        parts.append(torch.cat([s_bytes[:, :full].reshape(n, c, Q4_0_CHUNK * sb),
+                                q[:, :full].reshape(n, c, Q4_0_CHUNK * 16)], 2).view(n, -1))  # [N, c * chunk]
+    if groups > full:
+        parts += [s_bytes[:, full:].reshape(n, -1), q[:, full:].reshape(n, -1)]
+    return torch.cat(parts, 1)  # [N, G * (16 + sb)]
+
+
+def q4_0_split(blocks: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``q4_0_blocks``: rows [N, G * (16 + sb)] -> (nibbles [N, G*16], scales [N, G])."""
+    n = blocks.shape[0]
+    sb = blocks.shape[1] // groups - 16
+    full = groups - groups % Q4_0_CHUNK
+    chunks = blocks[:, : full * (16 + sb)].reshape(n, full // Q4_0_CHUNK, Q4_0_CHUNK * (16 + sb))  # [N, c, chunk]
+    tail = blocks[:, full * (16 + sb):]  # [N, rest * (16 + sb)]
+    s = torch.cat([chunks[..., : Q4_0_CHUNK * sb].reshape(n, -1), tail[:, : (groups - full) * sb]], 1)
+    q = torch.cat([chunks[..., Q4_0_CHUNK * sb:].reshape(n, -1), tail[:, (groups - full) * sb:]], 1)
+    return q, s.contiguous().view(torch.float16 if sb == 2 else torch.float32)  # [N, G*16], [N, G]
+
+
 def dequantize_weight(storage: dict[str, torch.Tensor], spec: QuantSpec, dtype: torch.dtype) -> torch.Tensor:
     """Storage tensors -> weight [N, K] in ``dtype`` (computed in float32)."""
     if spec.bits == 6:
@@ -321,15 +356,19 @@ def kernel_works(kind: str, device: str, dtype: torch.dtype) -> bool:
         storage = {"qweight": blocks.view(n, -1)}
     else:
         storage = quantize_weight(w, spec)
-    layer = QuantLinear.from_storage(storage, spec, n, k, dtype=dtype, device=device, kind="dequant")
+    cases = [storage]
+    if kind == "int4_native":  # symmetric group 32 (GGUF's Q4_0) takes its own kernel
+        cases.append({**storage, "zeros": torch.zeros_like(storage["zeros"])})
     try:
-        ref = layer(x).float()
-        fast = QuantLinear.from_storage(storage, spec, n, k, dtype=dtype, device=device, kind=kind)
-        err = float((fast(x).float() - ref).abs().max())
+        err, top = 0.0, 0.0
+        for st in cases:
+            ref = QuantLinear.from_storage(st, spec, n, k, dtype=dtype, device=device, kind="dequant")(x).float()
+            fast = QuantLinear.from_storage(st, spec, n, k, dtype=dtype, device=device, kind=kind)
+            err, top = max(err, float((fast(x).float() - ref).abs().max())), max(top, float(ref.abs().max()))
     except (RuntimeError, NotImplementedError, AttributeError) as e:
         log.info("%s kernel unavailable on %s/%s (%s); using dequantize + F.linear", kind, device, dtype, e)
         return False
-    ok = err <= 2e-2 * float(ref.abs().max()) + 1e-3
+    ok = err <= 2e-2 * top + 1e-3
     if not ok:
         log.warning("%s kernel on %s/%s disagrees with the reference (max err %.3g); not used",
                     kind, device, dtype, err)
@@ -518,11 +557,17 @@ class QuantLinear(nn.Module):
 
     def _pack_native(self) -> None:
         """Storage -> the native kernels' operands: float32 scales (float16 where exact: GGUF's
-        block scales), zeros dropped where all zero (symmetric formats: GGUF's Q4_0)."""
+        block scales), zeros dropped where all zero; symmetric int4 in groups of 32 (GGUF's Q4_0)
+        becomes the Q4_0 kernel's interleaved rows (``chunks``, which replace the storage)."""
         self._buffers["scales"] = _narrowed(self.scales.float().contiguous())  # type: ignore[union-attr]
         zeros = self._buffers.get("zeros")
         if zeros is not None:
             self._buffers["zeros"] = None if not zeros.any() else zeros.float().contiguous()
+        if self.spec.bits == 4 and self.spec.group_size == 32 and self._buffers.get("zeros") is None:
+            chunks = q4_0_blocks(self.qweight, self.scales)  # type: ignore[arg-type]
+            for name in ("qweight", "scales", "zeros"):
+                self._buffers.pop(name, None)
+            self.register_buffer("chunks", chunks, persistent=False)
 
     def _pack_onednn(self) -> None:
         """int8 storage -> oneDNN's blocked int8 weight plus the per-row terms the kernel needs."""
@@ -563,10 +608,12 @@ class QuantLinear(nn.Module):
         return F.linear(x, dequantize_weight(self.storage(), self.spec, x.dtype))  # "dequant"
 
     def _native_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        ops, q = native.ops(), self.qweight
+        ops, q = native.ops(), self._buffers.get("qweight")
         if x.shape[0] > NATIVE_MAX_ROWS:  # prefill: a GEMM on the weight, dequantized per call
             y = prefill_linear_rows(x, self.out_features, self._dequantized_rows(x.dtype))  # [M, N]
             return y * self.scales.to(x.dtype) if self.kind == "int8c_native" else y  # row scales after
+        if "chunks" in self._buffers:  # GGUF's Q4_0
+            return ops.q4_0_gemv(x.contiguous(), self.chunks).to(x.dtype)  # [M, N]
         if self.spec.bits == 6:
             return ops.q6k_gemv(x.contiguous(), q).to(x.dtype)  # [M, N]
         s, z = self.scales, self._buffers.get("zeros")
@@ -578,10 +625,12 @@ class QuantLinear(nn.Module):
 
     def _dequantized_rows(self, dtype: torch.dtype) -> Callable[[int, int], torch.Tensor]:
         """(first, end) -> weight rows first..end-1 in ``dtype`` (per-channel int8: unscaled)."""
-        ops, q, k = native.ops(), self.qweight, self.in_features
+        ops, q, k = native.ops(), self._buffers.get("qweight"), self.in_features
         s, z = self._buffers.get("scales"), self._buffers.get("zeros")  # Q6_K has neither
         if self.spec.bits == 6:
             return lambda a, b: ops.q6k_dequant(q[a:b], k, dtype)
+        if "chunks" in self._buffers:
+            return lambda a, b: ops.q4_dequant(*q4_0_split(self.chunks[a:b], k // 32), None, dtype)
         if self.kind == "int8c_native":
             return lambda a, b: q[a:b].to(dtype)
         if self.spec.bits == 4:
@@ -592,6 +641,10 @@ class QuantLinear(nn.Module):
         """The portable storage tensors (recovered from the kernel layout when packed)."""
         if self.spec.bits == 6:  # Q6_K blocks are their own storage, whatever the kernel
             return {"qweight": self.qweight}  # type: ignore[dict-item]
+        if "chunks" in self._buffers:
+            q, s = q4_0_split(self.chunks, self.in_features // 32)  # type: ignore[arg-type]
+            scales = s.to(self.dtype)
+            return {"qweight": q, "scales": scales, "zeros": torch.zeros_like(scales)}
         if self.kind in _NATIVE_KINDS:
             out = {"qweight": self.qweight, "scales": self.scales.to(self.dtype)}  # type: ignore[union-attr]
             if self.spec.bits == 4:
