@@ -17,10 +17,10 @@ from minicpmv.quant.linear import (
     PackedLinear,
     QuantLinear,
     QuantSpec,
+    chunk_rows,
     dequantize_weight,
     pack_nibbles,
-    q4_0_blocks,
-    q4_0_split,
+    unchunk_rows,
 )
 
 OPS = native.ops()
@@ -42,7 +42,7 @@ def test_bf16_gemv_sums_in_float32(m: int, k: int) -> None:
 
 
 @needs_native
-@pytest.mark.parametrize("group, k", [(16, 48), (16, 256), (32, 96), (32, 512)])  # odd group counts too
+@pytest.mark.parametrize("group, k", [(16, 48), (16, 256), (32, 96), (32, 512), (32, 1184)])  # odd group counts too
 @pytest.mark.parametrize("half", [False, True])
 def test_q8_gemv_matches_the_dequantized_weight(group: int, k: int, half: bool) -> None:
     g = torch.Generator().manual_seed(group + k)
@@ -53,7 +53,8 @@ def test_q8_gemv_matches_the_dequantized_weight(group: int, k: int, half: bool) 
     for m in (1, 2, 5):
         x = torch.randn(m, k, generator=g)
         ref = x.double() @ w.t()
-        assert _rel(OPS.q8_gemv(x, q, s, group), ref) < 1e-4  # activations as 16-bit fixed point
+        got = OPS.q8_gemv(x, q, s, group) if group == 16 else OPS.q8_0_gemv(x, chunk_rows(q, s))  # GGUF's Q8_0
+        assert _rel(got, ref) < 1e-4  # activations as 16-bit fixed point
         assert torch.equal(OPS.q8_dequant(q, s, group, torch.float32).double(), w.float().double())
 
 
@@ -71,25 +72,26 @@ def test_q4_gemv_matches_the_dequantized_weight(group: int, k: int, zeros: bool)
         x = torch.randn(m, k, generator=g)
         assert _rel(OPS.q4_gemv(x, st["qweight"], s, z), x.double() @ w.double().t()) < 1e-4  # 16-bit activations
         if group == 32 and not zeros:  # GGUF's Q4_0: its own kernel, llama.cpp's 8-bit activations
-            assert _rel(OPS.q4_0_gemv(x, q4_0_blocks(st["qweight"], s)), _q8_0_reference(x, q, s)) < 1e-4
+            assert _rel(OPS.q4_0_gemv(x, chunk_rows(st["qweight"], s)), _q8_0_reference(x, q, s)) < 1e-4
     assert torch.equal(OPS.q4_dequant(st["qweight"], s, z, torch.float32), w)
 
 
 @pytest.mark.parametrize("groups", [1, 5, 16, 37, 112])  # a partial chunk alone, full chunks, both
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_q4_0_rows_interleave_scales_and_nibbles_per_16_groups(groups: int, dtype: torch.dtype) -> None:
-    """The Q4_0 kernel's rows: per 16 groups their scales' bytes then their nibbles, the last chunk
-    with the groups it has; q4_0_split gives the storage back exactly."""
+@pytest.mark.parametrize("width", [16, 32])  # bytes a group: nibble pairs (Q4_0), int8 (Q8_0)
+def test_chunked_rows_put_16_groups_scales_before_their_values(groups: int, dtype: torch.dtype, width: int) -> None:
+    """The Q4_0 / Q8_0 kernels' rows: per 16 groups their scales' bytes then their values, the last
+    chunk with the groups it has; unchunk_rows gives the storage back exactly."""
     g = torch.Generator().manual_seed(groups)
-    q = torch.randint(0, 256, (3, groups * 16), generator=g, dtype=torch.uint8)
+    q = torch.randint(0, 256, (3, groups * width), generator=g, dtype=torch.uint8)
     s = (torch.rand(3, groups, generator=g) / 50).to(dtype)
-    rows = q4_0_blocks(q, s)
+    rows = chunk_rows(q, s)
     sb = s.element_size()
-    assert rows.shape == (3, groups * (16 + sb)) and rows.is_contiguous()
-    first = min(16, groups)  # the first chunk: its scales, then its nibbles
+    assert rows.shape == (3, groups * (width + sb)) and rows.is_contiguous()
+    first = min(16, groups)  # the first chunk: its scales, then its values
     assert torch.equal(rows[:, : first * sb], s[:, :first].contiguous().view(torch.uint8))
-    assert torch.equal(rows[:, first * sb: first * (16 + sb)], q[:, : first * 16])
-    back_q, back_s = q4_0_split(rows, groups)
+    assert torch.equal(rows[:, first * sb: first * (width + sb)], q[:, : first * width])
+    back_q, back_s = unchunk_rows(rows, groups, width, sb)
     assert torch.equal(back_q, q) and back_s.dtype == dtype and torch.equal(back_s, s)
 
 
@@ -113,6 +115,26 @@ def _q8_0_reference(x: torch.Tensor, q4: torch.Tensor, s: torch.Tensor) -> torch
 
 
 @needs_native
+@pytest.mark.parametrize("groups", [5, 16, 37])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("half", [False, True])
+def test_chunked_rows_dequantize_as_the_storage_does(groups: int, bits: int, half: bool) -> None:
+    """Prefill dequantizes chunked rows in place: bit for bit what the unchunked storage gives."""
+    g = torch.Generator().manual_seed(groups + bits)
+    k = groups * 32
+    if bits == 4:
+        q = pack_nibbles(torch.randint(0, 16, (9, k), generator=g, dtype=torch.uint8))
+    else:
+        q = torch.randint(-127, 128, (9, k), generator=g, dtype=torch.int8)
+    s = torch.rand(9, groups, generator=g) / 50
+    s = s.half() if half else s
+    rows = chunk_rows(q, s)
+    for dtype in (torch.float32, torch.bfloat16):
+        want = OPS.q4_dequant(q, s, None, dtype) if bits == 4 else OPS.q8_dequant(q, s, 32, dtype)
+        assert torch.equal(OPS.chunked_dequant(rows, k, bits, dtype), want)
+
+
+@needs_native
 @pytest.mark.parametrize("k", [32, 96, 512, 608, 3584])
 def test_q4_0_weights_meet_activations_as_llama_cpp_q8_0_blocks(k: int) -> None:
     """Symmetric group-32 weights: the 8-bit activation blocks of llama.cpp (float16 scale, ties
@@ -123,13 +145,13 @@ def test_q4_0_weights_meet_activations_as_llama_cpp_q8_0_blocks(k: int) -> None:
     s = (torch.rand(21, k // 32, generator=g) / 50).half()
     x = torch.randn(3, k, generator=g)
     x[1, :32] = 0  # an all-zero block: d = 0
-    rows = q4_0_blocks(pack_nibbles(q), s)
+    rows = chunk_rows(pack_nibbles(q), s)
     got = OPS.q4_0_gemv(x, rows)
     ref = _q8_0_reference(x, q, s)
     assert _rel(got, ref) < 1e-6
     w = (q.float() - 8) * s.float().repeat_interleave(32, 1)
     assert _rel(got, x.double() @ w.double().t()) > 1e-5  # really the 8-bit path, not the float one
-    assert torch.equal(OPS.q4_0_gemv(x, q4_0_blocks(pack_nibbles(q), s.float())), got)  # float32 scales
+    assert torch.equal(OPS.q4_0_gemv(x, chunk_rows(pack_nibbles(q), s.float())), got)  # float32 scales
     x[2, 5] = float("nan")
     got = OPS.q4_0_gemv(x, rows)
     assert got[2].isnan().all() and not got[:2].isnan().any()
@@ -154,7 +176,7 @@ def test_q4_gemv_rows_read_in_blocks_equal_rows_read_alone(zeros: bool) -> None:
         alone = torch.cat([OPS.q4_gemv(x, q[r:r + 1].contiguous(), s[r:r + 1].contiguous(), z[r:r + 1].contiguous())
                            for r in range(37)], 1)
     else:
-        rows = q4_0_blocks(q, s)
+        rows = chunk_rows(q, s)
         full = OPS.q4_0_gemv(x, rows)
         alone = torch.cat([OPS.q4_0_gemv(x, rows[r:r + 1].contiguous()) for r in range(37)], 1)
     assert torch.equal(full, alone)
@@ -175,7 +197,10 @@ def test_bf16_and_int8_rows_read_in_blocks_equal_rows_read_alone(kind: str) -> N
         group = {"q8_g16": 16, "q8_g32": 32, "q8_channel": 0}[kind]
         q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
         s = torch.rand((n, k // group) if group else (n,), generator=g) / 50
+        chunked = chunk_rows(q, s) if group == 32 else None  # GGUF's Q8_0: its kernel's rows
         def run(rows: slice) -> torch.Tensor:
+            if chunked is not None:
+                return OPS.q8_0_gemv(x, chunked[rows].contiguous())
             return OPS.q8_gemv(x, q[rows].contiguous(), s[rows].contiguous(), group)
     assert torch.equal(run(slice(None)), torch.cat([run(slice(r, r + 1)) for r in range(n)], 1))
 
@@ -366,6 +391,13 @@ def test_a_wrong_kernel_is_caught_and_not_used(monkeypatch: pytest.MonkeyPatch) 
         assert layer.kind == "int4_cpu"
     finally:
         L.kernel_works.cache_clear()
+
+
+def test_the_kernels_build_wherever_this_machine_can_build_them() -> None:
+    """Every other test here skips without the kernels: a source that no longer compiles must
+    fail here instead of passing as skips."""
+    if native.why_unavailable() is None:
+        assert OPS is not None, "kernels.cpp did not build (see the minicpmv.quant.native log)"
 
 
 def test_unavailable_or_failing_builds_fall_back(monkeypatch: pytest.MonkeyPatch, tmp_path, caplog) -> None:

@@ -5,14 +5,17 @@
 // reading each block of weight rows from memory once for all M rows, split over rows of W with
 // ATen's thread pool.
 // * bf16_gemv: bf16 weights and activations, products summed in float32 (vdpbf16ps).
-// * q8_gemv: int8 weights with one float32 scale per `group` (16 or 32) weights of a row, or per row.
+// * q8_gemv: int8 weights with one float32 scale per 16 weights of a row, or per row.
+// * q8_0_gemv: int8 weights with one scale per 32 (GGUF's Q8_0), scales and values chunked per 16
+//   groups (one stream per row).
 // * q4_gemv: 4-bit weights in groups of 32-256, w = (q - 8) * s + z (q in 0..15; nibble pairs: even k
 //   low, odd k high; z may be absent), quant/linear.py's int4 storage.
-// * q4_0_gemv: symmetric 4-bit weights with one scale per 32 (GGUF's Q4_0), scales and nibbles
-//   interleaved per 16 groups, multiplied as llama.cpp multiplies them: activations as Q8_0 blocks
-//   (8 bits and a float16 scale per 32; vpdpbusd).
+// * q4_0_gemv: symmetric 4-bit weights with one scale per 32 (GGUF's Q4_0), chunked the same way,
+//   multiplied as llama.cpp multiplies them: activations as Q8_0 blocks (8 bits and a float16
+//   scale per 32; vpdpbusd).
 // * q6k_gemv: GGML's Q6_K blocks read as stored (0.82 byte per weight).
-// * q4_dequant / q8_dequant / q6k_dequant: the whole weight, for prefill (where a GEMM runs on it).
+// * q4_dequant / q8_dequant / chunked_dequant / q6k_dequant: the whole weight, for prefill (where a
+//   GEMM runs on it).
 // The other integer kernels take activations as 16-bit fixed point per row (x = xq * 2^(e - 15) with
 // |x| < 2^e), multiply-add them with vpdpwssd (Q6_K: vpdpbusd on the two bytes of each value) and
 // scale each group's exact int32 partial sums in float32. This file does not choose when the
@@ -195,6 +198,23 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
+// Rows "chunked" for the Q8_0 and Q4_0 kernels (quant/linear.py's chunk_rows): per 16 groups of 32
+// weights, their 16 scales (float16 or float32, S), then their B bytes each (int8: 32, nibble pairs:
+// 16); a row's last chunk holds its `left` groups the same way. One stream per row: scales and
+// values in two arrays read 1.4x (Q4_0) and 1.25x (Q8_0) slower on [18944, 3584] from memory on
+// an AMD Zen 4 host.
+template <typename S, int64_t B>
+constexpr int64_t chunked_bytes(int64_t groups) { return groups * (B + static_cast<int64_t>(sizeof(S))); }
+
+// Scale j of a chunk, as float32.
+template <typename S>
+inline float chunk_scale(const uint8_t* chunk, int64_t j) {
+  S v;
+  std::memcpy(&v, chunk + j * static_cast<int64_t>(sizeof(S)), sizeof(S));
+  if constexpr (sizeof(S) == 2) return _cvtsh_ss(v);
+  else return v;
+}
+
 // int8 row r of a block of R (`stride` weights apart) as 16-bit values: the 32 weights from `at`.
 inline __m512i int8_at(const int8_t* w, int64_t stride, int r, int64_t at) {
   return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * stride + at)));
@@ -227,26 +247,34 @@ void dot_q8_g16(const int8_t* w, int64_t stride, const int16_t* x, const Scales*
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
 }
 
-// The same with one scale per 32 weights; two sums per row (even / odd groups).
-template <int R>
-void dot_q8_g32(const int8_t* w, int64_t stride, const int16_t* x, const Scales* s, int64_t groups, float* out) {
+// Q8_0: R chunked rows (`stride` bytes apart) of int8 weights, one scale per 32, against
+// fixed-point activations x: two sums per row (even / odd groups).
+template <int R, typename S>
+void dot_q8_g32(const uint8_t* w, int64_t stride, const int16_t* x, int64_t groups, float* out) {
   __m512 a0[R], a1[R];
   for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
-  int64_t g = 0;
-  for (; g + 2 <= groups; g += 2) {
-    const __m512i x0 = _mm512_loadu_si512(x + g * 32), x1 = _mm512_loadu_si512(x + g * 32 + 32);
-    for (int r = 0; r < R; ++r) {
-      const __m512i p0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), int8_at(w, stride, r, g * 32), x0);
-      const __m512i p1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), int8_at(w, stride, r, g * 32 + 32), x1);
-      a0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_set1_ps(s[r][g]), a0[r]);
-      a1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_set1_ps(s[r][g + 1]), a1[r]);
+  for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+    const int64_t left = std::min<int64_t>(16, groups - g0);
+    const uint8_t* chunk = w + chunked_bytes<S, 32>(g0);  // row 0's chunk
+    const auto* q = reinterpret_cast<const int8_t*>(chunk + left * static_cast<int64_t>(sizeof(S)));
+    int64_t j = 0;
+    for (; j + 2 <= left; j += 2) {
+      const int64_t at = (g0 + j) * 32;
+      const __m512i x0 = _mm512_loadu_si512(x + at), x1 = _mm512_loadu_si512(x + at + 32);
+      for (int r = 0; r < R; ++r) {
+        const __m512i p0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), int8_at(q, stride, r, j * 32), x0);
+        const __m512i p1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), int8_at(q, stride, r, j * 32 + 32), x1);
+        a0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_set1_ps(chunk_scale<S>(chunk + r * stride, j)), a0[r]);
+        a1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_set1_ps(chunk_scale<S>(chunk + r * stride, j + 1)),
+                                a1[r]);
+      }
     }
-  }
-  if (g < groups) {
-    const __m512i x0 = _mm512_loadu_si512(x + g * 32);
-    for (int r = 0; r < R; ++r) {
-      const __m512i p0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), int8_at(w, stride, r, g * 32), x0);
-      a0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_set1_ps(s[r][g]), a0[r]);
+    if (j < left) {
+      const __m512i x0 = _mm512_loadu_si512(x + (g0 + j) * 32);
+      for (int r = 0; r < R; ++r) {
+        const __m512i p0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), int8_at(q, stride, r, j * 32), x0);
+        a0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_set1_ps(chunk_scale<S>(chunk + r * stride, j)), a0[r]);
+      }
     }
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(_mm512_add_ps(a0[r], a1[r]));
@@ -294,7 +322,7 @@ at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
     });
     return y;
   }
-  TORCH_CHECK(group == 16 || group == 32, "q8_gemv: group must be 16 or 32 (0: per channel)");
+  TORCH_CHECK(group == 16, "q8_gemv: group must be 16 (0: per channel; groups of 32: q8_0_gemv)");
   check_rows(x, q, x.size(1), "q8_gemv");
   const int64_t m = x.size(0), n = q.size(0), k = x.size(1), groups = k / group;
   TORCH_CHECK(k % group == 0 && s.is_contiguous() && s.size(0) == n && s.size(1) == groups, "q8_gemv: bad shapes");
@@ -309,11 +337,34 @@ at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   gemv_row_blocks(n, m, k, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
     constexpr int R = decltype(rows)::value;
     const auto sr = sc.rows<R>(r, groups);
-    if (group == 16) dot_q8_g16<R>(qp + r * k, k, xp + i * k, sr.data(), groups, out);
-    else dot_q8_g32<R>(qp + r * k, k, xp + i * k, sr.data(), groups, out);
+    dot_q8_g16<R>(qp + r * k, k, xp + i * k, sr.data(), groups, out);
   });
   for (int64_t i = 0; i < m; ++i)
     for (int64_t r = 0; r < n; ++r) yp[i * n + r] *= step[i];
+  return y;
+}
+
+// y[M, N] for Q8_0 chunked rows [N, K/32 * (32 + 2 or 4)] (float16 or float32 scales, told apart by
+// the row length), activations as 16-bit fixed point.
+at::Tensor q8_0_gemv(const at::Tensor& x, const at::Tensor& rows) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 32 == 0 && rows.dim() == 2 && rows.is_contiguous()
+              && rows.scalar_type() == at::kByte, "q8_0_gemv: expects x [M, K] (K % 32 == 0), uint8 rows [N, bytes]");
+  const int64_t m = x.size(0), k = x.size(1), n = rows.size(0), groups = k / 32, stride = rows.size(1);
+  const int64_t f16_bytes = chunked_bytes<uint16_t, 32>(groups), f32_bytes = chunked_bytes<float, 32>(groups);
+  const bool half = stride == f16_bytes;
+  TORCH_CHECK(half || stride == f32_bytes, "q8_0_gemv: rows of ", stride, " bytes for K = ", k);
+  const FixedRows xq = fixed_rows(x);
+  auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  const uint8_t* bp = rows.data_ptr<uint8_t>();
+  const int16_t* xp = xq.q.data();
+  float* yp = y.data_ptr<float>();
+  gemv_row_blocks(n, m, k, yp, [&](auto r_, int64_t r, int64_t i, float* out) {
+    constexpr int R = decltype(r_)::value;
+    if (half) dot_q8_g32<R, uint16_t>(bp + r * stride, stride, xp + i * k, groups, out);
+    else dot_q8_g32<R, float>(bp + r * stride, stride, xp + i * k, groups, out);
+  });
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t r = 0; r < n; ++r) yp[i * n + r] *= xq.step[i];
   return y;
 }
 
@@ -436,13 +487,6 @@ Q8Blocks q8_0_blocks(const at::Tensor& x) {
   return b;
 }
 
-// Symmetric 4-bit weights with one scale per 32 (GGUF's Q4_0) as the Q4_0 kernel reads them: each
-// row in chunks of 16 groups, a chunk its 16 scales (float16 or float32, S) then its 16 x 16 bytes
-// of nibble pairs, the row's last chunk holding its `left` groups the same way. One stream per row
-// (scales and nibbles in separate arrays, two streams, read 1.4x slower on [18944, 3584] from
-// memory on an AMD Zen 4 host). quant/linear.py's q4_0_blocks builds it.
-template <typename S>
-constexpr int64_t q4_0_row_bytes(int64_t groups) { return groups * (16 + static_cast<int64_t>(sizeof(S))); }
 
 template <typename S>
 __m512 q4_0_scales(const uint8_t* at, __mmask16 mk) {
@@ -450,7 +494,7 @@ __m512 q4_0_scales(const uint8_t* at, __mmask16 mk) {
   else return _mm512_maskz_loadu_ps(mk, at);
 }
 
-// R rows of Q4_0 chunks (`stride` bytes apart) against one row of Q8_0 blocks:
+// R chunked rows of Q4_0 (`stride` bytes apart) against one row of Q8_0 blocks:
 // out[r] = sum_g s_rg d_g sum_k (q_rk - 8) xq_k. 64 bytes of nibbles (4 groups) per step: low and
 // high nibbles times the even and odd activations with vpdpbusd (u8 x s8, 4 products per lane),
 // alternate steps in two float32 sums (one sum's multiply-add latency bounded the loop); the "- 8"
@@ -470,7 +514,7 @@ void dot_q4_q8(const uint8_t* w, int64_t stride, const int8_t* xe, const int8_t*
     const __mmask16 mk = first_lanes(left);
     const __m512 d16 = _mm512_maskz_loadu_ps(mk, xd + g);
     const __m512 ds16 = _mm512_maskz_loadu_ps(mk, xs + g);
-    const uint8_t* chunk = w + q4_0_row_bytes<S>(g);                        // row 0's chunk
+    const uint8_t* chunk = w + chunked_bytes<S, 16>(g);                        // row 0's chunk
     const uint8_t* nib = chunk + left * static_cast<int64_t>(sizeof(S));  // its nibbles
     __m512 s16[R];
     for (int r = 0; r < R; ++r) {
@@ -508,14 +552,15 @@ void dot_q4_q8(const uint8_t* w, int64_t stride, const int8_t* xe, const int8_t*
     out[r] = hsum(_mm512_fmadd_ps(_mm512_set1_ps(-8.f), off[r], _mm512_add_ps(acc[r][0], acc[r][1])));
 }
 
-// y[M, N] for Q4_0 chunks [N, K/32 * (16 + 2 or 4)] (float16 or float32 scales, told apart by the
+// y[M, N] for Q4_0 chunked rows [N, K/32 * (16 + 2 or 4)] (float16 or float32 scales, told apart by the
 // row length): activations as Q8_0 blocks (llama.cpp's arithmetic).
 at::Tensor q4_0_gemv(const at::Tensor& x, const at::Tensor& blocks) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 32 == 0 && blocks.dim() == 2 && blocks.is_contiguous()
               && blocks.scalar_type() == at::kByte, "q4_0_gemv: expects x [M, K] (K % 32 == 0), uint8 chunks [N, bytes]");
   const int64_t m = x.size(0), k = x.size(1), n = blocks.size(0), groups = k / 32, stride = blocks.size(1);
-  const bool half = stride == q4_0_row_bytes<uint16_t>(groups);
-  TORCH_CHECK(half || stride == q4_0_row_bytes<float>(groups), "q4_0_gemv: rows of ", stride, " bytes for K = ", k);
+  const int64_t f16_bytes = chunked_bytes<uint16_t, 16>(groups), f32_bytes = chunked_bytes<float, 16>(groups);
+  const bool half = stride == f16_bytes;
+  TORCH_CHECK(half || stride == f32_bytes, "q4_0_gemv: rows of ", stride, " bytes for K = ", k);
   const Q8Blocks xb = q8_0_blocks(x);
   auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
   const uint8_t* bp = blocks.data_ptr<uint8_t>();
@@ -598,6 +643,28 @@ Out make_out(int64_t n, int64_t k, const at::Tensor& like, at::ScalarType dtype)
   return o;
 }
 
+// Output order of a 4-bit group: weight 2j from the low nibble of byte j, 2j + 1 from its high nibble.
+const __m512i kNibbleFirst = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+const __m512i kNibbleSecond = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+
+// One group of 32 4-bit weights (16 bytes of nibble pairs) into o at `at`: (q - 8) * s + z with the
+// reference's two roundings (no fused multiply-add).
+inline void q4_group(const Out& o, int64_t at, const uint8_t* bytes, float s, float z) {
+  const __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z), eight = _mm512_set1_ps(8.f);
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  const __m512 ql = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15))), eight);
+  const __m512 qh = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), eight);
+  const __m512 low = _mm512_add_ps(_mm512_mul_ps(ql, sv), zv), high = _mm512_add_ps(_mm512_mul_ps(qh, sv), zv);
+  store16(o.f32, o.bf16, at, _mm512_permutex2var_ps(low, kNibbleFirst, high));
+  store16(o.f32, o.bf16, at + 16, _mm512_permutex2var_ps(low, kNibbleSecond, high));
+}
+
+// 16 int8 weights times s into o at `at`.
+inline void q8_values(const Out& o, int64_t at, const int8_t* v, float s) {
+  const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v))));
+  store16(o.f32, o.bf16, at, _mm512_mul_ps(f, _mm512_set1_ps(s)));
+}
+
 at::Tensor q4_dequant(const at::Tensor& q, const at::Tensor& s, const c10::optional<at::Tensor>& z, at::ScalarType dtype) {
   const int64_t n = q.size(0), k = q.size(1) * 2, groups = s.size(1);
   TORCH_CHECK(q.is_contiguous() && k % 32 == 0 && s.size(0) == n, "q4_dequant: bad shapes");
@@ -606,22 +673,51 @@ at::Tensor q4_dequant(const at::Tensor& q, const at::Tensor& s, const c10::optio
   const float* zp = z.has_value() ? z->data_ptr<float>() : nullptr;
   Out o = make_out(n, k, s, dtype);
   const uint8_t* qp = q.data_ptr<uint8_t>();
-  // output order: weight 2j from the low nibble of byte j, 2j + 1 from its high nibble
-  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
   at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r)
       for (int64_t g = 0; g < k / 32; ++g) {
         const int64_t gi = r * groups + (g >> shift);
-        // (q - 8) * s + z with the reference's two roundings (no fused multiply-add)
-        const __m512 sv = _mm512_set1_ps(sc[gi]), zv = _mm512_set1_ps(zp ? zp[gi] : 0.f), eight = _mm512_set1_ps(8.f);
-        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qp + r * k / 2 + g * 16)));
-        const __m512 ql = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15))), eight);
-        const __m512 qh = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), eight);
-        const __m512 low = _mm512_add_ps(_mm512_mul_ps(ql, sv), zv), high = _mm512_add_ps(_mm512_mul_ps(qh, sv), zv);
-        store16(o.f32, o.bf16, r * k + g * 32, _mm512_permutex2var_ps(low, first, high));
-        store16(o.f32, o.bf16, r * k + g * 32 + 16, _mm512_permutex2var_ps(low, second, high));
+        q4_group(o, r * k + g * 32, qp + r * k / 2 + g * 16, sc[gi], zp ? zp[gi] : 0.f);
       }
+  });
+  return o.t.scalar_type() == dtype ? o.t : o.t.to(dtype);
+}
+
+// The weight [N, K] of chunked rows (Q8_0: bits 8, Q4_0: bits 4; float16 or float32 scales).
+template <typename S, int64_t B>
+void chunked_dequant_rows(const uint8_t* rows, int64_t stride, int64_t lo, int64_t hi, int64_t k, const Out& o) {
+  const int64_t groups = k / 32;
+  for (int64_t r = lo; r < hi; ++r)
+    for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+      const int64_t left = std::min<int64_t>(16, groups - g0);
+      const uint8_t* chunk = rows + r * stride + chunked_bytes<S, B>(g0);
+      const uint8_t* v = chunk + left * static_cast<int64_t>(sizeof(S));
+      for (int64_t j = 0; j < left; ++j) {
+        const int64_t at = r * k + (g0 + j) * 32;
+        const float sj = chunk_scale<S>(chunk, j);
+        if constexpr (B == 16) {
+          q4_group(o, at, v + 16 * j, sj, 0.f);
+        } else {
+          q8_values(o, at, reinterpret_cast<const int8_t*>(v + 32 * j), sj);
+          q8_values(o, at + 16, reinterpret_cast<const int8_t*>(v + 32 * j + 16), sj);
+        }
+      }
+    }
+}
+
+at::Tensor chunked_dequant(const at::Tensor& rows, int64_t k, int64_t bits, at::ScalarType dtype) {
+  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous() && rows.scalar_type() == at::kByte && k % 32 == 0
+              && (bits == 4 || bits == 8), "chunked_dequant: expects uint8 rows [N, bytes], K % 32 == 0, bits 4 or 8");
+  const int64_t n = rows.size(0), groups = k / 32, stride = rows.size(1), b = bits == 4 ? 16 : 32;
+  const bool half = stride == groups * (b + 2);
+  TORCH_CHECK(half || stride == groups * (b + 4), "chunked_dequant: rows of ", stride, " bytes for K = ", k);
+  Out o = make_out(n, k, rows, dtype);
+  const uint8_t* rp = rows.data_ptr<uint8_t>();
+  at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
+    if (bits == 4 && half) chunked_dequant_rows<uint16_t, 16>(rp, stride, lo, hi, k, o);
+    else if (bits == 4) chunked_dequant_rows<float, 16>(rp, stride, lo, hi, k, o);
+    else if (half) chunked_dequant_rows<uint16_t, 32>(rp, stride, lo, hi, k, o);
+    else chunked_dequant_rows<float, 32>(rp, stride, lo, hi, k, o);
   });
   return o.t.scalar_type() == dtype ? o.t : o.t.to(dtype);
 }
@@ -635,10 +731,7 @@ at::Tensor q8_dequant(const at::Tensor& q, const at::Tensor& s, int64_t group, a
   const int8_t* qp = q.data_ptr<int8_t>();
   at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r)
-      for (int64_t i = 0; i < k; i += 16) {
-        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qp + r * k + i))));
-        store16(o.f32, o.bf16, r * k + i, _mm512_mul_ps(v, _mm512_set1_ps(sc[r * groups + i / group])));
-      }
+      for (int64_t i = 0; i < k; i += 16) q8_values(o, r * k + i, qp + r * k + i, sc[r * groups + i / group]);
   });
   return o.t.scalar_type() == dtype ? o.t : o.t.to(dtype);
 }
@@ -777,8 +870,10 @@ TORCH_LIBRARY(minicpmv_native, lib) {
   lib.def("q8_gemv(Tensor x, Tensor q, Tensor s, int group) -> Tensor", &q8_gemv);
   lib.def("q4_gemv(Tensor x, Tensor q, Tensor s, Tensor? z) -> Tensor", &q4_gemv);
   lib.def("q4_0_gemv(Tensor x, Tensor blocks) -> Tensor", &q4_0_gemv);
+  lib.def("q8_0_gemv(Tensor x, Tensor rows) -> Tensor", &q8_0_gemv);
   lib.def("q4_dequant(Tensor q, Tensor s, Tensor? z, ScalarType dtype) -> Tensor", &q4_dequant);
   lib.def("q8_dequant(Tensor q, Tensor s, int group, ScalarType dtype) -> Tensor", &q8_dequant);
+  lib.def("chunked_dequant(Tensor rows, int k, int bits, ScalarType dtype) -> Tensor", &chunked_dequant);
   lib.def("q6k_gemv(Tensor x, Tensor q) -> Tensor", &q6k_gemv);
   lib.def("q6k_dequant(Tensor q, int k, ScalarType dtype) -> Tensor", &q6k_dequant);
 }

@@ -249,39 +249,39 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack([p & 15, p >> 4], dim=-1).view(p.shape[0], -1)
 
 
-Q4_0_CHUNK = 16  # groups of 32 per chunk of the Q4_0 kernel's rows
+CHUNK_GROUPS = 16  # groups of 32 weights per chunk of the Q8_0 / Q4_0 kernels' rows
 
 
-def q4_0_blocks(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Symmetric group-32 int4 (GGUF's Q4_0): nibbles uint8 [N, K/2] and float16 or float32 scales
-    [N, K/32] -> the rows the native Q4_0 kernel reads, uint8 [N, K/32 * (16 + scale bytes)]: per
-    16 groups their scales' bytes, then their 16 x 16 bytes of nibbles (the last chunk of a row
-    with the groups it has). One stream per row instead of two; ``q4_0_split`` inverts it."""
+def chunk_rows(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Grouped weights as the native Q8_0 / Q4_0 kernels read them: ``values`` [N, G * b] (b bytes
+    a group: int8 32, nibble pairs 16) and float16 or float32 ``scales`` [N, G] -> uint8 rows
+    [N, G * (b + scale bytes)], per 16 groups their scales' bytes, then their values (the last
+    chunk of a row with the groups it has). One stream per row instead of two; ``unchunk_rows``
+    inverts it."""
     n, groups = scales.shape
     sb = scales.element_size()
     s_bytes = scales.contiguous().view(torch.uint8).view(n, groups, sb)  # [N, G, sb], little-endian
-    q = qweight.reshape(n, groups, 16)  # [N, G, 16]
-    full = groups - groups % Q4_0_CHUNK
+    v = values.contiguous().view(torch.uint8).view(n, groups, -1)  # [N, G, b]
+    full = groups - groups % CHUNK_GROUPS
     parts = []
     if full:
-        c = full // Q4_0_CHUNK
-        parts.append(torch.cat([s_bytes[:, :full].reshape(n, c, Q4_0_CHUNK * sb),
-                                q[:, :full].reshape(n, c, Q4_0_CHUNK * 16)], 2).view(n, -1))  # [N, c * chunk]
+        c = full // CHUNK_GROUPS
+        parts.append(torch.cat([s_bytes[:, :full].reshape(n, c, -1), v[:, :full].reshape(n, c, -1)], 2).view(n, -1))
     if groups > full:
-        parts += [s_bytes[:, full:].reshape(n, -1), q[:, full:].reshape(n, -1)]
-    return torch.cat(parts, 1)  # [N, G * (16 + sb)]
+        parts += [s_bytes[:, full:].reshape(n, -1), v[:, full:].reshape(n, -1)]
+    return torch.cat(parts, 1)  # [N, G * (b + sb)]
 
 
-def q4_0_split(blocks: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of ``q4_0_blocks``: rows [N, G * (16 + sb)] -> (nibbles [N, G*16], scales [N, G])."""
-    n = blocks.shape[0]
-    sb = blocks.shape[1] // groups - 16
-    full = groups - groups % Q4_0_CHUNK
-    chunks = blocks[:, : full * (16 + sb)].reshape(n, full // Q4_0_CHUNK, Q4_0_CHUNK * (16 + sb))  # [N, c, chunk]
-    tail = blocks[:, full * (16 + sb):]  # [N, rest * (16 + sb)]
-    s = torch.cat([chunks[..., : Q4_0_CHUNK * sb].reshape(n, -1), tail[:, : (groups - full) * sb]], 1)
-    q = torch.cat([chunks[..., Q4_0_CHUNK * sb:].reshape(n, -1), tail[:, (groups - full) * sb:]], 1)
-    return q, s.contiguous().view(torch.float16 if sb == 2 else torch.float32)  # [N, G*16], [N, G]
+def unchunk_rows(rows: torch.Tensor, groups: int, group_bytes: int, scale_bytes: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``chunk_rows``: (values uint8 [N, G * group_bytes], scales [N, G])."""
+    n, b, sb = rows.shape[0], group_bytes, scale_bytes
+    full = groups - groups % CHUNK_GROUPS
+    chunks = rows[:, : full * (b + sb)].reshape(n, full // CHUNK_GROUPS, CHUNK_GROUPS * (b + sb))  # [N, c, chunk]
+    tail = rows[:, full * (b + sb):]  # [N, rest * (b + sb)]
+    s = torch.cat([chunks[..., : CHUNK_GROUPS * sb].reshape(n, -1), tail[:, : (groups - full) * sb]], 1)
+    v = torch.cat([chunks[..., CHUNK_GROUPS * sb:].reshape(n, -1), tail[:, (groups - full) * sb:]], 1)
+    return v, s.contiguous().view(torch.float16 if sb == 2 else torch.float32)  # [N, G*b], [N, G]
 
 
 def dequantize_weight(storage: dict[str, torch.Tensor], spec: QuantSpec, dtype: torch.dtype) -> torch.Tensor:
@@ -557,17 +557,24 @@ class QuantLinear(nn.Module):
 
     def _pack_native(self) -> None:
         """Storage -> the native kernels' operands: float32 scales (float16 where exact: GGUF's
-        block scales), zeros dropped where all zero; symmetric int4 in groups of 32 (GGUF's Q4_0)
-        becomes the Q4_0 kernel's interleaved rows (``chunks``, which replace the storage)."""
+        block scales), zeros dropped where all zero; int8 and symmetric int4 in groups of 32 (GGUF's
+        Q8_0 and Q4_0) become their kernels' chunked rows (``chunks``, which replace the storage)."""
         self._buffers["scales"] = _narrowed(self.scales.float().contiguous())  # type: ignore[union-attr]
         zeros = self._buffers.get("zeros")
         if zeros is not None:
             self._buffers["zeros"] = None if not zeros.any() else zeros.float().contiguous()
-        if self.spec.bits == 4 and self.spec.group_size == 32 and self._buffers.get("zeros") is None:
-            chunks = q4_0_blocks(self.qweight, self.scales)  # type: ignore[arg-type]
+        if self.spec.group_size == 32 and self._buffers.get("zeros") is None:  # Q8_0, symmetric int4 (Q4_0)
+            chunks = chunk_rows(self.qweight, self.scales)  # type: ignore[arg-type]
             for name in ("qweight", "scales", "zeros"):
                 self._buffers.pop(name, None)
             self.register_buffer("chunks", chunks, persistent=False)
+
+    def _unchunked(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chunked rows -> (qweight in the storage's dtype, scales as the kernel held them)."""
+        groups = self.in_features // 32
+        group_bytes = 16 if self.spec.bits == 4 else 32
+        v, s = unchunk_rows(rows, groups, group_bytes, rows.shape[1] // groups - group_bytes)
+        return (v if self.spec.bits == 4 else v.view(torch.int8)), s
 
     def _pack_onednn(self) -> None:
         """int8 storage -> oneDNN's blocked int8 weight plus the per-row terms the kernel needs."""
@@ -612,8 +619,9 @@ class QuantLinear(nn.Module):
         if x.shape[0] > NATIVE_MAX_ROWS:  # prefill: a GEMM on the weight, dequantized per call
             y = prefill_linear_rows(x, self.out_features, self._dequantized_rows(x.dtype))  # [M, N]
             return y * self.scales.to(x.dtype) if self.kind == "int8c_native" else y  # row scales after
-        if "chunks" in self._buffers:  # GGUF's Q4_0
-            return ops.q4_0_gemv(x.contiguous(), self.chunks).to(x.dtype)  # [M, N]
+        if "chunks" in self._buffers:  # GGUF's Q4_0 / Q8_0
+            gemv = ops.q4_0_gemv if self.spec.bits == 4 else ops.q8_0_gemv
+            return gemv(x.contiguous(), self.chunks).to(x.dtype)  # [M, N]
         if self.spec.bits == 6:
             return ops.q6k_gemv(x.contiguous(), q).to(x.dtype)  # [M, N]
         s, z = self.scales, self._buffers.get("zeros")
@@ -630,7 +638,7 @@ class QuantLinear(nn.Module):
         if self.spec.bits == 6:
             return lambda a, b: ops.q6k_dequant(q[a:b], k, dtype)
         if "chunks" in self._buffers:
-            return lambda a, b: ops.q4_dequant(*q4_0_split(self.chunks[a:b], k // 32), None, dtype)
+            return lambda a, b: ops.chunked_dequant(self.chunks[a:b], k, self.spec.bits, dtype)
         if self.kind == "int8c_native":
             return lambda a, b: q[a:b].to(dtype)
         if self.spec.bits == 4:
@@ -642,9 +650,9 @@ class QuantLinear(nn.Module):
         if self.spec.bits == 6:  # Q6_K blocks are their own storage, whatever the kernel
             return {"qweight": self.qweight}  # type: ignore[dict-item]
         if "chunks" in self._buffers:
-            q, s = q4_0_split(self.chunks, self.in_features // 32)  # type: ignore[arg-type]
-            scales = s.to(self.dtype)
-            return {"qweight": q, "scales": scales, "zeros": torch.zeros_like(scales)}
+            q, s = self._unchunked(self.chunks)  # type: ignore[arg-type]
+            out = {"qweight": q, "scales": s.to(self.dtype)}
+            return out | ({"zeros": torch.zeros_like(out["scales"])} if self.spec.bits == 4 else {})
         if self.kind in _NATIVE_KINDS:
             out = {"qweight": self.qweight, "scales": self.scales.to(self.dtype)}  # type: ignore[union-attr]
             if self.spec.bits == 4:
