@@ -281,6 +281,12 @@ def test_kernels_reject_wrong_shapes_with_a_message() -> None:
         OPS.q4_gemv(torch.randn(1, 96), torch.zeros(4, 48, dtype=torch.uint8), torch.ones(4, 6), None)
     with pytest.raises(RuntimeError, match="columns"):
         OPS.bf16_gemv(torch.randn(1, 64).bfloat16(), torch.randn(4, 32).bfloat16())
+    with pytest.raises(RuntimeError, match="rows of 35 bytes for K = 64"):
+        OPS.q4_0_gemv(torch.randn(1, 64), torch.zeros(4, 35, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="expects x"):
+        OPS.q8_0_gemv(torch.randn(1, 2, 64), torch.zeros(4, 68, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
+        OPS.chunked_dequant(torch.zeros(4, 36, dtype=torch.uint8), 64, 6, torch.float32)
 
 
 @needs_native

@@ -206,6 +206,16 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w) {
 template <typename S, int64_t B>
 constexpr int64_t chunked_bytes(int64_t groups) { return groups * (B + static_cast<int64_t>(sizeof(S))); }
 
+// Checks chunked rows of K weights (`b` bytes a group) and tells their scales apart by the row
+// length: true for float16, false for float32.
+bool chunked_half(const at::Tensor& rows, int64_t k, int64_t b, const char* name) {
+  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous() && rows.scalar_type() == at::kByte && k % 32 == 0, name,
+              ": expects uint8 rows [N, bytes] and K % 32 == 0");
+  const int64_t groups = k / 32, stride = rows.size(1);
+  TORCH_CHECK(stride == groups * (b + 2) || stride == groups * (b + 4), name, ": rows of ", stride, " bytes for K = ", k);
+  return stride == groups * (b + 2);
+}
+
 // Scale j of a chunk, as float32.
 template <typename S>
 inline float chunk_scale(const uint8_t* chunk, int64_t j) {
@@ -344,25 +354,39 @@ at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   return y;
 }
 
-// y[M, N] for Q8_0 chunked rows [N, K/32 * (32 + 2 or 4)] (float16 or float32 scales, told apart by
-// the row length), activations as 16-bit fixed point.
-at::Tensor q8_0_gemv(const at::Tensor& x, const at::Tensor& rows) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 32 == 0 && rows.dim() == 2 && rows.is_contiguous()
-              && rows.scalar_type() == at::kByte, "q8_0_gemv: expects x [M, K] (K % 32 == 0), uint8 rows [N, bytes]");
-  const int64_t m = x.size(0), k = x.size(1), n = rows.size(0), groups = k / 32, stride = rows.size(1);
-  const int64_t f16_bytes = chunked_bytes<uint16_t, 32>(groups), f32_bytes = chunked_bytes<float, 32>(groups);
-  const bool half = stride == f16_bytes;
-  TORCH_CHECK(half || stride == f32_bytes, "q8_0_gemv: rows of ", stride, " bytes for K = ", k);
-  const FixedRows xq = fixed_rows(x);
+// x [M, K] and chunked rows of `b` bytes a group checked before either is read.
+void check_chunked(const at::Tensor& x, const at::Tensor& rows, int64_t b, const char* name) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), name, ": expects x [M, K]");
+  chunked_half(rows, x.size(1), b, name);
+}
+
+// y[M, N] of chunked rows (`B` bytes a group; see check_chunked): dot(R, S, row r's
+// bytes, stride, i, out) for each block of R rows and row i of x, S the scale type (float16 as
+// uint16_t, or float).
+template <int64_t B, typename Dot>
+at::Tensor chunked_gemv(const at::Tensor& x, const at::Tensor& rows, const char* name, const Dot& dot) {
+  const int64_t m = x.size(0), k = x.size(1), n = rows.size(0), stride = rows.size(1);
+  const bool half = chunked_half(rows, k, B, name);
   auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
   const uint8_t* bp = rows.data_ptr<uint8_t>();
-  const int16_t* xp = xq.q.data();
-  float* yp = y.data_ptr<float>();
-  gemv_row_blocks(n, m, k, yp, [&](auto r_, int64_t r, int64_t i, float* out) {
-    constexpr int R = decltype(r_)::value;
-    if (half) dot_q8_g32<R, uint16_t>(bp + r * stride, stride, xp + i * k, groups, out);
-    else dot_q8_g32<R, float>(bp + r * stride, stride, xp + i * k, groups, out);
+  gemv_row_blocks(n, m, k, y.data_ptr<float>(), [&](auto r_, int64_t r, int64_t i, float* out) {
+    if (half) dot(r_, uint16_t{}, bp + r * stride, stride, i, out);
+    else dot(r_, float{}, bp + r * stride, stride, i, out);
   });
+  return y;
+}
+
+// y[M, N] for Q8_0 chunked rows [N, K/32 * (32 + 2 or 4)], activations as 16-bit fixed point.
+at::Tensor q8_0_gemv(const at::Tensor& x, const at::Tensor& rows) {
+  check_chunked(x, rows, 32, "q8_0_gemv");
+  const int64_t k = x.size(1);
+  const FixedRows xq = fixed_rows(x);
+  auto y = chunked_gemv<32>(x, rows, "q8_0_gemv", [&](auto r_, auto s_, const uint8_t* w, int64_t stride, int64_t i,
+                                                      float* out) {
+    dot_q8_g32<decltype(r_)::value, decltype(s_)>(w, stride, xq.q.data() + i * k, k / 32, out);
+  });
+  float* yp = y.data_ptr<float>();
+  const int64_t m = y.size(0), n = y.size(1);
   for (int64_t i = 0; i < m; ++i)
     for (int64_t r = 0; r < n; ++r) yp[i * n + r] *= xq.step[i];
   return y;
@@ -552,28 +576,18 @@ void dot_q4_q8(const uint8_t* w, int64_t stride, const int8_t* xe, const int8_t*
     out[r] = hsum(_mm512_fmadd_ps(_mm512_set1_ps(-8.f), off[r], _mm512_add_ps(acc[r][0], acc[r][1])));
 }
 
-// y[M, N] for Q4_0 chunked rows [N, K/32 * (16 + 2 or 4)] (float16 or float32 scales, told apart by the
-// row length): activations as Q8_0 blocks (llama.cpp's arithmetic).
-at::Tensor q4_0_gemv(const at::Tensor& x, const at::Tensor& blocks) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 32 == 0 && blocks.dim() == 2 && blocks.is_contiguous()
-              && blocks.scalar_type() == at::kByte, "q4_0_gemv: expects x [M, K] (K % 32 == 0), uint8 chunks [N, bytes]");
-  const int64_t m = x.size(0), k = x.size(1), n = blocks.size(0), groups = k / 32, stride = blocks.size(1);
-  const int64_t f16_bytes = chunked_bytes<uint16_t, 16>(groups), f32_bytes = chunked_bytes<float, 16>(groups);
-  const bool half = stride == f16_bytes;
-  TORCH_CHECK(half || stride == f32_bytes, "q4_0_gemv: rows of ", stride, " bytes for K = ", k);
+// y[M, N] for Q4_0 chunked rows [N, K/32 * (16 + 2 or 4)]: activations as Q8_0 blocks (llama.cpp's
+// arithmetic).
+at::Tensor q4_0_gemv(const at::Tensor& x, const at::Tensor& rows) {
+  check_chunked(x, rows, 16, "q4_0_gemv");
+  const int64_t k = x.size(1), groups = k / 32;
   const Q8Blocks xb = q8_0_blocks(x);
-  auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
-  const uint8_t* bp = blocks.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
-  gemv_row_blocks(n, m, k, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
-    constexpr int R = decltype(rows)::value;
+  return chunked_gemv<16>(x, rows, "q4_0_gemv", [&](auto r_, auto s_, const uint8_t* w, int64_t stride, int64_t i,
+                                                    float* out) {
     const int64_t at = i * k / 2, ag = i * groups;
-    if (half) dot_q4_q8<R, uint16_t>(bp + r * stride, stride, xb.even.data() + at, xb.odd.data() + at, xb.d.data() + ag,
-                                     xb.dsum.data() + ag, groups, out);
-    else dot_q4_q8<R, float>(bp + r * stride, stride, xb.even.data() + at, xb.odd.data() + at, xb.d.data() + ag,
-                             xb.dsum.data() + ag, groups, out);
+    dot_q4_q8<decltype(r_)::value, decltype(s_)>(w, stride, xb.even.data() + at, xb.odd.data() + at, xb.d.data() + ag,
+                                                 xb.dsum.data() + ag, groups, out);
   });
-  return y;
 }
 
 at::Tensor q4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const c10::optional<at::Tensor>& z) {
@@ -706,11 +720,9 @@ void chunked_dequant_rows(const uint8_t* rows, int64_t stride, int64_t lo, int64
 }
 
 at::Tensor chunked_dequant(const at::Tensor& rows, int64_t k, int64_t bits, at::ScalarType dtype) {
-  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous() && rows.scalar_type() == at::kByte && k % 32 == 0
-              && (bits == 4 || bits == 8), "chunked_dequant: expects uint8 rows [N, bytes], K % 32 == 0, bits 4 or 8");
-  const int64_t n = rows.size(0), groups = k / 32, stride = rows.size(1), b = bits == 4 ? 16 : 32;
-  const bool half = stride == groups * (b + 2);
-  TORCH_CHECK(half || stride == groups * (b + 4), "chunked_dequant: rows of ", stride, " bytes for K = ", k);
+  TORCH_CHECK(bits == 4 || bits == 8, "chunked_dequant: bits must be 4 or 8");
+  const int64_t n = rows.size(0), stride = rows.size(1);
+  const bool half = chunked_half(rows, k, bits == 4 ? 16 : 32, "chunked_dequant");
   Out o = make_out(n, k, rows, dtype);
   const uint8_t* rp = rows.data_ptr<uint8_t>();
   at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
@@ -869,7 +881,7 @@ TORCH_LIBRARY(minicpmv_native, lib) {
   lib.def("bf16_gemv(Tensor x, Tensor w) -> Tensor", &bf16_gemv);
   lib.def("q8_gemv(Tensor x, Tensor q, Tensor s, int group) -> Tensor", &q8_gemv);
   lib.def("q4_gemv(Tensor x, Tensor q, Tensor s, Tensor? z) -> Tensor", &q4_gemv);
-  lib.def("q4_0_gemv(Tensor x, Tensor blocks) -> Tensor", &q4_0_gemv);
+  lib.def("q4_0_gemv(Tensor x, Tensor rows) -> Tensor", &q4_0_gemv);
   lib.def("q8_0_gemv(Tensor x, Tensor rows) -> Tensor", &q8_0_gemv);
   lib.def("q4_dequant(Tensor q, Tensor s, Tensor? z, ScalarType dtype) -> Tensor", &q4_dequant);
   lib.def("q8_dequant(Tensor q, Tensor s, int group, ScalarType dtype) -> Tensor", &q8_dequant);
