@@ -73,26 +73,36 @@ def test_q4_gemv_matches_the_dequantized_weight(group: int, k: int, zeros: bool)
         assert _rel(OPS.q4_gemv(x, st["qweight"], s, z), x.double() @ w.double().t()) < 1e-4  # 16-bit activations
         if group == 32 and not zeros:  # GGUF's Q4_0: its own kernel, llama.cpp's 8-bit activations
             assert _rel(OPS.q4_0_gemv(x, chunk_rows(st["qweight"], s)), _q8_0_reference(x, q, s)) < 1e-4
+        if group == 32 and zeros:  # GGUF's Q4_K: chunked with its zeros, the same bits as q4_gemv
+            assert torch.equal(OPS.q4z_gemv(x, chunk_rows(st["qweight"], s, z)), OPS.q4_gemv(x, st["qweight"], s, z))
+            sh, zh = s.half(), z.half()  # float16 chunks
+            assert torch.equal(OPS.q4z_gemv(x, chunk_rows(st["qweight"], sh, zh)),
+                               OPS.q4_gemv(x, st["qweight"], sh, zh.float()))
     assert torch.equal(OPS.q4_dequant(st["qweight"], s, z, torch.float32), w)
 
 
 @pytest.mark.parametrize("groups", [1, 5, 16, 37, 112])  # a partial chunk alone, full chunks, both
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("width", [16, 32])  # bytes a group: nibble pairs (Q4_0), int8 (Q8_0)
-def test_chunked_rows_put_16_groups_scales_before_their_values(groups: int, dtype: torch.dtype, width: int) -> None:
-    """The Q4_0 / Q8_0 kernels' rows: per 16 groups their scales' bytes then their values, the last
-    chunk with the groups it has; unchunk_rows gives the storage back exactly."""
+@pytest.mark.parametrize("width, zeros", [(16, False), (32, False), (16, True)])  # Q4_0, Q8_0, Q4_K
+def test_chunked_rows_put_16_groups_scales_before_their_values(groups: int, dtype: torch.dtype, width: int,
+                                                                 zeros: bool) -> None:
+    """The native kernels' rows: per 16 groups their scales' bytes (then their zeros'), then their
+    values, the last chunk with the groups it has; unchunk_rows gives the storage back exactly."""
     g = torch.Generator().manual_seed(groups)
     q = torch.randint(0, 256, (3, groups * width), generator=g, dtype=torch.uint8)
     s = (torch.rand(3, groups, generator=g) / 50).to(dtype)
-    rows = chunk_rows(q, s)
-    sb = s.element_size()
-    assert rows.shape == (3, groups * (width + sb)) and rows.is_contiguous()
-    first = min(16, groups)  # the first chunk: its scales, then its values
-    assert torch.equal(rows[:, : first * sb], s[:, :first].contiguous().view(torch.uint8))
-    assert torch.equal(rows[:, first * sb: first * (width + sb)], q[:, : first * width])
-    back_q, back_s = unchunk_rows(rows, groups, width, sb)
+    z = (torch.randn(3, groups, generator=g) / 50).to(dtype) if zeros else None
+    rows = chunk_rows(q, s, z)
+    fb, h = s.element_size(), 2 if zeros else 1
+    assert rows.shape == (3, groups * (width + h * fb)) and rows.is_contiguous()
+    first = min(16, groups)  # the first chunk: its scales, its zeros, then its values
+    assert torch.equal(rows[:, : first * fb], s[:, :first].contiguous().view(torch.uint8))
+    if zeros:
+        assert torch.equal(rows[:, first * fb: 2 * first * fb], z[:, :first].contiguous().view(torch.uint8))
+    assert torch.equal(rows[:, h * first * fb: first * (width + h * fb)], q[:, : first * width])
+    back_q, back_s, back_z = unchunk_rows(rows, groups, width, fb, zeros=zeros)
     assert torch.equal(back_q, q) and back_s.dtype == dtype and torch.equal(back_s, s)
+    assert (back_z is None) if z is None else torch.equal(back_z, z)
 
 
 def _q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,9 +126,9 @@ def _q8_0_reference(x: torch.Tensor, q4: torch.Tensor, s: torch.Tensor) -> torch
 
 @needs_native
 @pytest.mark.parametrize("groups", [5, 16, 37])
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits, zeros", [(4, False), (8, False), (4, True)])
 @pytest.mark.parametrize("half", [False, True])
-def test_chunked_rows_dequantize_as_the_storage_does(groups: int, bits: int, half: bool) -> None:
+def test_chunked_rows_dequantize_as_the_storage_does(groups: int, bits: int, zeros: bool, half: bool) -> None:
     """Prefill dequantizes chunked rows in place: bit for bit what the unchunked storage gives."""
     g = torch.Generator().manual_seed(groups + bits)
     k = groups * 32
@@ -127,11 +137,13 @@ def test_chunked_rows_dequantize_as_the_storage_does(groups: int, bits: int, hal
     else:
         q = torch.randint(-127, 128, (9, k), generator=g, dtype=torch.int8)
     s = torch.rand(9, groups, generator=g) / 50
-    s = s.half() if half else s
-    rows = chunk_rows(q, s)
+    z = torch.randn(9, groups, generator=g) / 50 if zeros else None
+    s, z = (s.half(), z.half() if zeros else None) if half else (s, z)
+    rows = chunk_rows(q, s, z)
     for dtype in (torch.float32, torch.bfloat16):
-        want = OPS.q4_dequant(q, s, None, dtype) if bits == 4 else OPS.q8_dequant(q, s, 32, dtype)
-        assert torch.equal(OPS.chunked_dequant(rows, k, bits, dtype), want)
+        zf = z.float() if zeros else None  # q4_dequant takes float32 zeros
+        want = OPS.q4_dequant(q, s, zf, dtype) if bits == 4 else OPS.q8_dequant(q, s, 32, dtype)
+        assert torch.equal(OPS.chunked_dequant(rows, k, bits, zeros, dtype), want)
 
 
 @needs_native
@@ -175,6 +187,9 @@ def test_q4_gemv_rows_read_in_blocks_equal_rows_read_alone(zeros: bool) -> None:
         full = OPS.q4_gemv(x, q, s, z)  # [3, 37]
         alone = torch.cat([OPS.q4_gemv(x, q[r:r + 1].contiguous(), s[r:r + 1].contiguous(), z[r:r + 1].contiguous())
                            for r in range(37)], 1)
+        rows = chunk_rows(q, s, z)  # GGUF's Q4_K: chunked, the same bits
+        assert torch.equal(OPS.q4z_gemv(x, rows), full)
+        assert torch.equal(torch.cat([OPS.q4z_gemv(x, rows[r:r + 1].contiguous()) for r in range(37)], 1), full)
     else:
         rows = chunk_rows(q, s)
         full = OPS.q4_0_gemv(x, rows)
@@ -286,7 +301,7 @@ def test_kernels_reject_wrong_shapes_with_a_message() -> None:
     with pytest.raises(RuntimeError, match="expects x"):
         OPS.q8_0_gemv(torch.randn(1, 2, 64), torch.zeros(4, 68, dtype=torch.uint8))
     with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
-        OPS.chunked_dequant(torch.zeros(4, 36, dtype=torch.uint8), 64, 6, torch.float32)
+        OPS.chunked_dequant(torch.zeros(4, 36, dtype=torch.uint8), 64, 6, False, torch.float32)
 
 
 @needs_native
@@ -335,6 +350,10 @@ def test_grouped_int8_round_trips_and_symmetric_int4_drops_its_zeros() -> None:
     # GGUF's Q4_0: the Q4_0 kernel's rows replace the storage, float16 scales: 0.5625 bytes per weight
     assert set(sym._buffers) == {"chunks"} and sym.chunks.shape == (40, 2 * 18)
     assert all(torch.equal(sym.storage()[k], q4[k]) for k in q4)
+    asym = QuantLinear.from_float(w, None, QuantSpec(4, 32), dtype=torch.float32)  # GGUF's Q4_K-like
+    assert asym.chunk_zeros and set(asym._buffers) == {"chunks"}
+    st4 = L.quantize_weight(w, QuantSpec(4, 32))
+    assert all(torch.equal(asym.storage()[k], st4[k]) for k in st4)
 
 
 @needs_native

@@ -13,6 +13,8 @@
 // * q4_0_gemv: symmetric 4-bit weights with one scale per 32 (GGUF's Q4_0), chunked the same way,
 //   multiplied as llama.cpp multiplies them: activations as Q8_0 blocks (8 bits and a float16
 //   scale per 32; vpdpbusd).
+// * q4z_gemv: asymmetric 4-bit weights in groups of 32 (GGUF's Q4_K) chunked with their zeros:
+//   q4_gemv's arithmetic, one stream per row.
 // * q6k_gemv: GGML's Q6_K blocks read as stored (0.82 byte per weight).
 // * q4_dequant / q8_dequant / chunked_dequant / q6k_dequant: the whole weight, for prefill (where a
 //   GEMM runs on it).
@@ -206,14 +208,15 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w) {
 template <typename S, int64_t B>
 constexpr int64_t chunked_bytes(int64_t groups) { return groups * (B + static_cast<int64_t>(sizeof(S))); }
 
-// Checks chunked rows of K weights (`b` bytes a group) and tells their scales apart by the row
-// length: true for float16, false for float32.
-bool chunked_half(const at::Tensor& rows, int64_t k, int64_t b, const char* name) {
+// Checks chunked rows of K weights (`b` bytes of values and `h` float values - scales, zeros - a
+// group) and tells the float type apart by the row length: true for float16, false for float32.
+bool chunked_half(const at::Tensor& rows, int64_t k, int64_t b, const char* name, int64_t h = 1) {
   TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous() && rows.scalar_type() == at::kByte && k % 32 == 0, name,
               ": expects uint8 rows [N, bytes] and K % 32 == 0");
   const int64_t groups = k / 32, stride = rows.size(1);
-  TORCH_CHECK(stride == groups * (b + 2) || stride == groups * (b + 4), name, ": rows of ", stride, " bytes for K = ", k);
-  return stride == groups * (b + 2);
+  TORCH_CHECK(stride == groups * (b + 2 * h) || stride == groups * (b + 4 * h), name, ": rows of ", stride,
+              " bytes for K = ", k);
+  return stride == groups * (b + 2 * h);
 }
 
 // Scale j of a chunk, as float32.
@@ -354,19 +357,19 @@ at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   return y;
 }
 
-// x [M, K] and chunked rows of `b` bytes a group checked before either is read.
-void check_chunked(const at::Tensor& x, const at::Tensor& rows, int64_t b, const char* name) {
+// x [M, K] and chunked rows (see chunked_half) checked before either is read.
+void check_chunked(const at::Tensor& x, const at::Tensor& rows, int64_t b, const char* name, int64_t h = 1) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), name, ": expects x [M, K]");
-  chunked_half(rows, x.size(1), b, name);
+  chunked_half(rows, x.size(1), b, name, h);
 }
 
 // y[M, N] of chunked rows (`B` bytes a group; see check_chunked): dot(R, S, row r's
 // bytes, stride, i, out) for each block of R rows and row i of x, S the scale type (float16 as
 // uint16_t, or float).
-template <int64_t B, typename Dot>
+template <int64_t B, int64_t H = 1, typename Dot>
 at::Tensor chunked_gemv(const at::Tensor& x, const at::Tensor& rows, const char* name, const Dot& dot) {
   const int64_t m = x.size(0), k = x.size(1), n = rows.size(0), stride = rows.size(1);
-  const bool half = chunked_half(rows, k, B, name);
+  const bool half = chunked_half(rows, k, B, name, H);
   auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
   const uint8_t* bp = rows.data_ptr<uint8_t>();
   gemv_row_blocks(n, m, k, y.data_ptr<float>(), [&](auto r_, int64_t r, int64_t i, float* out) {
@@ -590,6 +593,103 @@ at::Tensor q4_0_gemv(const at::Tensor& x, const at::Tensor& rows) {
   });
 }
 
+// Activations for the 16-bit int4 kernels: fixed-point rows split into even / odd k [M, K/2] and
+// per-group sums [M, G] of the same rounded values, so that the offset and the nibble sums share
+// one rounding of x: the error is that of w = (q - 8) s + z, not of q s.
+struct Q4Activations {
+  FixedRows xq;
+  std::vector<int16_t> xe, xo;
+  std::vector<float> xsum;
+};
+
+Q4Activations q4_activations(const at::Tensor& x, int64_t groups) {
+  const int64_t m = x.size(0), k = x.size(1);
+  Q4Activations a{fixed_rows(x), std::vector<int16_t>(m * k / 2), std::vector<int16_t>(m * k / 2),
+                  std::vector<float>(m * groups)};
+  for (int64_t i = 0; i < m; ++i) {
+    const int16_t* row = a.xq.q.data() + i * k;
+    for (int64_t j = 0; j < k / 2; ++j) {
+      a.xe[i * k / 2 + j] = row[2 * j];
+      a.xo[i * k / 2 + j] = row[2 * j + 1];
+    }
+    group_sums(row, k, k / groups, a.xq.step[i], a.xsum.data() + i * groups);
+  }
+  return a;
+}
+
+// Asymmetric int4 in groups of 32 (GGUF's Q4_K, AWQ-style offsets) as chunked rows whose chunks
+// hold 16 scales, 16 zeros, then 16 x 16 bytes of nibble pairs: R rows against 16-bit activations,
+// out[r] = step * sum_g s_rg sum_k q_rk x_k + sum_g (z_rg - 8 s_rg) xsum_g. The same operations in
+// the same order as dot_q4 (one scale per 32) followed by offset_q4, so the same bits as q4_gemv.
+template <int R, typename S>
+void dot_q4z(const uint8_t* w, int64_t stride, const int16_t* xe, const int16_t* xo, const float* xs, float step,
+             int64_t groups, float* out) {
+  const __m512i low = _mm512_set1_epi16(0x0F);
+  const __m512 eight = _mm512_set1_ps(8.f);
+  __m512 acc[R], off[R];
+  for (int r = 0; r < R; ++r) acc[r] = off[r] = _mm512_setzero_ps();
+  auto products = [&](__m512i b, __m512i e, __m512i o) {
+    return _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, low), e),
+                               _mm512_srli_epi16(b, 4), o);
+  };
+  for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+    const int64_t left = std::min<int64_t>(16, groups - g0);
+    const __mmask16 mk = first_lanes(left);
+    const int64_t sb = static_cast<int64_t>(sizeof(S));
+    const uint8_t* chunk = w + g0 * (16 + 2 * sb);  // row 0's chunk
+    const uint8_t* nib = chunk + 2 * left * sb;
+    __m512 s16[R];
+    for (int r = 0; r < R; ++r) {
+      s16[r] = q4_0_scales<S>(chunk + r * stride, mk);
+      const __m512 z16 = q4_0_scales<S>(chunk + r * stride + left * sb, mk);
+      off[r] = _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, s16[r], z16), _mm512_maskz_loadu_ps(mk, xs + g0), off[r]);
+    }
+    int64_t j = 0;
+    if (left == 16) {
+      for (; j < 16; j += 2) {
+        const __m512i e = _mm512_loadu_si512(xe + (g0 + j) * 16), o = _mm512_loadu_si512(xo + (g0 + j) * 16);
+        const __m512i pick = _mm512_inserti64x4(_mm512_set1_epi32(static_cast<int>(j)), _mm256_set1_epi32(static_cast<int>(j + 1)), 1);
+        for (int r = 0; r < R; ++r) {
+          const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(nib + r * stride + j * 16)));
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(products(b, e, o)), _mm512_permutexvar_ps(pick, s16[r]), acc[r]);
+        }
+      }
+      continue;
+    }
+    for (; j + 2 <= left; j += 2) {  // the row's last chunk: lanes 0-7 group j, 8-15 group j + 1
+      const __m512i e = _mm512_loadu_si512(xe + (g0 + j) * 16), o = _mm512_loadu_si512(xo + (g0 + j) * 16);
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* c = chunk + r * stride;
+        const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(chunk_scale<S>(c, j)), _mm256_set1_ps(chunk_scale<S>(c, j + 1)), 1);
+        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(nib + r * stride + j * 16)));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(products(b, e, o)), sv, acc[r]);
+      }
+    }
+    if (j < left) {  // its last group alone: 16 bytes
+      const __m512i e = _mm512_maskz_loadu_epi16(0xFFFFu, xe + (g0 + j) * 16);
+      const __m512i o = _mm512_maskz_loadu_epi16(0xFFFFu, xo + (g0 + j) * 16);
+      for (int r = 0; r < R; ++r) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(nib + r * stride + j * 16));
+        const __m512i p = products(_mm512_cvtepu8_epi16(_mm256_castsi128_si256(bytes)), e, o);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(chunk_scale<S>(chunk + r * stride, j)), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) * step + hsum(off[r]);
+}
+
+// y[M, N] for asymmetric int4 chunked rows [N, K/32 * (16 + 2 x (2 or 4))], 16-bit activations.
+at::Tensor q4z_gemv(const at::Tensor& x, const at::Tensor& rows) {
+  check_chunked(x, rows, 16, "q4z_gemv", 2);
+  const int64_t k = x.size(1), groups = k / 32;
+  const Q4Activations a = q4_activations(x, groups);
+  return chunked_gemv<16, 2>(x, rows, "q4z_gemv", [&](auto r_, auto s_, const uint8_t* w, int64_t stride, int64_t i,
+                                                      float* out) {
+    dot_q4z<decltype(r_)::value, decltype(s_)>(w, stride, a.xe.data() + i * k / 2, a.xo.data() + i * k / 2,
+                                               a.xsum.data() + i * groups, a.xq.step[i], groups, out);
+  });
+}
+
 at::Tensor q4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const c10::optional<at::Tensor>& z) {
   const int64_t m = x.size(0), k = x.size(1), n = q.size(0), groups = s.size(1);
   check_rows(x, q, k / 2, "q4_gemv");
@@ -601,24 +701,12 @@ at::Tensor q4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
     TORCH_CHECK(z->is_contiguous() && z->scalar_type() == at::kFloat && z->sizes() == s.sizes(), "q4_gemv: zeros must be float32 like scales");
     zp = z->data_ptr<float>();
   }
-  const FixedRows xq = fixed_rows(x);
-  const std::vector<float>& step = xq.step;
-  std::vector<float> xsum(m * groups);  // [M, G]
-  std::vector<int16_t> xe(m * k / 2), xo(m * k / 2);  // [M, K/2]: even / odd k
-  for (int64_t i = 0; i < m; ++i) {
-    const int16_t* row = xq.q.data() + i * k;
-    for (int64_t j = 0; j < k / 2; ++j) {
-      xe[i * k / 2 + j] = row[2 * j];
-      xo[i * k / 2 + j] = row[2 * j + 1];
-    }
-    // group sums of the same rounded activations the dot products see, so that the offset and
-    // the nibble sums share one rounding of x: the error is that of w = (q - 8) s + z, not of q s
-    group_sums(row, k, k / groups, step[i], xsum.data() + i * groups);
-  }
+  const Q4Activations a = q4_activations(x, groups);
+  const std::vector<float>& step = a.xq.step;
   auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
   const uint8_t* qp = q.data_ptr<uint8_t>();
-  const float* xs = xsum.data();
-  const int16_t *ep = xe.data(), *op = xo.data();
+  const float* xs = a.xsum.data();
+  const int16_t *ep = a.xe.data(), *op = a.xo.data();
   float* yp = y.data_ptr<float>();
   gemv_row_blocks(n, m, k, yp, [&](auto rows, int64_t r, int64_t i, float* out) {
     constexpr int R = decltype(rows)::value;
@@ -697,20 +785,21 @@ at::Tensor q4_dequant(const at::Tensor& q, const at::Tensor& s, const c10::optio
   return o.t.scalar_type() == dtype ? o.t : o.t.to(dtype);
 }
 
-// The weight [N, K] of chunked rows (Q8_0: bits 8, Q4_0: bits 4; float16 or float32 scales).
-template <typename S, int64_t B>
+// The weight [N, K] of chunked rows (Q8_0: bits 8, Q4_0: bits 4, H = 1; asymmetric int4: H = 2,
+// zeros after the scales; float16 or float32 S).
+template <typename S, int64_t B, int64_t H>
 void chunked_dequant_rows(const uint8_t* rows, int64_t stride, int64_t lo, int64_t hi, int64_t k, const Out& o) {
-  const int64_t groups = k / 32;
+  const int64_t groups = k / 32, sb = static_cast<int64_t>(sizeof(S));
   for (int64_t r = lo; r < hi; ++r)
     for (int64_t g0 = 0; g0 < groups; g0 += 16) {
       const int64_t left = std::min<int64_t>(16, groups - g0);
-      const uint8_t* chunk = rows + r * stride + chunked_bytes<S, B>(g0);
-      const uint8_t* v = chunk + left * static_cast<int64_t>(sizeof(S));
+      const uint8_t* chunk = rows + r * stride + g0 * (B + H * sb);
+      const uint8_t* v = chunk + H * left * sb;
       for (int64_t j = 0; j < left; ++j) {
         const int64_t at = r * k + (g0 + j) * 32;
         const float sj = chunk_scale<S>(chunk, j);
         if constexpr (B == 16) {
-          q4_group(o, at, v + 16 * j, sj, 0.f);
+          q4_group(o, at, v + 16 * j, sj, H == 2 ? chunk_scale<S>(chunk + left * sb, j) : 0.f);
         } else {
           q8_values(o, at, reinterpret_cast<const int8_t*>(v + 32 * j), sj);
           q8_values(o, at + 16, reinterpret_cast<const int8_t*>(v + 32 * j + 16), sj);
@@ -719,17 +808,23 @@ void chunked_dequant_rows(const uint8_t* rows, int64_t stride, int64_t lo, int64
     }
 }
 
-at::Tensor chunked_dequant(const at::Tensor& rows, int64_t k, int64_t bits, at::ScalarType dtype) {
-  TORCH_CHECK(bits == 4 || bits == 8, "chunked_dequant: bits must be 4 or 8");
-  const int64_t n = rows.size(0), stride = rows.size(1);
-  const bool half = chunked_half(rows, k, bits == 4 ? 16 : 32, "chunked_dequant");
+at::Tensor chunked_dequant(const at::Tensor& rows, int64_t k, int64_t bits, bool zeros, at::ScalarType dtype) {
+  TORCH_CHECK(bits == 4 || (bits == 8 && !zeros), "chunked_dequant: bits must be 4 or 8 (zeros with 4 only)");
+  const int64_t n = rows.size(0), stride = rows.size(1), h = zeros ? 2 : 1;
+  const bool half = chunked_half(rows, k, bits == 4 ? 16 : 32, "chunked_dequant", h);
   Out o = make_out(n, k, rows, dtype);
   const uint8_t* rp = rows.data_ptr<uint8_t>();
   at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
-    if (bits == 4 && half) chunked_dequant_rows<uint16_t, 16>(rp, stride, lo, hi, k, o);
-    else if (bits == 4) chunked_dequant_rows<float, 16>(rp, stride, lo, hi, k, o);
-    else if (half) chunked_dequant_rows<uint16_t, 32>(rp, stride, lo, hi, k, o);
-    else chunked_dequant_rows<float, 32>(rp, stride, lo, hi, k, o);
+    auto run = [&](auto s_, auto b_, auto h_) {
+      chunked_dequant_rows<decltype(s_), decltype(b_)::value, decltype(h_)::value>(rp, stride, lo, hi, k, o);
+    };
+    using B16 = std::integral_constant<int64_t, 16>;
+    using B32 = std::integral_constant<int64_t, 32>;
+    using H1 = std::integral_constant<int64_t, 1>;
+    using H2 = std::integral_constant<int64_t, 2>;
+    if (bits == 8) half ? run(uint16_t{}, B32{}, H1{}) : run(float{}, B32{}, H1{});
+    else if (zeros) half ? run(uint16_t{}, B16{}, H2{}) : run(float{}, B16{}, H2{});
+    else half ? run(uint16_t{}, B16{}, H1{}) : run(float{}, B16{}, H1{});
   });
   return o.t.scalar_type() == dtype ? o.t : o.t.to(dtype);
 }
@@ -882,10 +977,11 @@ TORCH_LIBRARY(minicpmv_native, lib) {
   lib.def("q8_gemv(Tensor x, Tensor q, Tensor s, int group) -> Tensor", &q8_gemv);
   lib.def("q4_gemv(Tensor x, Tensor q, Tensor s, Tensor? z) -> Tensor", &q4_gemv);
   lib.def("q4_0_gemv(Tensor x, Tensor rows) -> Tensor", &q4_0_gemv);
+  lib.def("q4z_gemv(Tensor x, Tensor rows) -> Tensor", &q4z_gemv);
   lib.def("q8_0_gemv(Tensor x, Tensor rows) -> Tensor", &q8_0_gemv);
   lib.def("q4_dequant(Tensor q, Tensor s, Tensor? z, ScalarType dtype) -> Tensor", &q4_dequant);
   lib.def("q8_dequant(Tensor q, Tensor s, int group, ScalarType dtype) -> Tensor", &q8_dequant);
-  lib.def("chunked_dequant(Tensor rows, int k, int bits, ScalarType dtype) -> Tensor", &chunked_dequant);
+  lib.def("chunked_dequant(Tensor rows, int k, int bits, bool zeros, ScalarType dtype) -> Tensor", &chunked_dequant);
   lib.def("q6k_gemv(Tensor x, Tensor q) -> Tensor", &q6k_gemv);
   lib.def("q6k_dequant(Tensor q, int k, ScalarType dtype) -> Tensor", &q6k_dequant);
 }

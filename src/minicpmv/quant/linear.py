@@ -252,36 +252,45 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
 CHUNK_GROUPS = 16  # groups of 32 weights per chunk of the Q8_0 / Q4_0 kernels' rows
 
 
-def chunk_rows(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Grouped weights as the native Q8_0 / Q4_0 kernels read them: ``values`` [N, G * b] (b bytes
-    a group: int8 32, nibble pairs 16) and float16 or float32 ``scales`` [N, G] -> uint8 rows
-    [N, G * (b + scale bytes)], per 16 groups their scales' bytes, then their values (the last
-    chunk of a row with the groups it has). One stream per row instead of two; ``unchunk_rows``
-    inverts it."""
+def chunk_rows(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> torch.Tensor:
+    """Grouped weights as the native Q8_0 / Q4_0 / Q4_K kernels read them: ``values`` [N, G * b]
+    (b bytes a group: int8 32, nibble pairs 16), float16 or float32 ``scales`` [N, G] and optional
+    ``zeros`` of the same type -> uint8 rows [N, G * (b + float bytes)], per 16 groups their
+    scales' bytes, their zeros' bytes, then their values (the last chunk of a row with the groups
+    it has). One stream per row instead of two or three; ``unchunk_rows`` inverts it."""
     n, groups = scales.shape
-    sb = scales.element_size()
-    s_bytes = scales.contiguous().view(torch.uint8).view(n, groups, sb)  # [N, G, sb], little-endian
+    floats = [scales] if zeros is None else [scales, zeros]
+    heads = [f.contiguous().view(torch.uint8).view(n, groups, -1) for f in floats]  # [N, G, bytes], little-endian
     v = values.contiguous().view(torch.uint8).view(n, groups, -1)  # [N, G, b]
     full = groups - groups % CHUNK_GROUPS
     parts = []
     if full:
         c = full // CHUNK_GROUPS
-        parts.append(torch.cat([s_bytes[:, :full].reshape(n, c, -1), v[:, :full].reshape(n, c, -1)], 2).view(n, -1))
+        per = [t[:, :full].reshape(n, c, -1) for t in (*heads, v)]
+        parts.append(torch.cat(per, 2).view(n, -1))  # [N, c * chunk]
     if groups > full:
-        parts += [s_bytes[:, full:].reshape(n, -1), v[:, full:].reshape(n, -1)]
-    return torch.cat(parts, 1)  # [N, G * (b + sb)]
+        parts += [t[:, full:].reshape(n, -1) for t in (*heads, v)]
+    return torch.cat(parts, 1)  # [N, G * (b + float bytes)]
 
 
-def unchunk_rows(rows: torch.Tensor, groups: int, group_bytes: int, scale_bytes: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of ``chunk_rows``: (values uint8 [N, G * group_bytes], scales [N, G])."""
-    n, b, sb = rows.shape[0], group_bytes, scale_bytes
+def unchunk_rows(rows: torch.Tensor, groups: int, group_bytes: int, float_bytes: int, *, zeros: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Inverse of ``chunk_rows``: (values uint8 [N, G * group_bytes], scales [N, G], zeros or None);
+    ``float_bytes`` 2 (float16) or 4 (float32)."""
+    n, b, fb = rows.shape[0], group_bytes, float_bytes
+    h = 2 if zeros else 1
     full = groups - groups % CHUNK_GROUPS
-    chunks = rows[:, : full * (b + sb)].reshape(n, full // CHUNK_GROUPS, CHUNK_GROUPS * (b + sb))  # [N, c, chunk]
-    tail = rows[:, full * (b + sb):]  # [N, rest * (b + sb)]
-    s = torch.cat([chunks[..., : CHUNK_GROUPS * sb].reshape(n, -1), tail[:, : (groups - full) * sb]], 1)
-    v = torch.cat([chunks[..., CHUNK_GROUPS * sb:].reshape(n, -1), tail[:, (groups - full) * sb:]], 1)
-    return v, s.contiguous().view(torch.float16 if sb == 2 else torch.float32)  # [N, G*b], [N, G]
+    per = b + h * fb  # bytes a group
+    chunks = rows[:, : full * per].reshape(n, full // CHUNK_GROUPS, CHUNK_GROUPS * per)  # [N, c, chunk]
+    tail = rows[:, full * per:]  # [N, rest * per]
+    rest = groups - full
+    cuts = [CHUNK_GROUPS * fb * i for i in range(h + 1)]  # header boundaries within a full chunk
+    tcuts = [rest * fb * i for i in range(h + 1)]
+    dtype = torch.float16 if fb == 2 else torch.float32
+    floats = [torch.cat([chunks[..., cuts[i]:cuts[i + 1]].reshape(n, -1), tail[:, tcuts[i]:tcuts[i + 1]]], 1)
+              .contiguous().view(dtype) for i in range(h)]  # each [N, G]
+    v = torch.cat([chunks[..., cuts[h]:].reshape(n, -1), tail[:, tcuts[h]:]], 1)  # [N, G*b]
+    return v, floats[0], (floats[1] if zeros else None)
 
 
 def dequantize_weight(storage: dict[str, torch.Tensor], spec: QuantSpec, dtype: torch.dtype) -> torch.Tensor:
@@ -486,6 +495,7 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self.kind: str | None = None  # kernel chosen by prepare()
+        self.chunk_zeros = False  # chunked rows (native kernels) that carry zeros: GGUF's Q4_K
 
     @classmethod
     def from_float(
@@ -557,24 +567,36 @@ class QuantLinear(nn.Module):
 
     def _pack_native(self) -> None:
         """Storage -> the native kernels' operands: float32 scales (float16 where exact: GGUF's
-        block scales), zeros dropped where all zero; int8 and symmetric int4 in groups of 32 (GGUF's
-        Q8_0 and Q4_0) become their kernels' chunked rows (``chunks``, which replace the storage)."""
-        self._buffers["scales"] = _narrowed(self.scales.float().contiguous())  # type: ignore[union-attr]
+        block scales), zeros dropped where all zero; int8 and int4 in groups of 32 (GGUF's Q8_0, Q4_0
+        and Q4_K) become their kernels' chunked rows (``chunks``, which replace the storage), the
+        zeros in the scales' float type (float16 where both are exact in it)."""
         zeros = self._buffers.get("zeros")
         if zeros is not None:
-            self._buffers["zeros"] = None if not zeros.any() else zeros.float().contiguous()
-        if self.spec.group_size == 32 and self._buffers.get("zeros") is None:  # Q8_0, symmetric int4 (Q4_0)
-            chunks = chunk_rows(self.qweight, self.scales)  # type: ignore[arg-type]
-            for name in ("qweight", "scales", "zeros"):
-                self._buffers.pop(name, None)
-            self.register_buffer("chunks", chunks, persistent=False)
+            zeros = None if not zeros.any() else zeros.float().contiguous()
+        if self.spec.group_size != 32:
+            self._buffers["scales"] = _narrowed(self.scales.float().contiguous())  # type: ignore[union-attr]
+            if "zeros" in self._buffers:
+                self._buffers["zeros"] = zeros
+            return
+        scales = self.scales.float().contiguous()  # type: ignore[union-attr]
+        if zeros is None:
+            scales = _narrowed(scales)
+        else:  # one float type for both
+            scales, zeros = _narrowed(torch.stack([scales, zeros])).unbind(0)
+        chunks = chunk_rows(self.qweight, scales, zeros)  # type: ignore[arg-type]
+        for name in ("qweight", "scales", "zeros"):
+            self._buffers.pop(name, None)
+        self.register_buffer("chunks", chunks, persistent=False)
+        self.chunk_zeros = zeros is not None
 
-    def _unchunked(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chunked rows -> (qweight in the storage's dtype, scales as the kernel held them)."""
+    def _unchunked(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Chunked rows -> (qweight in the storage's dtype, scales and zeros as the kernel held them)."""
         groups = self.in_features // 32
         group_bytes = 16 if self.spec.bits == 4 else 32
-        v, s = unchunk_rows(rows, groups, group_bytes, rows.shape[1] // groups - group_bytes)
-        return (v if self.spec.bits == 4 else v.view(torch.int8)), s
+        h = 2 if self.chunk_zeros else 1
+        v, s, z = unchunk_rows(rows, groups, group_bytes, (rows.shape[1] // groups - group_bytes) // h,
+                               zeros=self.chunk_zeros)
+        return (v if self.spec.bits == 4 else v.view(torch.int8)), s, z
 
     def _pack_onednn(self) -> None:
         """int8 storage -> oneDNN's blocked int8 weight plus the per-row terms the kernel needs."""
@@ -619,8 +641,8 @@ class QuantLinear(nn.Module):
         if x.shape[0] > NATIVE_MAX_ROWS:  # prefill: a GEMM on the weight, dequantized per call
             y = prefill_linear_rows(x, self.out_features, self._dequantized_rows(x.dtype))  # [M, N]
             return y * self.scales.to(x.dtype) if self.kind == "int8c_native" else y  # row scales after
-        if "chunks" in self._buffers:  # GGUF's Q4_0 / Q8_0
-            gemv = ops.q4_0_gemv if self.spec.bits == 4 else ops.q8_0_gemv
+        if "chunks" in self._buffers:  # GGUF's Q4_0 / Q4_K / Q8_0
+            gemv = ops.q8_0_gemv if self.spec.bits == 8 else ops.q4z_gemv if self.chunk_zeros else ops.q4_0_gemv
             return gemv(x.contiguous(), self.chunks).to(x.dtype)  # [M, N]
         if self.spec.bits == 6:
             return ops.q6k_gemv(x.contiguous(), q).to(x.dtype)  # [M, N]
@@ -638,7 +660,7 @@ class QuantLinear(nn.Module):
         if self.spec.bits == 6:
             return lambda a, b: ops.q6k_dequant(q[a:b], k, dtype)
         if "chunks" in self._buffers:
-            return lambda a, b: ops.chunked_dequant(self.chunks[a:b], k, self.spec.bits, dtype)
+            return lambda a, b: ops.chunked_dequant(self.chunks[a:b], k, self.spec.bits, self.chunk_zeros, dtype)
         if self.kind == "int8c_native":
             return lambda a, b: q[a:b].to(dtype)
         if self.spec.bits == 4:
@@ -650,9 +672,11 @@ class QuantLinear(nn.Module):
         if self.spec.bits == 6:  # Q6_K blocks are their own storage, whatever the kernel
             return {"qweight": self.qweight}  # type: ignore[dict-item]
         if "chunks" in self._buffers:
-            q, s = self._unchunked(self.chunks)  # type: ignore[arg-type]
+            q, s, z = self._unchunked(self.chunks)  # type: ignore[arg-type]
             out = {"qweight": q, "scales": s.to(self.dtype)}
-            return out | ({"zeros": torch.zeros_like(out["scales"])} if self.spec.bits == 4 else {})
+            if self.spec.bits == 4:
+                out["zeros"] = z.to(self.dtype) if z is not None else torch.zeros_like(out["scales"])
+            return out
         if self.kind in _NATIVE_KINDS:
             out = {"qweight": self.qweight, "scales": self.scales.to(self.dtype)}  # type: ignore[union-attr]
             if self.spec.bits == 4:
