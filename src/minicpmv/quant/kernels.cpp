@@ -200,11 +200,11 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
-// Rows "chunked" for the Q8_0 and Q4_0 kernels (quant/linear.py's chunk_rows): per 16 groups of 32
-// weights, their 16 scales (float16 or float32, S), then their B bytes each (int8: 32, nibble pairs:
-// 16); a row's last chunk holds its `left` groups the same way. One stream per row: scales and
-// values in two arrays read 1.4x (Q4_0) and 1.25x (Q8_0) slower on [18944, 3584] from memory on
-// an AMD Zen 4 host.
+// Rows "chunked" for the Q8_0, Q4_0 and Q4_K kernels (quant/linear.py's chunk_rows): per 16 groups
+// of 32 weights, their 16 scales (float16 or float32, S; Q4_K: then their 16 zeros, same type),
+// then their B bytes each (int8: 32, nibble pairs: 16); a row's last chunk holds its `left` groups
+// the same way. One stream per row: scales (and zeros) and values in separate arrays read 1.4x
+// (Q4_0), 1.25x (Q8_0) and 1.24x (Q4_K) slower on [18944, 3584] from memory on an AMD Zen 4 host.
 template <typename S, int64_t B>
 constexpr int64_t chunked_bytes(int64_t groups) { return groups * (B + static_cast<int64_t>(sizeof(S))); }
 

@@ -249,7 +249,7 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack([p & 15, p >> 4], dim=-1).view(p.shape[0], -1)
 
 
-CHUNK_GROUPS = 16  # groups of 32 weights per chunk of the Q8_0 / Q4_0 kernels' rows
+CHUNK_GROUPS = 16  # groups of 32 weights per chunk of the Q8_0 / Q4_0 / Q4_K kernels' rows
 
 
 def chunk_rows(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> torch.Tensor:
@@ -365,14 +365,15 @@ def kernel_works(kind: str, device: str, dtype: torch.dtype) -> bool:
         storage = {"qweight": blocks.view(n, -1)}
     else:
         storage = quantize_weight(w, spec)
-    cases = [storage]
-    if kind == "int4_native":  # symmetric group 32 (GGUF's Q4_0) takes its own kernel
-        cases.append({**storage, "zeros": torch.zeros_like(storage["zeros"])})
+    cases = [(storage, spec)]
+    if kind == "int4_native":  # each int4 kernel: group 32 with zeros (Q4_K), without (Q4_0), group 128
+        cases += [({**storage, "zeros": torch.zeros_like(storage["zeros"])}, spec),
+                  (quantize_weight(w, QuantSpec(4, 128)), QuantSpec(4, 128))]
     try:
         err, top = 0.0, 0.0
-        for st in cases:
-            ref = QuantLinear.from_storage(st, spec, n, k, dtype=dtype, device=device, kind="dequant")(x).float()
-            fast = QuantLinear.from_storage(st, spec, n, k, dtype=dtype, device=device, kind=kind)
+        for st, sp in cases:
+            ref = QuantLinear.from_storage(st, sp, n, k, dtype=dtype, device=device, kind="dequant")(x).float()
+            fast = QuantLinear.from_storage(st, sp, n, k, dtype=dtype, device=device, kind=kind)
             err, top = max(err, float((fast(x).float() - ref).abs().max())), max(top, float(ref.abs().max()))
     except (RuntimeError, NotImplementedError, AttributeError) as e:
         log.info("%s kernel unavailable on %s/%s (%s); using dequantize + F.linear", kind, device, dtype, e)
