@@ -205,8 +205,9 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w) {
 // then their B bytes each (int8: 32, nibble pairs: 16); a row's last chunk holds its `left` groups
 // the same way. One stream per row: scales (and zeros) and values in separate arrays read 1.4x
 // (Q4_0), 1.25x (Q8_0) and 1.24x (Q4_K) slower on [18944, 3584] from memory on an AMD Zen 4 host.
-template <typename S, int64_t B>
-constexpr int64_t chunked_bytes(int64_t groups) { return groups * (B + static_cast<int64_t>(sizeof(S))); }
+// Bytes of `groups` groups of a chunked row: B bytes of values and H floats of type S each.
+template <typename S, int64_t B, int64_t H = 1>
+constexpr int64_t chunked_bytes(int64_t groups) { return groups * (B + H * static_cast<int64_t>(sizeof(S))); }
 
 // Checks chunked rows of K weights (`b` bytes of values and `h` float values - scales, zeros - a
 // group) and tells the float type apart by the row length: true for float16, false for float32.
@@ -226,6 +227,14 @@ inline float chunk_scale(const uint8_t* chunk, int64_t j) {
   std::memcpy(&v, chunk + j * static_cast<int64_t>(sizeof(S)), sizeof(S));
   if constexpr (sizeof(S) == 2) return _cvtsh_ss(v);
   else return v;
+}
+
+// The first 16 floats of type S at `at` (mask: which lanes exist), as float32: a chunk's scales
+// or zeros.
+template <typename S>
+__m512 chunk_floats(const uint8_t* at, __mmask16 mk) {
+  if constexpr (sizeof(S) == 2) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, at));
+  else return _mm512_maskz_loadu_ps(mk, at);
 }
 
 // int8 row r of a block of R (`stride` weights apart) as 16-bit values: the 32 weights from `at`.
@@ -357,19 +366,18 @@ at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   return y;
 }
 
-// x [M, K] and chunked rows (see chunked_half) checked before either is read.
-void check_chunked(const at::Tensor& x, const at::Tensor& rows, int64_t b, const char* name, int64_t h = 1) {
+// x [M, K] and chunked rows checked before either is read; returns chunked_half's answer.
+bool check_chunked(const at::Tensor& x, const at::Tensor& rows, int64_t b, const char* name, int64_t h = 1) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), name, ": expects x [M, K]");
-  chunked_half(rows, x.size(1), b, name, h);
+  return chunked_half(rows, x.size(1), b, name, h);
 }
 
-// y[M, N] of chunked rows (`B` bytes a group; see check_chunked): dot(R, S, row r's
-// bytes, stride, i, out) for each block of R rows and row i of x, S the scale type (float16 as
-// uint16_t, or float).
-template <int64_t B, int64_t H = 1, typename Dot>
-at::Tensor chunked_gemv(const at::Tensor& x, const at::Tensor& rows, const char* name, const Dot& dot) {
+// y[M, N] of chunked rows (checked by check_chunked, `half` its answer): dot(R, S, row r's bytes,
+// stride, i, out) for each block of R rows and row i of x, S the scale type (float16 as uint16_t,
+// or float).
+template <typename Dot>
+at::Tensor chunked_gemv(const at::Tensor& x, const at::Tensor& rows, bool half, const Dot& dot) {
   const int64_t m = x.size(0), k = x.size(1), n = rows.size(0), stride = rows.size(1);
-  const bool half = chunked_half(rows, k, B, name, H);
   auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
   const uint8_t* bp = rows.data_ptr<uint8_t>();
   gemv_row_blocks(n, m, k, y.data_ptr<float>(), [&](auto r_, int64_t r, int64_t i, float* out) {
@@ -381,10 +389,10 @@ at::Tensor chunked_gemv(const at::Tensor& x, const at::Tensor& rows, const char*
 
 // y[M, N] for Q8_0 chunked rows [N, K/32 * (32 + 2 or 4)], activations as 16-bit fixed point.
 at::Tensor q8_0_gemv(const at::Tensor& x, const at::Tensor& rows) {
-  check_chunked(x, rows, 32, "q8_0_gemv");
+  const bool half = check_chunked(x, rows, 32, "q8_0_gemv");
   const int64_t k = x.size(1);
   const FixedRows xq = fixed_rows(x);
-  auto y = chunked_gemv<32>(x, rows, "q8_0_gemv", [&](auto r_, auto s_, const uint8_t* w, int64_t stride, int64_t i,
+  auto y = chunked_gemv(x, rows, half, [&](auto r_, auto s_, const uint8_t* w, int64_t stride, int64_t i,
                                                       float* out) {
     dot_q8_g32<decltype(r_)::value, decltype(s_)>(w, stride, xq.q.data() + i * k, k / 32, out);
   });
@@ -401,6 +409,14 @@ __m512 load_scales(Scales s, int64_t g, __mmask16 mk) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, s.f16 + g));
 }
 
+// Products of 32 weight bytes (as 16-bit values: low nibble, high nibble) with the even / odd
+// 16-bit activations, summed per 32-bit lane.
+inline __m512i nibble_products(__m512i b, __m512i e, __m512i o) {
+  const __m512i low = _mm512_set1_epi16(0x0F);
+  return _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, low), e),
+                             _mm512_srli_epi16(b, 4), o);
+}
+
 // R rows of 4-bit weights (`stride` bytes apart) against one row of activations: bytes b hold
 // weights 2b (low nibble) and 2b + 1 (high); xe/xo are the even/odd activations, 16 of each per
 // group of 32 weights. out[r] = sum_g s_rg * sum_k q_rk * x_k. The rows share every activation
@@ -409,32 +425,14 @@ __m512 load_scales(Scales s, int64_t g, __mmask16 mk) {
 template <int R>
 void dot_q4(const uint8_t* w, int64_t stride, const int16_t* xe, const int16_t* xo, const Scales* s, int64_t groups,
             int shift, float* out) {
-  const __m512i low = _mm512_set1_epi16(0x0F);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  // nibble products of weight bytes (as 16-bit values) with the even / odd activations, per 32-bit lane
-  auto products = [&](__m512i b, __m512i e, __m512i o) {
-    return _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, low), e),
-                               _mm512_srli_epi16(b, 4), o);
-  };
   // 32 bytes (64 weights, groups g and g + 1) of row r
   auto nibbles = [&](int r, int64_t g, __m512i e, __m512i o) {
-    return products(_mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * stride + g * 16))), e, o);
+    return nibble_products(_mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * stride + g * 16))), e, o);
   };
+  // (groups of 32 on the native layers are chunked rows: dot_q4z, the same operations in this order)
   int64_t g = 0;
-  if (shift == 0) {  // one scale per 32 weights (GGUF's Q4_K, int4 group 32): 16 scales loaded at once
-    for (; g + 16 <= groups; g += 16) {
-      __m512 s16[R];
-      for (int r = 0; r < R; ++r) s16[r] = load_scales(s[r], g, 0xFFFF);
-      for (int j = 0; j < 8; ++j) {
-        const int64_t gg = g + 2 * j;
-        const __m512i e = _mm512_loadu_si512(xe + gg * 16), o = _mm512_loadu_si512(xo + gg * 16);
-        const __m512i pick = _mm512_inserti64x4(_mm512_set1_epi32(2 * j), _mm256_set1_epi32(2 * j + 1), 1);
-        for (int r = 0; r < R; ++r)
-          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(nibbles(r, gg, e, o)), _mm512_permutexvar_ps(pick, s16[r]), acc[r]);
-      }
-    }
-  }
   for (; g + 2 <= groups; g += 2) {  // lanes 0-7 group g, 8-15 group g + 1
     const __m512i e = _mm512_loadu_si512(xe + g * 16), o = _mm512_loadu_si512(xo + g * 16);
     for (int r = 0; r < R; ++r) {
@@ -446,7 +444,7 @@ void dot_q4(const uint8_t* w, int64_t stride, const int16_t* xe, const int16_t* 
     const __m512i e = _mm512_maskz_loadu_epi16(0xFFFFu, xe + g * 16), o = _mm512_maskz_loadu_epi16(0xFFFFu, xo + g * 16);
     for (int r = 0; r < R; ++r) {
       const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * stride + g * 16));
-      const __m512i p = products(_mm512_cvtepu8_epi16(_mm256_castsi128_si256(bytes)), e, o);
+      const __m512i p = nibble_products(_mm512_cvtepu8_epi16(_mm256_castsi128_si256(bytes)), e, o);
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(s[r][g >> shift]), acc[r]);
     }
   }
@@ -515,12 +513,6 @@ Q8Blocks q8_0_blocks(const at::Tensor& x) {
 }
 
 
-template <typename S>
-__m512 q4_0_scales(const uint8_t* at, __mmask16 mk) {
-  if constexpr (sizeof(S) == 2) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, at));
-  else return _mm512_maskz_loadu_ps(mk, at);
-}
-
 // R chunked rows of Q4_0 (`stride` bytes apart) against one row of Q8_0 blocks:
 // out[r] = sum_g s_rg d_g sum_k (q_rk - 8) xq_k. 64 bytes of nibbles (4 groups) per step: low and
 // high nibbles times the even and odd activations with vpdpbusd (u8 x s8, 4 products per lane),
@@ -545,7 +537,7 @@ void dot_q4_q8(const uint8_t* w, int64_t stride, const int8_t* xe, const int8_t*
     const uint8_t* nib = chunk + left * static_cast<int64_t>(sizeof(S));  // its nibbles
     __m512 s16[R];
     for (int r = 0; r < R; ++r) {
-      const __m512 sw = q4_0_scales<S>(chunk + r * stride, mk);
+      const __m512 sw = chunk_floats<S>(chunk + r * stride, mk);
       s16[r] = _mm512_mul_ps(sw, d16);
       off[r] = _mm512_fmadd_ps(sw, ds16, off[r]);
     }
@@ -582,10 +574,10 @@ void dot_q4_q8(const uint8_t* w, int64_t stride, const int8_t* xe, const int8_t*
 // y[M, N] for Q4_0 chunked rows [N, K/32 * (16 + 2 or 4)]: activations as Q8_0 blocks (llama.cpp's
 // arithmetic).
 at::Tensor q4_0_gemv(const at::Tensor& x, const at::Tensor& rows) {
-  check_chunked(x, rows, 16, "q4_0_gemv");
+  const bool half = check_chunked(x, rows, 16, "q4_0_gemv");
   const int64_t k = x.size(1), groups = k / 32;
   const Q8Blocks xb = q8_0_blocks(x);
-  return chunked_gemv<16>(x, rows, "q4_0_gemv", [&](auto r_, auto s_, const uint8_t* w, int64_t stride, int64_t i,
+  return chunked_gemv(x, rows, half, [&](auto r_, auto s_, const uint8_t* w, int64_t stride, int64_t i,
                                                     float* out) {
     const int64_t at = i * k / 2, ag = i * groups;
     dot_q4_q8<decltype(r_)::value, decltype(s_)>(w, stride, xb.even.data() + at, xb.odd.data() + at, xb.d.data() + ag,
@@ -620,28 +612,24 @@ Q4Activations q4_activations(const at::Tensor& x, int64_t groups) {
 // Asymmetric int4 in groups of 32 (GGUF's Q4_K, AWQ-style offsets) as chunked rows whose chunks
 // hold 16 scales, 16 zeros, then 16 x 16 bytes of nibble pairs: R rows against 16-bit activations,
 // out[r] = step * sum_g s_rg sum_k q_rk x_k + sum_g (z_rg - 8 s_rg) xsum_g. The same operations in
-// the same order as dot_q4 (one scale per 32) followed by offset_q4, so the same bits as q4_gemv.
+// the same order as dot_q4 followed by offset_q4, so the same bits as q4_gemv; whole chunks load
+// their 16 scales at once.
 template <int R, typename S>
 void dot_q4z(const uint8_t* w, int64_t stride, const int16_t* xe, const int16_t* xo, const float* xs, float step,
              int64_t groups, float* out) {
-  const __m512i low = _mm512_set1_epi16(0x0F);
   const __m512 eight = _mm512_set1_ps(8.f);
   __m512 acc[R], off[R];
   for (int r = 0; r < R; ++r) acc[r] = off[r] = _mm512_setzero_ps();
-  auto products = [&](__m512i b, __m512i e, __m512i o) {
-    return _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, low), e),
-                               _mm512_srli_epi16(b, 4), o);
-  };
   for (int64_t g0 = 0; g0 < groups; g0 += 16) {
     const int64_t left = std::min<int64_t>(16, groups - g0);
     const __mmask16 mk = first_lanes(left);
     const int64_t sb = static_cast<int64_t>(sizeof(S));
-    const uint8_t* chunk = w + g0 * (16 + 2 * sb);  // row 0's chunk
+    const uint8_t* chunk = w + chunked_bytes<S, 16, 2>(g0);  // row 0's chunk
     const uint8_t* nib = chunk + 2 * left * sb;
     __m512 s16[R];
     for (int r = 0; r < R; ++r) {
-      s16[r] = q4_0_scales<S>(chunk + r * stride, mk);
-      const __m512 z16 = q4_0_scales<S>(chunk + r * stride + left * sb, mk);
+      s16[r] = chunk_floats<S>(chunk + r * stride, mk);
+      const __m512 z16 = chunk_floats<S>(chunk + r * stride + left * sb, mk);
       off[r] = _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, s16[r], z16), _mm512_maskz_loadu_ps(mk, xs + g0), off[r]);
     }
     int64_t j = 0;
@@ -651,7 +639,7 @@ void dot_q4z(const uint8_t* w, int64_t stride, const int16_t* xe, const int16_t*
         const __m512i pick = _mm512_inserti64x4(_mm512_set1_epi32(static_cast<int>(j)), _mm256_set1_epi32(static_cast<int>(j + 1)), 1);
         for (int r = 0; r < R; ++r) {
           const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(nib + r * stride + j * 16)));
-          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(products(b, e, o)), _mm512_permutexvar_ps(pick, s16[r]), acc[r]);
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(nibble_products(b, e, o)), _mm512_permutexvar_ps(pick, s16[r]), acc[r]);
         }
       }
       continue;
@@ -662,7 +650,7 @@ void dot_q4z(const uint8_t* w, int64_t stride, const int16_t* xe, const int16_t*
         const uint8_t* c = chunk + r * stride;
         const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(chunk_scale<S>(c, j)), _mm256_set1_ps(chunk_scale<S>(c, j + 1)), 1);
         const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(nib + r * stride + j * 16)));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(products(b, e, o)), sv, acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(nibble_products(b, e, o)), sv, acc[r]);
       }
     }
     if (j < left) {  // its last group alone: 16 bytes
@@ -670,7 +658,7 @@ void dot_q4z(const uint8_t* w, int64_t stride, const int16_t* xe, const int16_t*
       const __m512i o = _mm512_maskz_loadu_epi16(0xFFFFu, xo + (g0 + j) * 16);
       for (int r = 0; r < R; ++r) {
         const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(nib + r * stride + j * 16));
-        const __m512i p = products(_mm512_cvtepu8_epi16(_mm256_castsi128_si256(bytes)), e, o);
+        const __m512i p = nibble_products(_mm512_cvtepu8_epi16(_mm256_castsi128_si256(bytes)), e, o);
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(chunk_scale<S>(chunk + r * stride, j)), acc[r]);
       }
     }
@@ -680,10 +668,10 @@ void dot_q4z(const uint8_t* w, int64_t stride, const int16_t* xe, const int16_t*
 
 // y[M, N] for asymmetric int4 chunked rows [N, K/32 * (16 + 2 x (2 or 4))], 16-bit activations.
 at::Tensor q4z_gemv(const at::Tensor& x, const at::Tensor& rows) {
-  check_chunked(x, rows, 16, "q4z_gemv", 2);
+  const bool half = check_chunked(x, rows, 16, "q4z_gemv", 2);
   const int64_t k = x.size(1), groups = k / 32;
   const Q4Activations a = q4_activations(x, groups);
-  return chunked_gemv<16, 2>(x, rows, "q4z_gemv", [&](auto r_, auto s_, const uint8_t* w, int64_t stride, int64_t i,
+  return chunked_gemv(x, rows, half, [&](auto r_, auto s_, const uint8_t* w, int64_t stride, int64_t i,
                                                       float* out) {
     dot_q4z<decltype(r_)::value, decltype(s_)>(w, stride, a.xe.data() + i * k / 2, a.xo.data() + i * k / 2,
                                                a.xsum.data() + i * groups, a.xq.step[i], groups, out);
@@ -793,7 +781,7 @@ void chunked_dequant_rows(const uint8_t* rows, int64_t stride, int64_t lo, int64
   for (int64_t r = lo; r < hi; ++r)
     for (int64_t g0 = 0; g0 < groups; g0 += 16) {
       const int64_t left = std::min<int64_t>(16, groups - g0);
-      const uint8_t* chunk = rows + r * stride + g0 * (B + H * sb);
+      const uint8_t* chunk = rows + r * stride + chunked_bytes<S, B, H>(g0);
       const uint8_t* v = chunk + H * left * sb;
       for (int64_t j = 0; j < left; ++j) {
         const int64_t at = r * k + (g0 + j) * 32;
