@@ -172,9 +172,9 @@ def test_q4_0_weights_meet_activations_as_llama_cpp_q8_0_blocks(k: int) -> None:
 @needs_native
 @pytest.mark.parametrize("zeros", [False, True])  # the Q8_0 path / the 16-bit path
 def test_q4_gemv_rows_read_in_blocks_equal_rows_read_alone(zeros: bool) -> None:
-    """On wide rows (K > 8192) the kernel reads 4 weight rows per activation load; each row's sum
-    is the same bits as when that row is the whole weight (then read alone), for every remainder
-    of a task."""
+    """On wide rows (K > 8192) the kernels read a block of weight rows per activation load (8 or 12
+    here); each row's sum is the same bits as when that row is the whole weight (then read alone),
+    for every remainder of a task (37 rows over two threads: a block and the rest)."""
     g = torch.Generator().manual_seed(7)
     k = 8288  # 259 groups: full and partial chunks of 16 groups, pairs and a last single group
     q = pack_nibbles(torch.randint(0, 16, (37, k), generator=g, dtype=torch.uint8))
@@ -198,13 +198,18 @@ def test_q4_gemv_rows_read_in_blocks_equal_rows_read_alone(zeros: bool) -> None:
 
 
 @needs_native
-@pytest.mark.parametrize("kind", ["bf16", "q8_g16", "q8_g32", "q8_channel"])
-def test_bf16_and_int8_rows_read_in_blocks_equal_rows_read_alone(kind: str) -> None:
-    """The same for the bf16 and int8 kernels (37 rows: blocks of 4 and the rest of each task)."""
+@pytest.mark.parametrize("kind", ["bf16", "q8_g16", "q8_g32", "q8_channel", "q6k"])
+def test_bf16_int8_and_q6k_rows_read_in_blocks_equal_rows_read_alone(kind: str) -> None:
+    """The same for the bf16, int8 and Q6_K kernels (37 rows: blocks of 4, 8 or 12 and the rest of
+    each task)."""
     g = torch.Generator().manual_seed(8)
-    n, k = 37, 8288  # wide enough for the 4-row blocks
+    n, k = 37, 8448 if kind == "q6k" else 8288  # wide enough for the row blocks
     x = torch.randn(2, k, generator=g)
-    if kind == "bf16":
+    if kind == "q6k":
+        q6 = _q6k_blocks(n, k, 8)
+        def run(rows: slice) -> torch.Tensor:
+            return OPS.q6k_gemv(x, q6[rows].contiguous())
+    elif kind == "bf16":
         w = torch.randn(n, k, generator=g).bfloat16()
         def run(rows: slice) -> torch.Tensor:
             return OPS.bf16_gemv(x.bfloat16(), w[rows].contiguous())
@@ -228,16 +233,42 @@ def _q6k_blocks(n: int, k: int, seed: int) -> torch.Tensor:
     return blocks.view(n, -1)
 
 
+def _q8_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's quantize_row_q8_K: per 256 values d = max / -127, max the value of the largest
+    magnitude (the first on ties), q = min(127, round(x / d)), ties to even. Returns (q [M, K],
+    d [M, K/256])."""
+    blocks = x.float().reshape(x.shape[0], -1, 256)
+    top = torch.gather(blocks, -1, blocks.abs().argmax(-1, keepdim=True))  # argmax: the first on ties
+    iscale = -127.0 / top
+    q = torch.round(iscale * blocks).clamp(max=127)
+    return q.reshape(x.shape), (1.0 / iscale).squeeze(-1)
+
+
+def _q6k_q8k_reference(x: torch.Tensor, q6: torch.Tensor) -> torch.Tensor:
+    """Q6_K x Q8_K as llama.cpp computes it: per block, (d_w * d_x) * sum (w / d_w) * xq, in float64."""
+    xq, d = _q8_k(x)
+    w = L.dequantize_q6k(q6).double()  # [N, K]: d_w * sc * (q - 32), exact in float32
+    n, k = w.shape
+    d_w = q6.view(n, k // 256, 210)[..., 208:].contiguous().view(torch.float16).double()  # [N, K/256, 1]
+    sums = torch.einsum("mbj,nbj->mnb", xq.double().reshape(x.shape[0], -1, 256),
+                        (w.reshape(n, -1, 256) / d_w))  # [M, N, K/256]: integers
+    return (sums * (d_w.squeeze(-1)[None] * d.float().double()[:, None])).sum(-1)
+
+
 @needs_native
 @pytest.mark.parametrize("k", [256, 768])
-def test_q6k_gemv_reads_the_blocks_as_stored(k: int) -> None:
+def test_q6k_gemv_reads_the_blocks_as_stored_with_llama_cpp_arithmetic(k: int) -> None:
+    """Decode: the blocks against llama.cpp's 8-bit activation blocks (Q8_K), as llama.cpp sums
+    them; prefill: a GEMM on the exactly dequantized blocks."""
     q = _q6k_blocks(21, k, k)
     w = L.dequantize_q6k(q)  # [21, k], checked against the gguf package in tests/formats
     assert torch.equal(OPS.q6k_dequant(q, k, torch.float32), w)
     assert torch.equal(OPS.q6k_dequant(q, k, torch.bfloat16), w.bfloat16())
     for m in (1, 3, 8):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-        assert _rel(OPS.q6k_gemv(x, q), x.double() @ w.double().t()) < 1e-4
+        got = OPS.q6k_gemv(x, q)
+        assert _rel(got, _q6k_q8k_reference(x, q)) < 1e-6
+        assert 1e-4 < _rel(got, x.double() @ w.double().t()) < 2e-2  # 8-bit activations: close, not exact
     layer = QuantLinear.from_storage({"qweight": q}, QuantSpec(6, 16), 21, k, dtype=torch.float32, device="cpu")
     assert layer.kind == "q6k_native" and torch.equal(layer.storage()["qweight"], q)
     x = torch.randn(L.NATIVE_MAX_ROWS + 3, k)
@@ -247,21 +278,29 @@ def test_q6k_gemv_reads_the_blocks_as_stored(k: int) -> None:
 
 @needs_native
 def test_q6k_gemv_is_exact_at_the_extremes_of_weights_and_activations() -> None:
-    """Largest 6-bit values (63 and 0) and block scales (127, -128) against activations whose fixed
-    point is +-32767 (the kernel splits each into a signed high and an unsigned low byte): the
-    integer sums must not overflow, so the result is the exact product up to float32 sums."""
+    """Largest 6-bit values (63 and 0) and block scales (127, -128) against activations at +-127 in
+    8 bits: the 16-bit pair sums (vpmaddubsw saturates) and the int32 sums must not overflow, so
+    the result is llama.cpp's up to float32 sums."""
     k = 512
     q = _q6k_blocks(6, k, 0).view(6, k // 256, 210)
     q[:, :, :192] = torch.tensor([255, 0, 255, 0, 255, 0], dtype=torch.uint8)[:, None, None]  # q = 63 or 0
     q[:, :, 192:208] = torch.tensor([127, 127, 128, 128, 127, 128], dtype=torch.uint8)[:, None, None]
     q = q.reshape(6, -1)
-    w = L.dequantize_q6k(q)
-    top = 32767 * 2.0**-14  # |x| < 2: the fixed-point step is 2^-14, so this is 32767 steps exactly
-    x = torch.full((3, k), top)
-    x[1, ::2] = -top
-    x[2, : k // 2] = -top
-    ref = x.double() @ w.double().t()
-    assert _rel(OPS.q6k_gemv(x, q), ref) < 1e-6
+    x = torch.full((3, k), 1.5)
+    x[1, ::2] = -1.5
+    x[2, : k // 2] = -1.5
+    assert _rel(OPS.q6k_gemv(x, q), _q6k_q8k_reference(x, q)) < 1e-6
+    assert _rel(OPS.q6k_gemv(x, q), x.double() @ L.dequantize_q6k(q).double().t()) < 1e-6  # +-1.5: exact in 8 bits
+
+
+@needs_native
+def test_q6k_gemv_carries_nan_of_a_row_to_that_row_only() -> None:
+    q = _q6k_blocks(5, 512, 1)
+    x = torch.randn(3, 512)
+    x[1, 300] = float("nan")
+    x[2, 7] = float("inf")
+    got = OPS.q6k_gemv(x, q)
+    assert got[1:].isnan().all() and not got[0].isnan().any()
 
 
 @needs_native
