@@ -15,8 +15,10 @@ q8_0 and q4_0. For each file, in ``--rounds`` interleaved rounds:
 
 Each of our runs is a fresh process (as a user's is; llama-bench's are too). Prints tok/s per
 round and the range over rounds, and our/llama.cpp ratios: each round's ratio (the two ran back
-to back), then their median; a virtual machine's memory bandwidth can move by half within minutes,
-so the ratio of two medians taken at different moments says less. Compare within one run only.
+to back, ours first in rounds 1, 3, ..., llama.cpp first in rounds 2, 4, ..., so that a drift of
+the host favours neither), then their median; a virtual machine's memory bandwidth can move by
+half within minutes, so the ratio of two medians taken at different moments says less. Compare
+within one run only.
 Needs ~14 GB free disk/RAM (4 layers).
 
     LLAMA_BENCH=/path/to/llama-bench python bench/bench_formats.py --layers 4 --rounds 3
@@ -25,6 +27,7 @@ Needs ~14 GB free disk/RAM (4 layers).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -192,10 +195,12 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             for fmt, requant in variants:
                 name = f"ours {fmt}" + (f" -> {requant}" if requant else "")
-                rows.setdefault(name, []).append(_ours_fresh(args, files[fmt], requant))
+                runs = [(name, functools.partial(_ours_fresh, args, files[fmt], requant))]
                 if binary and requant is None:
-                    rows.setdefault(f"llama.cpp {fmt}", []).append(
-                        theirs(binary, files[fmt], args.prompt, args.tokens, args.threads))
+                    runs.append((f"llama.cpp {fmt}", functools.partial(
+                        theirs, binary, files[fmt], args.prompt, args.tokens, args.threads)))
+                for who, run in runs[::-1] if r % 2 else runs:  # even rounds llama.cpp first: drift favours neither
+                    rows.setdefault(who, []).append(run())
             done = "; ".join(f"{k} {v[-1][1]:.1f}" for k, v in rows.items())
             print(f"round {r + 1} decode tok/s: {done}", flush=True)
     _report(rows, args)

@@ -21,8 +21,7 @@
 //   GEMM runs on it).
 // The other integer kernels take activations as 16-bit fixed point per row (x = xq * 2^(e - 15) with
 // |x| < 2^e), multiply-add them with vpdpwssd and scale each group's exact int32 partial sums in
-// float32. This file does not choose when the
-// kernels apply (quant/linear.py does).
+// float32. This file does not choose when the kernels apply (quant/linear.py does).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
