@@ -341,6 +341,16 @@ def test_kernels_reject_wrong_shapes_with_a_message() -> None:
         OPS.q8_0_gemv(torch.randn(1, 2, 64), torch.zeros(4, 68, dtype=torch.uint8))
     with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
         OPS.chunked_dequant(torch.zeros(4, 36, dtype=torch.uint8), 64, 6, False, torch.float32)
+    with pytest.raises(RuntimeError, match="q6k_gemv: expects x"):
+        OPS.q6k_gemv(torch.randn(256), torch.zeros(4, 210, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="q4_gemv: expects x"):
+        OPS.q4_gemv(torch.randn(96), torch.zeros(4, 48, dtype=torch.uint8), torch.ones(4, 3), None)
+    with pytest.raises(RuntimeError, match="q8_gemv: expects x"):
+        OPS.q8_gemv(torch.randn(64), torch.zeros(4, 64, dtype=torch.int8), torch.ones(4), 0)
+    with pytest.raises(RuntimeError, match="K % 256 == 0"):
+        OPS.q6k_gemv(torch.randn(1, 300), torch.zeros(4, 210, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="weight has 200 columns, expected 210"):
+        OPS.q6k_gemv(torch.randn(1, 256), torch.zeros(4, 200, dtype=torch.uint8))
 
 
 @needs_native

@@ -332,6 +332,7 @@ void dot_q8_row(const int8_t* w, int64_t stride, const int16_t* x, int64_t k, fl
 }
 
 at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, int64_t group) {
+  TORCH_CHECK(x.dim() == 2, "q8_gemv: expects x [M, K]");
   if (group == 0) {  // per output channel: s is [N]
     check_rows(x, q, x.size(1), "q8_gemv");
     const int64_t m = x.size(0), n = q.size(0), k = x.size(1);
@@ -684,6 +685,7 @@ at::Tensor q4z_gemv(const at::Tensor& x, const at::Tensor& rows) {
 }
 
 at::Tensor q4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const c10::optional<at::Tensor>& z) {
+  TORCH_CHECK(x.dim() == 2, "q4_gemv: expects x [M, K]");
   const int64_t m = x.size(0), k = x.size(1), n = q.size(0), groups = s.size(1);
   check_rows(x, q, k / 2, "q4_gemv");
   TORCH_CHECK(k % 32 == 0 && q.scalar_type() == at::kByte && s.size(0) == n, "q4_gemv: expects uint8 nibbles [N, K/2], K % 32 == 0");
@@ -943,6 +945,7 @@ void dot_q6k(const uint8_t* w, int64_t stride, const int8_t* xq, const int16_t* 
 constexpr int kQ6kRows = 8;
 
 at::Tensor q6k_gemv(const at::Tensor& x, const at::Tensor& q) {
+  TORCH_CHECK(x.dim() == 2, "q6k_gemv: expects x [M, K]");
   const int64_t m = x.size(0), k = x.size(1), n = q.size(0), blocks = k / 256;
   TORCH_CHECK(k % 256 == 0 && q.scalar_type() == at::kByte, "q6k_gemv: expects K % 256 == 0 and uint8 blocks");
   check_rows(x, q, blocks * kQ6Block, "q6k_gemv");
