@@ -100,3 +100,26 @@ def test_llama_cpp_computes_our_exports_as_we_do(tmp_path: Path) -> None:
         if version == "2.6":
             got = _image_embeddings(minicpmv.load(out, dtype="float32"), arrays["image_448"])
             torch.testing.assert_close(got, arrays["2.6.image_embeddings"], rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("as_files", [False, True])
+def test_a_gguf_pair_is_parsed_once_per_file(monkeypatch: pytest.MonkeyPatch, as_files: bool) -> None:
+    """Telling the model from the mmproj reads both files' metadata; loading reuses those readers
+    (the metadata of a real release, its tokenizer's arrays, takes seconds to parse)."""
+    from minicpmv.formats import gguf_read
+
+    parsed: list[str] = []
+    real = gguf_read.GGUFReader
+
+    def counting(path: str) -> object:
+        parsed.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(gguf_read, "GGUFReader", counting)
+    pair_dir = FORMATS / "llamacpp-2.6"
+    if as_files:
+        chat = minicpmv.load(pair_dir / "model.gguf", mmproj=pair_dir / "mmproj.gguf", dtype="float32")
+    else:
+        chat = minicpmv.load(pair_dir, dtype="float32")
+    assert chat.version.name == "2.6"
+    assert sorted(parsed) == ["mmproj.gguf", "model.gguf"]

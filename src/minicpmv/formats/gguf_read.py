@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,22 +88,40 @@ def _arch(r: GGUFReader) -> str:
 
 @dataclass(frozen=True)
 class GGUFPair:
+    """The two files of a release, with the readers ``find_pair`` opened to tell them apart:
+    parsing a file's metadata (the tokenizer's arrays) takes seconds, so it is done once."""
+
     model: Path
     mmproj: Path
+    opened: dict[Path, GGUFReader] = field(default_factory=dict, compare=False, repr=False)
+
+    def reader(self, path: Path) -> GGUFReader:
+        """``path``'s reader: the one already opened, else a new one."""
+        return self.opened[path] if path in self.opened else _reader(path)
 
 
 def find_pair(path: Path, mmproj: Path | None = None) -> GGUFPair:
     """The language-model and mmproj files of a GGUF release (a directory, or a file + ``mmproj``)."""
+    opened: dict[Path, GGUFReader] = {}
+
+    def arch(p: Path) -> str:
+        if p not in opened:
+            opened[p] = _reader(p)
+        return _arch(opened[p])
+
+    def pair(model: Path, proj: Path) -> GGUFPair:
+        return GGUFPair(model, proj, {p: opened[p] for p in (model, proj) if p in opened})
+
     if path.is_dir():
         files = sorted(p for p in path.glob("*.gguf") if is_gguf(p))
-        clip = [p for p in files if _arch(_reader(p)) == "clip"]
+        clip = [p for p in files if arch(p) == "clip"]
         llm = [p for p in files if p not in clip]
         if len(llm) != 1 or (mmproj is None and len(clip) != 1):
             raise CheckpointError(
                 f"{path} should hold one language-model GGUF and one mmproj GGUF, found "
                 f"{[p.name for p in llm]} and mmproj {[p.name for p in clip]}; pass --model FILE --mmproj FILE"
             )
-        return GGUFPair(llm[0], mmproj or clip[0])
+        return pair(llm[0], mmproj or clip[0])
     if mmproj is None:
         raise CheckpointError(
             f"{path} is a GGUF language model; MiniCPM-V also needs its vision part: pass the mmproj file "
@@ -112,11 +130,11 @@ def find_pair(path: Path, mmproj: Path | None = None) -> GGUFPair:
     for p in (path, mmproj):
         if not is_gguf(p):
             raise CheckpointError(f"{p} is not a GGUF file (no GGUF magic)")
-    if _arch(_reader(mmproj)) != "clip":
+    if arch(mmproj) != "clip":
         raise CheckpointError(f"{mmproj} is not an mmproj file (general.architecture is not 'clip')")
-    if _arch(_reader(path)) == "clip":
+    if arch(path) == "clip":
         raise CheckpointError(f"{path} is an mmproj file; pass the language-model GGUF as the model")
-    return GGUFPair(path, mmproj)
+    return pair(path, mmproj)
 
 
 @dataclass
@@ -195,7 +213,7 @@ class GGUFCheckpoint:
 
     def __init__(self, pair: GGUFPair) -> None:
         self.pair = pair
-        self.llm, self.proj = _reader(pair.model), _reader(pair.mmproj)
+        self.llm, self.proj = pair.reader(pair.model), pair.reader(pair.mmproj)
         self.arch = _arch(self.llm)
         if self.arch not in names.FAMILY_OF_ARCH:
             raise CheckpointError(
