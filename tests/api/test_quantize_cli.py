@@ -159,6 +159,47 @@ def test_bf16_load_prepacks_the_vision_and_resampler_linears() -> None:
     assert any(isinstance(m, PackedLinear) for m in mixed.model.llm.modules()) == can_prepack(torch.bfloat16, "cpu")
 
 
+def _vision_features(cm) -> torch.Tensor:
+    from PIL import Image
+
+    pixels = torch.Generator().manual_seed(5)
+    image = Image.fromarray((torch.rand(300, 420, 3, generator=pixels) * 255).to(torch.uint8).numpy())
+    inputs = cm.processor([[{"role": "user", "content": [image, "x"]}]])
+    with torch.inference_mode():
+        return torch.cat([f.float() for f in cm.runner.encode_features(inputs)])
+
+
+@pytest.mark.skipif(not can_prepack(torch.bfloat16, "cpu"), reason="oneDNN has no bf16 GEMM on this CPU")
+@pytest.mark.parametrize("gemm", ["onednn", "fp32"])
+@pytest.mark.parametrize("source", ["safetensors", "gguf"])
+def test_vision_weights_are_blocked_for_the_prefill_gemm_that_wins(monkeypatch: pytest.MonkeyPatch, gemm: str,
+                                                                    source: str) -> None:
+    """Layers that never decode (vision tower, resampler) hold large weights in oneDNN's blocked
+    layout where oneDNN's GEMM is the faster prefill GEMM (the float32 one: plain weights); the
+    LLM's stay as the decode GEMV reads them. The features and the state dict are the plain ones."""
+    from minicpmv.quant import linear as L
+    from minicpmv.quant import wide_gemm
+
+    path = CKPT["2.6"] if source == "safetensors" else CONF.parent / "formats" / "llamacpp-2.6"
+    monkeypatch.setenv("MINICPMV_BF16_GEMM", gemm)
+    wide_gemm.gemm_choice.cache_clear()
+    try:
+        monkeypatch.setattr(L, "GEMM_ONLY_PACK_WEIGHTS", 0)  # the tiny weights count as large
+        cm = minicpmv.load(path, dtype="bfloat16")
+        monkeypatch.setattr(L, "GEMM_ONLY_PACK_WEIGHTS", 2**62)  # none does: every vision weight plain
+        plain = minicpmv.load(path, dtype="bfloat16")
+    finally:
+        wide_gemm.gemm_choice.cache_clear()
+    vision = [m for p in (cm.model.vpm, cm.model.resampler) for m in p.modules() if isinstance(m, PackedLinear)]
+    blocked = {m.weight.layout == torch._mkldnn for m in vision}
+    assert vision and blocked == {gemm == "onednn" or not L._bf16_native(torch.device("cpu"))}
+    llm = [m for m in cm.model.llm.modules() if isinstance(m, PackedLinear)]
+    assert llm and {m.weight.layout == torch._mkldnn for m in llm} == {not L._bf16_native(torch.device("cpu"))}
+    torch.testing.assert_close(_vision_features(cm), _vision_features(plain), rtol=2**-7, atol=2**-7)
+    for a, b in zip(cm.model.vpm.state_dict().items(), plain.model.vpm.state_dict().items(), strict=True):
+        assert a[0] == b[0] and torch.equal(a[1], b[1])
+
+
 def test_prepacked_and_quantized_models_can_be_cast_after_load() -> None:
     packed = minicpmv.load(CKPT["2.6"], dtype="bfloat16")
     if can_prepack(torch.bfloat16, "cpu"):

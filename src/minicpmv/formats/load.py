@@ -175,7 +175,7 @@ def _finish(model: MiniCPMV, dtype: torch.dtype, device: torch.device, quantize:
     if can_prepack(dtype, device):
         prepack_linears(model.llm)
     for part in (model.vpm, model.resampler):  # each layer checked: the vision dtype may differ
-        prepack_linears(part)
+        prepack_linears(part, decodes=False)
     model.eval()
 
 

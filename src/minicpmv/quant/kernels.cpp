@@ -72,7 +72,7 @@ constexpr int64_t kShareAbove = 8192;
 // than one sequential stream on an AMD Zen 4 host (bf16 28 against 32-34 GB/s, Q4_0 21 against 40
 // GB/s on [18944, 3584]), while on a Sapphire Rapids host they measured level from memory. The
 // best kBlock is the kernel's (the most rows whose sums still fit the registers, or nearly):
-// measured on [3584, 18944] from memory on Zen 4 (bench/RESULTS.md, "2026-12-07 (06:02-07:40 UTC)").
+// measured on [3584, 18944] from memory on Zen 4 (bench/RESULTS.md, "2026-12-07 (06:02-07:55 UTC)").
 template <int kBlock, typename Dot>
 void gemv_row_blocks(int64_t n, int64_t m, int64_t k, float* y, const Dot& dot) {
   if (k > kShareAbove) gemv_rows<kBlock>(n, m, y, dot);

@@ -108,19 +108,21 @@ class LoadPlan:
     ) -> None:
         parts = [p for p in (getattr(model, n, None) for n in ("llm", "vpm", "resampler")) if isinstance(p, nn.Module)]
         linears = {id(m) for part in parts for m in part.modules() if type(m) is nn.Linear}
+        llm = getattr(model, "llm", None)
+        decoding = {id(m) for m in llm.modules()} if isinstance(llm, nn.Module) else set()  # the rest never decodes
         for key, holders in slots.items():
             if key in self.handlers or not holders or not key.endswith(".weight") or not allowed(key):
                 continue
             if all(id(mod) in linears and name == "weight" for mod, name, _ in holders) and len(holders) == 1:
-                self.handlers[key] = _prepack_handler(holders[0][0])
+                self.handlers[key] = _prepack_handler(holders[0][0], decodes=id(holders[0][0]) in decoding)
 
     def finish(self, model: nn.Module) -> None:
         """Pack every quantized layer for its kernel and wrap prepacked bf16 layers."""
         for name, m in list(model.named_modules()):
             if isinstance(m, QuantLinear):
                 m.prepare()
-            elif type(m) is nn.Linear and getattr(m, _PREPACKED, False):
-                replace_module(model, name, PackedLinear(m))
+            elif type(m) is nn.Linear and getattr(m, _PREPACKED, None) is not None:
+                replace_module(model, name, PackedLinear(m, decodes=getattr(m, _PREPACKED)))
         if self.prepack:
             route_in_projections(model)
 
@@ -137,13 +139,15 @@ def _storage_handler(layer: QuantLinear, name: str, device: torch.device) -> Han
     return handle
 
 
-_PREPACKED = "_minicpmv_prepacked"  # marks a linear whose weight a handler laid out for PackedLinear
+# marks a linear whose weight a handler laid out for PackedLinear; its value: whether it decodes
+_PREPACKED = "_minicpmv_prepacked"
 
 
-def _prepack_handler(linear: nn.Linear) -> Handler:
+def _prepack_handler(linear: nn.Linear, *, decodes: bool) -> Handler:
     def handle(t: torch.Tensor) -> None:
-        linear._parameters["weight"] = nn.Parameter(packed_weight(t.to(torch.bfloat16)), requires_grad=False)
-        setattr(linear, _PREPACKED, True)
+        w = packed_weight(t.to(torch.bfloat16), decodes=decodes)
+        linear._parameters["weight"] = nn.Parameter(w, requires_grad=False)
+        setattr(linear, _PREPACKED, decodes)
     return handle
 
 
