@@ -234,9 +234,9 @@ def _q6k_blocks(n: int, k: int, seed: int) -> torch.Tensor:
 
 
 def _q8_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """llama.cpp's quantize_row_q8_K: per 256 values d = max / -127, max the value of the largest
-    magnitude (the first on ties), q = min(127, round(x / d)), ties to even. Returns (q [M, K],
-    d [M, K/256])."""
+    """llama.cpp's quantize_row_q8_K: per 256 values iscale = -127 / max, max the value of the
+    largest magnitude (the first on ties), q = min(127, round(iscale * x)), ties to even,
+    d = 1 / iscale. Returns (q [M, K], d [M, K/256])."""
     blocks = x.float().reshape(x.shape[0], -1, 256)
     top = torch.gather(blocks, -1, blocks.abs().argmax(-1, keepdim=True))  # argmax: the first on ties
     iscale = -127.0 / top

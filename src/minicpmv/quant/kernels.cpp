@@ -72,7 +72,7 @@ constexpr int64_t kShareAbove = 8192;
 // than one sequential stream on an AMD Zen 4 host (bf16 28 against 32-34 GB/s, Q4_0 21 against 40
 // GB/s on [18944, 3584]), while on a Sapphire Rapids host they measured level from memory. The
 // best kBlock is the kernel's (the most rows whose sums still fit the registers, or nearly):
-// measured on [3584, 18944] from memory on Zen 4 (bench/RESULTS.md, "2026-12-07 (06:02-07:55 UTC)").
+// measured on [3584, 18944] from memory on Zen 4 (bench/RESULTS.md, "2026-12-07 (06:02-08:20 UTC)").
 template <int kBlock, typename Dot>
 void gemv_row_blocks(int64_t n, int64_t m, int64_t k, float* y, const Dot& dot) {
   if (k > kShareAbove) gemv_rows<kBlock>(n, m, y, dot);
@@ -845,9 +845,9 @@ at::Tensor q8_dequant(const at::Tensor& q, const at::Tensor& s, int64_t group, a
 // (byte 128 + 32h + l) >> 2p.
 constexpr int64_t kQ6Block = 210;
 
-// llama.cpp's Q8_K activations (quantize_row_q8_K): per 256 values d = max / -127, where max is
-// the value of the largest magnitude (the first on ties), q = min(127, x / d rounded to even), and
-// the sums of each 16 q. A block holding NaN or an infinity gets d = NaN, which the row's result
+// llama.cpp's Q8_K activations (quantize_row_q8_K): per 256 values iscale = -127 / max, where max
+// is the value of the largest magnitude (the first on ties), q = min(127, iscale * x rounded to
+// even), d = 1 / iscale, and the sums of each 16 q. A block holding NaN or an infinity gets d = NaN, which the row's result
 // then carries.
 struct Q8KBlocks {
   std::vector<int8_t> q;      // [M, K]
