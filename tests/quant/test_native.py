@@ -347,6 +347,8 @@ def test_kernels_reject_wrong_shapes_with_a_message() -> None:
         OPS.q4_gemv(torch.randn(96), torch.zeros(4, 48, dtype=torch.uint8), torch.ones(4, 3), None)
     with pytest.raises(RuntimeError, match="q8_gemv: expects x"):
         OPS.q8_gemv(torch.randn(64), torch.zeros(4, 64, dtype=torch.int8), torch.ones(4), 0)
+    with pytest.raises(RuntimeError, match="bf16_gemv: expects x"):
+        OPS.bf16_gemv(torch.randn(64).bfloat16(), torch.randn(4, 64).bfloat16())
     with pytest.raises(RuntimeError, match="K % 256 == 0"):
         OPS.q6k_gemv(torch.randn(1, 300), torch.zeros(4, 210, dtype=torch.uint8))
     with pytest.raises(RuntimeError, match="weight has 200 columns, expected 210"):

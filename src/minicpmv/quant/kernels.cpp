@@ -139,9 +139,14 @@ void group_sums(const int16_t* q, int64_t k, int64_t group, float scale, float* 
   }
 }
 
-void check_rows(const at::Tensor& x, const at::Tensor& w, int64_t k_per_row, const char* name) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, name, ": expects 2-D x and weight");
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), name, ": expects contiguous tensors");
+// x [M, K], contiguous: every kernel checks it before it reads x's sizes.
+void check_x(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), name, ": expects x [M, K], contiguous");
+}
+
+// A contiguous 2-D weight of k_per_row columns (k_per_row derived from x, checked before).
+void check_rows(const at::Tensor& w, int64_t k_per_row, const char* name) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), name, ": expects a contiguous 2-D weight");
   TORCH_CHECK(w.size(1) == k_per_row, name, ": weight has ", w.size(1), " columns, expected ", k_per_row);
 }
 
@@ -192,7 +197,8 @@ void dot_bf16(const uint16_t* w, int64_t stride, const uint16_t* x, int64_t k, f
 }
 
 at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w) {
-  check_rows(x, w, x.size(1), "bf16_gemv");
+  check_x(x, "bf16_gemv");
+  check_rows(w, x.size(1), "bf16_gemv");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16_gemv: expects bf16");
   const int64_t m = x.size(0), n = w.size(0), k = x.size(1);
   auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
@@ -332,9 +338,9 @@ void dot_q8_row(const int8_t* w, int64_t stride, const int16_t* x, int64_t k, fl
 }
 
 at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, int64_t group) {
-  TORCH_CHECK(x.dim() == 2, "q8_gemv: expects x [M, K]");
+  check_x(x, "q8_gemv");
   if (group == 0) {  // per output channel: s is [N]
-    check_rows(x, q, x.size(1), "q8_gemv");
+    check_rows(q, x.size(1), "q8_gemv");
     const int64_t m = x.size(0), n = q.size(0), k = x.size(1);
     TORCH_CHECK(k % 32 == 0 && q.scalar_type() == at::kChar && s.dim() == 1 && s.size(0) == n,
                 "q8_gemv: per-channel int8 needs K % 32 == 0, int8 weights and [N] scales");
@@ -351,7 +357,7 @@ at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
     return y;
   }
   TORCH_CHECK(group == 16, "q8_gemv: group must be 16 (0: per channel; groups of 32: q8_0_gemv)");
-  check_rows(x, q, x.size(1), "q8_gemv");
+  check_rows(q, x.size(1), "q8_gemv");
   const int64_t m = x.size(0), n = q.size(0), k = x.size(1), groups = k / group;
   TORCH_CHECK(k % group == 0 && s.is_contiguous() && s.size(0) == n && s.size(1) == groups, "q8_gemv: bad shapes");
   TORCH_CHECK(q.scalar_type() == at::kChar, "q8_gemv: expects int8 weights");
@@ -374,7 +380,7 @@ at::Tensor q8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
 
 // x [M, K] and chunked rows checked before either is read; returns chunked_half's answer.
 bool check_chunked(const at::Tensor& x, const at::Tensor& rows, int64_t b, const char* name, int64_t h = 1) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), name, ": expects x [M, K]");
+  check_x(x, name);
   return chunked_half(rows, x.size(1), b, name, h);
 }
 
@@ -685,9 +691,9 @@ at::Tensor q4z_gemv(const at::Tensor& x, const at::Tensor& rows) {
 }
 
 at::Tensor q4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const c10::optional<at::Tensor>& z) {
-  TORCH_CHECK(x.dim() == 2, "q4_gemv: expects x [M, K]");
+  check_x(x, "q4_gemv");
   const int64_t m = x.size(0), k = x.size(1), n = q.size(0), groups = s.size(1);
-  check_rows(x, q, k / 2, "q4_gemv");
+  check_rows(q, k / 2, "q4_gemv");
   TORCH_CHECK(k % 32 == 0 && q.scalar_type() == at::kByte && s.size(0) == n, "q4_gemv: expects uint8 nibbles [N, K/2], K % 32 == 0");
   const int shift = q4_shift(k, groups, "q4_gemv");
   const Scales sc = scales_of(s, "q4_gemv");
@@ -847,8 +853,8 @@ constexpr int64_t kQ6Block = 210;
 
 // llama.cpp's Q8_K activations (quantize_row_q8_K): per 256 values iscale = -127 / max, where max
 // is the value of the largest magnitude (the first on ties), q = min(127, iscale * x rounded to
-// even), d = 1 / iscale, and the sums of each 16 q. A block holding NaN or an infinity gets d = NaN, which the row's result
-// then carries.
+// even), d = 1 / iscale, and the sums of each 16 q. A block holding NaN or an infinity gets
+// d = NaN, which the row's result then carries.
 struct Q8KBlocks {
   std::vector<int8_t> q;      // [M, K]
   std::vector<int16_t> bsum;  // [M, K/16]
@@ -903,15 +909,20 @@ inline void q6_half(const uint8_t* block, int h, __m512i& q01, __m512i& q23) {
 // Q8_K blocks, out[r] = sum_b d_rb d_b sum_j sc_rbj (sum_{16 of j} q xq - 32 bsum_bj). The sums are
 // exact in int32: vpmaddubsw (q unsigned times xq: |2 * 63 * 127| < 2^15, no saturation), then
 // vpdpwssd with each pair's 8-bit scale; one float32 multiply-add per block.
+// Scale of each 16-bit lane i of the 64 weights hc = 2h + c of a block (h: half, c: parts 0|1 or
+// 2|3): the lane pairs weights 2i, 2i + 1, whose scale is 8h + 4c + i / 8.
+constexpr auto kQ6Pick = [] {
+  std::array<std::array<int16_t, 32>, 4> t{};
+  for (int hc = 0; hc < 4; ++hc)
+    for (int i = 0; i < 32; ++i) t[hc][i] = static_cast<int16_t>(4 * hc + i / 8);
+  return t;
+}();
+
 template <int R>
 void dot_q6k(const uint8_t* w, int64_t stride, const int8_t* xq, const int16_t* bsum, const float* xd,
              int64_t blocks, float* out) {
-  __m512i pick[4];  // 16-bit lane i of the 64 weights 2h + c: pair 2i, 2i + 1, scale 8h + 4c + i / 8
-  for (int hc = 0; hc < 4; ++hc) {
-    alignas(64) int16_t lanes[32];
-    for (int i = 0; i < 32; ++i) lanes[i] = static_cast<int16_t>(4 * hc + i / 8);
-    pick[hc] = _mm512_load_si512(lanes);
-  }
+  __m512i pick[4];
+  for (int hc = 0; hc < 4; ++hc) pick[hc] = _mm512_loadu_si512(kQ6Pick[hc].data());
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t blk = 0; blk < blocks; ++blk, w += kQ6Block, xq += 256, bsum += 16) {
@@ -945,10 +956,10 @@ void dot_q6k(const uint8_t* w, int64_t stride, const int8_t* xq, const int16_t* 
 constexpr int kQ6kRows = 8;
 
 at::Tensor q6k_gemv(const at::Tensor& x, const at::Tensor& q) {
-  TORCH_CHECK(x.dim() == 2, "q6k_gemv: expects x [M, K]");
+  check_x(x, "q6k_gemv");
   const int64_t m = x.size(0), k = x.size(1), n = q.size(0), blocks = k / 256;
   TORCH_CHECK(k % 256 == 0 && q.scalar_type() == at::kByte, "q6k_gemv: expects K % 256 == 0 and uint8 blocks");
-  check_rows(x, q, blocks * kQ6Block, "q6k_gemv");
+  check_rows(q, blocks * kQ6Block, "q6k_gemv");
   const Q8KBlocks xb = q8_k_blocks(x);
   auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
   const uint8_t* qp = q.data_ptr<uint8_t>();
