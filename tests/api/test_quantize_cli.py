@@ -174,9 +174,10 @@ def _vision_features(cm) -> torch.Tensor:
 @pytest.mark.parametrize("source", ["safetensors", "gguf"])
 def test_vision_weights_are_blocked_for_the_prefill_gemm_that_wins(monkeypatch: pytest.MonkeyPatch, gemm: str,
                                                                     source: str) -> None:
-    """Layers that never decode (vision tower, resampler) hold large weights in oneDNN's blocked
-    layout where oneDNN's GEMM is the faster prefill GEMM (the float32 one: plain weights); the
-    LLM's stay as the decode GEMV reads them. The features and the state dict are the plain ones."""
+    """Large weights are held in oneDNN's blocked layout where oneDNN's GEMM is the faster prefill
+    GEMM (the float32 one: plain weights), the vision tower's and resampler's and, where the native
+    blocked GEMV matches PyTorch's linear (every shape here), the LLM's. The features and the state
+    dict are the plain ones."""
     from minicpmv.quant import linear as L
     from minicpmv.quant import wide_gemm
 
@@ -192,9 +193,10 @@ def test_vision_weights_are_blocked_for_the_prefill_gemm_that_wins(monkeypatch: 
         wide_gemm.gemm_choice.cache_clear()
     vision = [m for p in (cm.model.vpm, cm.model.resampler) for m in p.modules() if isinstance(m, PackedLinear)]
     blocked = {m.weight.layout == torch._mkldnn for m in vision}
-    assert vision and blocked == {gemm == "onednn" or not L._bf16_native(torch.device("cpu"))}
+    expected = {gemm == "onednn" or not L._bf16_native(torch.device("cpu"))}
+    assert vision and blocked == expected
     llm = [m for m in cm.model.llm.modules() if isinstance(m, PackedLinear)]
-    assert llm and {m.weight.layout == torch._mkldnn for m in llm} == {not L._bf16_native(torch.device("cpu"))}
+    assert llm and {m.weight.layout == torch._mkldnn for m in llm} == expected
     torch.testing.assert_close(_vision_features(cm), _vision_features(plain), rtol=2**-7, atol=2**-7)
     for a, b in zip(cm.model.vpm.state_dict().items(), plain.model.vpm.state_dict().items(), strict=True):
         assert a[0] == b[0] and torch.equal(a[1], b[1])

@@ -340,6 +340,72 @@ def test_unprepared_quant_linear_casts_its_buffers() -> None:
 
 
 @needs_onednn_bf16
+@pytest.mark.skipif(not linear_mod._bf16_native(torch.device("cpu")), reason="no native bf16 GEMV here")
+@pytest.mark.parametrize("n, k", [(1024, 1024), (640, 1700)])  # 2^20 weights and more
+def test_large_decoding_weight_is_blocked_and_keeps_pytorchs_bits(monkeypatch: pytest.MonkeyPatch, n: int,
+                                                                   k: int) -> None:
+    """Where oneDNN's GEMM is the faster prefill GEMM, a large weight of a decoding layer is held
+    blocked: decode steps (the native blocked GEMV) give ``F.linear``'s bits row by row and batched
+    equal to single, prefill rows too (oneDNN's GEMM without its per-call reorder); ``state_dict``
+    gives the plain weight back. Where the float32 GEMM wins, the weight stays plain."""
+    from minicpmv.quant import wide_gemm
+
+    def packed_for(choice: str) -> PackedLinear:
+        monkeypatch.setenv("MINICPMV_BF16_GEMM", choice)
+        wide_gemm.gemm_choice.cache_clear()
+        try:
+            return PackedLinear(lin)
+        finally:
+            wide_gemm.gemm_choice.cache_clear()
+
+    torch.manual_seed(n)
+    lin = nn.Linear(k, n, dtype=torch.bfloat16)
+    assert packed_for("fp32").weight.layout == torch.strided
+    packed = packed_for("onednn")
+    assert packed.weight.layout == torch._mkldnn
+    x, prompt = torch.randn(5, k, dtype=torch.bfloat16), torch.randn(1, 16, k, dtype=torch.bfloat16)
+    with torch.no_grad():
+        steps = [packed(x[i : i + 1]) for i in range(5)]  # with the layer's bias
+        assert all(torch.equal(s, lin(x[i : i + 1])) for i, s in enumerate(steps))
+        assert torch.equal(packed(x), torch.cat(steps))
+        assert torch.equal(packed(prompt), lin(prompt))
+    assert torch.equal(packed.state_dict()["weight"], lin.weight)
+
+
+@needs_onednn_bf16
+@pytest.mark.skipif(not linear_mod._bf16_native(torch.device("cpu")), reason="no native bf16 GEMV here")
+def test_weight_stays_plain_where_the_blocked_gemv_differs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blocked GEMV off on one output of one row (as another summation order is, on a rare
+    tie) fails the shape's check: weights of that shape stay plain (the plain GEMV)."""
+    from minicpmv.quant import native, wide_gemm
+
+    real = native.ops()
+
+    class OneOff:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def bf16_blocked_gemv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            y = real.bf16_blocked_gemv(x, w)
+            y[-1, -1] += 0.05 * (1 + y[-1, -1].abs())  # the last output of the last row
+            return y
+
+    monkeypatch.setattr(native, "ops", lambda: OneOff())
+    monkeypatch.setattr(linear_mod, "_BLOCKED_CHECKED", {})
+    monkeypatch.setenv("MINICPMV_BF16_GEMM", "onednn")
+    wide_gemm.gemm_choice.cache_clear()
+    try:
+        lin = nn.Linear(1024, 1100, dtype=torch.bfloat16)
+        packed = PackedLinear(lin)
+    finally:
+        wide_gemm.gemm_choice.cache_clear()
+    assert packed.weight.layout == torch.strided and linear_mod._BLOCKED_CHECKED == {(1100, 1024): False}
+    x = torch.randn(2, 1024, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert _rel(packed(x), F.linear(x.float(), lin.weight.float(), lin.bias.float())) < 2**-7
+
+
+@needs_onednn_bf16
 def test_packed_linear_unpacks_when_cast_and_packs_again() -> None:
     torch.manual_seed(0)
     lin = nn.Linear(256, 96, dtype=torch.bfloat16)

@@ -41,6 +41,42 @@ def test_bf16_gemv_sums_in_float32(m: int, k: int) -> None:
     assert y.dtype == torch.float32 and _rel(y, x.double() @ w.double().t()) < 1e-6
 
 
+needs_blocked = pytest.mark.skipif(
+    OPS is None or not L.can_prepack(torch.bfloat16, "cpu"), reason="no native kernels or no oneDNN bf16"
+)
+
+
+@needs_blocked
+@pytest.mark.parametrize("n, k", [(1, 2), (3, 1), (65, 95), (130, 97), (64 * 13 + 5, 1000), (900, 1536), (700, 1700)])
+def test_bf16_blocked_gemv_gives_pytorchs_linear_bits(n: int, k: int) -> None:
+    """On a weight in oneDNN's blocked layout every output is summed as PyTorch's bf16 linear sums
+    a single row (oneDNN's order: one chain per 512 values of K): equal after the bf16 rounding,
+    row by row, whatever the batch and wherever the rows fall among the blocks read together.
+    N and K off the layout's multiples of 64 and 32 (its zero padding), K over several chains.
+    (K of 64 and less: oneDNN rounds some rare outputs otherwise; the layers check each shape.)"""
+    g = torch.Generator().manual_seed(n + k)
+    w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
+    x = torch.randn(32, k, generator=g).bfloat16()  # rows enough that another order shows in ties
+    blocked = torch.ops.mkldnn._reorder_linear_weight(w, None)
+    y = OPS.bf16_blocked_gemv(x, blocked)  # [32, n] float32
+    assert y.dtype == torch.float32 and y.shape == (32, n)
+    assert torch.equal(y.bfloat16(), torch.cat([F.linear(x[i : i + 1], w) for i in range(32)]))
+    for i in (0, 5):  # batched = single
+        assert torch.equal(OPS.bf16_blocked_gemv(x[i : i + 1].contiguous(), blocked), y[i : i + 1])
+
+
+@needs_blocked
+def test_bf16_blocked_gemv_rejects_other_weights_with_a_message() -> None:
+    w = torch.randn(64, 96).bfloat16()
+    with pytest.raises(RuntimeError, match="bf16_blocked_gemv: expects a 2-D bf16 oneDNN"):
+        OPS.bf16_blocked_gemv(torch.randn(1, 96).bfloat16(), w)  # a plain weight
+    blocked = torch.ops.mkldnn._reorder_linear_weight(w, None)
+    with pytest.raises(RuntimeError, match=r"bf16_blocked_gemv: expects bf16 x \[M, 96\]"):
+        OPS.bf16_blocked_gemv(torch.randn(1, 64).bfloat16(), blocked)
+    with pytest.raises(RuntimeError, match="bf16_blocked_gemv: expects x"):
+        OPS.bf16_blocked_gemv(torch.randn(96).bfloat16(), blocked)
+
+
 @needs_native
 @pytest.mark.parametrize("group, k", [(16, 48), (16, 256), (32, 96), (32, 512), (32, 1184)])  # odd group counts too
 @pytest.mark.parametrize("half", [False, True])

@@ -5,6 +5,8 @@
 // reading each block of weight rows from memory once for all M rows, split over rows of W with
 // ATen's thread pool.
 // * bf16_gemv: bf16 weights and activations, products summed in float32 (vdpbf16ps).
+// * bf16_blocked_gemv: the same on a weight held in oneDNN's blocked layout (a PyTorch mkldnn
+//   tensor), summed in the order of oneDNN's matmul for one row of x.
 // * q8_gemv: int8 weights with one float32 scale per 16 weights of a row, or per row.
 // * q8_0_gemv: int8 weights with one scale per 32 (GGUF's Q8_0), scales and values chunked per 16
 //   groups (one stream per row).
@@ -39,6 +41,12 @@
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VNNI__) || !defined(__AVX512BF16__)
 #error "minicpmv native kernels need AVX-512 F, BW, VNNI and BF16"
 #endif
+
+namespace at::native {  // exported by libtorch_cpu but declared in no installed header; weak, so that
+// a PyTorch without them still loads this library (bf16_blocked_gemv then refuses to run)
+__attribute__((weak)) void* data_ptr_from_mkldnn(const at::Tensor& t);
+__attribute__((weak)) int64_t nbytes_from_mkldnn(const at::Tensor& t);
+}  // namespace at::native
 
 namespace {
 
@@ -173,7 +181,8 @@ Scales scales_of(const at::Tensor& s, const char* name) {
 
 // R rows of bf16 weights (`stride` elements apart) against one bf16 row x: out[r] = sum_k w_rk x_k,
 // each row summed in two float32 chains (alternate 32-wide chunks; the tail in the first), an
-// order that gives PyTorch's bf16 linear bit for bit on the layers of the recorded checkpoints.
+// order that gives PyTorch's bf16 linear bit for bit on the small layers of the recorded
+// checkpoints (large ones PyTorch sums in oneDNN's order: bf16_blocked_gemv).
 template <int R>
 void dot_bf16(const uint16_t* w, int64_t stride, const uint16_t* x, int64_t k, float* out) {
   __m512 a0[R], a1[R];
@@ -1000,10 +1009,97 @@ at::Tensor q6k_dequant(const at::Tensor& q, int64_t k, at::ScalarType dtype) {
   return o.t.scalar_type() == dtype ? o.t : o.t.to(dtype);
 }
 
+// ---------------------------------------------------------------------------------------------
+// bf16 weights in oneDNN's blocked layout
+// ---------------------------------------------------------------------------------------------
+// The layout PyTorch's _reorder_linear_weight gives a bf16 weight [N, K] on AVX-512 BF16 CPUs:
+// blocks of 64 rows, each [Kp/2][64][2] (value pair 2p, 2p + 1 of the block's 64 rows side by
+// side), K padded with zeros to Kp, a multiple of 32, and N to a multiple of 64. quant/linear.py
+// holds a weight this way only after checking this kernel against PyTorch's linear on it.
+// bf16_blocked_gemv sums every output as oneDNN's matmul does for a single row of x (PyTorch's bf16
+// linear while decoding): one float32 vdpbf16ps chain over the pairs of each 512 values of K,
+// the chains added in K order.
+constexpr int64_t kBlockRows = 64, kBlockPadK = 32, kChainPairs = 256;
+
+struct BlockedBf16 {
+  const uint16_t* w;
+  int64_t n, k, kp;
+};
+
+int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+BlockedBf16 blocked_bf16(const at::Tensor& w, const char* name) {
+  TORCH_CHECK(at::native::data_ptr_from_mkldnn != nullptr && at::native::nbytes_from_mkldnn != nullptr, name,
+              ": this PyTorch does not give access to oneDNN tensors' memory");
+  TORCH_CHECK(w.is_mkldnn() && w.dim() == 2 && w.scalar_type() == at::kBFloat16, name,
+              ": expects a 2-D bf16 oneDNN (mkldnn) weight");
+  const int64_t n = w.size(0), k = w.size(1), kp = round_up(k, kBlockPadK);
+  TORCH_CHECK(at::native::nbytes_from_mkldnn(w) == round_up(n, kBlockRows) * kp * 2, name,
+              ": the weight is not laid out as [N/64][K/2][64][2]");
+  return {static_cast<const uint16_t*>(at::native::data_ptr_from_mkldnn(w)), n, k, kp};
+}
+
+// total[16 j + l] += the chain of row 16 j + l (of B blocks `stride` values apart) over pairs
+// [p0, p1) of x (p1 - p0 <= kChainPairs), the chain started at zero.
+template <int B>
+void blocked_chain(const uint16_t* w, int64_t stride, int64_t p0, int64_t p1, const uint32_t* x, float* total) {
+  __m512 chain[4 * B];
+  for (auto& c : chain) c = _mm512_setzero_ps();
+  for (int64_t p = p0; p < p1; ++p) {
+    const __m512bh xp = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[p]));
+    for (int b = 0; b < B; ++b)
+      for (int g = 0; g < 4; ++g)  // rows 16 g .. 16 g + 15 of block b, pair p
+        chain[4 * b + g] = _mm512_dpbf16_ps(chain[4 * b + g], (__m512bh)_mm512_loadu_si512(w + b * stride + p * 128 + 32 * g), xp);
+  }
+  for (int j = 0; j < 4 * B; ++j) _mm512_storeu_ps(total + 16 * j, _mm512_add_ps(_mm512_loadu_ps(total + 16 * j), chain[j]));
+}
+
+// Blocks read together (their rows' chains side by side: more streams from memory at once).
+constexpr int kBlocksTogether = 6;
+
+// Every row of x (M rows of `pairs` pairs) against `blocks` (<= kBlocksTogether) blocks: total [M, blocks * 64].
+template <int B = kBlocksTogether>
+void blocked_group(int blocks, const uint16_t* w, int64_t stride, int64_t pairs, const uint32_t* x, int64_t m,
+                   float* total) {
+  if constexpr (B > 1) {
+    if (blocks < B) return blocked_group<B - 1>(blocks, w, stride, pairs, x, m, total);
+  }
+  for (int64_t p0 = 0; p0 < pairs; p0 += kChainPairs)  // each chunk of the blocks read for all rows while in cache
+    for (int64_t i = 0; i < m; ++i)
+      blocked_chain<B>(w, stride, p0, std::min(p0 + kChainPairs, pairs), x + i * pairs,
+                       total + i * B * kBlockRows);
+}
+
+at::Tensor bf16_blocked_gemv(const at::Tensor& x, const at::Tensor& w) {
+  check_x(x, "bf16_blocked_gemv");
+  const BlockedBf16 bw = blocked_bf16(w, "bf16_blocked_gemv");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.size(1) == bw.k, "bf16_blocked_gemv: expects bf16 x [M, ", bw.k, "]");
+  const int64_t m = x.size(0), n = bw.n, kp = bw.kp, stride = kBlockRows * kp;
+  std::vector<uint16_t> xpad(m * kp, 0);  // x's rows padded with zeros like K
+  for (int64_t i = 0; i < m; ++i)
+    std::memcpy(xpad.data() + i * kp, x.data_ptr<at::BFloat16>() + i * bw.k, bw.k * sizeof(uint16_t));
+  const auto* xp = reinterpret_cast<const uint32_t*>(xpad.data());
+  auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, round_up(n, kBlockRows) / kBlockRows, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> total(m * kBlocksTogether * kBlockRows);
+    for (int64_t ob = lo; ob < hi; ob += kBlocksTogether) {
+      const int blocks = static_cast<int>(std::min<int64_t>(kBlocksTogether, hi - ob));
+      std::fill(total.begin(), total.end(), 0.f);
+      blocked_group(blocks, bw.w + ob * stride, stride, kp / 2, xp, m, total.data());
+      const int64_t first = ob * kBlockRows, count = std::min(n - first, blocks * kBlockRows);
+      for (int64_t i = 0; i < m; ++i)
+        std::memcpy(yp + i * n + first, total.data() + i * blocks * kBlockRows, count * sizeof(float));
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(minicpmv_native, lib) {
   lib.def("bf16_gemv(Tensor x, Tensor w) -> Tensor", &bf16_gemv);
+  lib.def("bf16_blocked_gemv(Tensor x, Tensor w) -> Tensor", &bf16_blocked_gemv);
   lib.def("q8_gemv(Tensor x, Tensor q, Tensor s, int group) -> Tensor", &q8_gemv);
   lib.def("q4_gemv(Tensor x, Tensor q, Tensor s, Tensor? z) -> Tensor", &q4_gemv);
   lib.def("q4_0_gemv(Tensor x, Tensor rows) -> Tensor", &q4_0_gemv);

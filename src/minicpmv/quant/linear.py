@@ -739,14 +739,17 @@ class QuantLinear(nn.Module):
 class PackedLinear(nn.Linear):
     """An inference-only bf16 ``nn.Linear`` for CPUs, faster than ``F.linear`` at decoding.
 
-    Where this package's native kernels exist (``quant/native.py``), the weight stays plain and
-    up to ``NATIVE_MAX_ROWS`` rows go through the native bf16 GEMV (prefill: oneDNN's bf16 GEMM or
-    float32 MKL, whichever ``quant/wide_gemm.py`` measured faster on this CPU).
-    Elsewhere the weight is reordered once into oneDNN's blocked layout; so is a large weight of a
-    layer that never decodes (``decodes=False``: the vision tower and resampler, which see
-    hundreds of rows a call) where oneDNN's GEMM is the faster one: its GEMM then skips the
-    reorder of every call (7% of an image's encoding). Results equal the plain
-    layer's up to the order of float32 sums. ``state_dict`` gives the plain weight back. Moving or
+    A large weight (``GEMM_ONLY_PACK_WEIGHTS`` values and more) is reordered once into oneDNN's
+    blocked layout where oneDNN's GEMM is the faster prefill GEMM (``quant/wide_gemm.py``): every
+    GEMM then skips the reorder it would do per call (3-5% of a prompt's prefill, 7% of an image's
+    encoding), with the same bits. Up to ``NATIVE_MAX_ROWS`` rows (decoding) on such a weight go
+    through the native blocked GEMV, which sums as PyTorch's bf16 linear sums one row (oneDNN's
+    order) and reads the blocked layout faster than the plain one; that layout is used only for
+    the shapes where the GEMV was checked equal to ``F.linear`` (``_blocked_gemv_matches``).
+    Other weights stay plain for the native bf16 GEMV where the native kernels exist (prefill:
+    oneDNN or float32 MKL), or are blocked where oneDNN is all there is. Layers that never decode
+    (``decodes=False``: the vision tower and resampler) skip the GEMV check. Results equal the
+    plain layer's up to the order of float32 sums. ``state_dict`` gives the plain weight back. Moving or
     casting the layer (``.to``, ``.float()``, ``.cuda()``) unpacks the weight first and packs it
     again only where packing applies (bf16 on a CPU); elsewhere the layer runs as a plain
     ``F.linear``.
@@ -761,15 +764,22 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if w.layout == torch._mkldnn:  # type: ignore[attr-defined]
-            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [-1], "")
         rows = x.numel() // self.in_features
-        if 0 < rows <= NATIVE_MAX_ROWS and x.dtype == w.dtype == torch.bfloat16 and _bf16_native(w.device):
-            y = native.ops().bf16_gemv(x.reshape(rows, -1).contiguous(), w)  # [rows, N] float32
-            if self.bias is not None:  # added before the one rounding to bf16, as a fused GEMM does
-                y = y + self.bias.float()
-            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        decoding = 0 < rows <= NATIVE_MAX_ROWS and x.dtype == torch.bfloat16 and _bf16_native(w.device)
+        if w.layout == torch._mkldnn:  # type: ignore[attr-defined]
+            if decoding and self.decodes:
+                return self._rounded(native.ops().bf16_blocked_gemv(x.reshape(rows, -1).contiguous(), w), x)
+            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [-1], "")
+        if decoding and w.dtype == torch.bfloat16:
+            return self._rounded(native.ops().bf16_gemv(x.reshape(rows, -1).contiguous(), w), x)
         return prefill_linear(x, w, self.bias)  # bf16 on a CPU: oneDNN or float32 MKL, the faster
+
+    def _rounded(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A native GEMV's float32 [rows, N] as the layer's output: the bias added before the one
+        rounding to bf16, as PyTorch's fused linear does."""
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn: Any, recurse: bool = True) -> PackedLinear:
         if _moved(fn, self.weight.dtype, self.weight.device) is None:  # nothing changes: stay packed
@@ -785,25 +795,58 @@ class PackedLinear(nn.Linear):
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
 
-# Weights of layers that never decode are oneDNN-blocked from this size on (smaller: no gain
-# worth a layout that differs from the plain weight's GEMM).
+# Weights are oneDNN-blocked from this size on where the native kernels exist (smaller: no gain
+# worth a layout that differs from the plain weight's; the recorded checkpoints' layers stay plain).
 GEMM_ONLY_PACK_WEIGHTS = 2**20
 
 
 def packed_weight(w: torch.Tensor, *, decodes: bool = True) -> torch.Tensor:
-    """A dense weight in the layout its fastest kernel reads: plain for the native bf16 GEMV,
-    oneDNN-blocked where only oneDNN applies (and, for a large weight of a layer that never
-    decodes, where oneDNN's GEMM is the faster prefill GEMM), unchanged elsewhere."""
+    """A dense weight in the layout its fastest kernels read: oneDNN-blocked where only oneDNN
+    applies, or where the weight is large, oneDNN's GEMM is the faster prefill GEMM and (for a
+    layer that decodes) the native blocked GEMV is checked on this shape; plain for the native
+    bf16 GEMV otherwise; unchanged for other dtypes and devices."""
     if w.layout == torch._mkldnn:  # type: ignore[attr-defined] - blocked already (by the loader)
         return w
     if w.dtype != torch.bfloat16:
         return w.contiguous()
     if not can_prepack(w.dtype, w.device):
         return w.contiguous() if _bf16_native(w.device) else w
-    gemm_only = not decodes and w.numel() >= GEMM_ONLY_PACK_WEIGHTS and gemm_choice() == "onednn"
-    if _bf16_native(w.device) and not gemm_only:
+    if not _bf16_native(w.device):
+        return torch.ops.mkldnn._reorder_linear_weight(w, None)
+    if w.numel() < GEMM_ONLY_PACK_WEIGHTS or gemm_choice() != "onednn":
         return w.contiguous()
-    return torch.ops.mkldnn._reorder_linear_weight(w, None)
+    blocked = torch.ops.mkldnn._reorder_linear_weight(w, None)
+    return blocked if not decodes or _blocked_gemv_matches(w, blocked) else w.contiguous()
+
+
+_BLOCKED_CHECKED: dict[tuple[int, int], bool] = {}
+_CHECKED_OUTPUTS = 2**16  # outputs compared per shape (rows of x times N): enough to meet the rare
+# ties where two summation orders round to different bf16 values
+
+
+def _blocked_gemv_matches(w: torch.Tensor, blocked: torch.Tensor) -> bool:
+    """Whether the native blocked GEMV gives ``F.linear``'s bits on weights of ``w``'s shape
+    (checked once per shape, on the first such weight): rows of x alone (3 to 64, with a bias)
+    and together, and oneDNN's GEMM on ``blocked`` equal to the plain weight's for 16 rows."""
+    shape = (w.shape[0], w.shape[1])
+    if shape not in _BLOCKED_CHECKED:
+        g = torch.Generator().manual_seed(0)
+        rows = min(64, max(3, -(-_CHECKED_OUTPUTS // shape[0])))  # decode rows compared
+        x = torch.randn(max(rows, 16), shape[1], generator=g).bfloat16()  # [rows or 16, K]
+        bias = torch.randn(shape[0], generator=g).bfloat16()  # [N]
+        try:
+            y = (native.ops().bf16_blocked_gemv(x[:rows], blocked) + bias.float()).bfloat16()  # [rows, N]
+        except RuntimeError as e:
+            log.info("native blocked bf16 GEMV unavailable (%s)", e)
+            y = None
+        ok = y is not None and torch.equal(y, torch.cat([F.linear(x[i : i + 1], w, bias) for i in range(rows)]))
+        ok = ok and torch.equal(
+            torch.ops.mkldnn._linear_pointwise(x[:16], blocked, bias, "none", [-1], ""), F.linear(x[:16], w, bias)
+        )
+        if not ok:
+            log.info("bf16 weights %s stay plain: the blocked GEMV differs from PyTorch's linear here", list(shape))
+        _BLOCKED_CHECKED[shape] = ok
+    return _BLOCKED_CHECKED[shape]
 
 
 @functools.cache
