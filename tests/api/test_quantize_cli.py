@@ -185,9 +185,9 @@ def test_vision_weights_are_blocked_for_the_prefill_gemm_that_wins(monkeypatch: 
     monkeypatch.setenv("MINICPMV_BF16_GEMM", gemm)
     wide_gemm.gemm_choice.cache_clear()
     try:
-        monkeypatch.setattr(L, "GEMM_ONLY_PACK_WEIGHTS", 0)  # the tiny weights count as large
+        monkeypatch.setattr(L, "BLOCKED_FROM_VALUES", 0)  # the tiny weights count as large
         cm = minicpmv.load(path, dtype="bfloat16")
-        monkeypatch.setattr(L, "GEMM_ONLY_PACK_WEIGHTS", 2**62)  # none does: every vision weight plain
+        monkeypatch.setattr(L, "BLOCKED_FROM_VALUES", 2**62)  # none does: every weight plain
         plain = minicpmv.load(path, dtype="bfloat16")
     finally:
         wide_gemm.gemm_choice.cache_clear()

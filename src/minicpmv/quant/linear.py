@@ -739,7 +739,7 @@ class QuantLinear(nn.Module):
 class PackedLinear(nn.Linear):
     """An inference-only bf16 ``nn.Linear`` for CPUs, faster than ``F.linear`` at decoding.
 
-    A large weight (``GEMM_ONLY_PACK_WEIGHTS`` values and more) is reordered once into oneDNN's
+    A large weight (``BLOCKED_FROM_VALUES`` values and more) is reordered once into oneDNN's
     blocked layout where oneDNN's GEMM is the faster prefill GEMM (``quant/wide_gemm.py``): every
     GEMM then skips the reorder it would do per call (3-5% of a prompt's prefill, 7% of an image's
     encoding), with the same bits. Up to ``NATIVE_MAX_ROWS`` rows (decoding) on such a weight go
@@ -797,7 +797,7 @@ class PackedLinear(nn.Linear):
 
 # Weights are oneDNN-blocked from this size on where the native kernels exist (smaller: no gain
 # worth a layout that differs from the plain weight's; the recorded checkpoints' layers stay plain).
-GEMM_ONLY_PACK_WEIGHTS = 2**20
+BLOCKED_FROM_VALUES = 2**20
 
 
 def packed_weight(w: torch.Tensor, *, decodes: bool = True) -> torch.Tensor:
@@ -813,7 +813,7 @@ def packed_weight(w: torch.Tensor, *, decodes: bool = True) -> torch.Tensor:
         return w.contiguous() if _bf16_native(w.device) else w
     if not _bf16_native(w.device):
         return torch.ops.mkldnn._reorder_linear_weight(w, None)
-    if w.numel() < GEMM_ONLY_PACK_WEIGHTS or gemm_choice() != "onednn":
+    if w.numel() < BLOCKED_FROM_VALUES or gemm_choice() != "onednn":
         return w.contiguous()
     blocked = torch.ops.mkldnn._reorder_linear_weight(w, None)
     return blocked if not decodes or _blocked_gemv_matches(w, blocked) else w.contiguous()
