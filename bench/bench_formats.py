@@ -10,8 +10,14 @@ q8_0 and q4_0. For each file, in ``--rounds`` interleaved rounds:
   weights exact, multiplied at decode with Q8_0 activation blocks as llama.cpp multiplies them),
   ``--prompt`` prompt positions prefilled (timed after a warm-up prefill, as llama-bench times its
   prefill; the first prefill of the process is printed too), then ``--tokens`` decode steps with the engine;
-* llama.cpp: ``llama-bench -m FILE -p PROMPT -n TOKENS -d PROMPT -t THREADS`` (prefill of the prompt,
-  decode after a prompt of the same depth), when ``LLAMA_BENCH`` names an already-built binary.
+* llama.cpp: ``llama-bench -m FILE -p PROMPT -n TOKENS -d PROMPT -t THREADS -r REPS`` (prefill of
+  the prompt, decode after a prompt of the same depth), when ``LLAMA_BENCH`` names an already-built
+  binary.
+
+``--reps`` (default 1) times that many prefills and decodes on both sides after the warm-up and
+takes their mean, as llama-bench's ``-r`` does (its own default is 5): with 1, a host that is
+still busy right after our process wrote its weights (a VM's steal time, seen in the first
+seconds after a load) weighs on the one timed prefill.
 
 Each of our runs is a fresh process (as a user's is; llama-bench's are too). Prints tok/s per
 round and the range over rounds, and our/llama.cpp ratios: each round's ratio (the two ran back
@@ -119,12 +125,13 @@ def load_ours(model: nn.Module, path: Path, requantize: str | None) -> None:
     gc.collect()
 
 
-def ours(model: nn.Module, prompt: int, tokens: int) -> tuple[float, float, float]:
+def ours(model: nn.Module, prompt: int, tokens: int, reps: int = 1) -> tuple[float, float, float]:
     """(prefill tok/s, decode tok/s, first prefill tok/s) of the engine on ``model.llm``. Like
-    llama-bench, which runs a warm-up before it measures, the timed prefill is the second of the
-    process (the first, into a throwaway cache, pays one-time costs: oneDNN's kernel creation,
-    and on a machine's first run the GEMM probe of ``quant/wide_gemm.py``); its rate is the third
-    value."""
+    llama-bench, which runs a warm-up before it measures, the timed prefills come after one (the
+    first, into a throwaway cache, pays one-time costs: oneDNN's kernel creation, and on a
+    machine's first run the GEMM probe of ``quant/wide_gemm.py``; its rate is the third value).
+    ``reps`` repetitions as llama-bench's ``-r``: the mean of the prefill rates, then of the decode
+    rates, each decode after a prompt of the same length in a new cache."""
     from minicpmv.engine.generate import generate_steps, prefill_positions
     from minicpmv.engine.kv_cache import KVCache
     from minicpmv.engine.sampling import SamplingParams
@@ -132,34 +139,47 @@ def ours(model: nn.Module, prompt: int, tokens: int) -> tuple[float, float, floa
     llm = model.llm
     g = torch.Generator().manual_seed(1)
     emb = (torch.randn(1, prompt, llm.config.hidden_size, generator=g) * 0.02).to(torch.bfloat16)
-    cache = KVCache.for_model(model, 1)
     mask = torch.ones(1, prompt, dtype=torch.long)
+    params = SamplingParams(max_new_tokens=tokens + 1, min_new_tokens=tokens + 1)
+    pps, tgs = [], []
     with torch.inference_mode():
         t = time.perf_counter()
         model(emb, prefill_positions(mask), mask, cache=KVCache.for_model(model, 1))  # the warm-up
         first = prompt / (time.perf_counter() - t)
-        t = time.perf_counter()
-        model(emb, prefill_positions(mask), mask, cache=cache)
-        pp = prompt / (time.perf_counter() - t)
-        step = model.embed_tokens(torch.zeros(1, 1, dtype=torch.long))
-        params = SamplingParams(max_new_tokens=tokens + 1, min_new_tokens=tokens + 1)
-        it = generate_steps(model, step, None, params, cache=cache)
-        next(it)
-        t = time.perf_counter()
-        for _ in it:
-            pass
-        tg = tokens / (time.perf_counter() - t)
-    return pp, tg, first
+        for _ in range(reps):
+            cache = KVCache.for_model(model, 1)
+            t = time.perf_counter()
+            model(emb, prefill_positions(mask), mask, cache=cache)
+            pps.append(prompt / (time.perf_counter() - t))
+        for r in range(reps):
+            if r:  # llama-bench's -d: a prompt of the same depth before each timed decode
+                cache = KVCache.for_model(model, 1)
+                model(emb, prefill_positions(mask), mask, cache=cache)
+            step = model.embed_tokens(torch.zeros(1, 1, dtype=torch.long))
+            it = generate_steps(model, step, None, params, cache=cache)
+            next(it)
+            t = time.perf_counter()
+            for _ in it:
+                pass
+            tgs.append(tokens / (time.perf_counter() - t))
+    return statistics.mean(pps), statistics.mean(tgs), first
 
 
-def theirs(binary: str, path: Path, prompt: int, tokens: int, threads: int) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) reported by llama-bench for ``path``."""
-    cmd = [binary, "-m", str(path), "-p", str(prompt), "-n", "0", "-t", str(threads), "-r", "1", "-o", "json"]
+def theirs(binary: str, path: Path, prompt: int, tokens: int, threads: int, reps: int = 1) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) reported by llama-bench for ``path`` (``-r reps``: the mean)."""
+    cmd = [binary, "-m", str(path), "-p", str(prompt), "-n", "0", "-t", str(threads), "-r", str(reps), "-o", "json"]
     pp = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)[0]["avg_ts"]
-    cmd = [binary, "-m", str(path), "-p", "0", "-n", str(tokens), "-d", str(prompt), "-t", str(threads), "-r", "1",
-           "-o", "json"]
+    cmd = [binary, "-m", str(path), "-p", "0", "-n", str(tokens), "-d", str(prompt), "-t", str(threads),
+           "-r", str(reps), "-o", "json"]
     tg = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)[0]["avg_ts"]
     return float(pp), float(tg)
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=_positive, default=1,
+                    help="timed repetitions per round on both sides, their mean (llama-bench's -r)")
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--workdir", default=None, help="where the GGUF files go (default: a temp dir)")
     args = ap.parse_args(argv)
@@ -198,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs = [(name, functools.partial(_ours_fresh, args, files[fmt], requant))]
                 if binary and requant is None:
                     runs.append((f"llama.cpp {fmt}", functools.partial(
-                        theirs, binary, files[fmt], args.prompt, args.tokens, args.threads)))
+                        theirs, binary, files[fmt], args.prompt, args.tokens, args.threads, args.reps)))
                 for who, run in runs[::-1] if r % 2 else runs:  # even rounds llama.cpp first: drift favours neither
                     rows.setdefault(who, []).append(run())
             done = "; ".join(f"{k} {v[-1][1]:.1f}" for k, v in rows.items())
@@ -212,7 +234,8 @@ def _ours_fresh(args: Any, path: Path, requant: str | None) -> tuple[float, ...]
     writing the files (and the other variants) does not decide whether the weights get 2 MB pages."""
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import torch, bench_formats as b; "
             f"torch.set_num_threads({args.threads}); m = b._skeleton({args.dims!r}, {args.layers}); "
-            f"b.load_ours(m, b.Path({str(path)!r}), {requant!r}); print(*b.ours(m, {args.prompt}, {args.tokens}))")
+            f"b.load_ours(m, b.Path({str(path)!r}), {requant!r}); "
+            f"print(*b.ours(m, {args.prompt}, {args.tokens}, {args.reps}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     return float(out[-3]), float(out[-2]), float(out[-1])
 
