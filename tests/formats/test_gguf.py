@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,29 @@ def test_float_tensors_are_read_as_stored_with_the_values_of_the_float32_path(qt
         assert torch.equal(got.float(), want) and torch.equal(entry.to_float(), want)
     small = x[1:]  # (Q8_0 of 3e38 would overflow its float16 scale)
     assert GGUFTensor(quantize(small, T.Q8_0), T.Q8_0, small.shape).as_stored().dtype == torch.float32
+
+
+@pytest.mark.parametrize("qtype", [T.F32, T.BF16, T.Q6_K])
+def test_tensors_read_off_a_read_only_map_are_copies(qtype: T, tmp_path: Path) -> None:
+    """A tensor made from a file's read-only map (as ``GGUFReader`` maps it) is the loader's own
+    copy: equal values, writable, sharing no memory with the map, made without a warning."""
+    x = np.random.default_rng(4).standard_normal((8, 256)).astype(np.float32)
+    path = tmp_path / "blocks.bin"
+    data = quantize(x, qtype)
+    data.tofile(path)
+    mapped = np.memmap(path, dtype=data.dtype, mode="r", shape=data.shape)  # the reader's dtype and shape
+    rows = np.array([1, 0, 3, 2, 5, 4, 7, 6])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for gather in (None, rows):
+            entry = GGUFTensor(mapped, qtype, x.shape, gather)
+            got = entry.int8()["qweight"] if qtype == T.Q6_K else entry.as_stored()
+            ref = data.reshape(8, -1) if qtype == T.Q6_K else dequantize(data, qtype).reshape(x.shape)
+            ref = ref if gather is None else ref[gather]
+            assert torch.equal(got if qtype == T.Q6_K else got.float(), torch.from_numpy(np.array(ref)))
+            raw = got.view(torch.int16) if got.dtype == torch.bfloat16 else got
+            assert not np.may_share_memory(raw.numpy(), mapped)
+            raw.add_(1)  # writable memory of its own (writing into the map would crash)
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_K])

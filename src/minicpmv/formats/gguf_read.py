@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,23 +158,22 @@ class GGUFTensor:
         quantized types dequantized to float32 (the ``gguf`` package's reference). Casting either
         to the model's dtype rounds alike: widening to float32 is exact."""
         stored = _AS_STORED.get(self.qtype)
-        if stored is None:
-            return self._off_map(dequantize(self.data, self.qtype).reshape(self.shape))
+        if stored is None:  # the decoded array is this call's own: gathered, not copied again
+            return self._gathered(torch.from_numpy(dequantize(self.data, self.qtype).reshape(self.shape)))
         dtype, view = stored
-        t = self._off_map(np.asarray(self.data).view(view).reshape(self.shape))
+        t = copied_off_map(np.asarray(self.data).view(view).reshape(self.shape), self.rows)
         return t.view(dtype) if dtype is torch.bfloat16 else t
 
-    def _off_map(self, x: np.ndarray) -> torch.Tensor:
-        """A copy of ``x`` (rows gathered where llama's rotary permutation is undone) off the
-        read-only map."""
-        return torch.from_numpy(np.array(x if self.rows is None else x[self.rows], copy=True))
+    def _gathered(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` with its rows gathered where llama's rotary permutation is undone."""
+        return t if self.rows is None else t[torch.from_numpy(self.rows)]
 
     def int4(self) -> dict[str, torch.Tensor] | None:
         """int4 group-32 storage for Q4_0 / Q4_K matrices, else None."""
         if not self.int4_exact:
             return None
         st = int4_storage(self.data, self.qtype, self.shape)  # type: ignore[arg-type]
-        return st if self.rows is None else {k: v[torch.from_numpy(self.rows)] for k, v in st.items()}
+        return {k: self._gathered(v) for k, v in st.items()}
 
     @property
     def int4_exact(self) -> bool:
@@ -198,10 +198,22 @@ class GGUFTensor:
         stored (``qweight`` uint8 [N, K/256*210], read by the native Q6_K kernel)."""
         if self.qtype == T.Q6_K:
             raw = np.asarray(self.data, dtype=np.uint8).reshape(self.shape[0], -1)  # [N, K/256*210]
-            st = {"qweight": torch.from_numpy(np.array(raw))}
+            st = {"qweight": copied_off_map(raw)}
         else:
             st = int8_storage(self.data, self.qtype, self.shape)  # type: ignore[arg-type]
-        return st if self.rows is None else {k: v[torch.from_numpy(self.rows)] for k, v in st.items()}
+        return {k: self._gathered(v) for k, v in st.items()}
+
+
+def copied_off_map(x: np.ndarray, rows: np.ndarray | None = None) -> torch.Tensor:
+    """A tensor copy of ``x`` (a view of a file's read-only map; ``rows``: only those rows, in
+    that order), made by torch's copy (both threads: 1.3-1.6 GB/s from a 2.7 GB BF16 file in the
+    page cache on a 2-core host, against 0.4-0.5 for numpy's copy). The tensor that aliases the
+    map is only read, then dropped: nothing writes to the file, and the result does not depend on
+    the file once this returns."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        view = torch.from_numpy(np.ascontiguousarray(x))  # aliases the map: read once, below
+    return view.clone() if rows is None else view[torch.from_numpy(rows)]
 
 
 def _shape(t: Any) -> tuple[int, ...]:
