@@ -198,18 +198,17 @@ class GGUFTensor:
         stored (``qweight`` uint8 [N, K/256*210], read by the native Q6_K kernel)."""
         if self.qtype == T.Q6_K:
             raw = np.asarray(self.data, dtype=np.uint8).reshape(self.shape[0], -1)  # [N, K/256*210]
-            st = {"qweight": copied_off_map(raw)}
-        else:
-            st = int8_storage(self.data, self.qtype, self.shape)  # type: ignore[arg-type]
+            return {"qweight": copied_off_map(raw, self.rows)}
+        st = int8_storage(self.data, self.qtype, self.shape)  # type: ignore[arg-type]
         return {k: self._gathered(v) for k, v in st.items()}
 
 
 def copied_off_map(x: np.ndarray, rows: np.ndarray | None = None) -> torch.Tensor:
     """A tensor copy of ``x`` (a view of a file's read-only map; ``rows``: only those rows, in
-    that order), made by torch's copy (both threads: 1.3-1.6 GB/s from a 2.7 GB BF16 file in the
-    page cache on a 2-core host, against 0.4-0.5 for numpy's copy). The tensor that aliases the
-    map is only read, then dropped: nothing writes to the file, and the result does not depend on
-    the file once this returns."""
+    that order), made by torch's copy (both threads: 1.3-1.4 GB/s from a 4 GB BF16 file in the
+    page cache on a 2-core host, against 0.7-0.8 for numpy's copy; ``bench/bench_gguf_read.py``).
+    The tensor that aliases the map is only read, then dropped: nothing writes to the file, and
+    the result does not depend on the file once this returns."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
         view = torch.from_numpy(np.ascontiguousarray(x))  # aliases the map: read once, below
