@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench_formats import _positive
+
 # the two ways, as they are called in the child process
 WAYS = ("loader", "numpy")
 
@@ -54,15 +56,22 @@ def _fresh(path: Path, way: str, threads: int) -> dict[str, float]:
     code = (f"import sys, json, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
             f"torch.set_num_threads({threads}); import bench_gguf_read as b; "
             f"print(json.dumps(b.read_all(b.Path({str(path)!r}), {way!r})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise SystemExit(f"bench_gguf_read: reading {path} ({way}) failed: {last}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _file(args: argparse.Namespace, tmp: str) -> Path:
     if args.file is not None:
+        from minicpmv.formats.gguf_read import is_gguf
+
         path = Path(args.file)
         if not path.is_file():
             raise SystemExit(f"bench_gguf_read: no such file: {path}")
+        if not is_gguf(path):
+            raise SystemExit(f"bench_gguf_read: {path} is not a GGUF file (no GGUF magic)")
         return path
     from bench_formats import _random_llm, write_gguf
 
@@ -74,12 +83,14 @@ def _file(args: argparse.Namespace, tmp: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--file", default=None, help="a GGUF file (default: the perf-size 2.6 LLM at bf16)")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", type=_positive, default=4)
+    ap.add_argument("--rounds", type=_positive, default=3)
+    ap.add_argument("--threads", type=_positive, default=2)
     ap.add_argument("--workdir", default=None, help="where the written file goes (default: a temp dir)")
     args = ap.parse_args(argv)
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads")
+    if args.workdir is not None:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         path = _file(args, tmp)
         _fresh(path, "numpy", args.threads)  # the file into the page cache
