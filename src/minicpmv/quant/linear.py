@@ -769,7 +769,7 @@ class PackedLinear(nn.Linear):
         if w.layout == torch._mkldnn:  # type: ignore[attr-defined]
             if decoding and self.decodes:
                 return self._rounded(native.ops().bf16_blocked_gemv(x.reshape(rows, -1).contiguous(), w), x)
-            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [-1], "")
+            return _blocked_linear(x, w, self.bias)
         if decoding and w.dtype == torch.bfloat16:
             return self._rounded(native.ops().bf16_gemv(x.reshape(rows, -1).contiguous(), w), x)
         return prefill_linear(x, w, self.bias)  # bf16 on a CPU: oneDNN or float32 MKL, the faster
@@ -819,6 +819,11 @@ def packed_weight(w: torch.Tensor, *, decodes: bool = True) -> torch.Tensor:
     return blocked if not decodes or _blocked_gemv_matches(w, blocked) else w.contiguous()
 
 
+def _blocked_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's GEMM on a weight held in its blocked layout, the bias fused (no activation)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [-1], "")
+
+
 _BLOCKED_CHECKED: dict[tuple[int, int], bool] = {}
 _CHECKED_OUTPUTS = 2**16  # outputs compared per shape (rows of x times N): enough to meet the rare
 # ties where two summation orders round to different bf16 values
@@ -841,7 +846,7 @@ def _blocked_gemv_matches(w: torch.Tensor, blocked: torch.Tensor) -> bool:
             y = None
         ok = y is not None and torch.equal(y, torch.cat([F.linear(x[i : i + 1], w, bias) for i in range(rows)]))
         ok = ok and torch.equal(
-            torch.ops.mkldnn._linear_pointwise(x[:16], blocked, bias, "none", [-1], ""), F.linear(x[:16], w, bias)
+            _blocked_linear(x[:16], blocked, bias), F.linear(x[:16], w, bias)
         )
         if not ok:
             log.info("bf16 weights %s stay plain: the blocked GEMV differs from PyTorch's linear here", list(shape))
