@@ -356,8 +356,38 @@ def test_warmups_train_only_the_tower_and_their_head(tmp_path: Path, head: str) 
     assert not {n for n in changed if not (n.startswith("vpm.") or n.startswith(f"patch.{head}."))}
 
 
+def test_the_text_phase_trains_on_text_pictures_only_and_is_off_at_zero_steps(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from minicpmv.train import demo_vision as dv
+
+    model, cfg = _tiny_model(tmp_path)
+    cfg.stage1_batch = 2
+    heads = dv.DenseHeads(cfg.vision_width, model.config.text.hidden_size)
+    params = [*model.vpm.parameters(), *model.resampler.parameters(), *heads.parameters()]
+    kinds: list[str | None] = []
+    real_batch = dv.batch
+    monkeypatch.setattr(dv, "batch", lambda rng, n, device, kind=None: kinds.append(kind) or real_batch(rng, n, device, kind))
+
+    def state() -> dict[str, torch.Tensor]:
+        return {n: t.clone() for n, t in [*model.state_dict().items(), *heads.state_dict().items()]}
+
+    before = state()
+    cfg.text_phase_steps = 0
+    dv.text_phase(model, heads, params, cfg, torch.device("cpu"))
+    assert kinds == [] and all(torch.equal(t, before[n]) for n, t in state().items())
+    cfg.text_phase_steps = 8
+    dv.text_phase(model, heads, params, cfg, torch.device("cpu"))
+    changed = {n for n, t in state().items() if not torch.equal(t, before[n])}
+    assert len(kinds) == 8 and set(kinds) <= {"text", "lines"}
+    assert {"vpm.embeddings.patch_embedding.weight", "resampler.query", "patch.char.weight",
+            "slot.char.weight"} <= changed
+    assert not {n for n in changed if n.startswith("llm.")}
+
+
 # Settings added after the bundled run, with the value that leaves that run's recipe unchanged.
-ADDED_SINCE_THE_BUNDLED_RUN: dict[str, object] = {}
+ADDED_SINCE_THE_BUNDLED_RUN: dict[str, object] = {"text_phase_steps": 0}
 
 
 def test_the_recipe_defaults_are_those_of_the_bundled_run() -> None:

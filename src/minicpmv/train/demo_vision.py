@@ -215,6 +215,44 @@ def char_warmup(model: MiniCPMV, heads: DenseHeads, cfg: Any, device: torch.devi
     _one_head_warmup(model, heads.patch["char"], steps, cfg.shape_warmup_lr, draw, "character")
 
 
+def _dense_step(model: MiniCPMV, heads: DenseHeads, opt: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+                batch_: tuple[list[torch.Tensor], torch.Tensor, dict], running: dict[str, float]) -> float:
+    """One step of every dense head on one batch; updates the running means; returns the loss."""
+    pixels, tgt, labels = batch_
+    with torch.autocast(device_type=tgt.device.type, dtype=torch.bfloat16):
+        patches = model.vpm.encode_slices(pixels, tgt, batch_size=len(pixels))  # [B, L, Dv]
+        feats = model.resampler(patches, tgt, None)  # [B, Q, H]
+        parts = heads(patches, feats, labels)
+    loss = sum(v * HEAD_WEIGHTS.get(k, 1.0) for k, v in parts.items() if not k.endswith("_acc"))
+    _clipped_step(opt, params, loss)
+    for k, v in parts.items():
+        if not torch.isnan(v):
+            running[k] = 0.95 * running.get(k, v.item()) + 0.05 * v.item()
+    return float(loss.item())
+
+
+def _log_step(what: str, step: int, steps: int, loss: float, running: dict[str, float]) -> None:
+    if step % 50 == 0 or step == steps - 1:
+        accs = {k.removesuffix("_acc"): round(v, 3) for k, v in running.items() if k.endswith("_acc")}
+        log.info("stage 1 %s %d/%d loss %.3f %s", what, step, steps, loss, accs)
+
+
+def text_phase(model: MiniCPMV, heads: DenseHeads, params: list[torch.nn.Parameter], cfg: Any,
+               device: torch.device) -> None:
+    """Every dense head on text pictures alone (one line or several), ``text_phase_steps`` steps at
+    the constant warm-up rate, before the mixed phase. Measured (2026-12-07): a tower trained on
+    text pictures alone learns their characters (per-patch 54% after 2,400 steps), inside the
+    mixed phase it stayed near 7-14%. Off (0 steps) in the bundled recipe."""
+    opt = torch.optim.AdamW(params, lr=cfg.shape_warmup_lr, weight_decay=0.05)
+    rng = random.Random(cfg.seed + 109)
+    running: dict[str, float] = {}
+    model.train()
+    for step in range(cfg.text_phase_steps):
+        kind = "lines" if rng.random() < 0.25 else "text"
+        loss = _dense_step(model, heads, opt, params, batch(rng, cfg.stage1_batch, device, kind=kind), running)
+        _log_step("text step", step, cfg.text_phase_steps, loss, running)
+
+
 def pretrain_vision(model: MiniCPMV, cfg: Any, device: torch.device) -> dict[str, float]:
     """Stage 1; returns the final running accuracies of the heads."""
     whitened_patch_init(model, random.Random(cfg.seed + 99))
@@ -222,6 +260,7 @@ def pretrain_vision(model: MiniCPMV, cfg: Any, device: torch.device) -> dict[str
     shape_warmup(model, heads, cfg, device)
     char_warmup(model, heads, cfg, device)
     params = list(model.vpm.parameters()) + list(model.resampler.parameters()) + list(heads.parameters())
+    text_phase(model, heads, params, cfg, device)
     opt = torch.optim.AdamW(params, lr=cfg.stage1_lr, weight_decay=0.05)
     warm = max(1, cfg.stage1_steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warm_cosine(warm, cfg.stage1_steps))
@@ -229,19 +268,8 @@ def pretrain_vision(model: MiniCPMV, cfg: Any, device: torch.device) -> dict[str
     running: dict[str, float] = {}
     model.train()
     for step in range(cfg.stage1_steps):
-        pixels, tgt, labels = batch(rng, cfg.stage1_batch, device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            patches = model.vpm.encode_slices(pixels, tgt, batch_size=len(pixels))  # [B, L, Dv]
-            feats = model.resampler(patches, tgt, None)  # [B, Q, H]
-            parts = heads(patches, feats, labels)
-        loss = sum(v * HEAD_WEIGHTS.get(k, 1.0) for k, v in parts.items() if not k.endswith("_acc"))
-        _clipped_step(opt, params, loss)
+        loss = _dense_step(model, heads, opt, params, batch(rng, cfg.stage1_batch, device), running)
         sched.step()
-        for k, v in parts.items():
-            if not torch.isnan(v):
-                running[k] = 0.95 * running.get(k, v.item()) + 0.05 * v.item()
-        if step % 50 == 0 or step == cfg.stage1_steps - 1:
-            accs = {k.removesuffix("_acc"): round(v, 3) for k, v in running.items() if k.endswith("_acc")}
-            log.info("stage 1 step %d/%d loss %.3f %s", step, cfg.stage1_steps, loss.item(), accs)
+        _log_step("step", step, cfg.stage1_steps, loss, running)
     model.eval()
     return running
