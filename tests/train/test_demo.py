@@ -368,7 +368,12 @@ def test_the_text_phase_trains_on_text_pictures_only_and_is_off_at_zero_steps(
     params = [*model.vpm.parameters(), *model.resampler.parameters(), *heads.parameters()]
     kinds: list[str | None] = []
     real_batch = dv.batch
-    monkeypatch.setattr(dv, "batch", lambda rng, n, device, kind=None: kinds.append(kind) or real_batch(rng, n, device, kind))
+
+    def spy(rng: random.Random, n: int, device: torch.device, kind: str | None = None):  # noqa: ANN202
+        kinds.append(kind)
+        return real_batch(rng, n, device, kind)
+
+    monkeypatch.setattr(dv, "batch", spy)
 
     def state() -> dict[str, torch.Tensor]:
         return {n: t.clone() for n, t in [*model.state_dict().items(), *heads.state_dict().items()]}

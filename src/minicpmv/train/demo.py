@@ -242,8 +242,8 @@ class _Clock:
 
 # What stage 1's weights depend on: a run directory's stage-1 weights are reused only when these match.
 STAGE1_SETTINGS = ("seed", "vision_width", "vision_layers", "llm_width", "llm_layers", "shape_warmup_steps",
-                   "shape_warmup_lr", "char_warmup_steps", "text_phase_steps", "stage1_steps", "stage1_batch", "stage1_lr", "threads",
-                   "device")
+                   "shape_warmup_lr", "char_warmup_steps", "text_phase_steps", "stage1_steps", "stage1_batch",
+                   "stage1_lr", "threads", "device")
 
 
 def _stage1_key(cfg: DemoConfig) -> dict[str, Any]:
