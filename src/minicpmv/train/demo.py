@@ -71,7 +71,7 @@ class DemoConfig:
     shape_warmup_steps: int = 1200
     shape_warmup_lr: float = 3e-4
     char_warmup_steps: int = 0  # character curriculum (demo_vision.char_warmup); off in the bundled recipe
-    text_phase_steps: int = 0  # dense heads on text pictures alone (demo_vision.text_phase); off in the bundled recipe
+    text_warmup_steps: int = 0  # characters of text pictures alone (demo_vision.text_warmup); off in the bundled recipe
     stage1_steps: int = 5000
     stage1_batch: int = 14
     stage1_lr: float = 4e-4
@@ -242,7 +242,7 @@ class _Clock:
 
 # What stage 1's weights depend on: a run directory's stage-1 weights are reused only when these match.
 STAGE1_SETTINGS = ("seed", "vision_width", "vision_layers", "llm_width", "llm_layers", "shape_warmup_steps",
-                   "shape_warmup_lr", "char_warmup_steps", "text_phase_steps", "stage1_steps", "stage1_batch",
+                   "shape_warmup_lr", "char_warmup_steps", "text_warmup_steps", "stage1_steps", "stage1_batch",
                    "stage1_lr", "threads", "device")
 
 
