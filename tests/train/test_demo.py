@@ -53,7 +53,7 @@ def test_shapes_never_touch_and_counts_are_labelled() -> None:
         img, (objs, _) = syn.render(scene, masks=True)
         ids = set(np.unique(np.asarray(objs))) - {0}
         assert ids == set(range(1, len(scene.objects) + 1))  # every shape visible, none hidden by another
-        view = syn.view_of(scene, img)
+        view = syn.view_of(img)
         labels = syn.patch_labels(scene, (objs, _), view.size)
         assert (labels["count"] == len(scene.objects)).all()
         slots = syn.slot_labels(scene)

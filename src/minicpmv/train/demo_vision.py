@@ -104,7 +104,7 @@ def picture(rng: random.Random, size: tuple[int, int], kind: str | None = None) 
     lines = rng.randint(2, 5) if kind == "lines" else 1
     scene = syn.make_scene(rng, "text" if kind == "lines" else kind, lines=lines, size=size)
     img, masks = syn.render(scene, masks=True)
-    view = syn.view_of(scene, img)
+    view = syn.view_of(img)
     labels = {"p_" + k: v for k, v in syn.patch_labels(scene, masks, view.size).items()}
     slots = syn.slot_labels(scene)
     for k in SLOT_HEADS:

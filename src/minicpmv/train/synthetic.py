@@ -433,8 +433,8 @@ SLOT_NAMES = ("global", "largest", "smallest", *(f"shape:{s}" for s in SHAPES), 
 WORLD = ("shapes", "text", "other")
 
 
-def view_of(scene: Scene, img: Image.Image) -> Image.Image:
-    """The single ~224x224 view the model sees (the processor's resize, no slicing)."""
+def view_of(img: Image.Image) -> Image.Image:
+    """The single ~224x224 view the model sees of ``img`` (the processor's resize, no slicing)."""
     plan = plan_slices(img.width, img.height, max_slice_nums=1, scale_resolution=VIEW)
     return make_slices(img, plan)[0]
 
