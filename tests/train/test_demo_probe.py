@@ -50,9 +50,17 @@ def test_the_probe_runs_on_a_model_and_both_picture_sets(tmp_path: Path) -> None
     demo.write_configs(init, cfg, demo.write_tokenizer(init))
     model = demo.build_model(init, 0).eval()
     result = demo_probe.reading_probe(demo_probe.model_features(model), fit_pictures=6, test_pictures=3)
-    assert set(result) == {"training generator", "evaluation"}
-    for s in result.values():
-        assert set(s) == {"chars", "length", "exact"} and all(0.0 <= v <= 1.0 for v in s.values())
+    assert set(result["training generator"]) == {"chars", "length", "exact", "patch chars"}
+    assert set(result["evaluation"]) == {"chars", "length", "exact"}
+    assert all(0.0 <= v <= 1.0 for s in result.values() for v in s.values())
+
+
+def test_patch_characters_are_read_where_the_features_hold_them() -> None:
+    y = torch.randint(1, 1 + len(ALPHABET), (800,))
+    held = torch.eye(96)[y] * 3 + torch.randn(800, 96) * 0.1  # [N, 96], one-hot of the character
+    assert demo_probe.patch_characters((held[:600], y[:600]), (held[600:], y[600:]), steps=300) == 1.0
+    noise = torch.randn(800, 96)
+    assert demo_probe.patch_characters((noise[:600], y[:600]), (noise[600:], y[600:]), steps=300) < 0.1
 
 
 def test_the_command_names_a_bad_folder_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

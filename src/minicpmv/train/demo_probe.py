@@ -5,7 +5,9 @@ one shared head maps each character slot (``char:0`` .. ``char:11``) to its char
 one head maps slot 0 to the text's length. Fitted on pictures of the training generator, it is
 scored on held-out ones and on the independent evaluation's reading pictures, per character and
 per whole string. Stage 2 reads these same vectors, so the probe's exact-string rate is roughly
-what reading can reach after it (an LLM is not linear, so not a strict bound).
+what reading can reach after it (an LLM is not linear, so not a strict bound). A second linear
+head reads the character under each patch from the tower's output (training-generator pictures,
+whose per-patch labels are known): high there and low in the slots means the resampler loses it.
 
 Does not change the model; not part of ``train-demo``. Run: ``python -m minicpmv.train.demo_probe DIR``.
 """
@@ -29,18 +31,18 @@ from .demo_world import ALPHABET, MAX_CHARS
 
 FIRST_CHAR_SLOT = syn.SLOT_NAMES.index("char:0")
 
-# picture -> its features [Q, H]
-Features = Callable[[Any], torch.Tensor]
+# picture -> its patch features [L, Dv] and slot features [Q, H]
+Features = Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
 
 
 def model_features(model: Any) -> Features:
     """The frozen tower + resampler of ``model`` on the single ~224 view the demo model sees."""
 
     @torch.no_grad()
-    def run(img: Any) -> torch.Tensor:
+    def run(img: Any) -> tuple[torch.Tensor, torch.Tensor]:
         pixels, tgt = dv.tower_input([syn.view_of(img.convert("RGB"))], torch.device("cpu"))
         patches = model.vpm.encode_slices(pixels, tgt, batch_size=1)  # [1, L, Dv]
-        return model.resampler(patches, tgt, None)[0].float()  # [Q, H]
+        return patches[0].float(), model.resampler(patches, tgt, None)[0].float()  # [L, Dv], [Q, H]
 
     return run
 
@@ -51,11 +53,18 @@ def _targets(texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(chars), torch.tensor([len(t) for t in texts])
 
 
-def training_pictures(n: int, seed: int) -> tuple[list[Any], list[str]]:
-    """``n`` one-line text pictures of the training generator and their strings."""
+def training_pictures(n: int, seed: int) -> tuple[list[Any], list[str], list[torch.Tensor]]:
+    """``n`` one-line text pictures of the training generator, their strings and the character
+    under each patch of their views (0: none) [L]."""
     rng = random.Random(seed)
-    scenes = [syn.make_scene(rng, "text", lines=1, size=syn.canvas_size(rng)) for _ in range(n)]
-    return [syn.render(s) for s in scenes], [s.text or "" for s in scenes]
+    imgs, texts, labels = [], [], []
+    for _ in range(n):
+        scene = syn.make_scene(rng, "text", lines=1, size=syn.canvas_size(rng))
+        img, masks = syn.render(scene, masks=True)
+        imgs.append(img)
+        texts.append(scene.text or "")
+        labels.append(torch.from_numpy(syn.patch_labels(scene, masks, syn.view_of(img).size)["char"]))
+    return imgs, texts, labels
 
 
 def evaluation_pictures(n: int, seed: int) -> tuple[list[Any], list[str]]:
@@ -109,18 +118,42 @@ def score(probe: Probe, feats: torch.Tensor, texts: Sequence[str]) -> dict[str, 
             "exact": sum(r == t for r, t in zip(read, texts, strict=True)) / max(1, len(texts))}
 
 
+def patch_characters(fit_rows: tuple[torch.Tensor, torch.Tensor], test_rows: tuple[torch.Tensor, torch.Tensor],
+                     steps: int = 1500) -> float:
+    """Accuracy of a linear read-out of the character under a patch: fitted on (features [N, Dv],
+    characters [N]) of patches that hold one, scored on the other such rows."""
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.LayerNorm(fit_rows[0].shape[-1]), nn.Linear(fit_rows[0].shape[-1], 1 + len(ALPHABET)))
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=1e-3)
+    for _ in range(steps):
+        loss = F.cross_entropy(head(fit_rows[0]), fit_rows[1])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float((head(test_rows[0]).argmax(-1) == test_rows[1]).float().mean())
+
+
 def reading_probe(features: Features, *, fit_pictures: int = 2000, test_pictures: int = 300, seed: int = 5
                   ) -> dict[str, dict[str, float]]:
     """Fit on ``fit_pictures`` training pictures; score on held-out training and evaluation ones."""
-    def encode(pics: list[Any]) -> torch.Tensor:
-        return torch.stack([features(p) for p in pics])  # [N, Q, H]
+    def encode(pics: list[Any]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        out = [features(p) for p in pics]
+        return [o[0] for o in out], torch.stack([o[1] for o in out])  # each [L, Dv]; [N, Q, H]
 
-    imgs, texts = training_pictures(fit_pictures, seed)
-    probe = fit(encode(imgs), texts)
-    held, held_texts = training_pictures(test_pictures, seed + 1)
+    def char_rows(patches: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = torch.cat(patches), torch.cat(labels)  # [sum L, Dv], [sum L]
+        return x[y > 0], y[y > 0]
+
+    imgs, texts, labels = training_pictures(fit_pictures, seed)
+    patches, slots = encode(imgs)
+    probe = fit(slots, texts)
+    held, held_texts, held_labels = training_pictures(test_pictures, seed + 1)
+    held_patches, held_slots = encode(held)
     ev, ev_texts = evaluation_pictures(test_pictures, seed + 2)
-    return {"training generator": score(probe, encode(held), held_texts),
-            "evaluation": score(probe, encode(ev), ev_texts)}
+    per_patch = patch_characters(char_rows(patches, labels), char_rows(held_patches, held_labels))
+    return {"training generator": {**score(probe, held_slots, held_texts), "patch chars": per_patch},
+            "evaluation": score(probe, encode(ev)[1], ev_texts)}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -141,7 +174,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except MiniCPMVError as e:
         raise SystemExit(f"error: {e}") from None
     for name, s in reading_probe(model_features(model), fit_pictures=args.fit, test_pictures=args.test).items():
-        print(f"{name}: characters {s['chars']:.1%}, length {s['length']:.1%}, exact strings {s['exact']:.1%}")
+        patch = f", characters per patch {s['patch chars']:.1%}" if "patch chars" in s else ""
+        print(f"{name}: characters per slot {s['chars']:.1%}, length {s['length']:.1%}, "
+              f"exact strings {s['exact']:.1%}{patch}")
 
 
 if __name__ == "__main__":
