@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from minicpmv.errors import InputError
 from minicpmv.train import demo, demo_probe
 from minicpmv.train.demo_world import ALPHABET, MAX_CHARS
 
@@ -70,3 +71,16 @@ def test_the_command_names_a_bad_folder_in_one_line(tmp_path: Path, capsys: pyte
     with pytest.raises(SystemExit):
         demo_probe.main([str(tmp_path), "--fit", "0"])
     assert "--fit and --test take a positive number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        demo_probe.main([str(tmp_path), "--threads", "-1"])
+    assert "--threads takes a positive number" in capsys.readouterr().err
+
+
+def test_a_model_without_the_demo_character_slots_is_refused(tmp_path: Path) -> None:
+    cfg = demo.DemoConfig(output=str(tmp_path), vision_width=64, vision_layers=1, llm_width=128, llm_layers=1)
+    init = tmp_path / "init"
+    demo.write_configs(init, cfg, demo.write_tokenizer(init))
+    model = demo.build_model(init, 0)
+    model.resampler.query = torch.nn.Parameter(model.resampler.query[:20].detach())  # 20 slots: no char:0 .. 11
+    with pytest.raises(InputError, match=r"not a demo model: its resampler has 20 query slots"):
+        demo_probe.model_features(model)

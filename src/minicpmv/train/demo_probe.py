@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import MiniCPMVError
+from ..errors import InputError, MiniCPMVError
 from . import demo_eval as de
 from . import demo_vision as dv
 from . import synthetic as syn
@@ -31,16 +31,20 @@ from .demo_world import ALPHABET, MAX_CHARS
 
 FIRST_CHAR_SLOT = syn.SLOT_NAMES.index("char:0")
 
-# picture -> its patch features [L, Dv] and slot features [Q, H]
+# view (``syn.view_of``) -> its patch features [L, Dv] and slot features [Q, H]
 Features = Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
 
 
 def model_features(model: Any) -> Features:
-    """The frozen tower + resampler of ``model`` on the single ~224 view the demo model sees."""
+    """The frozen tower + resampler of ``model`` on a picture's single ~224 view."""
+    slots = model.resampler.query.shape[0]
+    if slots < FIRST_CHAR_SLOT + MAX_CHARS:
+        raise InputError(f"not a demo model: its resampler has {slots} query slots, the demo's character slots "
+                         f"end at {FIRST_CHAR_SLOT + MAX_CHARS}")
 
     @torch.no_grad()
-    def run(img: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels, tgt = dv.tower_input([syn.view_of(img.convert("RGB"))], torch.device("cpu"))
+    def run(view: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, tgt = dv.tower_input([view], torch.device("cpu"))
         patches = model.vpm.encode_slices(pixels, tgt, batch_size=1)  # [1, L, Dv]
         return patches[0].float(), model.resampler(patches, tgt, None)[0].float()  # [L, Dv], [Q, H]
 
@@ -54,24 +58,24 @@ def _targets(texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def training_pictures(n: int, seed: int) -> tuple[list[Any], list[str], list[torch.Tensor]]:
-    """``n`` one-line text pictures of the training generator, their strings and the character
-    under each patch of their views (0: none) [L]."""
+    """The views of ``n`` one-line text pictures of the training generator, their strings and the
+    character under each patch of the view (0: none) [L]."""
     rng = random.Random(seed)
-    imgs, texts, labels = [], [], []
+    views, texts, labels = [], [], []
     for _ in range(n):
         scene = syn.make_scene(rng, "text", lines=1, size=syn.canvas_size(rng))
         img, masks = syn.render(scene, masks=True)
-        imgs.append(img)
+        views.append(syn.view_of(img))
         texts.append(scene.text or "")
-        labels.append(torch.from_numpy(syn.patch_labels(scene, masks, syn.view_of(img).size)["char"]))
-    return imgs, texts, labels
+        labels.append(torch.from_numpy(syn.patch_labels(scene, masks, views[-1].size)["char"]))
+    return views, texts, labels
 
 
 def evaluation_pictures(n: int, seed: int) -> tuple[list[Any], list[str]]:
-    """``n`` reading pictures of the independent evaluation and their strings."""
+    """The views of ``n`` reading pictures of the independent evaluation and their strings."""
     rng, fonts = random.Random(seed), de.eval_fonts()
     items = [de._reading_item(rng, fonts) for _ in range(n)]
-    return [it.images[0] for it in items], [it.answer for it in items]
+    return [syn.view_of(it.images[0].convert("RGB")) for it in items], [it.answer for it in items]
 
 
 class Probe(nn.Module):
@@ -89,18 +93,27 @@ class Probe(nn.Module):
         return self.char(x[:, FIRST_CHAR_SLOT:FIRST_CHAR_SLOT + MAX_CHARS]), self.length(x[:, 0])
 
 
+def _full_batch(module: nn.Module, loss: Callable[[], torch.Tensor], steps: int) -> None:
+    """``steps`` AdamW steps on ``loss()`` (every row at once: the probes' data fits in memory)."""
+    opt = torch.optim.AdamW(module.parameters(), lr=3e-3, weight_decay=1e-3)
+    for _ in range(steps):
+        value = loss()
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+
+
 def fit(feats: torch.Tensor, texts: Sequence[str], steps: int = 1500, seed: int = 0) -> Probe:
-    """Fit a probe on features [N, Q, H] of pictures showing ``texts`` (full batch, AdamW)."""
+    """Fit a probe on features [N, Q, H] of pictures showing ``texts``."""
     torch.manual_seed(seed)
     probe = Probe(feats.shape[-1])
     chars, lengths = _targets(texts)
-    opt = torch.optim.AdamW(probe.parameters(), lr=3e-3, weight_decay=1e-3)
-    for _ in range(steps):
+
+    def loss() -> torch.Tensor:
         c, n = probe(feats)
-        loss = F.cross_entropy(c.reshape(-1, c.shape[-1]), chars.reshape(-1)) + F.cross_entropy(n, lengths)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        return F.cross_entropy(c.reshape(-1, c.shape[-1]), chars.reshape(-1)) + F.cross_entropy(n, lengths)
+
+    _full_batch(probe, loss, steps)
     return probe
 
 
@@ -124,12 +137,7 @@ def patch_characters(fit_rows: tuple[torch.Tensor, torch.Tensor], test_rows: tup
     characters [N]) of patches that hold one, scored on the other such rows."""
     torch.manual_seed(0)
     head = nn.Sequential(nn.LayerNorm(fit_rows[0].shape[-1]), nn.Linear(fit_rows[0].shape[-1], 1 + len(ALPHABET)))
-    opt = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=1e-3)
-    for _ in range(steps):
-        loss = F.cross_entropy(head(fit_rows[0]), fit_rows[1])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _full_batch(head, lambda: F.cross_entropy(head(fit_rows[0]), fit_rows[1]), steps)
     with torch.no_grad():
         return float((head(test_rows[0]).argmax(-1) == test_rows[1]).float().mean())
 
@@ -137,8 +145,8 @@ def patch_characters(fit_rows: tuple[torch.Tensor, torch.Tensor], test_rows: tup
 def reading_probe(features: Features, *, fit_pictures: int = 2000, test_pictures: int = 300, seed: int = 5
                   ) -> dict[str, dict[str, float]]:
     """Fit on ``fit_pictures`` training pictures; score on held-out training and evaluation ones."""
-    def encode(pics: list[Any]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        out = [features(p) for p in pics]
+    def encode(views: list[Any]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        out = [features(v) for v in views]
         return [o[0] for o in out], torch.stack([o[1] for o in out])  # each [L, Dv]; [N, Q, H]
 
     def char_rows(patches: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,13 +175,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.fit < 1 or args.test < 1:
         p.error("--fit and --test take a positive number of pictures")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads takes a positive number")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model = minicpmv.load(args.model, dtype="float32").model.eval()
+        features = model_features(minicpmv.load(args.model, dtype="float32").model.eval())
     except MiniCPMVError as e:
         raise SystemExit(f"error: {e}") from None
-    for name, s in reading_probe(model_features(model), fit_pictures=args.fit, test_pictures=args.test).items():
+    for name, s in reading_probe(features, fit_pictures=args.fit, test_pictures=args.test).items():
         patch = f", characters per patch {s['patch chars']:.1%}" if "patch chars" in s else ""
         print(f"{name}: characters per slot {s['chars']:.1%}, length {s['length']:.1%}, "
               f"exact strings {s['exact']:.1%}{patch}")

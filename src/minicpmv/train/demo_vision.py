@@ -232,28 +232,6 @@ def text_warmup(model: MiniCPMV, heads: DenseHeads, cfg: Any, device: torch.devi
     _one_head_warmup(model, heads.patch["char"], cfg.text_warmup_steps, cfg.shape_warmup_lr, draw, "text character")
 
 
-def _dense_step(model: MiniCPMV, heads: DenseHeads, opt: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-                batch_: tuple[list[torch.Tensor], torch.Tensor, dict], running: dict[str, float]) -> float:
-    """One step of every dense head on one batch; updates the running means; returns the loss."""
-    pixels, tgt, labels = batch_
-    with torch.autocast(device_type=tgt.device.type, dtype=torch.bfloat16):
-        patches = model.vpm.encode_slices(pixels, tgt, batch_size=len(pixels))  # [B, L, Dv]
-        feats = model.resampler(patches, tgt, None)  # [B, Q, H]
-        parts = heads(patches, feats, labels)
-    loss = sum(v * HEAD_WEIGHTS.get(k, 1.0) for k, v in parts.items() if not k.endswith("_acc"))
-    _clipped_step(opt, params, loss)
-    for k, v in parts.items():
-        if not torch.isnan(v):
-            running[k] = 0.95 * running.get(k, v.item()) + 0.05 * v.item()
-    return float(loss.item())
-
-
-def _log_step(what: str, step: int, steps: int, loss: float, running: dict[str, float]) -> None:
-    if step % 50 == 0 or step == steps - 1:
-        accs = {k.removesuffix("_acc"): round(v, 3) for k, v in running.items() if k.endswith("_acc")}
-        log.info("stage 1 %s %d/%d loss %.3f %s", what, step, steps, loss, accs)
-
-
 def pretrain_vision(model: MiniCPMV, cfg: Any, device: torch.device) -> dict[str, float]:
     """Stage 1; returns the final running accuracies of the heads."""
     whitened_patch_init(model, random.Random(cfg.seed + 99))
@@ -269,8 +247,19 @@ def pretrain_vision(model: MiniCPMV, cfg: Any, device: torch.device) -> dict[str
     running: dict[str, float] = {}
     model.train()
     for step in range(cfg.stage1_steps):
-        loss = _dense_step(model, heads, opt, params, batch(rng, cfg.stage1_batch, device), running)
+        pixels, tgt, labels = batch(rng, cfg.stage1_batch, device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            patches = model.vpm.encode_slices(pixels, tgt, batch_size=len(pixels))  # [B, L, Dv]
+            feats = model.resampler(patches, tgt, None)  # [B, Q, H]
+            parts = heads(patches, feats, labels)
+        loss = sum(v * HEAD_WEIGHTS.get(k, 1.0) for k, v in parts.items() if not k.endswith("_acc"))
+        _clipped_step(opt, params, loss)
         sched.step()
-        _log_step("step", step, cfg.stage1_steps, loss, running)
+        for k, v in parts.items():
+            if not torch.isnan(v):
+                running[k] = 0.95 * running.get(k, v.item()) + 0.05 * v.item()
+        if step % 50 == 0 or step == cfg.stage1_steps - 1:
+            accs = {k.removesuffix("_acc"): round(v, 3) for k, v in running.items() if k.endswith("_acc")}
+            log.info("stage 1 step %d/%d loss %.3f %s", step, cfg.stage1_steps, loss.item(), accs)
     model.eval()
     return running
