@@ -256,13 +256,17 @@ def test_stage2_can_learn_the_shape_questions_alone_first(tmp_path: Path, monkey
     assert two["weights_sha256"] != plain["weights_sha256"]
 
 
-def test_stage2_settings_out_of_range_are_refused_in_one_line(tmp_path: Path) -> None:
-    """Negative step counts are refused before stage 1; shapes-first steps over a split with
-    nothing but text pictures too (they would wait forever for a batch)."""
+def test_step_counts_out_of_range_are_refused_in_one_line(tmp_path: Path) -> None:
+    """Negative step counts (stage 1's and stage 2's) are refused before stage 1; shapes-first
+    steps over a split with nothing but text pictures too (they would wait forever for a batch)."""
     from minicpmv.train.demo_llm import train_llm
 
     with pytest.raises(InputError, match="stage2_first_steps must be 0 or more, not -1"):
         demo.run(demo.DemoConfig(**{**_tiny(tmp_path / "a").__dict__, "stage2_first_steps": -1}))
+    assert not (tmp_path / "a").exists()
+    for name in demo.STEP_COUNTS:
+        with pytest.raises(InputError, match=f"^{name} must be 0 or more, not -2$"):
+            demo.run(demo.DemoConfig(**{**_tiny(tmp_path / "a").__dict__, name: -2}))
     assert not (tmp_path / "a").exists()
     demo.run(_tiny(tmp_path / "b"))
     data = qa.write_split(tmp_path / "data", "train", 3, 0, weights={"text": 1.0})
@@ -367,8 +371,51 @@ def test_warmups_train_only_the_tower_and_their_head(tmp_path: Path, monkeypatch
     assert drawn == kinds  # the pictures of its own target: shapes, the character grid, text
 
 
+def test_slot_text_phase_trains_only_the_resampler_on_text_pictures(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from minicpmv.train import demo_vision as dv
+
+    drawn: list[str | None] = []
+    real_batch = dv.batch
+
+    def spy(rng: random.Random, n: int, device: torch.device, kind: str | None = None):  # noqa: ANN202
+        drawn.append(kind)
+        return real_batch(rng, n, device, kind)
+
+    monkeypatch.setattr(dv, "batch", spy)
+    model, cfg = _tiny_model(tmp_path)
+    cfg.slot_text_steps, cfg.stage1_batch = 3, 2
+    heads = dv.DenseHeads(cfg.vision_width, model.config.text.hidden_size)
+    before = {n: t.clone() for n, t in [*model.state_dict().items(), *heads.state_dict().items()]}
+    accuracy = dv.slot_text_phase(model, heads, cfg, torch.device("cpu"))
+    after = dict([*model.state_dict().items(), *heads.state_dict().items()])
+    changed = {n for n, t in after.items() if not torch.equal(t, before[n])}
+    assert "resampler.query" in changed and "slot.char.weight" in changed and "slot.nchars.weight" in changed
+    assert not {n for n in changed if not n.startswith(("resampler.", "norm.", "slot.char.", "slot.nchars."))}
+    assert drawn == ["text"] * 3 and 0.0 <= accuracy <= 1.0
+
+
+def test_a_stage1_record_from_before_a_setting_existed_counts_as_that_settings_old_value(tmp_path: Path) -> None:
+    """A stage 1 recorded before ``slot_text_steps`` existed was trained without that phase: it is
+    reused at 0 and refused, naming the setting, at any other value."""
+    import json
+
+    cfg = _tiny(tmp_path)
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / "model.safetensors").write_bytes(b"weights")
+    key = {k: v for k, v in demo._stage1_key(cfg).items() if k != "slot_text_steps"}
+    record = {"key": key, "weights_sha256": demo.sha256(init / "model.safetensors")}
+    (init / "stage1.json").write_text(json.dumps(record))
+    assert demo.finished_stage1(init, cfg) is not None
+    with pytest.raises(InputError, match=r"other settings \(slot_text_steps 0 there, 2 now\)"):
+        demo.finished_stage1(init, demo.DemoConfig(**{**cfg.__dict__, "slot_text_steps": 2}))
+
+
 # Settings added after the bundled run, with the value that leaves that run's recipe unchanged.
-ADDED_SINCE_THE_BUNDLED_RUN: dict[str, object] = {"text_warmup_steps": 0}
+ADDED_SINCE_THE_BUNDLED_RUN: dict[str, object] = {"text_warmup_steps": 0, "slot_text_steps": 0}
 
 
 def test_the_recipe_defaults_are_those_of_the_bundled_run() -> None:

@@ -72,6 +72,7 @@ class DemoConfig:
     shape_warmup_lr: float = 3e-4
     char_warmup_steps: int = 0  # character curriculum (demo_vision.char_warmup); off in the bundled recipe
     text_warmup_steps: int = 0  # characters of text pictures alone (demo_vision.text_warmup); off in the bundled recipe
+    slot_text_steps: int = 0  # the resampler alone on text pictures' character slots (demo_vision.slot_text_phase); off
     stage1_steps: int = 5000
     stage1_batch: int = 14
     stage1_lr: float = 4e-4
@@ -242,8 +243,12 @@ class _Clock:
 
 # What stage 1's weights depend on: a run directory's stage-1 weights are reused only when these match.
 STAGE1_SETTINGS = ("seed", "vision_width", "vision_layers", "llm_width", "llm_layers", "shape_warmup_steps",
-                   "shape_warmup_lr", "char_warmup_steps", "text_warmup_steps", "stage1_steps", "stage1_batch",
-                   "stage1_lr", "threads", "device")
+                   "shape_warmup_lr", "char_warmup_steps", "text_warmup_steps", "slot_text_steps", "stage1_steps",
+                   "stage1_batch", "stage1_lr", "threads", "device")
+# Stage-1 phases that a negative count would skip without a word.
+STEP_COUNTS = ("shape_warmup_steps", "char_warmup_steps", "text_warmup_steps", "slot_text_steps", "stage1_steps")
+# Stage-1 settings added after runs were recorded, with the value a record without them was trained at.
+STAGE1_ADDED = {"slot_text_steps": 0}
 
 
 def _stage1_key(cfg: DemoConfig) -> dict[str, Any]:
@@ -260,7 +265,8 @@ def finished_stage1(init: Path, cfg: DemoConfig, fix: str | None = None) -> dict
     fix = fix or f"choose another --output, or delete {init} to train stage 1 again"
     record = json.loads(path.read_text())
     want = _stage1_key(cfg)
-    diff = [f"{k} {record['key'].get(k)!r} there, {v!r} now" for k, v in want.items() if record["key"].get(k) != v]
+    had = {**STAGE1_ADDED, **record["key"]}
+    diff = [f"{k} {had.get(k)!r} there, {v!r} now" for k, v in want.items() if had.get(k) != v]
     if diff:
         raise InputError(f"{init} holds stage-1 weights of other settings ({'; '.join(diff)}): {fix}")
     if sha256(init / "model.safetensors") != record["weights_sha256"]:
@@ -311,7 +317,7 @@ def run(cfg: DemoConfig, *, stage1_from: Path | None = None) -> dict[str, Any]:
     from .demo_eval import evaluate
     from .demo_llm import train_llm
 
-    for name in ("stage2_first_steps", "stage2_epochs"):  # checked before the hour of stage 1
+    for name in (*STEP_COUNTS, "stage2_first_steps", "stage2_epochs"):  # checked before the hour of stage 1
         if getattr(cfg, name) < 0:
             raise InputError(f"{name} must be 0 or more, not {getattr(cfg, name)}")
     syn.check_fonts()
