@@ -371,8 +371,9 @@ def test_warmups_train_only_the_tower_and_their_head(tmp_path: Path, monkeypatch
     assert drawn == kinds  # the pictures of its own target: shapes, the character grid, text
 
 
-def test_slot_text_phase_trains_only_the_resampler_on_text_pictures(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_slot_text_phase_trains_only_the_resampler_and_its_heads(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Text pictures (character and length heads) every other batch, the mixed kinds between."""
     import torch
 
     from minicpmv.train import demo_vision as dv
@@ -392,9 +393,28 @@ def test_slot_text_phase_trains_only_the_resampler_on_text_pictures(tmp_path: Pa
     accuracy = dv.slot_text_phase(model, heads, cfg, torch.device("cpu"))
     after = dict([*model.state_dict().items(), *heads.state_dict().items()])
     changed = {n for n, t in after.items() if not torch.equal(t, before[n])}
-    assert "resampler.query" in changed and "slot.char.weight" in changed and "slot.nchars.weight" in changed
-    assert not {n for n in changed if not n.startswith(("resampler.", "norm.", "slot.char.", "slot.nchars."))}
-    assert drawn == ["text"] * 3 and 0.0 <= accuracy <= 1.0
+    assert {"resampler.query", "slot.char.weight", "slot.nchars.weight", "slot.colour.weight"} <= changed
+    assert not {n for n in changed if not n.startswith(("resampler.", "norm.", "slot."))}
+    assert drawn == ["text", None, "text"] and 0.0 <= accuracy <= 1.0
+
+
+def test_character_slot_accuracy_of_actual_characters_leaves_out_none_and_unsupervised_slots() -> None:
+    import torch
+
+    from minicpmv.train import demo_vision as dv
+
+    torch.manual_seed(0)
+    heads = dv.DenseHeads(8, 16)
+    feats = torch.randn(2, 5, 16)  # [B, Q, H]
+    with torch.no_grad():
+        guess = heads.slot["char"](heads.norm(feats)).argmax(-1)  # [B, Q]
+    some = guess.clamp_min(1)  # a character id at each slot, the head's guess where that is one
+    target = torch.tensor([[some[0, 0], 0, -100, some[0, 3] % 62 + 1, 0], [0, some[1, 1], -100, -100, 0]])
+    out = heads.slots(feats, {"s_char": target}, ("char",))
+    actual = target > 0
+    expected = (guess == target)[actual].float().mean()
+    assert actual.sum() == 3 and torch.equal(out["s_char_real_acc"], expected)
+    assert not torch.equal(out["s_char_acc"], expected)  # "none" slots counted there
 
 
 def test_a_stage1_record_from_before_a_setting_existed_counts_as_that_settings_old_value(tmp_path: Path) -> None:
