@@ -341,6 +341,21 @@ def test_patch_embedding_starts_as_whitening_of_training_patches(tmp_path: Path)
     assert float(std[0]) > float(std[-1])  # the floor keeps the weakest directions small
 
 
+def _record_batch_kinds(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
+    """The kind asked of each training batch drawn from now on (``None``: the mixed kinds)."""
+    from minicpmv.train import demo_vision as dv
+
+    drawn: list[str | None] = []
+    real_batch = dv.batch
+
+    def spy(rng: random.Random, n: int, device: object, kind: str | None = None):  # noqa: ANN202
+        drawn.append(kind)
+        return real_batch(rng, n, device, kind)
+
+    monkeypatch.setattr(dv, "batch", spy)
+    return drawn
+
+
 @pytest.mark.parametrize(("warmup", "head", "kinds"), [("shape", "shape", ["shapes"] * 3), ("char", "char", []),
                                                        ("text", "char", ["text"] * 3)])
 def test_warmups_train_only_the_tower_and_their_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, warmup: str,
@@ -349,14 +364,7 @@ def test_warmups_train_only_the_tower_and_their_head(tmp_path: Path, monkeypatch
 
     from minicpmv.train import demo_vision as dv
 
-    drawn: list[str | None] = []
-    real_batch = dv.batch
-
-    def spy(rng: random.Random, n: int, device: torch.device, kind: str | None = None):  # noqa: ANN202
-        drawn.append(kind)
-        return real_batch(rng, n, device, kind)
-
-    monkeypatch.setattr(dv, "batch", spy)
+    drawn = _record_batch_kinds(monkeypatch)
     model, cfg = _tiny_model(tmp_path)
     cfg.shape_warmup_steps, cfg.char_warmup_steps, cfg.text_warmup_steps, cfg.stage1_batch = 3, 3, 3, 2
     heads = dv.DenseHeads(cfg.vision_width, model.config.text.hidden_size)
@@ -378,14 +386,7 @@ def test_slot_text_phase_trains_only_the_resampler_and_its_heads(tmp_path: Path,
 
     from minicpmv.train import demo_vision as dv
 
-    drawn: list[str | None] = []
-    real_batch = dv.batch
-
-    def spy(rng: random.Random, n: int, device: torch.device, kind: str | None = None):  # noqa: ANN202
-        drawn.append(kind)
-        return real_batch(rng, n, device, kind)
-
-    monkeypatch.setattr(dv, "batch", spy)
+    drawn = _record_batch_kinds(monkeypatch)
     model, cfg = _tiny_model(tmp_path)
     cfg.slot_text_steps, cfg.stage1_batch = 3, 2
     heads = dv.DenseHeads(cfg.vision_width, model.config.text.hidden_size)
