@@ -399,6 +399,20 @@ def test_slot_text_phase_trains_only_the_resampler_and_its_heads(tmp_path: Path,
     assert drawn == ["text", None, "text"] and 0.0 <= accuracy <= 1.0
 
 
+def test_stage1_runs_the_slot_phase_last_and_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from minicpmv.train import demo_vision as dv
+
+    model, cfg = _tiny_model(tmp_path)
+    cfg.shape_warmup_steps, cfg.stage1_steps, cfg.stage1_batch = 1, 1, 2
+    assert "slot_text_char_acc" not in dv.pretrain_vision(model, cfg, torch.device("cpu"))
+    drawn = _record_batch_kinds(monkeypatch)
+    cfg.slot_text_steps = 2
+    final = dv.pretrain_vision(model, cfg, torch.device("cpu"))
+    assert drawn == ["shapes", None, "text", None] and 0.0 <= final["slot_text_char_acc"] <= 1.0
+
+
 def test_character_slot_accuracy_of_actual_characters_leaves_out_none_and_unsupervised_slots() -> None:
     import torch
 

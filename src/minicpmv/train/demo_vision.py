@@ -267,7 +267,7 @@ def slot_text_phase(model: MiniCPMV, heads: DenseHeads, cfg: Any, device: torch.
         parts = heads.slots(feats, labels, ("char", "nchars") if text else tuple(SLOT_HEADS))
         loss = sum(v * HEAD_WEIGHTS.get(k, 1.0) for k, v in parts.items() if not k.endswith("_acc"))
         _clipped_step(opt, params, loss)
-        if text:
+        if text and not torch.isnan(parts["s_char_real_acc"]):  # nan: no actual character in the batch
             running = 0.95 * running + 0.05 * parts["s_char_real_acc"].item()
         if step % 50 == 0 or step == cfg.slot_text_steps - 1:
             log.info("stage 1 slot text step %d/%d loss %.3f characters %.3f", step, cfg.slot_text_steps,
