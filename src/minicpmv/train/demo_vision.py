@@ -99,6 +99,11 @@ def _ce(logits: torch.Tensor, target: torch.Tensor, ignore: int) -> torch.Tensor
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore)
 
 
+def _weighted_loss(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The heads' losses in ``parts`` (its ``*_acc`` entries left out), weighted by ``HEAD_WEIGHTS``."""
+    return sum(v * HEAD_WEIGHTS.get(k, 1.0) for k, v in parts.items() if not k.endswith("_acc"))
+
+
 def _acc(logits: torch.Tensor, target: torch.Tensor, ignore: int) -> torch.Tensor:
     keep = target != ignore
     if not keep.any():
@@ -265,7 +270,7 @@ def slot_text_phase(model: MiniCPMV, heads: DenseHeads, cfg: Any, device: torch.
                 patches = model.vpm.encode_slices(pixels, tgt, batch_size=len(pixels))  # [B, L, Dv]
             feats = model.resampler(patches, tgt, None)  # [B, Q, H]
         parts = heads.slots(feats, labels, ("char", "nchars") if text else tuple(SLOT_HEADS))
-        loss = sum(v * HEAD_WEIGHTS.get(k, 1.0) for k, v in parts.items() if not k.endswith("_acc"))
+        loss = _weighted_loss(parts)
         _clipped_step(opt, params, loss)
         if text and not torch.isnan(parts["s_char_real_acc"]):  # nan: no actual character in the batch
             running = 0.95 * running + 0.05 * parts["s_char_real_acc"].item()
@@ -295,7 +300,7 @@ def pretrain_vision(model: MiniCPMV, cfg: Any, device: torch.device) -> dict[str
             patches = model.vpm.encode_slices(pixels, tgt, batch_size=len(pixels))  # [B, L, Dv]
             feats = model.resampler(patches, tgt, None)  # [B, Q, H]
             parts = heads(patches, feats, labels)
-        loss = sum(v * HEAD_WEIGHTS.get(k, 1.0) for k, v in parts.items() if not k.endswith("_acc"))
+        loss = _weighted_loss(parts)
         _clipped_step(opt, params, loss)
         sched.step()
         for k, v in parts.items():
