@@ -84,3 +84,44 @@ def test_scorer_counts_right_and_wrong_answers() -> None:
     table = ev.format_table(perfect)
     assert "| reading | 100.0% | 100.0% | ≥ 85% | 2 |" in table
     assert any(i.answer == REFUSAL for i in items)
+
+
+def test_edit_distance_counts_each_kind_of_edit() -> None:
+    assert ev.edit_distance("kitten", "sitting") == 3  # two substitutions and an insertion
+    assert ev.edit_distance("", "abc") == 3 and ev.edit_distance("abc", "") == 3
+    assert ev.edit_distance("AB12", "AB12") == 0 and ev.edit_distance("ab", "ba") == 2
+
+
+def test_characters_read_scores_partial_answers() -> None:
+    assert ev.characters_read("Hx2Lo", "Hx2Lo") == 1.0
+    assert ev.characters_read("Hx2Lp", "Hx2Lo") == 0.8  # one character wrong of five
+    assert ev.characters_read("Hx2L", "Hx2Lo") == 0.8  # one character missing
+    assert ev.characters_read("red circle and more", "Hx2Lo") == 0.0  # floored, not negative
+    assert ev.characters_read("", "Hx2Lo") == 0.0
+
+
+class _Misreader(_Oracle):
+    """Right everywhere but reading, where the last character is dropped."""
+
+    def chat(self, msgs, **kw) -> str:
+        got = super().chat(msgs, **kw)
+        return got[:-1] if got in self.texts else got
+
+
+def test_reading_characters_are_scored_beside_exact_strings() -> None:
+    items = ev.build_items(3, seed=2)
+    model = _Misreader(items)
+    model.texts = {i.answer for i in items if i.family == "reading"}
+    table = ev.evaluate(model, items=items)
+    reading = [i.answer for i in items if i.family == "reading"]
+    expected = round(sum(1 - 1 / len(t) for t in reading) / len(reading), 4)
+    assert table["greedy"]["reading"] == 0.0 and table["greedy"]["colour"] == 1.0
+    assert table["reading_characters"] == {"greedy": expected, "default": expected}
+    row = f"| reading, characters (1 - CER) | {expected:.1%} | {expected:.1%} | - | 3 |"
+    assert row in ev.format_table(table).splitlines()
+    assert ev.format_table(ev.evaluate(_Oracle(items), items=items)).count("characters (1 - CER) | 100.0%") == 1
+
+
+def test_tables_from_before_the_character_score_still_print() -> None:
+    old = {"greedy": {"reading": 0.5}, "default": {"reading": 0.25}, "n_per_family": {"reading": 4}}
+    assert ev.format_table(old).splitlines()[-1] == "| reading | 50.0% | 25.0% | ≥ 85% | 4 |"

@@ -13,7 +13,9 @@ position (3x3, left/right, top/bottom), binding (attribute of a named object, re
 of two named objects), size, reading (any 1-12 letters/digits, capitals at least 1/10 of the
 shorter side), multi-turn follow-ups, two-image questions and refusals. ``evaluate`` asks every
 item on a fresh chat, greedy and with the default (sampling) settings, and returns exact-match
-accuracy per family; ``format_table`` prints it. Nothing here trains.
+accuracy per family, and for reading also the characters read (1 - character error rate, so that a
+model short of whole strings still shows how far it got); ``format_table`` prints both. Nothing
+here trains.
 """
 
 from __future__ import annotations
@@ -549,23 +551,45 @@ def ask(chat: Any, item: Item, *, greedy: bool, seed: int) -> str:
     return answer
 
 
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest insertions, deletions and substitutions from ``a`` to ``b``."""
+    row = list(range(len(b) + 1))  # distances from a[:0] to every prefix of b
+    for i, ca in enumerate(a, 1):
+        diag, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            diag, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diag + (ca != cb))
+    return row[-1]
+
+
+def characters_read(got: str, expected: str) -> float:
+    """1 - character error rate of one reading answer, floored at 0 (a long wrong answer is 0, not
+    below); exact strings give 1."""
+    return max(0.0, 1.0 - edit_distance(got, expected) / len(expected))
+
+
 def evaluate(model: str | Path | Any, *, n_per_family: int = 40, seed: int = 1234, device: str = "cpu",
              items: list[Item] | None = None, misses: list[dict[str, str]] | None = None) -> dict[str, Any]:
-    """Exact-match accuracy per family, greedy and with the default sampling settings."""
+    """Exact-match accuracy per family, greedy and with the default sampling settings, and the mean
+    ``characters_read`` of the reading items under ``"reading_characters"``."""
     from ..api import load
 
     chat = load(str(model), dtype="float32", device=device) if isinstance(model, (str, Path)) else model
     items = items if items is not None else build_items(n_per_family, seed)
-    table: dict[str, Any] = {}
+    table: dict[str, Any] = {"reading_characters": {}}
     for mode in ("greedy", "default"):
         hits: dict[str, list[int]] = {f: [] for f in FAMILIES}
+        chars: list[float] = []
         for k, item in enumerate(items):
             got = ask(chat, item, greedy=mode == "greedy", seed=seed + k)
             hits[item.family].append(int(got == item.answer))
+            if item.family == "reading":
+                chars.append(characters_read(got, item.answer))
             if misses is not None and got != item.answer and mode == "greedy":
                 misses.append({"family": item.family, "question": " / ".join(item.turns), "expected": item.answer,
                                "got": got, "note": item.note})
         table[mode] = {f: round(sum(h) / len(h), 4) for f, h in hits.items() if h}
+        if chars:
+            table["reading_characters"][mode] = round(sum(chars) / len(chars), 4)
     table["n_per_family"] = {f: sum(it.family == f for it in items) for f in FAMILIES}
     return table
 
@@ -579,5 +603,9 @@ def format_table(table: dict[str, Any]) -> str:
         target = f"≥ {TARGETS[f]:.0%}" if f in TARGETS else "-"
         rows.append(f"| {f} | {table['greedy'][f]:.1%} | {table['default'][f]:.1%} | {target} | "
                     f"{table['n_per_family'][f]} |")
+        chars = table.get("reading_characters", {})  # absent from reports of before 2026-12-07
+        if f == "reading" and chars:
+            rows.append(f"| reading, characters (1 - CER) | {chars['greedy']:.1%} | {chars['default']:.1%} | - | "
+                        f"{table['n_per_family'][f]} |")
     return "\n".join(rows)
 
