@@ -169,3 +169,11 @@ def test_full_disk_during_export_leaves_nothing_half_written(adapter26, tmp_path
     err = _one_line_error(capsys, main(_export(adapter26, out)))
     assert "No space left on device" in err and "merged" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("items", ["0", "-3"])
+def test_eval_demo_refuses_fewer_than_one_item_per_family(items, capsys):
+    assert main(["eval-demo", "--items", items]) == 2
+    shown = capsys.readouterr()
+    assert shown.err.strip() == f"minicpmv: error: --items takes the number of items per family, at least 1, not {items}"
+    assert "| family |" not in shown.out and "Traceback" not in shown.err

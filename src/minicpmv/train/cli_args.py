@@ -187,8 +187,11 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from ..errors import InputError
     from .demo_eval import evaluate, format_table
 
+    if args.items < 1:
+        raise InputError(f"--items takes the number of items per family, at least 1, not {args.items}")
     misses: list[dict[str, str]] = []
     table = evaluate(args.model, n_per_family=args.items, seed=args.seed, misses=misses)
     print(format_table(table))
