@@ -175,5 +175,6 @@ def test_full_disk_during_export_leaves_nothing_half_written(adapter26, tmp_path
 def test_eval_demo_refuses_fewer_than_one_item_per_family(items, capsys):
     assert main(["eval-demo", "--items", items]) == 2
     shown = capsys.readouterr()
-    assert shown.err.strip() == f"minicpmv: error: --items takes the number of items per family, at least 1, not {items}"
+    expected = f"minicpmv: error: --items takes the number of items per family, at least 1, not {items}"
+    assert shown.err.strip() == expected
     assert "| family |" not in shown.out and "Traceback" not in shown.err
