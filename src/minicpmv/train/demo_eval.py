@@ -597,13 +597,13 @@ def evaluate(model: str | Path | Any, *, n_per_family: int = 40, seed: int = 123
 def format_table(table: dict[str, Any]) -> str:
     """A Markdown table: family, greedy, default, target, items."""
     rows = ["| family | greedy | default (sampling) | target | items |", "|---|---|---|---|---|"]
+    chars = table.get("reading_characters", {})  # absent from reports of before 2026-12-07
     for f in FAMILIES:
         if f not in table["greedy"]:
             continue
         target = f"≥ {TARGETS[f]:.0%}" if f in TARGETS else "-"
         rows.append(f"| {f} | {table['greedy'][f]:.1%} | {table['default'][f]:.1%} | {target} | "
                     f"{table['n_per_family'][f]} |")
-        chars = table.get("reading_characters", {})  # absent from reports of before 2026-12-07
         if f == "reading" and chars:
             rows.append(f"| reading, characters (1 - CER) | {chars['greedy']:.1%} | {chars['default']:.1%} | - | "
                         f"{table['n_per_family'][f]} |")
