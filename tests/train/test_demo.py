@@ -264,7 +264,7 @@ def test_step_counts_out_of_range_are_refused_in_one_line(tmp_path: Path) -> Non
     with pytest.raises(InputError, match="stage2_first_steps must be 0 or more, not -1"):
         demo.run(demo.DemoConfig(**{**_tiny(tmp_path / "a").__dict__, "stage2_first_steps": -1}))
     assert not (tmp_path / "a").exists()
-    for name in demo.STEP_COUNTS:
+    for name in (*demo.STEP_COUNTS, "eval_items"):  # a negative evaluation size printed an empty table at the end
         with pytest.raises(InputError, match=f"^{name} must be 0 or more, not -2$"):
             demo.run(demo.DemoConfig(**{**_tiny(tmp_path / "a").__dict__, name: -2}))
     assert not (tmp_path / "a").exists()

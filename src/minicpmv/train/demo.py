@@ -317,7 +317,8 @@ def run(cfg: DemoConfig, *, stage1_from: Path | None = None) -> dict[str, Any]:
     from .demo_eval import evaluate
     from .demo_llm import train_llm
 
-    for name in (*STEP_COUNTS, "stage2_first_steps", "stage2_epochs"):  # checked before the hour of stage 1
+    # checked before the hour of stage 1 (a negative evaluation size gave an empty table at the end)
+    for name in (*STEP_COUNTS, "stage2_first_steps", "stage2_epochs", "eval_items"):
         if getattr(cfg, name) < 0:
             raise InputError(f"{name} must be 0 or more, not {getattr(cfg, name)}")
     syn.check_fonts()
